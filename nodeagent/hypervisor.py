@@ -1,0 +1,93 @@
+"""The hypervisor interface the agent reconciles against.
+
+Two implementations: `nodeagent.libvirt_hv.LibvirtHypervisor` (the real one) and
+`nodeagent.fake_hv.FakeHypervisor` (a fake for decision-logic tests and
+simulation; it says so in its name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+DomainState = Literal["running", "paused", "shutoff", "crashed", "other"]
+
+MANAGED_NS = "urn:vmha:1"
+
+
+class HypervisorError(Exception):
+    """The hypervisor refused an operation (permanent for this attempt)."""
+
+
+class HypervisorUnavailable(HypervisorError):
+    """The hypervisor could not be reached (temporary; retried)."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    state: DomainState
+    managed: bool = True
+    # Paused on the destination while a live migration streams in.
+    incoming: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "paused")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    total_ms: float | None
+    downtime_ms: float | None
+
+
+class Hypervisor(Protocol):
+    uri: str
+
+    def list_domains(self) -> dict[str, Domain]: ...
+
+    def boot(self, name: str, xml: str) -> None:
+        """Define (persistently) from `xml` and start.  Idempotent for a running domain."""
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI)."""
+
+    def destroy(self, name: str) -> None:
+        """Power off at once.  No error if it is not running."""
+
+    def undefine(self, name: str) -> None:
+        """Remove the definition.  No error if it does not exist."""
+
+    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+        """Live-migrate to the target (peer-to-peer), persisting it there and
+        undefining it here.  On error the domain still runs here."""
+
+    def incoming_stats(self, name: str) -> MigrationStats | None:
+        """Statistics of the last completed incoming migration of `name`, if known."""
+
+    def capacity(self) -> tuple[int, int]:
+        """(memory MiB, vCPUs) this node offers."""
+
+    def cpu_model(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def mark_managed(xml: str) -> str:
+    """Add vmha's marker to a domain's <metadata>, so the agent can tell its own
+    domains from ones an operator defined by hand (those it never touches)."""
+    import xml.etree.ElementTree as ET
+
+    ET.register_namespace("vmha", MANAGED_NS)
+    root = ET.fromstring(xml)
+    meta = root.find("metadata")
+    if meta is None:
+        meta = ET.SubElement(root, "metadata")
+    if meta.find(f"{{{MANAGED_NS}}}managed") is None:
+        ET.SubElement(meta, f"{{{MANAGED_NS}}}managed")
+    return ET.tostring(root, encoding="unicode")
+
+
+def is_managed(xml: str) -> bool:
+    return MANAGED_NS in xml

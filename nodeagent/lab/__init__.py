@@ -1,0 +1,55 @@
+"""The lab: several independent libvirt nodes with small QEMU (TCG) guests on one host.
+
+Root only.  See :mod:`nodeagent.lab.nodes` for the node layout and
+:mod:`nodeagent.lab.guests` for the guests and live migration.
+"""
+
+from nodeagent.lab.artifacts import DEFAULT_CACHE, ArtifactError, ensure_kernel_artifacts
+from nodeagent.lab.guests import (
+    MIGRATE_FLAGS,
+    MIGRATE_FLAGS_DIRECT,
+    MIGRATION_ADDRESS,
+    guest_uptime,
+    kernel_guest_xml,
+    migrate_live,
+    tiny_guest_xml,
+    wait_guest_uptime,
+)
+from nodeagent.lab.nodes import (
+    LabError,
+    LabNode,
+    crash_node,
+    destroy_lab,
+    lab_nodes,
+    node_pids,
+    pid_alive,
+    qemu_pids,
+    restart_node,
+    start_node,
+    stop_node,
+)
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "MIGRATE_FLAGS",
+    "MIGRATE_FLAGS_DIRECT",
+    "MIGRATION_ADDRESS",
+    "ArtifactError",
+    "LabError",
+    "LabNode",
+    "crash_node",
+    "destroy_lab",
+    "ensure_kernel_artifacts",
+    "guest_uptime",
+    "kernel_guest_xml",
+    "lab_nodes",
+    "migrate_live",
+    "node_pids",
+    "pid_alive",
+    "qemu_pids",
+    "restart_node",
+    "start_node",
+    "stop_node",
+    "tiny_guest_xml",
+    "wait_guest_uptime",
+]

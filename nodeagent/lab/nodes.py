@@ -1,0 +1,527 @@
+"""Several independent libvirt "nodes" on one host.
+
+Each node is one root ``libvirtd`` (monolithic daemon) running in its own
+mount + UTS namespace.  Inside that namespace the node's own directories are
+bind-mounted over the well-known libvirt paths::
+
+    <node dir>/etc    -> /etc/libvirt        (libvirtd.conf, qemu.conf, domain XML)
+    <node dir>/run    -> /run/libvirt        (sockets, qemu pid/status files)
+    <node dir>/lib    -> /var/lib/libvirt
+    <node dir>/cache  -> /var/cache/libvirt
+    <node dir>/log    -> /var/log/libvirt
+
+Everything else of the host file system (in particular the lab root, so
+every node's socket) stays visible at the same path in every namespace,
+which is what lets a source libvirtd open the destination node's URI for
+peer-to-peer migration.
+
+Processes are only ever signalled by pid, read from pid files that libvirtd
+writes (``<node dir>/libvirtd.pid`` and ``<node dir>/run/qemu/<vm>.pid``),
+and the pid's command line is checked before any signal is sent, so a
+recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Host paths that each node gets a private copy of (node sub-dir -> path).
+NODE_MOUNTS: tuple[tuple[str, str], ...] = (
+    ("etc", "/etc/libvirt"),
+    ("run", "/run/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("log", "/var/log/libvirt"),
+)
+
+#: First TCP port of node 0's migration range; each node gets its own block.
+MIGRATION_PORT_BASE = 49152
+MIGRATION_PORTS_PER_NODE = 64
+
+LIBVIRTD = "/usr/sbin/libvirtd"
+UNSHARE = "/usr/bin/unshare"
+
+NODE_MARKER = ".vmha-lab-node"
+ROOT_MARKER = ".vmha-lab-root"
+
+#: Longest AF_UNIX path (sun_path is 108 bytes including the NUL).
+_MAX_SOCKET_PATH = 107
+
+_START_TIMEOUT_S = 20.0
+_STOP_TIMEOUT_S = 10.0
+_PID_FILE_TIMEOUT_S = 5.0
+
+_FORBIDDEN_ROOTS = tuple(Path(p) for _, p in NODE_MOUNTS)
+
+
+class LabError(RuntimeError):
+    """A lab node could not be started, stopped or reached."""
+
+
+@dataclass
+class LabNode:
+    """One libvirt node of the lab."""
+
+    name: str
+    dir: Path
+    uri: str
+    migration_port_range: tuple[int, int]
+    pid: int | None
+    index: int = 0
+    root: Path = field(default_factory=Path)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.dir / "run" / "libvirt-sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "libvirtd.pid"
+
+    @property
+    def qemu_run_dir(self) -> Path:
+        """``/run/libvirt/qemu`` as seen inside the node."""
+        return self.dir / "run" / "qemu"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "log" / "libvirtd.log"
+
+    @property
+    def host_uuid(self) -> str:
+        return node_host_uuid(self.root, self.name)
+
+
+# --------------------------------------------------------------------------
+# small process helpers
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` is a live process (zombies count as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return False
+    # state is the first field after the ")" that closes comm
+    rparen = stat.rfind(b")")
+    state = stat[rparen + 2 : rparen + 3]
+    return state not in (b"Z", b"X", b"x")
+
+
+def _pid_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _pid_matches(pid: int, needle: str) -> bool:
+    """True if ``pid`` is alive and its argv[0] mentions ``needle``."""
+    if not pid_alive(pid):
+        return False
+    argv = _pid_cmdline(pid)
+    return bool(argv) and needle in os.path.basename(argv[0])
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        pid = int(text)
+    except ValueError:
+        return None
+    return pid if pid > 1 else None
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_dead(pids: list[int], timeout: float) -> list[int]:
+    """Wait until every pid is dead; return the ones still alive."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if pid_alive(p)]
+    return alive
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+def node_host_uuid(root: Path, name: str) -> str:
+    """Stable, per-node host UUID (libvirt refuses to migrate between equal ones)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"vmha-lab:{root.resolve()}:{name}"))
+
+
+def node_hostname(name: str) -> str:
+    """UTS host name of a node (resolvable inside the node only)."""
+    return f"vmha-lab-{name}"
+
+
+def migration_port_range(index: int) -> tuple[int, int]:
+    low = MIGRATION_PORT_BASE + index * MIGRATION_PORTS_PER_NODE
+    return low, low + MIGRATION_PORTS_PER_NODE - 1
+
+
+def node_uri(node_dir: Path) -> str:
+    return f"qemu+unix:///system?socket={node_dir / 'run' / 'libvirt-sock'}"
+
+
+def _libvirtd_conf(host_uuid: str) -> str:
+    return "\n".join(
+        [
+            "# generated by vmha lab (nodeagent/lab/nodes.py)",
+            "listen_tls = 0",
+            "listen_tcp = 0",
+            'unix_sock_dir = "/run/libvirt"',
+            'unix_sock_group = "root"',
+            'unix_sock_ro_perms = "0777"',
+            'unix_sock_rw_perms = "0770"',
+            'unix_sock_admin_perms = "0700"',
+            'auth_unix_ro = "none"',
+            'auth_unix_rw = "none"',
+            f'host_uuid = "{host_uuid}"',
+            "log_level = 3",
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"',
+            "keepalive_interval = 5",
+            "keepalive_count = 5",
+            "",
+        ]
+    )
+
+
+def _qemu_conf(ports: tuple[int, int]) -> str:
+    return "\n".join(
+        [
+            "# generated by vmha lab (nodeagent/lab/nodes.py)",
+            'user = "root"',
+            'group = "root"',
+            "dynamic_ownership = 0",
+            "remember_owner = 0",
+            'security_driver = "none"',
+            "namespaces = [ ]",
+            "cgroup_controllers = [ ]",
+            'stdio_handler = "file"',
+            'lock_manager = "nop"',
+            f"migration_port_min = {ports[0]}",
+            f"migration_port_max = {ports[1]}",
+            'vnc_listen = "127.0.0.1"',
+            'spice_listen = "127.0.0.1"',
+            "vnc_auto_unix_socket = 0",
+            "set_process_name = 1",
+            "",
+        ]
+    )
+
+
+def _ensure_qemu_user() -> None:
+    """libvirt's QEMU driver insists that its build-time user exists."""
+    try:
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/var/lib/libvirt",
+                "--shell",
+                "/usr/sbin/nologin",
+                "libvirt-qemu",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _check_root(root: Path) -> None:
+    for forbidden in _FORBIDDEN_ROOTS:
+        if root == forbidden or forbidden in root.parents:
+            raise LabError(f"lab root {root} must not lie under {forbidden}")
+
+
+def _prepare_node_dir(node_dir: Path, name: str, index: int, root: Path) -> None:
+    node_dir.mkdir(parents=True, exist_ok=True)
+    (node_dir / NODE_MARKER).write_text(f"{name} {index}\n")
+    for sub, _ in NODE_MOUNTS:
+        (node_dir / sub).mkdir(exist_ok=True)
+    for sub in ("log/qemu", "lib/qemu", "cache/qemu", "run/qemu", "etc/qemu"):
+        (node_dir / sub).mkdir(parents=True, exist_ok=True)
+    etc = node_dir / "etc"
+    # client-side defaults from the host (libvirt.conf, libvirt-admin.conf)
+    for host_file in ("libvirt.conf", "libvirt-admin.conf"):
+        src = Path("/etc/libvirt") / host_file
+        if src.is_file() and not (etc / host_file).exists():
+            shutil.copy2(src, etc / host_file)
+    hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").is_file() else ""
+    (node_dir / "hosts").write_text(
+        hosts.rstrip("\n") + f"\n127.0.1.1\t{node_hostname(name)}\n"
+    )
+    (etc / "libvirtd.conf").write_text(_libvirtd_conf(node_host_uuid(root, name)))
+    (etc / "qemu.conf").write_text(_qemu_conf(migration_port_range(index)))
+
+
+def _namespace_script(node_dir: Path, name: str, pid_file: Path) -> str:
+    lines = [
+        "set -e",
+        f"hostname {shlex.quote(node_hostname(name))}",
+        # libvirtd resolves its own hostname (getHostname, migration cookies);
+        # without an entry that is a DNS timeout of several seconds each time.
+        f"mount --bind {shlex.quote(str(node_dir / 'hosts'))} /etc/hosts",
+    ]
+    for sub, target in NODE_MOUNTS:
+        lines.append(f"mount --bind {shlex.quote(str(node_dir / sub))} {target}")
+    # Guests of all nodes would share the host's cgroup tree (and collide on
+    # names): hide it so that libvirt runs without cgroups.
+    lines.append("umount -R -l /sys/fs/cgroup 2>/dev/null || true")
+    lines.append(
+        f"exec {LIBVIRTD} --daemon -f {shlex.quote(str(node_dir / 'etc' / 'libvirtd.conf'))}"
+        f" --pid-file {shlex.quote(str(pid_file))}"
+    )
+    return "\n".join(lines)
+
+
+def _socket_ready(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def _make_node(root: Path, name: str, index: int, pid: int | None) -> LabNode:
+    node_dir = root / name
+    return LabNode(
+        name=name,
+        dir=node_dir,
+        uri=node_uri(node_dir),
+        migration_port_range=migration_port_range(index),
+        pid=pid,
+        index=index,
+        root=root,
+    )
+
+
+def _running_pid(node_dir: Path) -> int | None:
+    pid = _read_pid(node_dir / "libvirtd.pid")
+    if pid is not None and _pid_matches(pid, "libvirtd"):
+        return pid
+    return None
+
+
+# --------------------------------------------------------------------------
+# public API
+
+
+def start_node(root: Path, name: str, index: int) -> LabNode:
+    """Start (or find already running) lab node ``name`` under ``root``.
+
+    ``index`` selects the node's migration port block; use a distinct index
+    per node of one lab.  Idempotent: a running node is returned as is.
+    """
+    if os.geteuid() != 0:
+        raise LabError("lab nodes need root")
+    root = Path(root).resolve()
+    _check_root(root)
+    if not name or "/" in name or name.startswith("."):
+        raise LabError(f"bad node name {name!r}")
+    node_dir = root / name
+    if len(str(node_dir / "run" / "libvirt-sock-admin")) > _MAX_SOCKET_PATH:
+        raise LabError(f"lab root {root} is too long for AF_UNIX socket paths")
+
+    running = _running_pid(node_dir)
+    if running is not None and _socket_ready(node_dir / "run" / "libvirt-sock"):
+        return _make_node(root, name, index, running)
+    if running is not None:
+        # alive but not answering: give it a moment (e.g. still starting)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline and pid_alive(running):
+            if _socket_ready(node_dir / "run" / "libvirt-sock"):
+                return _make_node(root, name, index, running)
+            time.sleep(0.05)
+        raise LabError(f"libvirtd {running} of node {name} does not answer")
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not any(root.iterdir()) or (root / ROOT_MARKER).exists():
+        (root / ROOT_MARKER).touch()
+    _ensure_qemu_user()
+    for _, target in NODE_MOUNTS:
+        Path(target).mkdir(parents=True, exist_ok=True)
+    _prepare_node_dir(node_dir, name, index, root)
+    pid_file = node_dir / "libvirtd.pid"
+    pid_file.unlink(missing_ok=True)
+
+    script = _namespace_script(node_dir, name, pid_file)
+    start_log = node_dir / "log" / "start.log"
+    with open(start_log, "ab") as log:
+        proc = subprocess.run(
+            [UNSHARE, "--mount", "--uts", "--propagation", "private", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            timeout=_START_TIMEOUT_S,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise LabError(
+            f"libvirtd of node {name} failed to start (rc={proc.returncode}); "
+            f"see {start_log} and {node_dir / 'log' / 'libvirtd.log'}"
+        )
+    started = time.monotonic()
+    deadline = started + _START_TIMEOUT_S
+    pid: int | None = None
+    while time.monotonic() < deadline:
+        pid = _read_pid(pid_file) or pid
+        if pid is not None and not pid_alive(pid):
+            break
+        if pid is None and time.monotonic() > started + _PID_FILE_TIMEOUT_S:
+            break
+        if pid is not None and _socket_ready(node_dir / "run" / "libvirt-sock"):
+            return _make_node(root, name, index, pid)
+        time.sleep(0.05)
+    if pid is None or not pid_alive(pid):
+        raise LabError(
+            f"node {name}: libvirtd (pid {pid}) exited during start-up; "
+            f"see {node_dir / 'log' / 'libvirtd.log'}"
+        )
+    raise LabError(f"node {name}: libvirtd (pid {pid}) not ready after {_START_TIMEOUT_S}s")
+
+
+def qemu_pids(node: LabNode) -> dict[str, int]:
+    """Live QEMU processes of ``node``'s guests, by domain name."""
+    result: dict[str, int] = {}
+    run = node.qemu_run_dir
+    if not run.is_dir():
+        return result
+    for pid_file in sorted(run.glob("*.pid")):
+        if pid_file.name == "driver.pid":
+            continue
+        pid = _read_pid(pid_file)
+        if pid is not None and _pid_matches(pid, "qemu"):
+            result[pid_file.stem] = pid
+    return result
+
+
+def node_pids(node: LabNode) -> list[int]:
+    """Live pids belonging to ``node`` (libvirtd first, then QEMUs)."""
+    pids: list[int] = []
+    lv = _running_pid(node.dir)
+    if lv is not None:
+        pids.append(lv)
+    pids.extend(qemu_pids(node).values())
+    return pids
+
+
+def stop_node(node: LabNode) -> None:
+    """Stop libvirtd of ``node`` and its guests' QEMU processes, by pid.
+
+    The node's directory (configuration, persistent domain definitions)
+    is kept, so :func:`start_node` brings the node back.
+    """
+    guests = list(qemu_pids(node).values())
+    lv = _running_pid(node.dir)
+    if lv is not None:
+        _signal(lv, signal.SIGTERM)
+        if _wait_dead([lv], _STOP_TIMEOUT_S):
+            _signal(lv, signal.SIGKILL)
+    for pid in guests:
+        if _pid_matches(pid, "qemu"):
+            _signal(pid, signal.SIGKILL)
+    leftover = _wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
+    node.pid = None
+    if leftover:
+        raise LabError(f"node {node.name}: processes {leftover} did not die")
+
+
+def crash_node(node: LabNode) -> None:
+    """Simulate a host crash: SIGKILL libvirtd and all its guests' QEMUs."""
+    guests = list(qemu_pids(node).values())
+    lv = _running_pid(node.dir)
+    if lv is not None:
+        _signal(lv, signal.SIGKILL)
+    for pid in guests:
+        _signal(pid, signal.SIGKILL)
+    leftover = _wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
+    node.pid = None
+    if leftover:
+        raise LabError(f"node {node.name}: processes {leftover} survived SIGKILL")
+
+
+def restart_node(node: LabNode) -> LabNode:
+    """Start ``node`` again (after :func:`stop_node` or :func:`crash_node`)."""
+    if _running_pid(node.dir) is not None:
+        stop_node(node)
+    fresh = start_node(node.root, node.name, node.index)
+    node.pid = fresh.pid
+    return fresh
+
+
+def lab_nodes(root: Path) -> list[LabNode]:
+    """Nodes whose directories exist under ``root`` (running or not)."""
+    root = Path(root).resolve()
+    nodes: list[LabNode] = []
+    if not root.is_dir():
+        return nodes
+    for marker in sorted(root.glob(f"*/{NODE_MARKER}")):
+        try:
+            name, index_text = marker.read_text().split()
+            index = int(index_text)
+        except (OSError, ValueError):
+            continue
+        nodes.append(_make_node(root, name, index, _running_pid(root / name)))
+    return nodes
+
+
+def destroy_lab(root: Path) -> None:
+    """Stop every node under ``root`` and remove the directories it created.
+
+    The per-node mounts live only in the nodes' namespaces, which vanish
+    with their last process, so nothing is mounted on the host.  Other
+    content of ``root`` (for example a cache directory) is left alone; the
+    root itself is removed when the lab created it and it is then empty.
+    """
+    root = Path(root).resolve()
+    errors: list[str] = []
+    for node in lab_nodes(root):
+        try:
+            stop_node(node)
+        except LabError as exc:
+            errors.append(str(exc))
+    for node in lab_nodes(root):
+        if not node_pids(node):
+            shutil.rmtree(node.dir, ignore_errors=True)
+    marker = root / ROOT_MARKER
+    if marker.exists():
+        marker.unlink()
+        try:
+            root.rmdir()
+        except OSError:
+            marker.touch()  # not empty: keep it marked as ours
+    if errors:
+        raise LabError("; ".join(errors))

@@ -1,0 +1,217 @@
+"""The real hypervisor: libvirt through libvirt-python.
+
+Transient failures (the daemon restarting, a dropped connection) are retried with
+tenacity after reconnecting; everything else surfaces as HypervisorError.
+"""
+
+from __future__ import annotations
+
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+import structlog
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from nodeagent.hypervisor import (
+    Domain,
+    DomainState,
+    HypervisorError,
+    HypervisorUnavailable,
+    MigrationStats,
+    is_managed,
+    mark_managed,
+)
+
+log = structlog.get_logger("vmha.libvirt")
+
+R = TypeVar("R")
+
+_STATES: dict[int, DomainState] = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+}
+
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_INTERNAL_ERROR,
+}
+
+MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+def _is_transient(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
+        libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
+
+
+class LibvirtHypervisor:
+    def __init__(self, uri: str, memory_mib: int | None = None, vcpus: int | None = None) -> None:
+        self.uri = uri
+        self._lock = threading.RLock()
+        self._conn: libvirt.virConnect | None = None
+        self._memory = memory_mib
+        self._vcpus = vcpus
+        self._connect()
+
+    def _connect(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
+            return self._conn
+
+    def _do(self, what: str, fn: Callable[[libvirt.virConnect], R]) -> R:
+        @retry(retry=retry_if_exception_type(HypervisorUnavailable),
+               stop=stop_after_attempt(3),
+               wait=wait_random_exponential(multiplier=0.1, max=1.0), reraise=True)
+        def attempt() -> R:
+            conn = self._connect()
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as exc:
+                if _is_transient(exc):
+                    with self._lock:
+                        self._conn = None
+                    raise HypervisorUnavailable(f"{what} on {self.uri}: {exc}") from exc
+                raise HypervisorError(f"{what} on {self.uri}: {exc}") from exc
+
+        return attempt()
+
+    def _lookup(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def list_domains(self) -> dict[str, Domain]:
+        def run(conn: libvirt.virConnect) -> dict[str, Domain]:
+            out = {}
+            for dom in conn.listAllDomains(0):
+                try:
+                    state, reason = dom.state()
+                    managed = is_managed(dom.XMLDesc(0))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # vanished between list and lookup (migrated away)
+                    raise
+                incoming = (state == libvirt.VIR_DOMAIN_PAUSED
+                            and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                                           libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+                                           libvirt.VIR_DOMAIN_PAUSED_POSTCOPY))
+                out[dom.name()] = Domain(dom.name(), _STATES.get(state, "other"), managed,
+                                         incoming)
+            return out
+        return self._do("list domains", run)
+
+    def boot(self, name: str, xml: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is not None and dom.isActive():
+                return
+            dom = conn.defineXML(mark_managed(xml))
+            dom.create()
+        self._do(f"boot {name}", run)
+
+    def shutdown(self, name: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is not None and dom.isActive():
+                dom.shutdown()
+        self._do(f"shutdown {name}", run)
+
+    def destroy(self, name: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+        self._do(f"destroy {name}", run)
+
+    def undefine(self, name: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return
+            if dom.isActive():
+                raise HypervisorError(f"refusing to undefine running domain {name}")
+            dom.undefine()
+        self._do(f"undefine {name}", run)
+
+    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+        def run(conn: libvirt.virConnect) -> MigrationStats:
+            dom = self._lookup(conn, name)
+            if dom is None or not dom.isActive():
+                raise HypervisorError(f"domain {name} is not running on {self.uri}")
+            params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target_address}"}
+            dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS)
+            return MigrationStats(None, None)
+        # Never retried here: a half-done migration must be re-planned, not replayed.
+        conn = self._connect()
+        try:
+            return run(conn)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"migrate {name} to {target_uri}: {exc}") from exc
+
+    def incoming_stats(self, name: str) -> MigrationStats | None:
+        def run(conn: libvirt.virConnect) -> MigrationStats | None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return None
+            try:
+                stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            except libvirt.libvirtError:
+                return None  # drivers without job statistics (test driver)
+            if not stats or "time_elapsed" not in stats:
+                return None
+            return MigrationStats(float(stats.get("time_elapsed", 0)),
+                                  float(stats["downtime"]) if "downtime" in stats else None)
+        return self._do(f"job stats {name}", run)
+
+    def capacity(self) -> tuple[int, int]:
+        if self._memory is not None and self._vcpus is not None:
+            return self._memory, self._vcpus
+        info = self._do("node info", lambda c: c.getInfo())
+        return self._memory or int(info[1]), self._vcpus or int(info[2])
+
+    def cpu_model(self) -> str:
+        try:
+            caps = ET.fromstring(self._do("capabilities", lambda c: c.getCapabilities()))
+        except (HypervisorError, ET.ParseError):
+            return ""
+        return caps.findtext("./host/cpu/model") or ""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError as exc:
+                    log.debug("close_failed", error=str(exc))
+                self._conn = None

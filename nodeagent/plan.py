@@ -1,0 +1,160 @@
+"""The agent's reconcile plan: a pure function from (snapshot, local domains) to actions.
+
+No I/O.  The agent acts only on what the leader wrote (placements) and reports
+what really runs (statuses); see docs/design.md for the hand-off protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+from nodeagent.hypervisor import Domain
+from schemas.models import RUNNING_STATES, Placement, VmStatus
+from schemas.snapshot import ClusterSnapshot
+
+
+@dataclass(frozen=True)
+class Boot:
+    vm: str
+    placement_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MigrateOut:
+    vm: str
+    placement_id: str
+    target: str
+    target_uri: str
+    target_address: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    vm: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Destroy:
+    vm: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Undefine:
+    vm: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    vm: str
+    state: str
+    placement_id: str | None
+    expect_mod_revision: int
+    reason: str
+    with_migration_stats: bool = False
+
+
+AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report
+
+
+def _report(me: str, vm: str, state: str, pid: str | None, snap: ClusterSnapshot,
+            reason: str, stats: bool = False) -> Report | None:
+    se = snap.statuses.get(vm)
+    if se is not None:
+        cur = se.value
+        if cur.node == me and cur.state == state and cur.placement_id == pid:
+            return None
+    return Report(vm, state, pid, se.mod_revision if se else 0, reason, stats)
+
+
+def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
+         busy: Set[str] = frozenset()) -> list[AgentAction]:
+    """`busy`: VMs with an operation in flight on this node (left alone this cycle)."""
+    out: list[AgentAction] = []
+    names = sorted(set(snap.specs) | {d for d, dom in domains.items() if dom.managed})
+    for vm in names:
+        if vm in busy:
+            continue
+        dom = domains.get(vm)
+        spec = snap.specs[vm].value if vm in snap.specs else None
+        p: Placement | None = snap.placements[vm].value if vm in snap.placements else None
+        s: VmStatus | None = snap.statuses[vm].value if vm in snap.statuses else None
+        active = dom is not None and dom.active
+        placed_here = p is not None and p.node == me
+        migrating_out = p is not None and p.kind == "migrate" and p.from_node == me and not placed_here
+
+        if dom is not None and not dom.managed:
+            continue  # defined by hand: never touched
+
+        if spec is None:
+            if active:
+                out.append(Destroy(vm, "VM spec removed"))
+            elif dom is not None:
+                out.append(Undefine(vm, "VM spec removed"))
+            continue
+
+        if active:
+            assert dom is not None
+            if dom.incoming:
+                continue  # a live migration is streaming in; the source owns it for now
+            if spec.state == "stopped" and (p is None or placed_here):
+                out.append(Shutdown(vm, "desired state is stopped"))
+                continue
+            if placed_here:
+                assert p is not None
+                arrived = p.kind == "migrate"
+                r = _report(me, vm, dom.state, p.id, snap,
+                            "arrived by live migration" if arrived else "runs here as placed",
+                            stats=arrived)
+                if r:
+                    out.append(r)
+            elif migrating_out:
+                assert p is not None and p.node is not None
+                target = snap.nodes.get(p.node)
+                if target is None:
+                    continue  # target gone: the leader re-plans
+                out.append(MigrateOut(vm, p.id, p.node, target.value.libvirt_uri,
+                                      target.value.migration_address))
+            elif p is None or p.kind == "pending":
+                # Running here with no decision (agent restart, fresh cluster): report it,
+                # the leader adopts it where it runs.
+                r = _report(me, vm, dom.state, None, snap, "found running; awaiting placement")
+                if r:
+                    out.append(r)
+            else:
+                out.append(Destroy(vm, f"placed on {p.node} ({p.kind}); must not run here"))
+            continue
+
+        # Not active here.
+        if placed_here and spec.state == "running":
+            assert p is not None
+            if p.kind == "boot":
+                out.append(Boot(vm, p.id, p.reason))
+                continue
+            if p.kind == "migrate":
+                acked = (s is not None and s.node == p.from_node and s.state == "stopped"
+                         and s.placement_id == p.id)
+                if acked:
+                    out.append(Boot(vm, p.id, f"{p.from_node} handed it off without running it"))
+                continue
+        if migrating_out:
+            assert p is not None
+            r = _report(me, vm, "stopped", p.id, snap, "hand-off: not running here")
+            if r:
+                out.append(r)
+            continue
+        if placed_here and spec.state == "stopped":
+            r = _report(me, vm, "stopped", p.id if p else None, snap, "stopped as desired")
+            if r:
+                out.append(r)
+        elif s is not None and s.node == me and s.state in RUNNING_STATES:
+            out.append(Report(vm, "stopped", s.placement_id, snap.statuses[vm].mod_revision,
+                              "status said running here, but it does not"))
+        if dom is not None and not placed_here:
+            out.append(Undefine(vm, "left-over definition (crashed or moved); "
+                                    f"placed on {p.node if p else 'no node'}"))
+    return out

@@ -1,0 +1,1 @@
+"""The orchestrator: leader election, placement decisions, the CLI and the demo."""

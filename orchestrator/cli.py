@@ -1,0 +1,367 @@
+"""`vmha`: the daemons (`agent`, `orchestrator`) and the operator commands.
+
+Exit codes: 0 success, 1 operation failed, 2 bad input (usage or validation),
+3 etcd unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas import ClusterConfig, Keyspace, SchemaError, VmSpec
+from schemas.keys import valid_name
+
+EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from orchestrator.store import EtcdStore
+
+    return EtcdStore(args.etcd, Keyspace(args.prefix))
+
+
+def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
+    """A disk-less BIOS guest: enough for the fake and the test driver."""
+    return (f"<domain type='qemu'><name>{name}</name>"
+            f"<memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu>"
+            "<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>"
+            "<devices><graphics type='none'/></devices></domain>")
+
+
+def _out(args: argparse.Namespace, data: Any, table: list[list[str]] | None) -> None:
+    if args.output == "json" or table is None:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+# ---- daemons -----------------------------------------------------------------------------
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from nodeagent.agent import AgentOptions, NodeAgent
+    from nodeagent.hypervisor import Hypervisor
+    from orchestrator import logs
+
+    logs.setup(args.log_format)
+    if not valid_name(args.name):
+        raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
+    hv: Hypervisor
+    if args.fake_root:
+        from nodeagent.fake_hv import FakeHypervisor
+
+        hv = FakeHypervisor(Path(args.fake_root), args.name, args.memory_mib or 4096,
+                            args.vcpus or 8, migrate_seconds=args.fake_migrate_seconds)
+    else:
+        from nodeagent.libvirt_hv import LibvirtHypervisor
+
+        hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
+    agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
+                                                     migration_address=args.migration_address))
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_exit())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_exit())
+    if args.validate_config:
+        agent.load_config()
+        print("config ok")
+        return 0
+    return agent.run()
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from orchestrator import logs
+    from orchestrator.leader import Orchestrator
+
+    logs.setup(args.log_format)
+    orch = Orchestrator(_store(args), ident=args.name)
+    if args.validate_config:
+        orch.ensure_config()
+        print("config ok")
+        return 0
+
+    def stop(*_: object) -> None:
+        orch.stopped.set()
+        orch.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return orch.run()
+
+
+# ---- operator commands -------------------------------------------------------------------
+
+def cmd_vm_add(args: argparse.Namespace) -> int:
+    xml = Path(args.xml).read_text() if args.xml else default_domain_xml(
+        args.name, args.memory_mib, args.vcpus)
+    try:
+        spec = VmSpec(name=args.name, domain_xml=xml, memory_mib=args.memory_mib,
+                      vcpus=args.vcpus, state="stopped" if args.stopped else "running")
+    except ValueError as exc:
+        raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
+                       EXIT_INPUT) from None
+    store = _store(args)
+    from orchestrator.store import Cmp, Put
+
+    key = store.keyspace.vm_spec(args.name)
+    res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())])
+    if not res.succeeded:
+        raise CliError(f"VM {args.name!r} already exists ({key})", EXIT_INPUT)
+    print(f"vm/{args.name} added ({key}, revision {res.revision})")
+    return 0
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        return f"{loc + ': ' if loc else ''}{e['msg']}"
+    return str(exc)
+
+
+def cmd_vm_remove(args: argparse.Namespace) -> int:
+    store = _store(args)
+    ks = store.keyspace
+    if store.get(ks.vm_spec(args.name)) is None:
+        raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
+    store.delete(ks.vm_spec(args.name))
+    print(f"vm/{args.name} removed (its node destroys and undefines it)")
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    snap = _store(args).snapshot()
+    rows = []
+    for name in sorted(snap.specs):
+        spec = snap.specs[name].value
+        p = snap.placements[name].value if name in snap.placements else None
+        s = snap.statuses[name].value if name in snap.statuses else None
+        rows.append({"name": name, "desired": spec.state, "memory_mib": spec.memory_mib,
+                     "vcpus": spec.vcpus, "placed_on": p.node if p else None,
+                     "placement": p.kind if p else None, "node": s.node if s else None,
+                     "state": s.state if s else None, "since": s.since if s else None,
+                     "reason": p.reason if p else None})
+    table = [["NAME", "DESIRED", "MEM", "VCPU", "PLACED", "NODE", "STATE", "SINCE"]] + [
+        [r["name"], r["desired"], r["memory_mib"], r["vcpus"],
+         f"{r['placed_on'] or '-'}({r['placement'] or '-'})", r["node"] or "-",
+         r["state"] or "-", _ago(r["since"])] for r in rows]
+    _out(args, rows, table)
+    return 0
+
+
+def _node_rows(snap: Any, store: Any) -> list[dict[str, Any]]:
+    names = sorted(set(snap.nodes) | set(snap.cordons) | set(snap.fences))
+    rows = []
+    for n in names:
+        reg = snap.nodes[n].value if n in snap.nodes else None
+        used = sum(snap.specs[v].value.memory_mib for v, p in snap.placements.items()
+                   if p.value.node == n and v in snap.specs
+                   and snap.specs[v].value.state == "running")
+        ttl = None
+        if reg is not None:
+            try:
+                ttl = store.lease_ttl(int(reg.lease_id, 16))
+            except Exception:  # noqa: BLE001 - display only; the row still prints
+                ttl = None
+        rows.append({"name": n, "registered": reg is not None,
+                     "lease_id": reg.lease_id if reg else None, "lease_ttl_s": ttl,
+                     "cordoned": n in snap.cordons,
+                     "cordon_reason": snap.cordons[n].value.reason if n in snap.cordons else None,
+                     "fenced": n in snap.fences,
+                     "memory_mib": reg.capacity.memory_mib if reg else None,
+                     "free_memory_mib": reg.capacity.memory_mib - used if reg else None,
+                     "vcpus": reg.capacity.vcpus if reg else None,
+                     "libvirt_uri": reg.libvirt_uri if reg else None})
+    return rows
+
+
+def cmd_node_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = _node_rows(store.snapshot(), store)
+    table = [["NAME", "STATE", "LEASE", "TTL", "FREE MEM", "VCPU"]] + [
+        [r["name"], ("fenced" if r["fenced"] else "lost" if not r["registered"]
+                     else "cordoned" if r["cordoned"] else "ready"),
+         r["lease_id"] or "-", r["lease_ttl_s"] if r["lease_ttl_s"] is not None else "-",
+         f"{r['free_memory_mib']}/{r['memory_mib']}" if r["registered"] else "-",
+         r["vcpus"] or "-"] for r in rows]
+    _out(args, rows, table)
+    return 0
+
+
+def cmd_node_uncordon(args: argparse.Namespace) -> int:
+    store = _store(args)
+    key = store.keyspace.cordon(args.name)
+    if store.get(key) is None:
+        if store.get(store.keyspace.node(args.name)) is None:
+            raise CliError(f"unknown node {args.name!r}", EXIT_INPUT)
+        print(f"node/{args.name} is not cordoned")
+        return 0
+    store.delete(key)
+    print(f"node/{args.name} uncordoned")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    snap = store.snapshot()
+    leader = snap.leader
+    data = {
+        "revision": snap.revision,
+        "leader": ({"id": leader.value.id, "epoch": leader.create_revision,
+                    "since": leader.value.elected_at} if leader else None),
+        "nodes": _node_rows(snap, store),
+        "invalid_keys": [str(e) for e in snap.errors],
+    }
+    vms = []
+    for name in sorted(snap.specs):
+        p = snap.placements[name].value if name in snap.placements else None
+        s = snap.statuses[name].value if name in snap.statuses else None
+        vms.append({"name": name, "desired": snap.specs[name].value.state,
+                    "node": s.node if s else None, "state": s.state if s else None,
+                    "since": s.since if s else None, "placed_on": p.node if p else None,
+                    "reason": p.reason if p else None})
+    data["vms"] = vms
+    if args.output == "json":
+        _out(args, data, None)
+        return 0
+    print(f"leader: {leader.value.id} (epoch {leader.create_revision})" if leader
+          else "leader: none")
+    args_copy = argparse.Namespace(**vars(args))
+    cmd_node_list(args_copy)
+    print()
+    cmd_vm_list(args_copy)
+    for e in data["invalid_keys"]:
+        print(f"invalid: {e}")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from fencing.policy import validate_timing
+
+    if args.file:
+        try:
+            cfg = ClusterConfig.from_json(Path(args.file).read_text(), key=args.file)
+        except SchemaError as exc:
+            raise CliError(str(exc), EXIT_INPUT) from None
+    else:
+        cfg = _store(args).snapshot().config
+    problems = validate_timing(cfg)
+    for p in problems:
+        print(f"unsafe: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_INPUT
+    print("config ok")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+# ---- parser ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vmha", description="High availability for libvirt VMs.")
+    ap.add_argument("--etcd", default=os.environ.get("VMHA_ETCD", "127.0.0.1:2379"),
+                    help="etcd endpoints, comma separated (env VMHA_ETCD)")
+    ap.add_argument("--prefix", default=os.environ.get("VMHA_PREFIX", "/vmha"),
+                    help="key prefix (env VMHA_PREFIX)")
+    ap.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("agent", help="run the node agent daemon")
+    a.add_argument("--name", required=True)
+    g = a.add_mutually_exclusive_group(required=True)
+    g.add_argument("--libvirt-uri")
+    g.add_argument("--fake-root", help="use the fake hypervisor with state in this directory")
+    a.add_argument("--memory-mib", type=int)
+    a.add_argument("--vcpus", type=int)
+    a.add_argument("--migration-address", default="127.0.0.1")
+    a.add_argument("--fake-migrate-seconds", type=float, default=0.2)
+    a.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    a.add_argument("--validate-config", action="store_true")
+    a.set_defaults(fn=cmd_agent)
+
+    o = sub.add_parser("orchestrator", help="run the orchestrator daemon")
+    o.add_argument("--name")
+    o.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    o.add_argument("--validate-config", action="store_true")
+    o.set_defaults(fn=cmd_orchestrator)
+
+    vm = sub.add_parser("vm", help="declare and inspect VMs").add_subparsers(dest="vmcmd",
+                                                                           required=True)
+    add = vm.add_parser("add")
+    add.add_argument("name")
+    add.add_argument("--memory-mib", type=int, required=True)
+    add.add_argument("--vcpus", type=int, default=1)
+    add.add_argument("--xml", help="libvirt domain XML file (default: a disk-less guest)")
+    add.add_argument("--stopped", action="store_true", help="declare it powered off")
+    add.set_defaults(fn=cmd_vm_add)
+    rm = vm.add_parser("remove")
+    rm.add_argument("name")
+    rm.set_defaults(fn=cmd_vm_remove)
+    vm.add_parser("list").set_defaults(fn=cmd_vm_list)
+
+    node = sub.add_parser("node", help="inspect and cordon nodes").add_subparsers(
+        dest="nodecmd", required=True)
+    node.add_parser("list").set_defaults(fn=cmd_node_list)
+    unc = node.add_parser("uncordon")
+    unc.add_argument("name")
+    unc.set_defaults(fn=cmd_node_uncordon)
+
+    sub.add_parser("status", help="one screen: leader, nodes, VMs").set_defaults(fn=cmd_status)
+
+    cfg = sub.add_parser("config", help="cluster config").add_subparsers(dest="cfgcmd",
+                                                                         required=True)
+    val = cfg.add_parser("validate", help="check timing rules (file or the one in etcd)")
+    val.add_argument("--file")
+    val.set_defaults(fn=cmd_config_validate)
+
+    demo = sub.add_parser("demo", help="run the local demo cluster (real etcd, fake hypervisor)")
+    demo.add_argument("--workdir")
+    demo.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from orchestrator.store import StoreUnavailable
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except StoreUnavailable as exc:
+        print(f"error: etcd unreachable at {args.etcd}: {exc}", file=sys.stderr)
+        return EXIT_ETCD
+    except ValueError as exc:  # e.g. a malformed --etcd value
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

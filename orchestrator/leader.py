@@ -1,0 +1,226 @@
+"""The orchestrator daemon: elect one leader in etcd; the leader feeds the planner.
+
+Every write the leader makes is one etcd transaction that also compares the
+leader key's create_revision with the leader's epoch, so a deposed leader (one
+whose lease expired while it was paused, say) can never write a decision that
+takes effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from fencing.lease import LeaseKeeper
+from fencing.policy import require_safe_timing
+from orchestrator import planner
+from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
+from schemas.snapshot import ClusterSnapshot
+
+log = structlog.get_logger("vmha.orchestrator")
+
+
+class ConfigError(Exception):
+    """The cluster config in etcd is invalid or unsafe (permanent)."""
+
+
+class Orchestrator:
+    def __init__(self, store: EtcdStore, ident: str | None = None, poll_interval_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.ks = store.keyspace
+        self.ident = ident or f"{socket.gethostname()}-{os.getpid()}"
+        self.poll = poll_interval_s
+        self.clock = clock
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.cfg = ClusterConfig()
+        self.epoch: int | None = None
+        self.keeper: LeaseKeeper | None = None
+        self.lease_id: int | None = None
+        self.lost_since: dict[str, float] = {}
+        self.last_leases: dict[str, str] = {}
+        self._reported_errors: set[str] = set()
+        self.leader_watch = PrefixWatch(store, self.ks.leader, self.wake)
+        self.all_watch = PrefixWatch(store, self.ks.root, self.wake)
+        self.log = log.bind(orchestrator=self.ident)
+
+    # ---- config ------------------------------------------------------------------------
+
+    def ensure_config(self) -> ClusterConfig:
+        """Create the default config if absent; refuse an invalid or unsafe one."""
+        key = self.ks.config
+        self.store.txn([Cmp(key, "create", "==", 0)], [Put(key, ClusterConfig().to_json())])
+        snap = self.store.snapshot()
+        self._check_config(snap, starting=True)
+        return self.cfg
+
+    def _check_config(self, snap: ClusterSnapshot, starting: bool = False) -> None:
+        bad = [e for e in snap.errors if e.key == self.ks.config]
+        try:
+            if bad:
+                raise ConfigError(str(bad[0]))
+            require_safe_timing(snap.config)
+        except (ConfigError, ValueError) as exc:
+            if starting:
+                raise ConfigError(str(exc)) from exc
+            if str(exc) not in self._reported_errors:
+                self._reported_errors.add(str(exc))
+                self.log.error("config_rejected", error=str(exc),
+                               reason="keeping the last valid config")
+            return
+        self.cfg = snap.config
+
+    # ---- election ----------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.epoch is not None and self.keeper is not None and self.keeper.valid()
+
+    def campaign(self) -> bool:
+        cur = self.store.get(self.ks.leader)
+        if cur is not None:
+            if self.lease_id is not None and cur.lease == self.lease_id:
+                # Our own old term (we stepped down at our deadline): let it go.
+                self.store.revoke_lease(self.lease_id)
+                self.lease_id = None
+            return False
+        sent = self.clock()
+        lease_id = self.store.grant_lease(self.cfg.lease_ttl_s)
+        rec = LeaderRecord(id=self.ident, host=socket.gethostname(), pid=os.getpid(),
+                           lease_id=f"{lease_id:x}", elected_at=time.time())
+        res = self.store.txn([Cmp(self.ks.leader, "create", "==", 0)],
+                             [Put(self.ks.leader, rec.to_json(), lease_id)])
+        if not res.succeeded:
+            self.store.revoke_lease(lease_id)
+            return False
+        self.lease_id = lease_id
+        self.epoch = res.revision  # == the leader key's create_revision
+        self.lost_since = {}
+        self.keeper = LeaseKeeper(self.store, self.cfg, lease_id, sent,
+                                  on_gone=lambda before: self.step_down("leader lease gone"),
+                                  on_deadline=lambda: self.step_down(
+                                      "leader lease not renewed before its deadline"),
+                                  unavailable=StoreUnavailable, clock=self.clock,
+                                  name=f"leader-{self.ident}").start()
+        self.log.info("elected", epoch=self.epoch, lease=f"{lease_id:x}", revision=res.revision)
+        return True
+
+    def step_down(self, reason: str) -> None:
+        if self.epoch is not None:
+            self.log.warning("deposed", epoch=self.epoch, reason=reason)
+        self.epoch = None
+        if self.keeper is not None:
+            self.keeper.stop()
+            self.keeper = None
+        self.wake.set()
+
+    # ---- loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.ensure_config()
+        try:
+            while not self.stopped.is_set():
+                try:
+                    if self.epoch is None:
+                        self.campaign()
+                    if self.epoch is not None:
+                        self.cycle()
+                    else:
+                        self.leader_watch.ensure(self.store.revision())
+                except StoreUnavailable as exc:
+                    self.log.warning("etcd_unavailable", error=str(exc))
+                self.wake.wait(self.poll)
+                self.wake.clear()
+        finally:
+            self.leader_watch.stop()
+            self.all_watch.stop()
+            if self.epoch is not None and self.lease_id is not None:
+                try:
+                    self.store.revoke_lease(self.lease_id)
+                except StoreUnavailable as exc:
+                    self.log.warning("resign_failed", error=str(exc))
+        return 0
+
+    def cycle(self) -> planner.Plan | None:
+        epoch = self.epoch
+        if epoch is None:
+            return None
+        snap = self.store.snapshot()
+        self.all_watch.ensure(snap.revision)
+        if snap.leader is None or snap.leader.create_revision != epoch:
+            self.step_down("leader key no longer ours")
+            return None
+        self._check_config(snap)
+        for err in snap.errors:
+            if str(err) not in self._reported_errors:
+                self._reported_errors.add(str(err))
+                self.log.error("invalid_key_ignored", key=err.key, field=err.field,
+                               error=err.message, revision=snap.revision)
+        for name, entry in snap.nodes.items():
+            self.last_leases[name] = entry.value.lease_id
+        started = self.clock()
+        result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
+                              lost_since=self.lost_since)
+        self.lost_since = dict(result.lost_since)
+        written = 0
+        for action in result.actions:
+            if isinstance(action, planner.Wait):
+                self.log.debug("waiting", vm=action.vm, reason=action.reason,
+                               revision=snap.revision, epoch=epoch)
+                continue
+            if not self.is_leader:
+                self.log.warning("not_writing", reason="leadership not certain",
+                                 revision=snap.revision)
+                break
+            if self.apply(action, snap, epoch):
+                written += 1
+        if result.writes:
+            self.log.info("cycle", summary=result.summary, written=written, epoch=epoch,
+                          decide_ms=round((self.clock() - started) * 1000, 2))
+        return result
+
+    def apply(self, action: planner.Action, snap: ClusterSnapshot, epoch: int) -> bool:
+        """Write one decision; False if etcd rejected it (a compare failed)."""
+        fence_token = Cmp(self.ks.leader, "create", "==", epoch)
+        if isinstance(action, planner.FenceNode):
+            lease = self.last_leases.get(action.node, "unknown")
+            action = dataclasses.replace(action, lease_id=lease)
+            since = self.lost_since.get(action.node, self.clock())
+            rec = FenceRecord(node=action.node, lease_id=lease, method="self", outcome="success",
+                              reason=action.reason, epoch=epoch,
+                              duration_s=round(self.clock() - since, 3), fenced_at=time.time())
+            res = self.store.txn([fence_token, Cmp(self.ks.node(action.node), "create", "==", 0),
+                                  Cmp(self.ks.fence(action.node), "create", "==", 0)],
+                                 [Put(self.ks.fence(action.node), rec.to_json())])
+            self.log.warning("fenced", node=action.node, method="self", lease=lease,
+                             reason=action.reason, written=res.succeeded, epoch=epoch,
+                             revision=snap.revision)
+            return res.succeeded
+        if isinstance(action, planner.ClearFence):
+            res = self.store.txn([fence_token, Cmp(self.ks.fence(action.node), "mod", "==",
+                                                   action.fence_mod_revision)],
+                                 [Delete(self.ks.fence(action.node))])
+            self.log.info("fence_cleared", node=action.node, reason=action.reason,
+                          written=res.succeeded, epoch=epoch, revision=snap.revision)
+            return res.succeeded
+        if isinstance(action, planner.WritePlacement):
+            p = action.placement
+            cmps = [fence_token, Cmp(self.ks.vm_placement(p.vm), "mod", "==",
+                                     action.expect_mod_revision)]
+            for node, fence_rev in action.fenced_holders:
+                cmps.append(Cmp(self.ks.node(node), "create", "==", 0))
+                cmps.append(Cmp(self.ks.fence(node), "mod", "==", fence_rev))
+            res = self.store.txn(cmps, [Put(self.ks.vm_placement(p.vm), p.to_json())])
+            self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
+                          placement=p.id, reason=p.reason, written=res.succeeded, epoch=epoch,
+                          revision=snap.revision)
+            return res.succeeded
+        raise TypeError(f"unknown action {action!r}")

@@ -1,0 +1,321 @@
+"""The only module that talks to etcd.  Everything else goes through `EtcdStore`.
+
+Contract for callers:
+
+* `StoreUnavailable` means "etcd could not be reached within the retry budget"; it
+  is a *temporary* error.  Daemons log it and try again next cycle; they never act
+  on missing information.
+* Writes that decide anything (placements, fence records, statuses, the leader
+  key) go through `txn()` with compares: compare-and-swap on the key's
+  mod_revision plus the writer's fencing token (the leader key's create_revision
+  for the leader, the node registration's create_revision for an agent).  A
+  failed compare returns `succeeded=False`; it is not an error.
+* `put()`/`delete()` without compares are used only for operator intent (specs,
+  cordon markers) from the CLI and for the agent's own cordon marker.
+* Keepalive is a single round-trip (`keepalive()`); looping is the caller's job
+  because the caller owns the self-fencing deadline.
+
+Known behaviour of the etcd client designed around here: its single-endpoint
+client blacklists an endpoint for 300 s after one UNAVAILABLE error, so we build a
+`MultiEndpointEtcd3Client` with a short `time_retry`; failed calls raise
+`ConnectionFailedError`, retried below with tenacity; watch callbacks all run on
+one thread and get an error object (not an exception) when the member dies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import grpc
+import structlog
+from pyetcd import exceptions as etcd_exc
+from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+from pyetcd.watch import WatchResponse
+from tenacity import (
+    RetryError,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from schemas.keys import Keyspace
+from schemas.snapshot import ClusterSnapshot, RawKV
+
+log = structlog.get_logger("vmha.store")
+
+R = TypeVar("R")
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+    etcd_exc.WatchTimedOut,
+    grpc.RpcError,
+    ValueError,  # pyetcd raises ValueError("Trying to use a failed node") while failing over
+)
+
+
+class StoreUnavailable(Exception):
+    """etcd did not answer within the retry budget (temporary)."""
+
+
+@dataclass(frozen=True)
+class Cmp:
+    key: str
+    target: Literal["create", "mod", "version", "value"]
+    op: Literal["==", "!=", "<", ">"]
+    value: int | str
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: str
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+
+
+def parse_endpoints(spec: str | Sequence[str]) -> list[tuple[str, int]]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        item = item.strip()
+        for scheme in ("http://", "https://"):
+            if item.startswith(scheme):
+                item = item[len(scheme):]
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint {item!r} must look like HOST:PORT")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("no etcd endpoint given")
+    return out
+
+
+class EtcdStore:
+    def __init__(self, endpoints: str | Sequence[str], keyspace: Keyspace | None = None,
+                 timeout: float = 2.0, retry_budget: float = 3.0) -> None:
+        self.keyspace = keyspace or Keyspace()
+        self._endpoints = parse_endpoints(endpoints)
+        self._timeout = timeout
+        self._retry_budget = retry_budget
+        self._lock = threading.Lock()
+        self._client = self._make_client()
+
+    def _make_client(self) -> MultiEndpointEtcd3Client:
+        eps = [Endpoint(h, p, secure=False, time_retry=0.5) for h, p in self._endpoints]
+        return MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
+
+    @property
+    def client(self) -> MultiEndpointEtcd3Client:
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, what: str, fn: Callable[[], R], budget: float | None = None) -> R:
+        @retry(
+            retry=retry_if_exception_type(TRANSIENT),
+            stop=stop_after_delay(self._retry_budget if budget is None else budget),
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            reraise=False,
+        )
+        def attempt() -> R:
+            return fn()
+
+        try:
+            return attempt()
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            raise StoreUnavailable(f"etcd {what} failed: {cause!r}") from cause
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def snapshot(self) -> ClusterSnapshot:
+        """All of vmha's keys at one revision (a single linearizable range read)."""
+        resp = self._call("range", lambda: self._client.get_prefix_response(self.keyspace.root))
+        kvs = [RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+               for kv in resp.kvs]
+        return ClusterSnapshot.from_kvs(self.keyspace, resp.header.revision, kvs)
+
+    def get(self, key: str) -> RawKV | None:
+        resp = self._call("get", lambda: self._client.get_response(key))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+
+    def revision(self) -> int:
+        resp = self._call("range", lambda: self._client.get_response(self.keyspace.config))
+        return int(resp.header.revision)
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        resp = self._call("put", lambda: self._client.put(key, value, lease=lease or None))
+        return int(resp.header.revision)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("delete", lambda: self._client.delete(key)))
+
+    def txn(self, compares: Sequence[Cmp], ops: Sequence[Put | Delete],
+            budget: float | None = None) -> TxnResult:
+        t = self._client.transactions
+
+        def build() -> tuple[list[Any], list[Any]]:
+            cmps = []
+            for c in compares:
+                base = {"create": t.create, "mod": t.mod, "version": t.version,
+                        "value": t.value}[c.target](c.key)
+                cmps.append({"==": base.__eq__, "!=": base.__ne__, "<": base.__lt__,
+                             ">": base.__gt__}[c.op](c.value))
+            success = [t.put(o.key, o.value, lease=o.lease or None) if isinstance(o, Put)
+                       else t.delete(o.key) for o in ops]
+            return cmps, success
+
+        def run() -> TxnResult:
+            cmps, success = build()
+            resp = self._client.kvstub.Txn(
+                self._txn_request(cmps, success), self._timeout,
+                credentials=self._client.call_credentials, metadata=self._client.metadata)
+            return TxnResult(bool(resp.succeeded), int(resp.header.revision))
+
+        def guarded() -> TxnResult:
+            try:
+                return run()
+            except grpc.RpcError as exc:
+                self._client._manage_grpc_errors(exc)
+                raise
+
+        return self._call("txn", guarded, budget)
+
+    def _txn_request(self, cmps: list[Any], success: list[Any]) -> Any:
+        from pyetcd import etcdrpc
+
+        return etcdrpc.TxnRequest(compare=[c.build_message() for c in cmps],
+                                  success=self._client._ops_to_requests(success), failure=[])
+
+    # ---- leases ------------------------------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> int:
+        return int(self._call("lease grant", lambda: self._client.lease(ttl)).id)
+
+    def keepalive(self, lease_id: int) -> int:
+        """One keepalive round-trip; returns the TTL etcd granted, 0 if the lease is gone.
+
+        Raises StoreUnavailable at once (no retry): the caller owns the deadline.
+        """
+        try:
+            for resp in self._client.refresh_lease(lease_id):
+                return int(resp.TTL)
+        except TRANSIENT as exc:
+            raise StoreUnavailable(f"etcd keepalive failed: {exc!r}") from exc
+        raise StoreUnavailable("etcd keepalive returned no response")
+
+    def revoke_lease(self, lease_id: int) -> None:
+        def revoke() -> None:
+            try:
+                self._client.revoke_lease(lease_id)
+            except etcd_exc.Etcd3Exception as exc:
+                if "not found" in str(exc).lower():
+                    return
+                raise
+        self._call("lease revoke", revoke)
+
+    def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL in seconds; -1 if the lease does not exist."""
+        return int(self._call("lease ttl", lambda: self._client.get_lease_info(lease_id)).TTL)
+
+    # ---- watches -----------------------------------------------------------------------
+
+    def watch_prefix(self, prefix: str, start_revision: int,
+                     on_revision: Callable[[int], None],
+                     on_error: Callable[[BaseException], None]) -> Callable[[], None]:
+        """Watch a prefix from `start_revision`; returns a cancel function.
+
+        `on_revision` gets the header revision of each batch of events; `on_error`
+        is called once when the watch dies (member gone, compaction): the caller
+        then re-lists and watches again from the snapshot's revision + 1.
+        """
+
+        def callback(resp: Any) -> None:
+            if isinstance(resp, WatchResponse):
+                on_revision(int(resp.header.revision))
+            else:
+                on_error(resp if isinstance(resp, BaseException) else RuntimeError(str(resp)))
+
+        watch_id = self._call("watch", lambda: self._client.add_watch_prefix_callback(
+            prefix, callback, start_revision=start_revision))
+
+        def cancel() -> None:
+            try:
+                self._client.cancel_watch(watch_id)
+            except TRANSIENT as exc:
+                log.debug("watch_cancel_failed", error=repr(exc))
+
+        return cancel
+
+
+class PrefixWatch:
+    """A watch used as a wake-up signal, re-established from the last snapshot.
+
+    Daemons re-read a full snapshot on every wake-up, so a lost or compacted watch
+    costs only one extra list; `ensure()` is called each cycle with the revision
+    of the snapshot just read.
+    """
+
+    def __init__(self, store: EtcdStore, prefix: str, wake: threading.Event) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._wake = wake
+        self._alive = False
+        self._cancel: Callable[[], None] | None = None
+        self.last_seen_revision = 0
+        self._lock = threading.Lock()
+
+    def _on_revision(self, rev: int) -> None:
+        self.last_seen_revision = max(self.last_seen_revision, rev)
+        self._wake.set()
+
+    def _on_error(self, err: BaseException) -> None:
+        with self._lock:
+            self._alive = False
+        log.info("watch_lost", prefix=self._prefix, error=repr(err),
+                 last_seen_revision=self.last_seen_revision)
+        self._wake.set()
+
+    def ensure(self, snapshot_revision: int) -> None:
+        with self._lock:
+            if self._alive:
+                return
+        start = max(snapshot_revision, self.last_seen_revision) + 1
+        try:
+            cancel = self._store.watch_prefix(self._prefix, start, self._on_revision,
+                                              self._on_error)
+        except (StoreUnavailable, etcd_exc.RevisionCompactedError) as exc:
+            log.info("watch_start_failed", prefix=self._prefix, error=repr(exc))
+            return
+        with self._lock:
+            self._alive = True
+            self._cancel = cancel
+
+    def stop(self) -> None:
+        with self._lock:
+            cancel, self._cancel, self._alive = self._cancel, None, False
+        if cancel:
+            cancel()

@@ -1,0 +1,39 @@
+"""The contract in etcd: key layout, JSON models and their validation.
+
+Nothing in this package performs I/O; daemons and the CLI parse every value they
+read from etcd through it, so a malformed value becomes a `SchemaError` naming the
+key and the field instead of an exception deep inside a daemon.
+"""
+
+from schemas.errors import SchemaError
+from schemas.keys import Keyspace
+from schemas.models import (
+    SCHEMA_VERSION,
+    Capacity,
+    ClusterConfig,
+    CordonMarker,
+    FenceRecord,
+    LeaderRecord,
+    NodeRegistration,
+    Placement,
+    VmSpec,
+    VmStatus,
+)
+from schemas.snapshot import ClusterSnapshot, Entry
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Capacity",
+    "ClusterConfig",
+    "ClusterSnapshot",
+    "CordonMarker",
+    "Entry",
+    "FenceRecord",
+    "Keyspace",
+    "LeaderRecord",
+    "NodeRegistration",
+    "Placement",
+    "SchemaError",
+    "VmSpec",
+    "VmStatus",
+]

@@ -1,0 +1,78 @@
+"""The etcd key layout.  Keys are part of the user interface: keep them stable.
+
+See docs/keyspace.md for the operator's view of the same table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """What a key means: its kind and the node or VM it belongs to."""
+
+    kind: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    prefix: str = "/vmha"
+
+    def __post_init__(self) -> None:
+        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
+            raise ValueError(f"prefix must start with '/' and not end with '/': {self.prefix!r}")
+
+    @property
+    def root(self) -> str:
+        return self.prefix + "/"
+
+    @property
+    def config(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}/leader"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}/nodes/{name}"
+
+    def cordon(self, name: str) -> str:
+        return f"{self.prefix}/cordon/{name}"
+
+    def fence(self, name: str) -> str:
+        return f"{self.prefix}/fence/{name}"
+
+    def vm_spec(self, name: str) -> str:
+        return f"{self.prefix}/vms/{name}/spec"
+
+    def vm_placement(self, name: str) -> str:
+        return f"{self.prefix}/vms/{name}/placement"
+
+    def vm_status(self, name: str) -> str:
+        return f"{self.prefix}/vms/{name}/status"
+
+    def parse(self, key: str) -> KeyRef | None:
+        """Classify a key under the prefix; None for keys vmha does not own."""
+        if not key.startswith(self.root):
+            return None
+        parts = key[len(self.root):].split("/")
+        if parts == ["config"]:
+            return KeyRef("config")
+        if parts == ["leader"]:
+            return KeyRef("leader")
+        if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence"):
+            return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence"}[parts[0]],
+                          parts[1])
+        if len(parts) == 3 and parts[0] == "vms" and parts[2] in ("spec", "placement", "status"):
+            return KeyRef("vm_" + parts[2], parts[1])
+        return None

@@ -1,0 +1,230 @@
+"""JSON models of every value vmha stores in etcd (schema version 1).
+
+Every model has a `schema` field; a reader refuses a value whose version it does
+not know rather than guessing.  Models are immutable: a daemon cycle works on one
+parsed snapshot and never mutates it.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from typing import Any, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import SchemaError
+from schemas.keys import valid_name
+
+SCHEMA_VERSION = 1
+
+M = TypeVar("M", bound="Model")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    schema_: Literal[1] = Field(default=1, alias="schema")
+
+    def to_json(self) -> str:
+        """Stable, sorted JSON: `etcdctl get` output should diff cleanly."""
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, key: str = "<value>") -> Self:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SchemaError(key, "", f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise SchemaError(key, "", "expected a JSON object")
+        return cls.parse_dict(data, key)
+
+    @classmethod
+    def parse_dict(cls, data: dict[str, Any], key: str = "<value>") -> Self:
+        if "schema" in data and data["schema"] != SCHEMA_VERSION:
+            raise SchemaError(key, "schema", f"unsupported schema version {data['schema']!r} "
+                                             f"(this vmha reads version {SCHEMA_VERSION})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or ""
+            if field == "schema_":
+                field = "schema"
+            more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+            raise SchemaError(key, field, f"{err['msg']}{more}") from None
+
+
+def _check_name(value: str, what: str) -> str:
+    if not valid_name(value):
+        raise ValueError(f"{what} name {value!r} must be 1-63 chars of a-z, 0-9, '.', '_', '-' "
+                         "and start and end with a letter or digit")
+    return value
+
+
+class ClusterConfig(Model):
+    """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
+
+    lease_ttl_s: int = Field(default=5, ge=1, le=60)
+    keepalive_interval_s: float = Field(default=1.0, gt=0)
+    self_fence_safety_s: float = Field(default=1.0, gt=0)
+    fence_margin_s: float = Field(default=2.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, ge=0)
+    max_migrations_per_node: int = Field(default=2, ge=1, le=64)
+
+
+class Capacity(Model):
+    memory_mib: int = Field(ge=1)
+    vcpus: int = Field(ge=1)
+
+
+class CpuInfo(Model):
+    model: str = ""
+    vendor: str = ""
+
+
+class AgentInfo(Model):
+    pid: int
+    hostname: str
+    version: str
+
+
+class NodeRegistration(Model):
+    """Leased: disappears when the node's agent stops renewing (or is revoked)."""
+
+    name: str
+    lease_id: str  # hex, as `etcdctl lease revoke` takes it
+    libvirt_uri: str
+    migration_address: str
+    capacity: Capacity
+    cpu: CpuInfo = CpuInfo()
+    cordoned: bool = False
+    agent: AgentInfo
+    registered_at: float
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "node")
+
+    @field_validator("lease_id")
+    @classmethod
+    def _lease(cls, v: str) -> str:
+        int(v, 16)
+        return v
+
+
+class CordonMarker(Model):
+    """Not leased: a cordoned node stays cordoned until an operator says otherwise."""
+
+    node: str
+    reason: str
+    by: str
+    at: float
+
+
+class FenceRecord(Model):
+    """Written by the leader once a lost node is known to run nothing any more."""
+
+    node: str
+    lease_id: str
+    method: Literal["self", "external", "manual"]
+    outcome: Literal["success", "failed"]
+    reason: str
+    epoch: int
+    duration_s: float
+    fenced_at: float
+
+
+class LeaderRecord(Model):
+    id: str
+    host: str
+    pid: int
+    lease_id: str
+    elected_at: float
+
+
+class VmSpec(Model):
+    """User-declared.  The domain XML's <name> must equal the VM name."""
+
+    name: str
+    domain_xml: str
+    memory_mib: int = Field(ge=1)
+    vcpus: int = Field(ge=1)
+    state: Literal["running", "stopped"] = "running"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "VM")
+
+    @model_validator(mode="after")
+    def _xml(self) -> VmSpec:
+        try:
+            root = ET.fromstring(self.domain_xml)
+        except ET.ParseError as exc:
+            raise ValueError(f"domain_xml is not well-formed XML: {exc}") from None
+        if root.tag != "domain":
+            raise ValueError(f"domain_xml root element is <{root.tag}>, expected <domain>")
+        name = root.findtext("name")
+        if name != self.name:
+            raise ValueError(f"domain_xml <name> is {name!r}, expected {self.name!r}")
+        return self
+
+
+class Placement(Model):
+    """Written only by the leader, in a transaction fenced by its epoch.
+
+    kind:
+      boot     the node boots the VM (all earlier holders are fenced or stopped)
+      migrate  from_node live-migrates the VM to node; if it does not run there,
+               from_node acknowledges the hand-off and node boots it
+      pending  no node can take it now; reason says why
+    """
+
+    id: str
+    vm: str
+    node: str | None
+    kind: Literal["boot", "migrate", "pending"]
+    from_node: str | None = None
+    epoch: int
+    reason: str
+    scores: dict[str, float] = {}
+    decided_at: float
+
+    @model_validator(mode="after")
+    def _shape(self) -> Placement:
+        if self.kind == "pending" and self.node is not None:
+            raise ValueError("a pending placement has no node")
+        if self.kind != "pending" and self.node is None:
+            raise ValueError(f"a {self.kind} placement needs a node")
+        if self.kind == "migrate" and not self.from_node:
+            raise ValueError("a migrate placement needs from_node")
+        return self
+
+
+class MigrationStats(Model):
+    total_ms: float | None = None
+    downtime_ms: float | None = None
+    source: str
+    target: str
+
+
+VmState = Literal["running", "paused", "stopped", "migrating", "crashed"]
+
+
+class VmStatus(Model):
+    """Written only by agents, in a transaction fenced by their registration."""
+
+    vm: str
+    node: str
+    state: VmState
+    placement_id: str | None = None
+    since: float
+    error: str | None = None
+    failed_target: str | None = None
+    migration: MigrationStats | None = None
+
+
+RUNNING_STATES: frozenset[str] = frozenset({"running", "paused", "migrating"})
