@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import EtcdStore
+from schemas import ClusterConfig
+from tests.harness import EtcdCluster, FakeCluster, start_etcd
+
+# Short timing for tests; it passes the same validation as production config.
+TEST_CONFIG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
+                            fence_margin_s=1.0, stop_timeout_s=2.0)
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    cluster = start_etcd(1)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    cluster = start_etcd(3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def store(etcd: EtcdCluster) -> Iterator[EtcdStore]:
+    s = EtcdStore(etcd.endpoints)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def make_fake_cluster(etcd: EtcdCluster, tmp_path: Path,
+                      config: ClusterConfig = TEST_CONFIG) -> FakeCluster:
+    s = EtcdStore(etcd.endpoints)
+    s.put("/vmha/config", config.to_json())
+    s.close()
+    return FakeCluster(etcd, tmp_path)
+
+
+@pytest.fixture
+def fake_cluster(etcd: EtcdCluster, tmp_path: Path) -> Iterator[FakeCluster]:
+    fc = make_fake_cluster(etcd, tmp_path)
+    try:
+        yield fc
+    finally:
+        fc.stop()
+
+
+def vmha(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "--etcd", etcd.endpoints, *args],
+                          capture_output=True, text=True, timeout=60)
