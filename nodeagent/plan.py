@@ -85,7 +85,8 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
         s: VmStatus | None = snap.statuses[vm].value if vm in snap.statuses else None
         active = dom is not None and dom.active
         placed_here = p is not None and p.node == me
-        migrating_out = p is not None and p.kind == "migrate" and p.from_node == me and not placed_here
+        migrating_out = (p is not None and p.kind == "migrate" and p.from_node == me
+                         and not placed_here)
 
         if dom is not None and not dom.managed:
             continue  # defined by hand: never touched
@@ -143,6 +144,8 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                 continue
         if migrating_out:
             assert p is not None
+            if s is not None and s.node == p.node and s.state in RUNNING_STATES:
+                continue  # it arrived; the target reports it now
             r = _report(me, vm, "stopped", p.id, snap, "hand-off: not running here")
             if r:
                 out.append(r)

@@ -170,15 +170,16 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
             actions.append(FenceNode(node, lease_id="", reason=verdict.reason))
     for node, fe in sorted(snap.fences.items()):
         if node in snap.nodes:
+            lease = snap.nodes[node].value.lease_id
             actions.append(ClearFence(node, fe.mod_revision,
-                                      f"node re-registered with lease {snap.nodes[node].value.lease_id}"))
+                                      f"node re-registered with lease {lease}"))
 
     st = _State(snap, {n: _Capacity(e.value.capacity.memory_mib, e.value.capacity.vcpus)
                        for n, e in snap.nodes.items()})
     for vm, se in snap.specs.items():
         pe = snap.placements.get(vm)
         if se.value.state == "running" and pe and pe.value.node in st.capacity:
-            c = st.capacity[pe.value.node]  # type: ignore[index]
+            c = st.capacity[pe.value.node]
             c.used_memory_mib += se.value.memory_mib
             c.used_vcpus += se.value.vcpus
 
@@ -197,7 +198,7 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
             st.capacity[node].used_memory_mib += spec.memory_mib
             st.capacity[node].used_vcpus += spec.vcpus
         if pe and pe.value.node in st.capacity and pe.value.node != node:
-            old = st.capacity[pe.value.node]  # type: ignore[index]
+            old = st.capacity[pe.value.node]
             old.used_memory_mib -= spec.memory_mib
             old.used_vcpus -= spec.vcpus
 

@@ -24,7 +24,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-DEFAULT_CACHE = Path("/var/cache/vmha-lab")
+#: Build cache for kernel artifacts and shared QEMU capability probes
+#: (override with the environment variable ``VMHA_LAB_CACHE``).
+DEFAULT_CACHE = Path(os.environ.get("VMHA_LAB_CACHE") or "/var/cache/vmha-lab")
 
 UPTIME_TAG = "VMHA-UPTIME"
 BOOT_TAG = "VMHA-BOOT"

@@ -31,10 +31,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import libvirt
+
+from nodeagent.lab.artifacts import DEFAULT_CACHE
 
 #: Host paths that each node gets a private copy of (node sub-dir -> path).
 NODE_MOUNTS: tuple[tuple[str, str], ...] = (
@@ -51,6 +56,11 @@ MIGRATION_PORTS_PER_NODE = 64
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 UNSHARE = "/usr/bin/unshare"
+
+#: QEMU capability probes shared between nodes (probing takes ~8 s under
+#: TCG per node otherwise).  libvirt re-validates the files itself (QEMU
+#: binary ctime, libvirt version, host kernel/CPU), so stale ones are harmless.
+DEFAULT_CAPS_CACHE = DEFAULT_CACHE / "qemu-capabilities"
 
 NODE_MARKER = ".vmha-lab-node"
 ROOT_MARKER = ".vmha-lab-root"
@@ -283,23 +293,67 @@ def _prepare_node_dir(node_dir: Path, name: str, index: int, root: Path) -> None
     (etc / "qemu.conf").write_text(_qemu_conf(migration_port_range(index)))
 
 
+#: Runs inside the node's namespaces: detaches, becomes a child subreaper,
+#: runs libvirtd in the foreground and reaps it and every QEMU it
+#: daemonizes (they re-parent here instead of to pid 1).  libvirt waits for
+#: a killed QEMU's pid to vanish, so prompt reaping matters when pid 1 is
+#: slow to reap (as in some containers/micro-VMs): it saves ~1.5 s per
+#: migration or destroy there.  Exits when no child is left.
+_REAPER = """
+import ctypes, os, signal, sys
+pid_file, argv = sys.argv[1], sys.argv[2:]
+if os.fork():
+    os._exit(0)
+os.setsid()
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+with open(pid_file + ".tmp", "w") as fh:
+    fh.write(f"{os.getpid()}\\n")
+os.replace(pid_file + ".tmp", pid_file)
+child = os.fork()
+if child == 0:
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    os.execv(argv[0], argv)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+    except InterruptedError:
+        continue
+"""
+
+
 def _namespace_script(node_dir: Path, name: str, pid_file: Path) -> str:
     lines = [
         "set -e",
         f"hostname {shlex.quote(node_hostname(name))}",
         # libvirtd resolves its own hostname (getHostname, migration cookies);
         # without an entry that is a DNS timeout of several seconds each time.
-        f"mount --bind {shlex.quote(str(node_dir / 'hosts'))} /etc/hosts",
+        f"if [ -f /etc/hosts ]; then mount --bind {shlex.quote(str(node_dir / 'hosts'))}"
+        " /etc/hosts; fi",
     ]
     for sub, target in NODE_MOUNTS:
         lines.append(f"mount --bind {shlex.quote(str(node_dir / sub))} {target}")
     # Guests of all nodes would share the host's cgroup tree (and collide on
     # names): hide it so that libvirt runs without cgroups.
     lines.append("umount -R -l /sys/fs/cgroup 2>/dev/null || true")
-    lines.append(
-        f"exec {LIBVIRTD} --daemon -f {shlex.quote(str(node_dir / 'etc' / 'libvirtd.conf'))}"
-        f" --pid-file {shlex.quote(str(pid_file))}"
-    )
+    argv = [
+        sys.executable,
+        "-I",
+        "-c",
+        _REAPER,
+        str(node_dir / "reaper.pid"),
+        LIBVIRTD,
+        "-f",
+        str(node_dir / "etc" / "libvirtd.conf"),
+        "--pid-file",
+        str(pid_file),
+    ]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
     return "\n".join(lines)
 
 
@@ -315,6 +369,61 @@ def _socket_ready(path: Path) -> bool:
     return True
 
 
+def _node_caps_dir(node_dir: Path) -> Path:
+    return node_dir / "cache" / "qemu" / "capabilities"
+
+
+def _seed_caps(node_dir: Path, caps_cache: Path) -> None:
+    target = _node_caps_dir(node_dir)
+    if not caps_cache.is_dir() or any(target.glob("*.xml")):
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for src in caps_cache.glob("*.xml"):
+        shutil.copy2(src, target / src.name)
+
+
+def _publish_caps(node_dir: Path, uri: str, caps_cache: Path) -> None:
+    """Probe QEMU once (if this node has not) and share the result."""
+    if any(caps_cache.glob("*.xml")):
+        return
+    conn = libvirt.open(uri)
+    try:
+        conn.getCapabilities()
+        conn.getDomainCapabilities(None, "x86_64", None, "qemu", 0)
+    finally:
+        conn.close()
+    caps_cache.mkdir(parents=True, exist_ok=True)
+    for src in _node_caps_dir(node_dir).glob("*.xml"):
+        tmp = caps_cache / (src.name + f".tmp{os.getpid()}")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, caps_cache / src.name)
+
+
+def _settle(node_dir: Path, uri: str, timeout: float = _START_TIMEOUT_S) -> None:
+    """Wait until libvirtd has noticed that guests it remembers are gone.
+
+    After a restart libvirtd reports domains from its status files as
+    running until its background reconnect to their QEMU monitor fails;
+    callers of :func:`start_node` should see the settled state instead.
+    """
+    conn = libvirt.open(uri)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            stale = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                pid = _read_pid(node_dir / "run" / "qemu" / f"{dom.name()}.pid")
+                if pid is None or not _pid_matches(pid, "qemu"):
+                    stale.append(dom.name())
+            if not stale:
+                return
+            if time.monotonic() >= deadline:
+                raise LabError(f"libvirtd at {uri} still reports dead guests {stale} as active")
+            time.sleep(0.05)
+    finally:
+        conn.close()
+
+
 def _make_node(root: Path, name: str, index: int, pid: int | None) -> LabNode:
     node_dir = root / name
     return LabNode(
@@ -328,6 +437,13 @@ def _make_node(root: Path, name: str, index: int, pid: int | None) -> LabNode:
     )
 
 
+def _reaper_pid(node_dir: Path) -> int | None:
+    pid = _read_pid(node_dir / "reaper.pid")
+    if pid is not None and pid_alive(pid) and _REAPER in _pid_cmdline(pid):
+        return pid
+    return None
+
+
 def _running_pid(node_dir: Path) -> int | None:
     pid = _read_pid(node_dir / "libvirtd.pid")
     if pid is not None and _pid_matches(pid, "libvirtd"):
@@ -339,11 +455,17 @@ def _running_pid(node_dir: Path) -> int | None:
 # public API
 
 
-def start_node(root: Path, name: str, index: int) -> LabNode:
+def start_node(
+    root: Path, name: str, index: int, *, caps_cache: Path | None = DEFAULT_CAPS_CACHE
+) -> LabNode:
     """Start (or find already running) lab node ``name`` under ``root``.
 
     ``index`` selects the node's migration port block; use a distinct index
     per node of one lab.  Idempotent: a running node is returned as is.
+    When this call starts libvirtd it returns once the daemon answers on
+    its socket and has settled the state of guests it remembers (after a
+    crash: shut off).  ``caps_cache`` shares QEMU capability probes between
+    nodes (``None``: every node probes QEMU itself, ~8 s each under TCG).
     """
     if os.geteuid() != 0:
         raise LabError("lab nodes need root")
@@ -367,13 +489,15 @@ def start_node(root: Path, name: str, index: int) -> LabNode:
             time.sleep(0.05)
         raise LabError(f"libvirtd {running} of node {name} does not answer")
 
-    root.mkdir(parents=True, exist_ok=True)
-    if not any(root.iterdir()) or (root / ROOT_MARKER).exists():
-        (root / ROOT_MARKER).touch()
+    if not root.exists():
+        root.mkdir(parents=True)
+        (root / ROOT_MARKER).touch()  # destroy_lab removes only what it created
     _ensure_qemu_user()
     for _, target in NODE_MOUNTS:
         Path(target).mkdir(parents=True, exist_ok=True)
     _prepare_node_dir(node_dir, name, index, root)
+    if caps_cache is not None:
+        _seed_caps(node_dir, Path(caps_cache))
     pid_file = node_dir / "libvirtd.pid"
     pid_file.unlink(missing_ok=True)
 
@@ -403,7 +527,11 @@ def start_node(root: Path, name: str, index: int) -> LabNode:
         if pid is None and time.monotonic() > started + _PID_FILE_TIMEOUT_S:
             break
         if pid is not None and _socket_ready(node_dir / "run" / "libvirt-sock"):
-            return _make_node(root, name, index, pid)
+            node = _make_node(root, name, index, pid)
+            _settle(node_dir, node.uri)
+            if caps_cache is not None:
+                _publish_caps(node_dir, node.uri, Path(caps_cache))
+            return node
         time.sleep(0.05)
     if pid is None or not pid_alive(pid):
         raise LabError(
@@ -429,13 +557,25 @@ def qemu_pids(node: LabNode) -> dict[str, int]:
 
 
 def node_pids(node: LabNode) -> list[int]:
-    """Live pids belonging to ``node`` (libvirtd first, then QEMUs)."""
+    """Live pids belonging to ``node``: libvirtd, its guests' QEMUs, the reaper."""
     pids: list[int] = []
     lv = _running_pid(node.dir)
     if lv is not None:
         pids.append(lv)
     pids.extend(qemu_pids(node).values())
+    reaper = _reaper_pid(node.dir)
+    if reaper is not None:
+        pids.append(reaper)
     return pids
+
+
+def _finish_reaper(reaper: int | None) -> list[int]:
+    """The reaper exits once its children are gone; make sure it did."""
+    if reaper is None:
+        return []
+    if _wait_dead([reaper], _STOP_TIMEOUT_S) and _REAPER in _pid_cmdline(reaper):
+        _signal(reaper, signal.SIGKILL)
+    return _wait_dead([reaper], _STOP_TIMEOUT_S)
 
 
 def stop_node(node: LabNode) -> None:
@@ -445,6 +585,7 @@ def stop_node(node: LabNode) -> None:
     is kept, so :func:`start_node` brings the node back.
     """
     guests = list(qemu_pids(node).values())
+    reaper = _reaper_pid(node.dir)
     lv = _running_pid(node.dir)
     if lv is not None:
         _signal(lv, signal.SIGTERM)
@@ -454,6 +595,7 @@ def stop_node(node: LabNode) -> None:
         if _pid_matches(pid, "qemu"):
             _signal(pid, signal.SIGKILL)
     leftover = _wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
+    leftover += _finish_reaper(reaper)
     node.pid = None
     if leftover:
         raise LabError(f"node {node.name}: processes {leftover} did not die")
@@ -462,22 +604,24 @@ def stop_node(node: LabNode) -> None:
 def crash_node(node: LabNode) -> None:
     """Simulate a host crash: SIGKILL libvirtd and all its guests' QEMUs."""
     guests = list(qemu_pids(node).values())
+    reaper = _reaper_pid(node.dir)
     lv = _running_pid(node.dir)
     if lv is not None:
         _signal(lv, signal.SIGKILL)
     for pid in guests:
         _signal(pid, signal.SIGKILL)
     leftover = _wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
+    leftover += _finish_reaper(reaper)
     node.pid = None
     if leftover:
         raise LabError(f"node {node.name}: processes {leftover} survived SIGKILL")
 
 
-def restart_node(node: LabNode) -> LabNode:
+def restart_node(node: LabNode, *, caps_cache: Path | None = DEFAULT_CAPS_CACHE) -> LabNode:
     """Start ``node`` again (after :func:`stop_node` or :func:`crash_node`)."""
     if _running_pid(node.dir) is not None:
         stop_node(node)
-    fresh = start_node(node.root, node.name, node.index)
+    fresh = start_node(node.root, node.name, node.index, caps_cache=caps_cache)
     node.pid = fresh.pid
     return fresh
 

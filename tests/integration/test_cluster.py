@@ -182,8 +182,8 @@ def test_paused_leader_is_deposed_and_its_writes_are_rejected(
     old_epoch = store.get(KS.leader).create_revision  # type: ignore[union-attr]
     paused = fc.orchestrators[old]
     paused.signal(signal.SIGSTOP)
-    new = wait_until(lambda: (lid := leader_id(store)) and lid != old and lid, 10,
-                     what="new leader while the old one is paused")
+    wait_until(lambda: (lid := leader_id(store)) and lid != old and lid, 10,
+               what="new leader while the old one is paused")
     new_epoch = store.get(KS.leader).create_revision  # type: ignore[union-attr]
     assert new_epoch > old_epoch
     # Give the paused leader work to do the moment it resumes.

@@ -1,0 +1,219 @@
+"""A local cluster: real etcd servers and vmha daemons as processes.
+
+Used by the demo, the benchmarks and the tests.
+
+etcd runs as Debian's `etcd` binary on free loopback ports with its data on
+/dev/shm; nothing here mocks it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.05,
+               what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+
+@dataclass
+class EtcdCluster:
+    members: list[EtcdMember]
+    base: Path
+    _state: str = "new"
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def _initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    def start_member(self, m: EtcdMember) -> None:
+        m.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [ETCD_BIN, "--name", m.name, "--data-dir", str(m.data_dir),
+               "--listen-client-urls", f"http://{m.endpoint}",
+               "--advertise-client-urls", f"http://{m.endpoint}",
+               "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+               "--initial-cluster", self._initial_cluster(),
+               "--initial-cluster-state", "new", "--initial-cluster-token", self.base.name,
+               "--heartbeat-interval", "50", "--election-timeout", "500",
+               "--log-level", "warn", "--logger", "zap"]
+        log = open(m.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        from orchestrator.store import EtcdStore, StoreUnavailable
+
+        store = EtcdStore(self.endpoints, retry_budget=0.5)
+
+        def ready() -> bool:
+            try:
+                store.revision()
+                return True
+            except StoreUnavailable:
+                return False
+
+        try:
+            wait_until(ready, timeout, 0.05, "etcd ready")
+        finally:
+            store.close()
+
+    def kill_member(self, m: EtcdMember, sig: int = signal.SIGKILL) -> None:
+        if m.proc and m.proc.poll() is None:
+            m.proc.send_signal(sig)
+            m.proc.wait(10)
+
+    def restart_member(self, m: EtcdMember) -> None:
+        self.kill_member(m)
+        self.start_member(m)
+
+    def stop(self) -> None:
+        for m in self.members:
+            self.kill_member(m)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_etcd(members: int = 1, base: Path | None = None) -> EtcdCluster:
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    base = base or Path(tempfile.mkdtemp(prefix="vmha-etcd-", dir=shm))
+    ports = free_ports(2 * members)
+    ms = [EtcdMember(f"m{i}", ports[2 * i], ports[2 * i + 1], base / f"m{i}",
+                     base / f"m{i}.log") for i in range(members)]
+    cluster = EtcdCluster(ms, base)
+    try:
+        for m in ms:
+            cluster.start_member(m)
+        cluster.wait_ready()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@dataclass
+class Daemon:
+    name: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class FakeCluster:
+    """etcd + agents on the fake hypervisor + orchestrators, as separate processes."""
+
+    etcd: EtcdCluster
+    workdir: Path
+    prefix: str = "/vmha"
+    agents: dict[str, Daemon] = field(default_factory=dict)
+    orchestrators: dict[str, Daemon] = field(default_factory=dict)
+
+    @property
+    def fake_root(self) -> Path:
+        return self.workdir / "hv"
+
+    def common(self) -> list[str]:
+        return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
+
+    def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
+                    migrate_seconds: float = 0.2) -> Daemon:
+        d = Daemon(name, [*self.common(), "agent", "--name", name, "--fake-root",
+                          str(self.fake_root), "--memory-mib", str(memory_mib), "--vcpus",
+                          str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
+                          "--log-format", "json"], self.workdir / f"agent-{name}.log")
+        self.agents[name] = d.start()
+        return d
+
+    def start_orchestrator(self, name: str) -> Daemon:
+        d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
+                          "json"], self.workdir / f"orch-{name}.log")
+        self.orchestrators[name] = d.start()
+        return d
+
+    def stop(self) -> None:
+        for d in [*self.agents.values(), *self.orchestrators.values()]:
+            d.kill()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install what vmha needs on Debian 12 (run as root): apt packages and a venv in .venv.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
+              libvirt-dev git)
+if [ "${VMHA_LAB:-0}" = 1 ] && [ -f nodeagent/lab/APT_PACKAGES.txt ]; then
+  mapfile -t LAB < <(grep -v '^\s*#' nodeagent/lab/APT_PACKAGES.txt | sed '/^\s*$/d')
+  APT_PACKAGES+=("${LAB[@]}")
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts an etcd service on install where systemd runs; vmha's tests and demo
+# start their own etcd on free ports, so the packaged one is not needed.
+
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.vmha-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+  touch "$stamp"
+fi
+echo "setup: ok"
