@@ -150,6 +150,8 @@ def fake_ground_truth(root: Path) -> dict[str, list[str]]:
     so a VM seen on two nodes whose destination copy names the other as
     `migrated_from` is one VM in switch-over, counted once (on the destination)."""
     seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    if not Path(root).is_dir():
+        return {}
     for node_dir in sorted(Path(root).iterdir()):
         ddir = node_dir / "domains"
         if not ddir.is_dir():

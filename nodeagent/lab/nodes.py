@@ -342,7 +342,7 @@ def _namespace_script(node_dir: Path, name: str, pid_file: Path) -> str:
     # names): hide it so that libvirt runs without cgroups.
     lines.append("umount -R -l /sys/fs/cgroup 2>/dev/null || true")
     argv = [
-        sys.executable,
+        sys.executable or "/usr/bin/python3",
         "-I",
         "-c",
         _REAPER,
