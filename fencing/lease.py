@@ -89,7 +89,9 @@ class LeaseKeeper:
                     before = self._clock() < self.deadline and not self.deadline_passed
                     self.gone = True
                 log.info("lease_gone", lease=f"{self.lease_id:x}", revoked=before, who=self._name)
-                self._stop.set()
+                # Renewal ends, but the deadline monitor keeps running until the owner
+                # calls stop(): a drained agent that cannot re-register in time must still
+                # fence itself by the old deadline.
                 self._on_gone(before)
                 return
             with self._lock:
@@ -107,7 +109,7 @@ class LeaseKeeper:
         while not self._stop.is_set():
             with self._lock:
                 now = self._clock()
-                fire = not self.deadline_passed and not self.gone and now >= self.deadline
+                fire = not self.deadline_passed and now >= self.deadline
                 if fire:
                     self.deadline_passed = True
                 wait = max(0.01, min(0.05, self.deadline - now))

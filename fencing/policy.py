@@ -9,10 +9,12 @@ The self-fencing contract (see docs/fencing.md):
   the server-side expiry.  An etcd leader change resets lease TTLs; that only
   moves the server-side expiry later, never earlier, so the inequality holds.
 * The leader records a node as fenced only after it has *observed* the lease gone
-  and then waited ``fence_margin``: observation happens after expiry, expiry after
-  the agent's deadline, so the margin covers the time the agent needs to destroy
-  its domains.  A new leader starts its own wait from its own observation, which
-  can only be later.
+  and then waited ``lease_ttl + fence_margin`` (see `fence_window`): the lease may
+  have been revoked rather than expired, and the agent's deadline is at most one
+  TTL after the last keepalive it got acknowledged, which precedes the
+  observation; the margin covers the time the agent needs to destroy its domains.
+  A new leader starts its own wait from its own observation, which can only be
+  later.
 """
 
 from __future__ import annotations
@@ -70,8 +72,14 @@ def self_fence_deadline(last_ack_sent_at: float, cfg: ClusterConfig) -> float:
 
 
 def fence_window(cfg: ClusterConfig) -> float:
-    """How long after the leader observes a node's lease gone it may call it fenced."""
-    return cfg.fence_margin_s
+    """How long after the leader observes a node's lease gone it may call it fenced.
+
+    A full TTL plus the margin: the leader cannot tell an expiry from a revoke
+    (`etcdctl lease revoke`, a drain), and after a revoke a stuck agent's deadline
+    (last acknowledged keepalive + TTL - safety) can lie up to a TTL later than the
+    moment the key disappeared.  The agent keeps honouring that deadline until it
+    holds a new registration, so waiting TTL + margin is safe in both cases."""
+    return cfg.lease_ttl_s + cfg.fence_margin_s
 
 
 @dataclass(frozen=True)

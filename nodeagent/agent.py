@@ -79,6 +79,7 @@ class NodeAgent:
         self.reg: _Registration | None = None
         self.cfg = ClusterConfig()
         self.busy: set[str] = set()
+        self._old_keepers: list[LeaseKeeper] = []
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.watch = PrefixWatch(store, self.ks.root, self.wake)
@@ -115,7 +116,8 @@ class NodeAgent:
         if not res.succeeded:
             self.store.revoke_lease(lease_id)
             raise StoreUnavailable("registration raced with another writer; retrying")
-        keeper = LeaseKeeper(self.store, self.cfg, lease_id, sent, on_gone=self._on_lease_gone,
+        keeper = LeaseKeeper(self.store, self.cfg, lease_id, sent,
+                             on_gone=lambda before: self._on_lease_gone(lease_id, before),
                              on_deadline=self._self_fence, on_renewed=self._on_renewed,
                              unavailable=StoreUnavailable,
                              clock=self.clock, name=f"agent-{self.me}")
@@ -137,7 +139,9 @@ class NodeAgent:
 
     # ---- lease callbacks (keeper threads) ----------------------------------------------
 
-    def _on_lease_gone(self, before_deadline: bool) -> None:
+    def _on_lease_gone(self, lease_id: int, before_deadline: bool) -> None:
+        if self.reg is None or self.reg.lease_id != lease_id:
+            return  # an old lease's keeper reporting late: already handled
         if before_deadline:
             self.flags.revoked = True
             self.log.warning("lease_revoked", reason="lease gone while etcd answers: drain")
@@ -198,6 +202,8 @@ class NodeAgent:
             return 0
         finally:
             self.watch.stop()
+            if self.reg is not None:
+                self.reg.keeper.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def cycle(self) -> bool:
@@ -210,16 +216,25 @@ class NodeAgent:
             self._cordon("lease revoked (drain)" if self.flags.revoked else
                          "agent stopping (SIGTERM): drain")
         if self.flags.revoked or self.flags.expired:
-            self.reg.keeper.stop()
+            # The old keeper keeps watching the old deadline until we hold a new lease.
+            self._old_keepers.append(self.reg.keeper)
             self.reg = None
             self.register()
             assert self.reg is not None
+            for k in self._old_keepers:
+                k.stop()
+            self._old_keepers.clear()
         if self.flags.fenced and not self.reg.keeper.valid():
             return False
         snap = self.store.snapshot()
         self.watch.ensure(snap.revision)
         mine = snap.nodes.get(self.me)
         if mine is None or mine.create_revision != self.reg.create_revision:
+            # Our key vanished (the watch woke us): ask etcd about the lease now rather
+            # than at the next keepalive, so a drain starts at once.
+            if self.reg.keeper.valid() and self.store.keepalive(self.reg.lease_id) <= 0:
+                self._on_lease_gone(self.reg.lease_id, self.reg.keeper.valid())
+                self.wake.set()
             self.log.info("registration_not_visible", revision=snap.revision)
             return False
         self._sync_cordon(snap)

@@ -51,6 +51,13 @@ MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler is set; we raise them instead."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
         libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
@@ -169,7 +176,12 @@ class LibvirtHypervisor:
             dom = self._lookup(conn, name)
             if dom is None or not dom.isActive():
                 raise HypervisorError(f"domain {name} is not running on {self.uri}")
-            params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target_address}"}
+            # The destination listens on the migration address given per call: libvirt
+            # refuses a loopback `migration_address` in qemu.conf.
+            params: dict[str, Any] = {
+                libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target_address}",
+                libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: target_address,
+            }
             dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS)
             return MigrationStats(None, None)
         # Never retried here: a half-done migration must be re-planned, not replayed.
@@ -185,7 +197,10 @@ class LibvirtHypervisor:
             if dom is None:
                 return None
             try:
-                stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                # KEEP_COMPLETED: libvirt otherwise discards the statistics once read, so
+                # a report retried after a lost status race would carry none.
+                stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                                     | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
             except libvirt.libvirtError:
                 return None  # drivers without job statistics (test driver)
             if not stats or "time_elapsed" not in stats:

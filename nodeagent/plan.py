@@ -141,9 +141,18 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                          and s.placement_id == p.id)
                 if acked:
                     out.append(Boot(vm, p.id, f"{p.from_node} handed it off without running it"))
+                elif s is not None and s.node == me and s.state in RUNNING_STATES:
+                    # It arrived and has died since: say so, and the source's hand-off
+                    # acknowledgement lets us boot it again.
+                    out.append(Report(vm, "stopped", s.placement_id,
+                                      snap.statuses[vm].mod_revision,
+                                      "status said running here, but it does not"))
                 continue
         if migrating_out:
             assert p is not None
+            if dom is not None:  # a crashed or shut-off copy: never started again here
+                out.append(Undefine(vm, "left-over definition (crashed or moved); "
+                                        f"placed on {p.node}"))
             if s is not None and s.node == p.node and s.state in RUNNING_STATES:
                 continue  # it arrived; the target reports it now
             r = _report(me, vm, "stopped", p.id, snap, "hand-off: not running here")
@@ -159,5 +168,5 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                               "status said running here, but it does not"))
         if dom is not None and not placed_here:
             out.append(Undefine(vm, "left-over definition (crashed or moved); "
-                                    f"placed on {p.node if p else 'no node'}"))
+                                    f"placed on {(p.node if p else None) or 'no node'}"))
     return out

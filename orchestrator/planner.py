@@ -194,18 +194,12 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
                       from_node=from_node, epoch=epoch, reason=reason, scores=scores,
                       decided_at=wall_time)
         actions.append(WritePlacement(p, pe.mod_revision if pe else 0, fenced))
+        # The VM was released from its old node before deciding (see the loop).
         if node and node in st.capacity:
             st.capacity[node].used_memory_mib += spec.memory_mib
             st.capacity[node].used_vcpus += spec.vcpus
-        if pe and pe.value.node in st.capacity and pe.value.node != node:
-            old = st.capacity[pe.value.node]
-            old.used_memory_mib -= spec.memory_mib
-            old.used_vcpus -= spec.vcpus
 
-    for vm in sorted(snap.specs):
-        spec = snap.specs[vm].value
-        if spec.state != "running":
-            continue
+    def _decide_vm(vm: str, spec: VmSpec) -> None:
         pe = snap.placements.get(vm)
         p = pe.value if pe else None
         s = snap.statuses[vm].value if vm in snap.statuses else None
@@ -215,37 +209,37 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
 
         # 1. Steady state and migrations in flight need no write.
         if p and p.kind == "boot" and p.node and snap.schedulable(p.node):
-            continue
+            return
         if p and p.kind == "migrate" and p.node in snap.nodes and not migration_failed(p, s):
             arrived = s is not None and s.node == p.node and s.state in RUNNING_STATES
             if not (arrived and snap.is_cordoned(p.node)):  # type: ignore[arg-type]
                 if p.from_node in snap.nodes or arrived:
-                    continue
+                    return
                 if p.from_node not in snap.fences:
                     actions.append(Wait(vm, f"migration source {p.from_node} lost; waiting "
                                             "for its fence"))
-                    continue
+                    return
                 if snap.schedulable(p.node):  # type: ignore[arg-type]
                     fe = snap.fences[p.from_node]  # type: ignore[index]
                     place(vm, "boot", p.node, f"migration source {p.from_node} was fenced "
                           "before the VM arrived; cold boot on the migration target",
                           {}, fenced=((p.from_node, fe.mod_revision),))  # type: ignore[arg-type]
-                    continue
+                    return
 
         # 2. The VM must move or be (re)booted.
         if unfenced:
             actions.append(Wait(vm, f"node(s) {', '.join(unfenced)} lost and not yet fenced; "
                                     "the VM may still run there"))
-            continue
+            return
         if live:
             source = s.node if s and s.state in RUNNING_STATES and s.node in snap.nodes else live[0]
             if snap.schedulable(source) and not (p and migration_failed(p, s)):
                 if p and p.kind == "boot" and p.node == source:
-                    continue
+                    return
                 place(vm, "boot", source, f"VM reported on {source}; keeping it there",
                       {}, fenced=tuple((h, snap.fences[h].mod_revision) for h in hs
                                        if h not in snap.nodes))
-                continue
+                return
             exclude = {source}
             if p and migration_failed(p, s) and p.node:
                 exclude.add(p.node)
@@ -255,22 +249,40 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
             if target is None:
                 actions.append(Wait(vm, f"must leave {source} but "
                                         + _no_target_reason(st, spec, exclude)))
-                continue
+                return
             why = ("node cordoned (drain)" if snap.is_cordoned(source)
                    else f"migration to {p.node} failed" if p and migration_failed(p, s)
                    else "hand-off")
             place(vm, "migrate", target, f"{why}: live-migrate from {source} to {target}, "
                   f"the node with the most free memory ({int(scores[target])} MiB after)",
                   scores, from_node=source)
-            continue
+            return
         fenced = tuple((h, snap.fences[h].mod_revision) for h in hs)
         target, scores = _choose(st, spec, set())
         if target is None:
             place(vm, "pending", None, _no_target_reason(st, spec, set()), {}, fenced=fenced)
-            continue
+            return
         why = f"node(s) {', '.join(hs)} fenced; cold boot" if hs else "not placed yet; boot"
         place(vm, "boot", target, f"{why} on {target}, the node with the most free memory "
               f"({int(scores[target])} MiB after)", scores, fenced=fenced)
+
+    def charge(node: str | None, spec: VmSpec, sign: int) -> None:
+        if node and node in st.capacity:
+            st.capacity[node].used_memory_mib += sign * spec.memory_mib
+            st.capacity[node].used_vcpus += sign * spec.vcpus
+
+    for vm in sorted(snap.specs):
+        spec = snap.specs[vm].value
+        if spec.state != "running":
+            continue
+        # Decide with this VM's own share released from the node it is placed on, so
+        # a retry on the same node, or a rewrite to it, does not count it twice.
+        placed_on = snap.placements[vm].value.node if vm in snap.placements else None
+        writes_before = sum(isinstance(a, WritePlacement) for a in actions)
+        charge(placed_on, spec, -1)
+        _decide_vm(vm, spec)
+        if sum(isinstance(a, WritePlacement) for a in actions) == writes_before:
+            charge(placed_on, spec, +1)
 
     n_place = sum(isinstance(a, WritePlacement) for a in actions)
     n_fence = sum(isinstance(a, FenceNode) for a in actions)

@@ -231,9 +231,9 @@ class EtcdStore:
         def revoke() -> None:
             try:
                 self._client.revoke_lease(lease_id)
-            except etcd_exc.Etcd3Exception as exc:
-                if "not found" in str(exc).lower():
-                    return
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return  # already revoked or expired: the outcome the caller wants
                 raise
         self._call("lease revoke", revoke)
 

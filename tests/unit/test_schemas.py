@@ -103,7 +103,7 @@ def test_config_defaults() -> None:
 def test_models_are_frozen() -> None:
     cfg = ClusterConfig()
     with pytest.raises(ValueError, match="frozen"):
-        cfg.lease_ttl_s = 3  # type: ignore[misc]
+        cfg.lease_ttl_s = 3
 
 
 NODE = VALID["node"][1]

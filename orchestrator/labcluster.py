@@ -1,0 +1,194 @@
+"""A local cluster on the lab: real etcd, lab libvirt nodes with QEMU, vmha daemons.
+
+Like :class:`orchestrator.localcluster.FakeCluster`, but every agent runs the real
+hypervisor adapter (``--libvirt-uri``) against its own lab libvirtd (see
+:mod:`nodeagent.lab`).  Root only.
+
+:meth:`LabCluster.ground_truth` asks every lab libvirtd directly (libvirt-python,
+``listAllDomains`` + ``isActive``), independent of vmha's own code paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+from nodeagent.lab import LabNode, crash_node, destroy_lab, restart_node, start_node
+from orchestrator.localcluster import Daemon, EtcdCluster, start_etcd
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler is set; we handle them."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+#: Pause reasons of a domain whose guest is in transit between nodes.
+_TRANSIT_REASONS = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                              libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+                              libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
+
+
+@dataclass
+class LabCluster:
+    """etcd + lab libvirt nodes + one agent per node + orchestrators, as processes."""
+
+    root: Path
+    workdir: Path
+    node_names: tuple[str, ...] = ("n1", "n2", "n3")
+    prefix: str = "/vmha"
+    agent_memory_mib: int = 1024
+    agent_vcpus: int = 8
+    etcd: EtcdCluster | None = None
+    nodes: dict[str, LabNode] = field(default_factory=dict)
+    agents: dict[str, Daemon] = field(default_factory=dict)
+    orchestrators: dict[str, Daemon] = field(default_factory=dict)
+    _conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def start(self, config_json: str | None = None, orchestrators: int = 2) -> LabCluster:
+        """Start etcd, the lab nodes, (write ``config_json``), agents and orchestrators."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.etcd = start_etcd(1)
+            for index, name in enumerate(self.node_names):
+                self.nodes[name] = start_node(self.root, name, index)
+            if config_json is not None:
+                from orchestrator.store import EtcdStore
+
+                store = EtcdStore(self.etcd.endpoints)
+                try:
+                    store.put(f"{self.prefix}/config", config_json)
+                finally:
+                    store.close()
+            for name in self.node_names:
+                self.start_agent(name)
+            for i in range(1, orchestrators + 1):
+                self.start_orchestrator(f"o{i}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def endpoints(self) -> str:
+        assert self.etcd is not None
+        return self.etcd.endpoints
+
+    def common(self) -> list[str]:
+        return ["--etcd", self.endpoints, "--prefix", self.prefix]
+
+    def start_agent(self, name: str) -> Daemon:
+        """Start (or start again) the agent of lab node ``name``; its log is appended to."""
+        node = self.nodes[name]
+        d = Daemon(name, [*self.common(), "agent", "--name", name, "--libvirt-uri", node.uri,
+                          "--memory-mib", str(self.agent_memory_mib), "--vcpus",
+                          str(self.agent_vcpus), "--migration-address", "127.0.0.1",
+                          "--log-format", "json"], self.workdir / f"agent-{name}.log")
+        self.agents[name] = d.start()
+        return d
+
+    def start_orchestrator(self, name: str) -> Daemon:
+        d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
+                          "json"], self.workdir / f"orch-{name}.log")
+        self.orchestrators[name] = d.start()
+        return d
+
+    def crash_node(self, name: str) -> None:
+        """SIGKILL the node's libvirtd and guests (its agent is left alone)."""
+        self._drop_conn(name)
+        crash_node(self.nodes[name])
+
+    def restart_node(self, name: str) -> LabNode:
+        self._drop_conn(name)
+        self.nodes[name] = restart_node(self.nodes[name])
+        return self.nodes[name]
+
+    def stop(self) -> None:
+        """Kill every daemon by pid, then tear the lab and etcd down."""
+        for d in [*self.agents.values(), *self.orchestrators.values()]:
+            with contextlib.suppress(Exception):  # tear-down goes on regardless
+                d.kill()
+        with self._lock:
+            for conn in self._conns.values():
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+            self._conns.clear()
+        try:
+            destroy_lab(self.root)
+        finally:
+            if self.etcd is not None:
+                self.etcd.stop()
+
+    # ---- ground truth --------------------------------------------------------------------
+
+    def _drop_conn(self, name: str) -> None:
+        with self._lock:
+            conn = self._conns.pop(name, None)
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def _conn(self, name: str) -> libvirt.virConnect | None:
+        with self._lock:
+            conn = self._conns.get(name)
+            if conn is not None:
+                try:
+                    if conn.isAlive():
+                        return conn
+                except libvirt.libvirtError:
+                    pass
+                self._conns.pop(name, None)
+            try:
+                conn = libvirt.open(self.nodes[name].uri)
+            except libvirt.libvirtError:
+                return None  # libvirtd down (crashed node): it runs nothing
+            self._conns[name] = conn
+            return conn
+
+    def node_domains(self, name: str) -> dict[str, str]:
+        """Every domain libvirt of node ``name`` lists: ``running``, ``migrating`` or
+        ``inactive``.
+
+        ``migrating`` is an active domain whose CPUs are paused for a live migration
+        (the destination while the memory streams in, the source during the switch-over)
+        or while it starts up: its guest executes nowhere else but not here either.
+        """
+        conn = self._conn(name)
+        if conn is None:
+            return {}
+        out: dict[str, str] = {}
+        try:
+            for dom in conn.listAllDomains(0):
+                try:
+                    if not dom.isActive():
+                        out[dom.name()] = "inactive"
+                        continue
+                    state, reason = dom.state()
+                    out[dom.name()] = ("migrating" if state == libvirt.VIR_DOMAIN_PAUSED
+                                       and reason in _TRANSIT_REASONS else "running")
+                except libvirt.libvirtError:
+                    continue  # vanished between list and query (migrated away)
+        except libvirt.libvirtError:
+            self._drop_conn(name)
+            return {}
+        return out
+
+    def ground_truth(self, include_migrating: bool = False) -> dict[str, list[str]]:
+        """VM name -> lab nodes whose libvirtd reports it active, straight from libvirt.
+
+        Domains paused for a live migration (see :meth:`node_domains`) count only with
+        ``include_migrating``.
+        """
+        truth: dict[str, list[str]] = {}
+        for name in self.node_names:
+            for vm, state in self.node_domains(name).items():
+                if state == "running" or (include_migrating and state == "migrating"):
+                    truth.setdefault(vm, []).append(name)
+        return {vm: sorted(nodes) for vm, nodes in sorted(truth.items())}

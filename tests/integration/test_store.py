@@ -1,0 +1,87 @@
+"""The etcd store adapter against a real etcd server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from tests.harness import EtcdCluster, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_txn_compare_and_swap(store: EtcdStore) -> None:
+    r1 = store.txn([Cmp("/vmha/x", "create", "==", 0)], [Put("/vmha/x", "1")])
+    assert r1.succeeded
+    again = store.txn([Cmp("/vmha/x", "create", "==", 0)], [Put("/vmha/x", "2")])
+    assert not again.succeeded
+    kv = store.get("/vmha/x")
+    assert kv is not None and kv.value == b"1" and kv.create_revision == r1.revision
+    stale = store.txn([Cmp("/vmha/x", "mod", "==", r1.revision - 1)], [Delete("/vmha/x")])
+    assert not stale.succeeded and store.get("/vmha/x") is not None
+    ok = store.txn([Cmp("/vmha/x", "mod", "==", r1.revision)], [Delete("/vmha/x")])
+    assert ok.succeeded and store.get("/vmha/x") is None
+
+
+def test_lease_keepalive_revoke_and_expiry(store: EtcdStore) -> None:
+    lease = store.grant_lease(1)
+    store.put("/vmha/nodes/a", "{}", lease)
+    assert store.keepalive(lease) >= 1
+    store.revoke_lease(lease)
+    assert store.keepalive(lease) == 0  # gone while etcd answers: a revoke
+    assert store.get("/vmha/nodes/a") is None
+    store.revoke_lease(lease)  # revoking twice is harmless
+    short = store.grant_lease(1)
+    store.put("/vmha/nodes/b", "{}", short)
+    wait_until(lambda: store.get("/vmha/nodes/b") is None, 3, what="lease expiry")
+    assert store.lease_ttl(short) == -1
+
+
+def test_snapshot_is_one_revision(store: EtcdStore) -> None:
+    store.put("/vmha/vms/a/spec", "{bad")
+    store.put("/other/key", "ignored")
+    snap = store.snapshot()
+    assert snap.revision >= 2
+    assert [e.key for e in snap.errors] == ["/vmha/vms/a/spec"]
+    assert not snap.specs
+
+
+def test_prefix_watch_wakes_and_recovers_after_member_restart(etcd: EtcdCluster) -> None:
+    store = EtcdStore(etcd.endpoints)
+    wake = threading.Event()
+    watch = PrefixWatch(store, "/vmha/", wake)
+    watch.ensure(store.revision())
+    store.put("/vmha/a", "1")
+    assert wake.wait(3)
+    wake.clear()
+    etcd.restart_member(etcd.members[0])
+    assert wake.wait(5), "a lost watch wakes its owner so it re-lists"
+    etcd.wait_ready()
+    wake.clear()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            watch.ensure(store.snapshot().revision)
+            break
+        except StoreUnavailable:
+            time.sleep(0.1)
+    wake.clear()
+    store.put("/vmha/b", "2")
+    assert wake.wait(5), "the watch is re-established from the last snapshot"
+    watch.stop()
+    store.close()
+
+
+def test_unreachable_etcd_raises_store_unavailable() -> None:
+    from orchestrator.localcluster import free_ports
+
+    (port,) = free_ports(1)
+    s = EtcdStore(f"127.0.0.1:{port}", retry_budget=0.5, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        s.snapshot()
+    assert time.monotonic() - started < 5
+    s.close()

@@ -1,0 +1,308 @@
+"""End to end on the lab: vmha's real agents (LibvirtHypervisor) on lab libvirt nodes.
+
+Three lab nodes with their own libvirtd, a real etcd, one agent per node, two
+orchestrators, and six tiny disk-less QEMU guests (32 MiB).  What the guests really
+do is read from every libvirtd directly (:meth:`LabCluster.ground_truth`), polled in
+a thread every ~20 ms to catch a VM running on two nodes at once.
+
+Root only; skipped without libvirtd / QEMU / unshare (same check as the lab tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import libvirt  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the machine
+    pytest.skip("libvirt-python is not installed", allow_module_level=True)
+
+from nodeagent.lab import qemu_pids, tiny_guest_xml  # noqa: E402
+from orchestrator.labcluster import LabCluster  # noqa: E402
+from orchestrator.localcluster import Daemon, wait_until  # noqa: E402
+from orchestrator.store import EtcdStore  # noqa: E402
+from schemas import Keyspace  # noqa: E402
+from tests.conftest import TEST_CONFIG, vmha  # noqa: E402
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (they start libvirtd in mount namespaces)"
+    for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount", "etcd", "etcdctl"):
+        if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            return f"lab tests need {tool} (see nodeagent/lab/APT_PACKAGES.txt)"
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+]
+
+KS = Keyspace()
+VMS = tuple(f"vm{i}" for i in range(6))
+#: Timings measured by the tests, printed at the end (run with -s to see them).
+TIMINGS: dict[str, Any] = {}
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def log_mark(d: Daemon) -> int:
+    return d.log_path.stat().st_size if d.log_path.exists() else 0
+
+
+def events(d: Daemon, event: str, since: int = 0, vm: str | None = None) -> list[dict[str, Any]]:
+    """JSON log events of ``d`` written after byte offset ``since``."""
+    if not d.log_path.exists():
+        return []
+    with open(d.log_path, "rb") as fh:
+        fh.seek(since)
+        data = fh.read().decode(errors="replace")
+    out = []
+    for line in data.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == event and (vm is None or rec.get("vm") == vm):
+            out.append(rec)
+    return out
+
+
+def ts(rec: dict[str, Any]) -> float:
+    return datetime.fromisoformat(rec["timestamp"]).timestamp()
+
+
+class TruthPoller:
+    """Samples :meth:`LabCluster.ground_truth` every ~20 ms in a thread."""
+
+    def __init__(self, lc: LabCluster, interval: float = 0.02) -> None:
+        self.lc = lc
+        self.interval = interval
+        self.samples = 0
+        self.double: list[tuple[str, list[str]]] = []
+        self.history: list[tuple[float, dict[str, list[str]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            truth = self.lc.ground_truth()
+            self.history.append((started, truth))
+            for vm, nodes in truth.items():
+                if len(nodes) > 1 and self._confirmed(vm, nodes):
+                    self.double.append((vm, nodes))
+            self.samples += 1
+            time.sleep(self.interval)
+
+    def seen(self, vm: str, since: float = 0.0) -> set[str]:
+        """Nodes ``vm`` was seen running on, in samples begun at or after ``since``."""
+        return {n for t, truth in list(self.history) if t >= since for n in truth.get(vm, ())}
+
+    def _confirmed(self, vm: str, nodes: list[str]) -> bool:
+        """The nodes are read one after the other, so a live migration's switch-over
+        can fall between two reads (source read running, then destination read
+        running).  A double run is only real if the VM still runs on the nodes read
+        earlier after it was seen running on the last one."""
+        order = list(self.lc.node_names)
+        last = max(nodes, key=order.index)
+        return all(self.lc.node_domains(n).get(vm) == "running" for n in nodes if n != last)
+
+    @contextmanager
+    def running(self) -> Iterator[TruthPoller]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(5)
+
+
+def vms_on(lc: LabCluster, node: str) -> list[str]:
+    return sorted(vm for vm, ns in lc.ground_truth().items() if node in ns)
+
+
+def status(store: EtcdStore, vm: str) -> dict[str, Any] | None:
+    kv = store.get(KS.vm_status(vm))
+    return dict(json.loads(kv.value)) if kv else None
+
+
+def all_reported(store: EtcdStore, lc: LabCluster) -> bool:
+    for d in [*lc.agents.values(), *lc.orchestrators.values()]:
+        if not d.alive():
+            raise AssertionError(f"daemon {d.name} died:\n{d.log_text()[-2000:]}")
+    truth = lc.ground_truth()
+    for vm in VMS:
+        st = status(store, vm)
+        if not (vm in truth and len(truth[vm]) == 1 and st and st["state"] == "running"
+                and st["node"] == truth[vm][0]):
+            return False
+    return True
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
+    lc = LabCluster(tmp_path / "lab", tmp_path / "logs")
+    started = time.monotonic()
+    lc.start(TEST_CONFIG.to_json())
+    assert lc.etcd is not None
+    store = EtcdStore(lc.endpoints)
+    try:
+        for vm in VMS:
+            xml = tmp_path / f"{vm}.xml"
+            xml.write_text(tiny_guest_xml(vm))
+            r = vmha(lc.etcd, "vm", "add", vm, "--memory-mib", "32", "--xml", str(xml))
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: all_reported(store, lc), 40, 0.1, "all VMs running and reported")
+        TIMINGS.setdefault("cluster_up_s", []).append(round(time.monotonic() - started, 2))
+        yield lc, store
+    finally:
+        store.close()
+        lc.stop()
+        print(f"\nlab e2e timings: {json.dumps(TIMINGS)}")
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+
+def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]) -> None:
+    lc, store = lab
+    victims = vms_on(lc, "n1")
+    assert victims, f"the planner spreads {len(VMS)} VMs over 3 nodes: {lc.ground_truth()}"
+    reg = store.get(KS.node("n1"))
+    assert reg is not None
+    lease = json.loads(reg.value)["lease_id"]
+    marks = {n: log_mark(d) for n, d in lc.agents.items()}
+    with TruthPoller(lc).running() as poller:
+        t0 = time.monotonic()
+        subprocess.run(["etcdctl", "--endpoints", lc.endpoints, "lease", "revoke", lease],
+                       check=True, capture_output=True)
+        wait_until(lambda: not lc.node_domains("n1")
+                   and all(v in lc.ground_truth() for v in victims), 30, 0.02, "n1 drained")
+        drain_s = time.monotonic() - t0
+    assert poller.double == [], poller.double
+    assert poller.samples > 10
+    truth = lc.ground_truth()
+    walls = []
+    downtimes = []
+    for vm in victims:
+        (node,) = truth[vm]
+        assert node != "n1"
+        done = events(lc.agents["n1"], "migrate_done", marks["n1"], vm)
+        assert len(done) == 1, done
+        assert done[0]["target"] == node
+        walls.append(done[0]["wall_s"])
+        for n, d in lc.agents.items():
+            assert events(d, "boot", marks[n], vm) == [], f"{vm} cold-booted on {n}"
+        wait_until(lambda vm=vm, node=node: (s := status(store, vm)) and s["node"] == node
+                   and s["state"] == "running", 10, 0.05, f"status of {vm} on {node}")
+        st = status(store, vm)
+        assert st is not None
+        migration = st.get("migration") or {}
+        assert migration.get("source") == "n1" and migration.get("target") == node, st
+        assert migration.get("downtime_ms") is not None, st  # from libvirt's job statistics
+        downtimes.append(migration["downtime_ms"])
+    # Source empty: no definition left at all (UNDEFINE_SOURCE), per libvirt itself.
+    assert lc.node_domains("n1") == {}
+    assert qemu_pids(lc.nodes["n1"]) == {}
+    TIMINGS["drain_s"] = round(drain_s, 2)
+    TIMINGS["drain_vms"] = len(victims)
+    TIMINGS["migrate_wall_s"] = walls
+    TIMINGS["status_downtime_ms"] = downtimes
+
+
+def test_crash_reboots_elsewhere_once_after_fence_then_leftovers_undefined(
+        lab: tuple[LabCluster, EtcdStore]) -> None:
+    lc, store = lab
+    victims = vms_on(lc, "n2")
+    assert victims
+    marks = {n: log_mark(d) for n, d in lc.agents.items()}
+    survivors = [n for n in lc.agents if n != "n2"]
+    with TruthPoller(lc).running() as poller:
+        crashed_at = time.time()
+        t0 = time.monotonic()
+        lc.agents["n2"].kill()
+        lc.crash_node("n2")
+        crashed = time.monotonic()
+        wait_until(lambda: all(v in lc.ground_truth() for v in victims), 40, 0.02,
+                   "victims running elsewhere")
+        recover_s = time.monotonic() - t0
+        fence_kv = store.get(KS.fence("n2"))
+        assert fence_kv is not None
+        fence = json.loads(fence_kv.value)
+        for vm in victims:
+            boots = [e for n in survivors for e in events(lc.agents[n], "boot", marks[n], vm)]
+            assert len(boots) == 1, boots
+            assert ts(boots[0]) >= fence["fenced_at"], (boots[0], fence)
+            assert ts(boots[0]) >= crashed_at + TEST_CONFIG.lease_ttl_s \
+                - TEST_CONFIG.keepalive_interval_s
+        # The crashed node comes back: its persistent left-over definitions (inactive)
+        # must be undefined by its new agent, never booted.
+        lc.restart_node("n2")
+        left = lc.node_domains("n2")
+        assert all(state == "inactive" for state in left.values()), left
+        mark2 = log_mark(lc.agents["n2"])
+        t1 = time.monotonic()
+        lc.start_agent("n2")
+        wait_until(lambda: not (set(lc.node_domains("n2")) & set(victims)), 10, 0.05,
+                   "left-over definitions undefined on n2")
+        cleanup_s = time.monotonic() - t1
+        time.sleep(1.0)
+    assert poller.double == [], poller.double
+    assert poller.samples > 10
+    for vm in victims:
+        assert "n2" not in poller.seen(vm, crashed), (vm, poller.seen(vm, crashed))
+        assert events(lc.agents["n2"], "boot", mark2, vm) == []
+        (node,) = lc.ground_truth()[vm]
+        assert node in survivors
+    undone = {e["vm"] for e in events(lc.agents["n2"], "undefine", mark2)}
+    assert set(left) <= undone | set(), (left, undone)
+    TIMINGS["crash_to_running_s"] = round(recover_s, 2)
+    TIMINGS["fence_duration_s"] = fence.get("duration_s")
+    TIMINGS["leftover_cleanup_s"] = round(cleanup_s, 2)
+    TIMINGS["leftovers"] = sorted(left)
+
+
+def test_agent_restart_adopts_running_vms(lab: tuple[LabCluster, EtcdStore]) -> None:
+    lc, store = lab
+    victims = vms_on(lc, "n3")
+    assert victims
+    before = qemu_pids(lc.nodes["n3"])
+    assert set(victims) <= set(before)
+    marks = {n: log_mark(d) for n, d in lc.agents.items()}
+    with TruthPoller(lc).running() as poller:
+        lc.agents["n3"].kill()
+        t0 = time.monotonic()
+        lc.start_agent("n3")
+        wait_until(lambda: events(lc.agents["n3"], "registered", marks["n3"]), 20, 0.05,
+                   "restarted agent registered")
+        TIMINGS["agent_reregister_s"] = round(time.monotonic() - t0, 2)
+        # Long enough for the old lease to expire, the leader to notice and its fence
+        # margin to pass: nothing may be moved or rebooted.
+        time.sleep(TEST_CONFIG.lease_ttl_s + TEST_CONFIG.fence_margin_s + 1.0)
+        wait_until(lambda: all_reported(store, lc), 10, 0.1, "all VMs reported")
+    assert poller.double == [], poller.double
+    after = qemu_pids(lc.nodes["n3"])
+    for vm in victims:
+        assert after.get(vm) == before[vm], (vm, before, after)
+        assert poller.seen(vm) == {"n3"}, (vm, poller.seen(vm))
+        for n, d in lc.agents.items():
+            assert events(d, "boot", marks[n], vm) == [], f"{vm} rebooted on {n}"
+        st = status(store, vm)
+        assert st is not None and st["node"] == "n3" and st["state"] == "running"
+    assert store.get(KS.fence("n3")) is None
