@@ -89,6 +89,9 @@ class NodeAgent:
 
     def load_config(self) -> ClusterConfig:
         snap = self.store.snapshot()
+        bad = [e for e in snap.errors if e.key == self.ks.config]
+        if bad:
+            raise ValueError(f"refusing to start: {bad[0]}")
         cfg = snap.config
         require_safe_timing(cfg)
         self.cfg = cfg

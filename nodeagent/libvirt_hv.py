@@ -58,6 +58,17 @@ def _quiet(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_quiet, None)
 
 
+def _with_uuid(xml: str, uuid: str) -> str:
+    """Redefining a domain without a <uuid> would mint a new one, which libvirt refuses
+    for a name it already knows: keep the existing one."""
+    root = ET.fromstring(xml)
+    if root.find("uuid") is None:
+        el = ET.Element("uuid")
+        el.text = uuid
+        root.insert(1, el)
+    return ET.tostring(root, encoding="unicode")
+
+
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
         libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
@@ -137,7 +148,8 @@ class LibvirtHypervisor:
             dom = self._lookup(conn, name)
             if dom is not None and dom.isActive():
                 return
-            dom = conn.defineXML(mark_managed(xml))
+            xml_ = _with_uuid(xml, dom.UUIDString()) if dom is not None else xml
+            dom = conn.defineXML(mark_managed(xml_))
             dom.create()
         self._do(f"boot {name}", run)
 

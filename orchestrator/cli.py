@@ -39,7 +39,7 @@ def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
     return (f"<domain type='qemu'><name>{name}</name>"
             f"<memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu>"
             "<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>"
-            "<devices><graphics type='none'/></devices></domain>")
+            "<devices><console type='pty'/></devices></domain>")
 
 
 def _out(args: argparse.Namespace, data: Any, table: list[list[str]] | None) -> None:
@@ -265,7 +265,11 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         except SchemaError as exc:
             raise CliError(str(exc), EXIT_INPUT) from None
     else:
-        cfg = _store(args).snapshot().config
+        snap = _store(args).snapshot()
+        bad = [e for e in snap.errors if e.key == snap_config_key(args)]
+        if bad:
+            raise CliError(str(bad[0]), EXIT_INPUT)
+        cfg = snap.config
     problems = validate_timing(cfg)
     for p in problems:
         print(f"unsafe: {p}", file=sys.stderr)
@@ -273,6 +277,10 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     print("config ok")
     return 0
+
+
+def snap_config_key(args: argparse.Namespace) -> str:
+    return Keyspace(args.prefix).config
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import libvirt
 
-from nodeagent.lab import LabNode, crash_node, destroy_lab, restart_node, start_node
+from nodeagent.lab import (
+    LabNode,
+    crash_node,
+    destroy_lab,
+    qemu_pids,
+    restart_node,
+    start_node,
+)
 from orchestrator.localcluster import Daemon, EtcdCluster, start_etcd
 
 
@@ -154,7 +161,8 @@ class LabCluster:
 
     def node_domains(self, name: str) -> dict[str, str]:
         """Every domain libvirt of node ``name`` lists: ``running``, ``migrating`` or
-        ``inactive``.
+        ``inactive``.  Active counts only if the domain's QEMU process (pid file of
+        the node, checked by :func:`nodeagent.lab.qemu_pids`) is alive, too.
 
         ``migrating`` is an active domain whose CPUs are paused for a live migration
         (the destination while the memory streams in, the source during the switch-over)
@@ -164,6 +172,7 @@ class LabCluster:
         if conn is None:
             return {}
         out: dict[str, str] = {}
+        qemu = qemu_pids(self.nodes[name])
         try:
             for dom in conn.listAllDomains(0):
                 try:
@@ -171,6 +180,13 @@ class LabCluster:
                         out[dom.name()] = "inactive"
                         continue
                     state, reason = dom.state()
+                    if dom.name() not in qemu:
+                        # A restarted libvirtd reports guests from its status files as
+                        # running until it notices their QEMU is gone: no QEMU, no guest.
+                        qemu = qemu_pids(self.nodes[name])
+                        if dom.name() not in qemu:
+                            out[dom.name()] = "inactive"
+                            continue
                     out[dom.name()] = ("migrating" if state == libvirt.VIR_DOMAIN_PAUSED
                                        and reason in _TRANSIT_REASONS else "running")
                 except libvirt.libvirtError:
@@ -181,7 +197,7 @@ class LabCluster:
         return out
 
     def ground_truth(self, include_migrating: bool = False) -> dict[str, list[str]]:
-        """VM name -> lab nodes whose libvirtd reports it active, straight from libvirt.
+        """VM name -> lab nodes whose libvirtd reports it active (and its QEMU runs).
 
         Domains paused for a live migration (see :meth:`node_domains`) count only with
         ``include_migrating``.

@@ -27,7 +27,7 @@ from schemas.snapshot import ClusterSnapshot
 log = structlog.get_logger("vmha.orchestrator")
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """The cluster config in etcd is invalid or unsafe (permanent)."""
 
 
@@ -159,6 +159,8 @@ class Orchestrator:
             self.step_down("leader key no longer ours")
             return None
         self._check_config(snap)
+        # Decide with the last config that validated, never with a rejected one.
+        snap = dataclasses.replace(snap, config=self.cfg)
         for err in snap.errors:
             if str(err) not in self._reported_errors:
                 self._reported_errors.add(str(err))

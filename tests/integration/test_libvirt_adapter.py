@@ -1,0 +1,62 @@
+"""The libvirt adapter against libvirt's test:/// driver (no daemon, no QEMU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from nodeagent.hypervisor import HypervisorError  # noqa: E402
+from nodeagent.libvirt_hv import LibvirtHypervisor  # noqa: E402
+from orchestrator.cli import default_domain_xml  # noqa: E402
+
+NODE_XML = """<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads>
+       <active>4</active><mhz>2000</mhz><model>x86_64</model></cpu>
+  <memory>8388608</memory>
+  <domain type='test'><name>handmade</name><memory>65536</memory><vcpu>1</vcpu>
+    <os><type>hvm</type></os></domain>
+</node>"""
+
+
+@pytest.fixture
+def hv(tmp_path: Path) -> LibvirtHypervisor:
+    f = tmp_path / "node.xml"
+    f.write_text(NODE_XML)
+    return LibvirtHypervisor(f"test://{f}")
+
+
+def test_define_boot_list_destroy_undefine(hv: LibvirtHypervisor) -> None:
+    doms = hv.list_domains()
+    assert doms["handmade"].managed is False  # defined by hand: the agent never touches it
+    hv.boot("web", default_domain_xml("web", 64, 1))
+    web = hv.list_domains()["web"]
+    assert web.state == "running" and web.managed and web.active and not web.incoming
+    hv.boot("web", default_domain_xml("web", 64, 1))  # idempotent while running
+    hv.destroy("web")
+    assert hv.list_domains()["web"].state == "shutoff"
+    hv.destroy("web")  # no error when not running
+    hv.boot("web", default_domain_xml("web", 64, 1))  # a defined, stopped domain boots again
+    assert hv.list_domains()["web"].state == "running"
+    with pytest.raises(HypervisorError):
+        hv.undefine("web")  # refuses to undefine a running domain
+    hv.destroy("web")
+    hv.undefine("web")
+    assert "web" not in hv.list_domains()
+    hv.undefine("web")  # no error when absent
+
+
+def test_shutdown_capacity_and_errors(hv: LibvirtHypervisor) -> None:
+    hv.boot("db", default_domain_xml("db", 128, 2))
+    hv.shutdown("db")
+    assert hv.list_domains()["db"].state == "shutoff"
+    mem, vcpus = hv.capacity()
+    assert mem == 8192 and vcpus == 4
+    with pytest.raises(HypervisorError):
+        hv.boot("bad", "<domain type='test'><name>bad</name></domain>")  # no memory: refused
+    assert hv.incoming_stats("db") is None  # the test driver has no job statistics
+    with pytest.raises(HypervisorError):
+        hv.migrate("nope", "test:///default", "127.0.0.1")
+    hv.close()
