@@ -197,6 +197,10 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
         drain_s = time.monotonic() - t0
     assert poller.double == [], poller.double
     assert poller.samples > 10
+    # One live migration per VM; none attempted again after it completed (a repeat
+    # fails with "not running" and makes the leader move the VM a second time).
+    failed = events(lc.agents["n1"], "migrate_failed", marks["n1"])
+    assert failed == [], failed
     truth = lc.ground_truth()
     walls = []
     downtimes = []
@@ -209,8 +213,11 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
         walls.append(done[0]["wall_s"])
         for n, d in lc.agents.items():
             assert events(d, "boot", marks[n], vm) == [], f"{vm} cold-booted on {n}"
-        wait_until(lambda vm=vm, node=node: (s := status(store, vm)) and s["node"] == node
-                   and s["state"] == "running", 10, 0.05, f"status of {vm} on {node}")
+        def reported(vm: str = vm, node: str = node) -> bool:
+            s = status(store, vm)
+            return s is not None and s["node"] == node and s["state"] == "running"
+
+        wait_until(reported, 10, 0.05, f"status of {vm} on {node}")
         st = status(store, vm)
         assert st is not None
         migration = st.get("migration") or {}
