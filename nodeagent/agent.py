@@ -241,9 +241,11 @@ class NodeAgent:
             self.log.info("registration_not_visible", revision=snap.revision)
             return False
         self._sync_cordon(snap)
-        domains = self.hv.list_domains()
+        # Busy first: a migration that ends between the two reads must not look idle
+        # while the domain list still shows it here.
         with self._busy_lock:
             busy = frozenset(self.busy)
+        domains = self.hv.list_domains()
         actions = agent_plan.plan(self.me, snap, domains, busy)
         for action in actions:
             if not self.acting_allowed():
@@ -378,6 +380,8 @@ class NodeAgent:
                 lg.error("migrate_failed", error=str(exc))
                 cur = self.store.get(self.ks.vm_status(a.vm))
                 still = self.hv.list_domains().get(a.vm)
+                if still is None or not still.active:
+                    return  # not here (it may already run on the target): nothing to report
                 self._status_txn(a.vm, VmStatus(
                     vm=a.vm, node=self.me, state=still.state if still and still.active
                     else "stopped",  # type: ignore[arg-type]
