@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 operation failed, 2 bad input (usage or validation),
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -20,6 +21,10 @@ from schemas import ClusterConfig, Keyspace, SchemaError, VmSpec
 from schemas.keys import valid_name
 
 EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
+
+# Modules that add commands: each has `register(groups)`, where groups maps "root",
+# "vm", "node" and "config" to their argparse sub-parser collections.
+EXTENSIONS: list[str] = []
 
 
 class CliError(Exception):
@@ -351,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the local demo cluster (real etcd, fake hypervisor)")
     demo.add_argument("--workdir")
     demo.set_defaults(fn=cmd_demo)
+
+    groups = {"root": sub, "vm": vm, "node": node, "config": cfg}
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(groups)
     return ap
 
 
