@@ -20,6 +20,7 @@ from fencing.lease import LeaseKeeper
 from fencing.policy import require_safe_timing
 from nodeagent import plan as agent_plan
 from nodeagent.hypervisor import Hypervisor, HypervisorError
+from orchestrator.history import HistoryWriter
 from orchestrator.store import Cmp, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from schemas.models import (
     AgentInfo,
@@ -83,6 +84,7 @@ class NodeAgent:
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.watch = PrefixWatch(store, self.ks.root, self.wake)
+        self.history = HistoryWriter(store, f"agent:{opts.name}")
         self.log = log.bind(node=self.me)
 
     # ---- set-up ------------------------------------------------------------------------
@@ -172,6 +174,8 @@ class NodeAgent:
             if dom.managed and dom.active:
                 try:
                     self.hv.destroy(name)
+                    self.history.record("self_fence", vm=name, node=self.me,
+                                        reason="lease not renewed before the deadline")
                     self.log.error("self_fenced_domain", vm=name,
                                    reason="lease not renewed before the self-fencing deadline")
                 except HypervisorError as exc:
@@ -271,6 +275,7 @@ class NodeAgent:
         if self.store.get(key) is None:
             self.store.put(key, marker.to_json())
             self.log.warning("cordoned", reason=reason)
+            self.history.record("drain", node=self.me, reason=reason)
         if self.reg is not None:
             self.reg.cordoned = True
 
@@ -296,6 +301,7 @@ class NodeAgent:
             self._report(action, snap)
         elif isinstance(action, agent_plan.Boot):
             lg.info("boot", placement=action.placement_id, reason=action.reason)
+            self.history.record("boot", vm=action.vm, node=self.me, reason=action.reason)
             self.hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
             if not self.acting_allowed():
                 # The lease may have expired while we booted: undo at once.
@@ -314,6 +320,7 @@ class NodeAgent:
                 self.hv.shutdown(action.vm)
         elif isinstance(action, agent_plan.Destroy):
             lg.warning("destroy", reason=action.reason)
+            self.history.record("destroy", vm=action.vm, node=self.me, reason=action.reason)
             self.hv.destroy(action.vm)
             self.wake.set()
         elif isinstance(action, agent_plan.Undefine):
@@ -358,6 +365,11 @@ class NodeAgent:
         self.log.info("report", vm=a.vm, state=a.state, placement=a.placement_id,
                       reason=a.reason, written=ok, revision=snap.revision,
                       downtime_ms=migration.downtime_ms if migration else None)
+        if ok and migration is not None:
+            self.history.record("migration", vm=a.vm, node=self.me,
+                                from_node=migration.source or None, total_ms=migration.total_ms,
+                                downtime_ms=migration.downtime_ms,
+                                reason="live migration arrived")
 
     def _migrate(self, a: agent_plan.MigrateOut, snap: ClusterSnapshot) -> None:
         lg = self.log.bind(vm=a.vm, target=a.target, placement=a.placement_id,
@@ -378,6 +390,8 @@ class NodeAgent:
                 self.flags.migration_backoff[(a.vm, a.target)] = (
                     self.clock() + self.opts.migration_retry_backoff_s)
                 lg.error("migrate_failed", error=str(exc))
+                self.history.record("migration_failed", vm=a.vm, node=a.target, from_node=self.me,
+                                    reason=str(exc)[:300])
                 cur = self.store.get(self.ks.vm_status(a.vm))
                 still = self.hv.list_domains().get(a.vm)
                 if still is None or not still.active:

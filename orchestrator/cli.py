@@ -24,7 +24,7 @@ EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
 
 # Modules that add commands: each has `register(groups)`, where groups maps "root",
 # "vm", "node" and "config" to their argparse sub-parser collections.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["orchestrator.opscli"]
 
 
 class CliError(Exception):
@@ -47,7 +47,7 @@ def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
             "<devices><console type='pty'/></devices></domain>")
 
 
-def _out(args: argparse.Namespace, data: Any, table: list[list[str]] | None) -> None:
+def _out(args: argparse.Namespace, data: Any, table: list[list[Any]] | None) -> None:
     if args.output == "json" or table is None:
         print(json.dumps(data, indent=2, sort_keys=True))
         return

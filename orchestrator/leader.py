@@ -20,6 +20,7 @@ import structlog
 from fencing.lease import LeaseKeeper
 from fencing.policy import require_safe_timing
 from orchestrator import planner
+from orchestrator.history import HistoryWriter, prune, read_events
 from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.snapshot import ClusterSnapshot
@@ -50,6 +51,8 @@ class Orchestrator:
         self._reported_errors: set[str] = set()
         self.leader_watch = PrefixWatch(store, self.ks.leader, self.wake)
         self.all_watch = PrefixWatch(store, self.ks.root, self.wake)
+        self.history = HistoryWriter(store, f"leader:{self.ident}")
+        self._cycles = 0
         self.log = log.bind(orchestrator=self.ident)
 
     # ---- config ------------------------------------------------------------------------
@@ -111,6 +114,8 @@ class Orchestrator:
                                   unavailable=StoreUnavailable, clock=self.clock,
                                   name=f"leader-{self.ident}").start()
         self.log.info("elected", epoch=self.epoch, lease=f"{lease_id:x}", revision=res.revision)
+        self.history.record("leader_elected", epoch=self.epoch,
+                            reason=f"won the election with lease {lease_id:x}")
         return True
 
     def step_down(self, reason: str) -> None:
@@ -171,8 +176,18 @@ class Orchestrator:
         started = self.clock()
         result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
                               lost_since=self.lost_since)
+        for node in sorted(set(self.lost_since) - set(result.lost_since)):
+            if node in snap.nodes:
+                self.history.record("node_back", epoch=epoch, node=node,
+                                    reason="registered again before being fenced")
+        for node in sorted(set(result.lost_since) - set(self.lost_since)):
+            self.history.record("node_lost", epoch=epoch, node=node,
+                                reason="registration (lease) gone; fence window starts")
         self.lost_since = dict(result.lost_since)
         written = 0
+        self._cycles += 1
+        if self._cycles % 600 == 1:
+            self._prune_history()
         for action in result.actions:
             if isinstance(action, planner.Wait):
                 self.log.debug("waiting", vm=action.vm, reason=action.reason,
@@ -188,6 +203,17 @@ class Orchestrator:
             self.log.info("cycle", summary=result.summary, written=written, epoch=epoch,
                           decide_ms=round((self.clock() - started) * 1000, 2))
         return result
+
+    def _prune_history(self) -> None:
+        try:
+            events, _ = read_events(self.store)
+            n = prune(self.store, events, self.cfg.history_retention_s,
+                      self.cfg.history_max_events)
+        except StoreUnavailable as exc:
+            self.log.warning("history_prune_failed", error=str(exc))
+            return
+        if n:
+            self.log.info("history_pruned", deleted=n)
 
     def apply(self, action: planner.Action, snap: ClusterSnapshot, epoch: int) -> bool:
         """Write one decision; False if etcd rejected it (a compare failed)."""
@@ -205,6 +231,9 @@ class Orchestrator:
             self.log.warning("fenced", node=action.node, method="self", lease=lease,
                              reason=action.reason, written=res.succeeded, epoch=epoch,
                              revision=snap.revision)
+            if res.succeeded:
+                self.history.record("fence", epoch=epoch, node=action.node,
+                                    reason=f"method=self outcome=success: {action.reason}")
             return res.succeeded
         if isinstance(action, planner.ClearFence):
             res = self.store.txn([fence_token, Cmp(self.ks.fence(action.node), "mod", "==",
@@ -224,5 +253,8 @@ class Orchestrator:
             self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
                           placement=p.id, reason=p.reason, written=res.succeeded, epoch=epoch,
                           revision=snap.revision)
+            if res.succeeded:
+                self.history.record("placement", epoch=epoch, vm=p.vm, node=p.node,
+                                    from_node=p.from_node, reason=f"{p.kind}: {p.reason}")
             return res.succeeded
         raise TypeError(f"unknown action {action!r}")

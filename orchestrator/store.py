@@ -160,6 +160,11 @@ class EtcdStore:
         kv = resp.kvs[0]
         return RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
 
+    def get_prefix(self, prefix: str) -> list[RawKV]:
+        resp = self._call("range", lambda: self._client.get_prefix_response(prefix))
+        return [RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+                for kv in resp.kvs]
+
     def revision(self) -> int:
         resp = self._call("range", lambda: self._client.get_response(self.keyspace.config))
         return int(resp.header.revision)

@@ -61,6 +61,15 @@ class Keyspace:
     def vm_status(self, name: str) -> str:
         return f"{self.prefix}/vms/{name}/status"
 
+    @property
+    def history(self) -> str:
+        """Event history lives beside the state, not in it: the per-cycle snapshot of
+        `root` stays small however long the history grows."""
+        return f"{self.prefix}-history/"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.history}{event_id}"
+
     def parse(self, key: str) -> KeyRef | None:
         """Classify a key under the prefix; None for keys vmha does not own."""
         if not key.startswith(self.root):

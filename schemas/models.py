@@ -72,6 +72,8 @@ class ClusterConfig(Model):
     fence_margin_s: float = Field(default=2.0, gt=0)
     stop_timeout_s: float = Field(default=30.0, ge=0)
     max_migrations_per_node: int = Field(default=2, ge=1, le=64)
+    history_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    history_max_events: int = Field(default=10000, ge=10)
 
 
 class Capacity(Model):

@@ -1,0 +1,73 @@
+"""Operator commands against a real etcd and a running fake cluster (-o json parsed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from nodeagent.fake_hv import fake_ground_truth
+from tests.conftest import vmha
+from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.test_cluster import boot_cluster, vms_on
+
+pytestmark = pytest.mark.integration
+
+
+def j(etcd: EtcdCluster, *args: str) -> Any:
+    r = vmha(etcd, "-o", "json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_drain_wait_history_availability_and_vm_commands(
+        etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
+    fc = fake_cluster
+    boot_cluster(fc, etcd, vms=4)
+    victims = vms_on(fc, "n1")
+    assert victims
+    shown = j(etcd, "node", "show", "n1")
+    assert shown["registration"]["name"] == "n1" and sorted(shown["vms"]) == victims
+    # drain --wait: the same lease revoke as etcdctl, then wait for the node to empty.
+    out = j(etcd, "node", "drain", "n1", "--wait", "--timeout", "30")
+    assert out["remaining"] == [] and sorted(out["vms"]) == victims
+    assert not vms_on(fc, "n1")
+    assert j(etcd, "node", "show", "n1")["cordon"] is not None
+    # The history has the drain and one migration per VM, with downtime.
+    migrations = j(etcd, "history", "--kind", "migration")
+    assert sorted(e["vm"] for e in migrations) == victims
+    assert all(e["from_node"] == "n1" and e["downtime_ms"] is not None for e in migrations)
+    assert j(etcd, "history", "--kind", "drain", "--node", "n1")
+    assert j(etcd, "history", "--kind", "leader_elected")
+    # A crash: lost node, fence, cold boots, and the outages show in availability.
+    crashed = vms_on(fc, "n2")
+    fc.agents["n2"].kill()
+    wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in crashed), 20,
+               what="crash recovery")
+    kinds = {e["kind"] for e in j(etcd, "history", "--node", "n2")}
+    assert {"node_lost", "fence"} <= kinds
+    avail = {r["vm"]: r for r in j(etcd, "availability", "--since=-10m")["vms"]}
+    for vm in crashed:
+        assert avail[vm]["outages"] >= 1
+        assert avail[vm]["downtime_s"] >= 1.0  # at least the fence window's share
+        assert avail[vm]["availability"] < 1.0
+    for vm in victims:  # live-migrated only: a few ms of downtime at most
+        if vm not in crashed:
+            assert avail[vm]["downtime_s"] < 0.5, j(etcd, "history", "--vm", vm)
+    # vm stop / start / edit / show
+    vm = sorted(fake_ground_truth(fc.fake_root))[0]
+    assert vmha(etcd, "vm", "stop", vm).returncode == 0
+    wait_until(lambda: vm not in fake_ground_truth(fc.fake_root), 15, what="stopped")
+    assert vmha(etcd, "vm", "edit", vm, "--memory-mib", "384").returncode == 0
+    assert vmha(etcd, "vm", "start", vm).returncode == 0
+    wait_until(lambda: vm in fake_ground_truth(fc.fake_root), 15, what="started")
+    show = j(etcd, "vm", "show", vm)
+    assert show["spec"]["memory_mib"] == 384 and show["spec"]["state"] == "running"
+    assert any(e["kind"] == "boot" for e in show["events"])
+    # Bad input: clear errors, exit code 2.
+    for args in (("vm", "edit", vm, "--memory-mib", "0"), ("vm", "show", "ghost"),
+                 ("node", "drain", "ghost"), ("history", "--kind", "nonsense"),
+                 ("history", "--since", "yesterday-ish")):
+        r = vmha(etcd, *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:"), (args, r.stderr)
