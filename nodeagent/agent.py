@@ -20,6 +20,7 @@ from fencing.lease import LeaseKeeper
 from fencing.policy import require_safe_timing
 from nodeagent import plan as agent_plan
 from nodeagent.hypervisor import Hypervisor, HypervisorError
+from orchestrator import metrics
 from orchestrator.history import HistoryWriter
 from orchestrator.store import Cmp, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from schemas.models import (
@@ -129,6 +130,7 @@ class NodeAgent:
         self.reg = _Registration(lease_id, res.revision, keeper, cordoned)
         keeper.start()
         self.flags.revoked = self.flags.expired = self.flags.fenced = False
+        metrics.notify("READY=1\nSTATUS=registered, reconciling")
         self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
                       cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
 
@@ -155,6 +157,9 @@ class NodeAgent:
         self.wake.set()
 
     def _on_renewed(self) -> None:
+        if self.reg is not None and self.reg.keeper.last_renew_latency_s is not None:
+            metrics.LEASE_RENEW_SECONDS.labels(who="agent").observe(
+                self.reg.keeper.last_renew_latency_s)
         # etcd answered and the lease still exists after we self-fenced (an etcd
         # leader change reset its TTL): nobody can have fenced this node, resume.
         if self.flags.fenced:
@@ -174,6 +179,7 @@ class NodeAgent:
             if dom.managed and dom.active:
                 try:
                     self.hv.destroy(name)
+                    metrics.SELF_FENCES.inc()
                     self.history.record("self_fence", vm=name, node=self.me,
                                         reason="lease not renewed before the deadline")
                     self.log.error("self_fenced_domain", vm=name,
@@ -190,6 +196,7 @@ class NodeAgent:
     def request_exit(self) -> None:
         """SIGTERM: drain this node, then exit once it runs no VM."""
         self.flags.exiting = True
+        metrics.notify("STOPPING=1\nSTATUS=draining before exit")
         self.wake.set()
 
     def run(self) -> int:
@@ -250,6 +257,9 @@ class NodeAgent:
         with self._busy_lock:
             busy = frozenset(self.busy)
         domains = self.hv.list_domains()
+        for state in ("running", "paused", "shutoff", "crashed", "other"):
+            metrics.NODE_VMS.labels(state=state).set(
+                sum(1 for d in domains.values() if d.managed and d.state == state))
         actions = agent_plan.plan(self.me, snap, domains, busy)
         for action in actions:
             if not self.acting_allowed():
@@ -301,6 +311,7 @@ class NodeAgent:
             self._report(action, snap)
         elif isinstance(action, agent_plan.Boot):
             lg.info("boot", placement=action.placement_id, reason=action.reason)
+            metrics.BOOTS.inc()
             self.history.record("boot", vm=action.vm, node=self.me, reason=action.reason)
             self.hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
             if not self.acting_allowed():
@@ -366,6 +377,10 @@ class NodeAgent:
                       reason=a.reason, written=ok, revision=snap.revision,
                       downtime_ms=migration.downtime_ms if migration else None)
         if ok and migration is not None:
+            if migration.total_ms is not None:
+                metrics.MIGRATION_TOTAL_MS.observe(migration.total_ms)
+            if migration.downtime_ms is not None:
+                metrics.MIGRATION_DOWNTIME_MS.observe(migration.downtime_ms)
             self.history.record("migration", vm=a.vm, node=self.me,
                                 from_node=migration.source or None, total_ms=migration.total_ms,
                                 downtime_ms=migration.downtime_ms,
@@ -390,6 +405,7 @@ class NodeAgent:
                 self.flags.migration_backoff[(a.vm, a.target)] = (
                     self.clock() + self.opts.migration_retry_backoff_s)
                 lg.error("migrate_failed", error=str(exc))
+                metrics.MIGRATIONS.labels(outcome="failed").inc()
                 self.history.record("migration_failed", vm=a.vm, node=a.target, from_node=self.me,
                                     reason=str(exc)[:300])
                 cur = self.store.get(self.ks.vm_status(a.vm))
@@ -403,6 +419,7 @@ class NodeAgent:
                     failed_target=a.target), cur.mod_revision if cur else 0)
                 return
             lg.info("migrate_done", wall_s=round(self.clock() - started, 3))
+            metrics.MIGRATIONS.labels(outcome="success").inc()
         except StoreUnavailable as exc:
             lg.warning("etcd_unavailable", error=str(exc))
         except HypervisorError as exc:

@@ -65,12 +65,48 @@ def _ago(ts: float | None) -> str:
 
 # ---- daemons -----------------------------------------------------------------------------
 
+def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
+    """Fill options not given on the command line from a TOML file (/etc/vmha/*.toml).
+
+    Command-line flags win; unknown keys are an error (a typo must not pass silently)."""
+    if not args.config:
+        return
+    import tomllib
+
+    try:
+        with open(args.config, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"{args.config}: {exc}", EXIT_INPUT) from None
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise CliError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; known: "
+                       f"{', '.join(sorted(allowed))}", EXIT_INPUT)
+    for key, value in data.items():
+        attr = key.replace("-", "_")
+        if getattr(args, attr, None) in (None, False, "auto") or (
+                attr in ("etcd", "prefix") and getattr(args, attr) == _DEFAULTS.get(attr)):
+            setattr(args, attr, value)
+
+
+_DEFAULTS = {"etcd": os.environ.get("VMHA_ETCD", "127.0.0.1:2379"),
+             "prefix": os.environ.get("VMHA_PREFIX", "/vmha")}
+AGENT_KEYS = {"etcd", "prefix", "name", "libvirt_uri", "fake_root", "memory_mib", "vcpus",
+              "migration_address", "log_format", "metrics_listen"}
+ORCH_KEYS = {"etcd", "prefix", "name", "log_format", "metrics_listen"}
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from nodeagent.agent import AgentOptions, NodeAgent
     from nodeagent.hypervisor import Hypervisor
-    from orchestrator import logs
+    from orchestrator import logs, metrics
 
+    load_daemon_config(args, AGENT_KEYS)
+    if not args.name or not (args.libvirt_uri or args.fake_root):
+        raise CliError("agent needs --name and --libvirt-uri (or --fake-root), on the command "
+                       "line or in --config", EXIT_INPUT)
     logs.setup(args.log_format)
+    metrics.serve(args.metrics_listen)
     if not valid_name(args.name):
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
     hv: Hypervisor
@@ -95,10 +131,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
-    from orchestrator import logs
+    from orchestrator import logs, metrics
     from orchestrator.leader import Orchestrator
 
+    load_daemon_config(args, ORCH_KEYS)
     logs.setup(args.log_format)
+    if not args.validate_config:
+        metrics.serve(args.metrics_listen)
     orch = Orchestrator(_store(args), ident=args.name)
     if args.validate_config:
         orch.ensure_config()
@@ -265,10 +304,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     from fencing.policy import validate_timing
 
     if args.file:
-        try:
-            cfg = ClusterConfig.from_json(Path(args.file).read_text(), key=args.file)
-        except SchemaError as exc:
-            raise CliError(str(exc), EXIT_INPUT) from None
+        cfg = read_cluster_config(args.file)
     else:
         snap = _store(args).snapshot()
         bad = [e for e in snap.errors if e.key == snap_config_key(args)]
@@ -281,6 +317,44 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_INPUT
     print("config ok")
+    return 0
+
+
+def read_cluster_config(path: str) -> ClusterConfig:
+    """Cluster config from a TOML (/etc/vmha/cluster.toml) or JSON file."""
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                return ClusterConfig.parse_dict(tomllib.load(f), key=path)
+        return ClusterConfig.from_json(Path(path).read_text(), key=path)
+    except SchemaError as exc:
+        raise CliError(str(exc), EXIT_INPUT) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{path}: {exc}", EXIT_INPUT) from None
+
+
+def cmd_config_apply(args: argparse.Namespace) -> int:
+    from fencing.policy import validate_timing
+
+    cfg = read_cluster_config(args.file)
+    problems = validate_timing(cfg)
+    for p in problems:
+        print(f"unsafe: {p}", file=sys.stderr)
+    if problems:
+        print("refused: nothing written", file=sys.stderr)
+        return EXIT_INPUT
+    store = _store(args)
+    rev = store.put(store.keyspace.config, cfg.to_json())
+    print(f"config written to {store.keyspace.config} (revision {rev}); agents read it when "
+          "they (re)register, the leader at its next cycle")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    snap = _store(args).snapshot()
+    _out(args, snap.config.model_dump(by_alias=True, mode="json"), None)
     return 0
 
 
@@ -306,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     a = sub.add_parser("agent", help="run the node agent daemon")
-    a.add_argument("--name", required=True)
-    g = a.add_mutually_exclusive_group(required=True)
+    a.add_argument("--config", help="TOML file with these options (e.g. /etc/vmha/agent.toml)")
+    a.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT")
+    a.add_argument("--name")
+    g = a.add_mutually_exclusive_group()
     g.add_argument("--libvirt-uri")
     g.add_argument("--fake-root", help="use the fake hypervisor with state in this directory")
     a.add_argument("--memory-mib", type=int)
@@ -320,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("orchestrator", help="run the orchestrator daemon")
     o.add_argument("--name")
+    o.add_argument("--config", help="TOML file with these options "
+                                    "(e.g. /etc/vmha/orchestrator.toml)")
+    o.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT")
     o.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     o.add_argument("--validate-config", action="store_true")
     o.set_defaults(fn=cmd_orchestrator)
@@ -352,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     val = cfg.add_parser("validate", help="check timing rules (file or the one in etcd)")
     val.add_argument("--file")
     val.set_defaults(fn=cmd_config_validate)
+    app = cfg.add_parser("apply", help="validate a cluster config file and write it to etcd")
+    app.add_argument("--file", required=True)
+    app.set_defaults(fn=cmd_config_apply)
+    cfg.add_parser("show", help="the cluster config in etcd").set_defaults(fn=cmd_config_show)
 
     demo = sub.add_parser("demo", help="run the local demo cluster (real etcd, fake hypervisor)")
     demo.add_argument("--workdir")

@@ -19,7 +19,7 @@ import structlog
 
 from fencing.lease import LeaseKeeper
 from fencing.policy import require_safe_timing
-from orchestrator import planner
+from orchestrator import metrics, planner
 from orchestrator.history import HistoryWriter, prune, read_events
 from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
@@ -52,6 +52,8 @@ class Orchestrator:
         self.leader_watch = PrefixWatch(store, self.ks.leader, self.wake)
         self.all_watch = PrefixWatch(store, self.ks.root, self.wake)
         self.history = HistoryWriter(store, f"leader:{self.ident}")
+        # VM -> (lost node, lease loss observed, fence recorded): monotonic times.
+        self.recovering: dict[str, tuple[str, float, float]] = {}
         self._cycles = 0
         self.log = log.bind(orchestrator=self.ident)
 
@@ -111,14 +113,24 @@ class Orchestrator:
                                   on_gone=lambda before: self.step_down("leader lease gone"),
                                   on_deadline=lambda: self.step_down(
                                       "leader lease not renewed before its deadline"),
+                                  on_renewed=self._on_renewed,
                                   unavailable=StoreUnavailable, clock=self.clock,
                                   name=f"leader-{self.ident}").start()
+        metrics.LEADER_EPOCH.set(self.epoch)
+        metrics.IS_LEADER.set(1)
         self.log.info("elected", epoch=self.epoch, lease=f"{lease_id:x}", revision=res.revision)
         self.history.record("leader_elected", epoch=self.epoch,
                             reason=f"won the election with lease {lease_id:x}")
         return True
 
+    def _on_renewed(self) -> None:
+        if self.keeper is not None and self.keeper.last_renew_latency_s is not None:
+            metrics.LEASE_RENEW_SECONDS.labels(who="leader").observe(
+                self.keeper.last_renew_latency_s)
+
     def step_down(self, reason: str) -> None:
+        metrics.LEADER_EPOCH.set(0)
+        metrics.IS_LEADER.set(0)
         if self.epoch is not None:
             self.log.warning("deposed", epoch=self.epoch, reason=reason)
         self.epoch = None
@@ -131,6 +143,7 @@ class Orchestrator:
 
     def run(self) -> int:
         self.ensure_config()
+        metrics.notify("READY=1\nSTATUS=campaigning")
         try:
             while not self.stopped.is_set():
                 try:
@@ -176,6 +189,8 @@ class Orchestrator:
         started = self.clock()
         result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
                               lost_since=self.lost_since)
+        metrics.PLACEMENT_CYCLE_SECONDS.observe(self.clock() - started)
+        self._observe(snap)
         for node in sorted(set(self.lost_since) - set(result.lost_since)):
             if node in snap.nodes:
                 self.history.record("node_back", epoch=epoch, node=node,
@@ -204,6 +219,25 @@ class Orchestrator:
                           decide_ms=round((self.clock() - started) * 1000, 2))
         return result
 
+    def _observe(self, snap: ClusterSnapshot) -> None:
+        """Gauges from the snapshot; the end of each lost node's incident per VM."""
+        counts: dict[str, int] = {}
+        for se in snap.statuses.values():
+            counts[se.value.state] = counts.get(se.value.state, 0) + 1
+        for state in ("running", "paused", "stopped", "migrating", "crashed"):
+            metrics.VMS_BY_STATE.labels(state=state).set(counts.get(state, 0))
+        pending = sum(1 for pe in snap.placements.values() if pe.value.kind == "pending")
+        metrics.VMS_BY_STATE.labels(state="pending").set(pending)
+        now = self.clock()
+        for vm, (node, lost_at, fenced_at) in list(self.recovering.items()):
+            st = snap.statuses.get(vm)
+            if st is not None and st.value.state == "running" and st.value.node != node:
+                metrics.INCIDENT_SECONDS.labels(phase="fence_to_running").observe(now - fenced_at)
+                metrics.INCIDENT_SECONDS.labels(phase="detect_to_running").observe(now - lost_at)
+                del self.recovering[vm]
+            elif vm not in snap.specs:
+                del self.recovering[vm]
+
     def _prune_history(self) -> None:
         try:
             events, _ = read_events(self.store)
@@ -231,7 +265,16 @@ class Orchestrator:
             self.log.warning("fenced", node=action.node, method="self", lease=lease,
                              reason=action.reason, written=res.succeeded, epoch=epoch,
                              revision=snap.revision)
+            metrics.FENCES.labels(method="self",
+                                  outcome="success" if res.succeeded else "not_written").inc()
             if res.succeeded:
+                now = self.clock()
+                metrics.FENCE_SECONDS.labels(method="self").observe(now - since)
+                metrics.INCIDENT_SECONDS.labels(phase="detect_to_fence").observe(now - since)
+                for vm, pe in snap.placements.items():
+                    if action.node in (pe.value.node, pe.value.from_node) or (
+                            vm in snap.statuses and snap.statuses[vm].value.node == action.node):
+                        self.recovering[vm] = (action.node, since, now)
                 self.history.record("fence", epoch=epoch, node=action.node,
                                     reason=f"method=self outcome=success: {action.reason}")
             return res.succeeded
@@ -253,6 +296,7 @@ class Orchestrator:
             self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
                           placement=p.id, reason=p.reason, written=res.succeeded, epoch=epoch,
                           revision=snap.revision)
+            metrics.PLACEMENTS.labels(kind=p.kind, written=str(res.succeeded).lower()).inc()
             if res.succeeded:
                 self.history.record("placement", epoch=epoch, vm=p.vm, node=p.node,
                                     from_node=p.from_node, reason=f"{p.kind}: {p.reason}")

@@ -200,17 +200,17 @@ class FakeCluster:
         return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
-                    migrate_seconds: float = 0.2) -> Daemon:
+                    migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(name, [*self.common(), "agent", "--name", name, "--fake-root",
                           str(self.fake_root), "--memory-mib", str(memory_mib), "--vcpus",
                           str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
-                          "--log-format", "json"], self.workdir / f"agent-{name}.log")
+                          "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         return d
 
-    def start_orchestrator(self, name: str) -> Daemon:
+    def start_orchestrator(self, name: str, extra: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
-                          "json"], self.workdir / f"orch-{name}.log")
+                          "json", *extra], self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
         return d
 

@@ -63,6 +63,27 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+class RebalancePolicy(Model):
+    """The rebalancer (orchestrator.rebalance); off unless enabled."""
+
+    enabled: bool = False
+    interval_s: float = Field(default=300.0, gt=0)
+    max_moves: int = Field(default=4, ge=0, le=1000)  # per interval
+    min_gain: float = Field(default=0.002, ge=0)  # drop of sum(util^2) per move
+
+
+class PlacementPolicy(Model):
+    """Placement constraints and limits (orchestrator.placement); all optional."""
+
+    memory_overcommit: float = Field(default=1.0, ge=0.1, le=10)
+    vcpu_overcommit: float = Field(default=1.0, ge=0.1, le=64)
+    reserve_memory_mib: int = Field(default=0, ge=0)  # per node, kept free for the host
+    reserve_vcpus: int = Field(default=0, ge=0)
+    max_migrations_in_flight: int = Field(default=16, ge=1, le=10000)  # cluster-wide
+    admission: Literal["refuse", "warn", "off"] = "warn"  # `vmha vm add` N+1 check
+    rebalance: RebalancePolicy = Field(default_factory=lambda: RebalancePolicy())
+
+
 class ClusterConfig(Model):
     """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
 
@@ -74,6 +95,7 @@ class ClusterConfig(Model):
     max_migrations_per_node: int = Field(default=2, ge=1, le=64)
     history_retention_s: float = Field(default=7 * 86400.0, gt=0)
     history_max_events: int = Field(default=10000, ge=10)
+    placement: PlacementPolicy = Field(default_factory=lambda: PlacementPolicy())
 
 
 class Capacity(Model):
@@ -101,6 +123,8 @@ class NodeRegistration(Model):
     migration_address: str
     capacity: Capacity
     cpu: CpuInfo = CpuInfo()
+    # Live migration only between nodes of one group; default: derived from cpu.model.
+    migration_group: str | None = None
     cordoned: bool = False
     agent: AgentInfo
     registered_at: float
@@ -155,6 +179,14 @@ class VmSpec(Model):
     memory_mib: int = Field(ge=1)
     vcpus: int = Field(ge=1)
     state: Literal["running", "stopped"] = "running"
+    # Placement constraints (orchestrator.placement); all optional.
+    priority: int = 0  # higher is placed (and restarted) first
+    anti_affinity: list[str] = []  # hard: never on a node with another VM of these groups
+    soft_anti_affinity: list[str] = []  # preferred apart
+    affinity: list[str] = []  # hard: on the node that holds the other VMs of these groups
+    soft_affinity: list[str] = []  # preferred together
+    node_preferences: dict[str, float] = {}  # node -> weight (negative: avoid)
+    allowed_nodes: list[str] = []  # hard restriction; empty: any node
 
     @field_validator("name")
     @classmethod

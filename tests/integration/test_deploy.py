@@ -1,0 +1,95 @@
+"""systemd units, TOML config files and Prometheus metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nodeagent.fake_hv import fake_ground_truth
+from orchestrator.localcluster import free_ports
+from tests.conftest import vmha
+from tests.harness import EtcdCluster, FakeCluster, wait_until
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+
+
+def _units_for_this_machine(tmp_path: Path) -> list[Path]:
+    """The shipped units with ExecStart pointing at this venv's real `vmha`."""
+    exe = Path(sys.executable).with_name("vmha")
+    assert exe.exists()
+    out = []
+    for unit in UNITS:
+        p = tmp_path / unit.name
+        p.write_text(unit.read_text().replace("/usr/local/bin/vmha", str(exe)))
+        out.append(p)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_units_verify_and_security_exposure(tmp_path: Path) -> None:
+    units = _units_for_this_machine(tmp_path)
+    assert {u.name for u in units} == {"vmha-agent.service", "vmha-orchestrator.service"}
+    r = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    scores = {}
+    for u in units:
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(u)],
+                           capture_output=True, text=True)
+        m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+        assert m, r.stdout + r.stderr
+        scores[u.name] = float(m.group(1))
+    print("exposure:", scores)
+    assert scores["vmha-orchestrator.service"] <= 2.0
+    assert scores["vmha-agent.service"] <= 3.0
+    text = (ROOT / "deploy/systemd/vmha-agent.service").read_text()
+    assert "Type=notify" in text and "TimeoutStopSec=15min" in text
+    assert "After=network-online.target libvirtd.service" in text
+
+
+def test_config_files_validate_and_apply(etcd: EtcdCluster, tmp_path: Path) -> None:
+    r = vmha(etcd, "config", "validate", "--file", str(ROOT / "deploy/etc/cluster.toml"))
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lease_ttl_s = 2\nself_fence_safety_s = 1.9\n")
+    r = vmha(etcd, "config", "apply", "--file", str(bad))
+    assert r.returncode == 2 and "self_fence_safety_s" in r.stderr and "refused" in r.stderr
+    r = vmha(etcd, "config", "apply", "--file", str(ROOT / "deploy/etc/cluster.toml"))
+    assert r.returncode == 0, r.stderr
+    typo = tmp_path / "agent.toml"
+    typo.write_text('name = "n1"\nlibvirt_url = "qemu:///system"\n')
+    r = vmha(etcd, "agent", "--config", str(typo), "--validate-config")
+    assert r.returncode == 2 and "libvirt_url" in r.stderr
+
+
+def test_metrics_endpoints(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
+    fc = fake_cluster
+    p_orch, p_agent = free_ports(2)
+    fc.start_agent("n1", extra=("--metrics-listen", f"127.0.0.1:{p_agent}"))
+    fc.start_orchestrator("o1", extra=("--metrics-listen", f"127.0.0.1:{p_orch}"))
+    assert vmha(etcd, "vm", "add", "m1", "--memory-mib", "64").returncode == 0
+    wait_until(lambda: fake_ground_truth(fc.fake_root).get("m1"), 15, what="m1 running")
+
+    def scrape(port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return str(resp.read().decode())
+
+    wait_until(lambda: 'vmha_vms{state="running"} 1.0' in scrape(p_orch), 10,
+               what="leader metrics")
+    orch = scrape(p_orch)
+    assert re.search(r"^vmha_leader_epoch [1-9]", orch, re.M)
+    assert "vmha_placement_decision_seconds_count" in orch
+    assert 'vmha_placements_total{kind="boot",written="true"} 1.0' in orch
+    wait_until(lambda: 'vmha_lease_renew_seconds_count{who="agent"}' in scrape(p_agent), 10,
+               what="agent renewals")
+    agent = scrape(p_agent)
+    assert "vmha_boots_total 1.0" in agent
+    assert 'vmha_node_domains{state="running"} 1.0' in agent
