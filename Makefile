@@ -2,7 +2,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-unit test-integration test-lab lint check bench clean
+.PHONY: docs setup demo test test-unit test-integration test-lab lint check bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -35,6 +35,10 @@ check: lint test
 bench: setup
 	mkdir -p results
 	$(PY) -m bench.lease_loss --trials 50 --out results/bench-lease-loss.json
+
+# Regenerate docs/cli/*.md from real runs against a local cluster.
+docs: setup
+	$(PY) scripts/gen_cli_docs.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache results

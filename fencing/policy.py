@@ -57,7 +57,52 @@ def validate_timing(cfg: ClusterConfig) -> list[str]:
         problems.append(
             f"fence_margin_s={cfg.fence_margin_s} is below etcd's "
             f"{ETCD_EXPIRY_GRANULARITY_S} s lease-expiry granularity")
+    if cfg.guard_enabled and window > 0:
+        g = guard_timeout(cfg)
+        if g >= window:
+            problems.append(
+                f"guard_timeout_s={g:.2f} must be below lease_ttl_s - self_fence_safety_s="
+                f"{window:.2f}: the guard must fire before the lease can expire")
+        if g <= cfg.keepalive_interval_s:
+            problems.append(
+                f"guard_timeout_s={g:.2f} must exceed keepalive_interval_s="
+                f"{cfg.keepalive_interval_s}: the agent pets the guard once per renewal")
+    if cfg.fence_policy in ("external", "both") and not cfg.fence_devices:
+        problems.append(f"fence_policy={cfg.fence_policy!r} needs at least one entry in "
+                        "fence_devices (a node name, or \"*\" for every node)")
+    if cfg.fence_retry_max_s < cfg.fence_retry_initial_s:
+        problems.append(f"fence_retry_max_s={cfg.fence_retry_max_s} is below "
+                        f"fence_retry_initial_s={cfg.fence_retry_initial_s}")
     return problems
+
+
+def guard_timeout(cfg: ClusterConfig) -> float:
+    """How long the guard waits without a pet before it fences the host.
+
+    Default: lease_ttl - safety - keepalive_interval, i.e. one keepalive interval
+    before the agent's own deadline."""
+    if cfg.guard_timeout_s is not None:
+        return cfg.guard_timeout_s
+    return cfg.lease_ttl_s - cfg.self_fence_safety_s - cfg.keepalive_interval_s
+
+
+def guard_fire_at(last_pet_at: float, pet_deadline: float, cfg: ClusterConfig) -> float:
+    """When the guard fences: its own timeout after the last pet, or the agent's
+    self-fence deadline carried in that pet, whichever comes first."""
+    return min(last_pet_at + guard_timeout(cfg), pet_deadline)
+
+
+def fence_retry_delay(cfg: ClusterConfig, attempts: int) -> float:
+    """Backoff before the next external fence attempt after `attempts` failures."""
+    return float(min(cfg.fence_retry_max_s,
+                     cfg.fence_retry_initial_s * 2 ** max(0, attempts - 1)))
+
+
+def device_for(cfg: ClusterConfig, node: str) -> str | None:
+    """The fence_devices key that fences `node` (its own entry, else "*")."""
+    if node in cfg.fence_devices:
+        return node
+    return "*" if "*" in cfg.fence_devices else None
 
 
 def require_safe_timing(cfg: ClusterConfig) -> None:
@@ -78,8 +123,13 @@ def fence_window(cfg: ClusterConfig) -> float:
     (`etcdctl lease revoke`, a drain), and after a revoke a stuck agent's deadline
     (last acknowledged keepalive + TTL - safety) can lie up to a TTL later than the
     moment the key disappeared.  The agent keeps honouring that deadline until it
-    holds a new registration, so waiting TTL + margin is safe in both cases."""
-    return cfg.lease_ttl_s + cfg.fence_margin_s
+    holds a new registration, so waiting TTL + margin is safe in both cases.
+
+    With the guard enabled the window also includes the guard timeout (rule: fence
+    window >= TTL + guard timeout + margin), so that a guard that fires at its own
+    timeout after the last pet, not at the deadline, is still covered."""
+    return cfg.lease_ttl_s + cfg.fence_margin_s + (guard_timeout(cfg) if cfg.guard_enabled
+                                                    else 0.0)
 
 
 @dataclass(frozen=True)

@@ -367,9 +367,12 @@ class NodeAgent:
         if a.with_migration_stats:
             stats = self.hv.incoming_stats(a.vm)
             src = snap.placements[a.vm].value.from_node if a.vm in snap.placements else None
-            migration = MigrationStats(total_ms=stats.total_ms if stats else None,
-                                       downtime_ms=stats.downtime_ms if stats else None,
-                                       source=src or "", target=self.me)
+            # No completed incoming job: it was booted here (e.g. started again after a
+            # stop), not migrated in, whatever the placement's kind says.
+            if stats is not None:
+                migration = MigrationStats(total_ms=stats.total_ms,
+                                           downtime_ms=stats.downtime_ms,
+                                           source=src or "", target=self.me)
         status = VmStatus(vm=a.vm, node=self.me, state=a.state,  # type: ignore[arg-type]
                           placement_id=a.placement_id, since=since, migration=migration)
         ok = self._status_txn(a.vm, status, a.expect_mod_revision)

@@ -24,7 +24,7 @@ EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
 
 # Modules that add commands: each has `register(groups)`, where groups maps "root",
 # "vm", "node" and "config" to their argparse sub-parser collections.
-EXTENSIONS: list[str] = ["orchestrator.opscli"]
+EXTENSIONS: list[str] = ["orchestrator.opscli", "orchestrator.webcli"]
 
 
 class CliError(Exception):
@@ -358,6 +358,14 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`source <(vmha completion bash)`, or save it under /etc/bash_completion.d/vmha."""
+    import shtab
+
+    print(shtab.complete(parser, shell=args.shell))
+    return 0
+
+
 def snap_config_key(args: argparse.Namespace) -> str:
     return Keyspace(args.prefix).config
 
@@ -439,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the local demo cluster (real etcd, fake hypervisor)")
     demo.add_argument("--workdir")
     demo.set_defaults(fn=cmd_demo)
+
+    comp = sub.add_parser("completion", help="print a shell completion script")
+    comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+    comp.set_defaults(fn=lambda a: cmd_completion(a, ap))
 
     groups = {"root": sub, "vm": vm, "node": node, "config": cfg}
     for module in EXTENSIONS:

@@ -338,7 +338,7 @@ def cmd_availability(args: argparse.Namespace) -> int:
     downs = outages(events, start, end)
     window = end - start
     rows: list[dict[str, Any]] = []
-    for vm in sorted(set(snap.specs) | set(downs)):
+    for vm in sorted(snap.specs):  # declared VMs only: a removed VM has no availability
         ivs = downs.get(vm, [])
         downtime = sum(b - a for a, b, _ in ivs)
         n = len(ivs)

@@ -84,6 +84,19 @@ class PlacementPolicy(Model):
     rebalance: RebalancePolicy = Field(default_factory=lambda: RebalancePolicy())
 
 
+class FenceDevice(Model):
+    """An external fence agent (ClusterLabs convention: key=value lines on stdin).
+
+    `agent` is the argv, e.g. ["/usr/sbin/fence_ipmilan"] or ["python3", "-m",
+    "fencing.fence_vmha"] (the built-in libvirt fencer).  In `params` values, "{node}"
+    and "{uri}" are replaced by the node's name and its registered libvirt URI."""
+
+    agent: list[str] = Field(min_length=1)
+    params: dict[str, str] = {}
+    timeout_s: float = Field(default=30.0, gt=0)
+    verify: bool = True  # run action=status after a successful off and require "off"
+
+
 class ClusterConfig(Model):
     """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
 
@@ -96,6 +109,13 @@ class ClusterConfig(Model):
     history_retention_s: float = Field(default=7 * 86400.0, gt=0)
     history_max_events: int = Field(default=10000, ge=10)
     placement: PlacementPolicy = Field(default_factory=lambda: PlacementPolicy())
+    # Fencing (see docs/fencing.md and fencing.policy for the rules that tie these).
+    guard_enabled: bool = True
+    guard_timeout_s: float | None = Field(default=None, gt=0)  # None: ttl - safety - keepalive
+    fence_policy: Literal["self", "external", "both"] = "self"
+    fence_devices: dict[str, FenceDevice] = {}  # node name (or "*") -> external fence agent
+    fence_retry_initial_s: float = Field(default=1.0, gt=0)
+    fence_retry_max_s: float = Field(default=30.0, gt=0)
 
 
 class Capacity(Model):
@@ -161,6 +181,13 @@ class FenceRecord(Model):
     epoch: int
     duration_s: float
     fenced_at: float
+    attempts: int = 1
+    device: str = ""  # the fence agent that ran (external), or who confirmed (manual)
+
+    @property
+    def fenced(self) -> bool:
+        """Only a successful fence lets the node's VMs boot elsewhere."""
+        return self.outcome == "success"
 
 
 class LeaderRecord(Model):
