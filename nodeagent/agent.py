@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from fencing.guard import GuardClient
 from fencing.lease import LeaseKeeper
-from fencing.policy import require_safe_timing
+from fencing.policy import guard_timeout, require_safe_timing
 from nodeagent import plan as agent_plan
 from nodeagent.hypervisor import Hypervisor, HypervisorError
 from orchestrator import metrics
@@ -46,6 +47,10 @@ class AgentOptions:
     migration_address: str = "127.0.0.1"
     poll_interval_s: float = 1.0
     migration_retry_backoff_s: float = 3.0
+    # Start the guard process (fencing.guard) in run(); armed only if the cluster config
+    # says guard_enabled.  On the fake hypervisor the guard process is the host.
+    guard: bool = True
+    watchdog: str | None = None  # e.g. /dev/watchdog, armed by the guard
 
 
 @dataclass
@@ -81,6 +86,7 @@ class NodeAgent:
         self.reg: _Registration | None = None
         self.cfg = ClusterConfig()
         self.busy: set[str] = set()
+        self.guard: GuardClient | None = None
         self._old_keepers: list[LeaseKeeper] = []
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -130,6 +136,7 @@ class NodeAgent:
         self.reg = _Registration(lease_id, res.revision, keeper, cordoned)
         keeper.start()
         self.flags.revoked = self.flags.expired = self.flags.fenced = False
+        self._pet_guard()
         metrics.notify("READY=1\nSTATUS=registered, reconciling")
         self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
                       cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
@@ -150,13 +157,26 @@ class NodeAgent:
         if self.reg is None or self.reg.lease_id != lease_id:
             return  # an old lease's keeper reporting late: already handled
         if before_deadline:
+            # etcd answered, so we are alive: keep the guard on the old deadline, which
+            # the leader's fence window covers, until we hold a new registration.
+            self._pet_guard(self.reg.keeper.deadline)
             self.flags.revoked = True
             self.log.warning("lease_revoked", reason="lease gone while etcd answers: drain")
         else:
             self.flags.expired = True
         self.wake.set()
 
+    def _pet_guard(self, deadline: float | None = None) -> None:
+        """Tell the guard the agent is alive and holds its lease until `deadline`."""
+        if self.guard is None or not self.cfg.guard_enabled or self.reg is None:
+            return
+        if not self.guard.pet(deadline if deadline is not None else self.reg.keeper.deadline,
+                              guard_timeout(self.cfg)):
+            self.log.error("guard_lost", reason="cannot reach the guard process")
+            self.wake.set()
+
     def _on_renewed(self) -> None:
+        self._pet_guard()
         if self.reg is not None and self.reg.keeper.last_renew_latency_s is not None:
             metrics.LEASE_RENEW_SECONDS.labels(who="agent").observe(
                 self.reg.keeper.last_renew_latency_s)
@@ -202,10 +222,19 @@ class NodeAgent:
     def run(self) -> int:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.max_migrations_per_node),
                                         thread_name_prefix=f"migrate-{self.me}")
+        if self.opts.guard and self.guard is None:
+            self._start_guard()
         try:
             while not self.stopped.is_set():
+                if self.guard is not None and not self.guard.alive():
+                    self.log.error("guard_lost", reason="guard process gone: fencing this "
+                                                        "node and exiting")
+                    self._self_fence()
+                    return 1
                 try:
                     if self.cycle():
+                        if self.guard is not None:
+                            self.guard.disarm()
                         return 0
                 except StoreUnavailable as exc:
                     self.log.warning("etcd_unavailable", error=str(exc))
@@ -219,6 +248,17 @@ class NodeAgent:
             if self.reg is not None:
                 self.reg.keeper.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start_guard(self) -> None:
+        fake = self.hv.uri.startswith("fake://")
+        # A never-armed fake guard is the host of guests that outlive the agent (the
+        # negative control of the fault campaign): let it linger a while.
+        self.guard = GuardClient(self.hv.uri, linger_s=300.0 if fake else 0.0,
+                                 watchdog=self.opts.watchdog)
+        adopt = getattr(self.hv, "adopt_host", None)
+        if adopt is not None:
+            adopt(self.guard.pid)
+        self.log.info("guard_started", pid=self.guard.pid, watchdog=self.opts.watchdog)
 
     def cycle(self) -> bool:
         """One reconcile pass.  Returns True when the agent should exit."""

@@ -58,6 +58,12 @@ class FakeHypervisor:
         self.host_pid = host_pid or os.getpid()
         (self.dir / "host.pid").write_text(str(self.host_pid))
 
+    def adopt_host(self, pid: int) -> None:
+        """Make process `pid` (the agent's guard) the host: guests booted from now on
+        live as long as it does, independently of the agent process."""
+        self.host_pid = pid
+        (self.dir / "host.pid").write_text(str(pid))
+
     def _path(self, name: str) -> Path:
         return self.ddir / f"{name}.json"
 

@@ -34,9 +34,14 @@ class CliError(Exception):
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from orchestrator.store import EtcdStore
+    from orchestrator.store import EtcdStore, TlsFiles
 
-    return EtcdStore(args.etcd, Keyspace(args.prefix))
+    tls = None
+    if args.etcd_cacert:
+        tls = TlsFiles(args.etcd_cacert, args.etcd_cert, args.etcd_key)
+    elif args.etcd_cert or args.etcd_key:
+        raise CliError("--etcd-cert/--etcd-key need --etcd-cacert", EXIT_INPUT)
+    return EtcdStore(args.etcd, Keyspace(args.prefix), tls=tls)
 
 
 def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
@@ -91,9 +96,11 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
 
 _DEFAULTS = {"etcd": os.environ.get("VMHA_ETCD", "127.0.0.1:2379"),
              "prefix": os.environ.get("VMHA_PREFIX", "/vmha")}
-AGENT_KEYS = {"etcd", "prefix", "name", "libvirt_uri", "fake_root", "memory_mib", "vcpus",
-              "migration_address", "log_format", "metrics_listen"}
-ORCH_KEYS = {"etcd", "prefix", "name", "log_format", "metrics_listen"}
+_COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name", "log_format",
+                "metrics_listen"}
+AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
+                             "migration_address"}
+ORCH_KEYS = _COMMON_KEYS
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -384,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="etcd endpoints, comma separated (env VMHA_ETCD)")
     ap.add_argument("--prefix", default=os.environ.get("VMHA_PREFIX", "/vmha"),
                     help="key prefix (env VMHA_PREFIX)")
+    for flag, env, what in (("cacert", "VMHA_ETCD_CACERT", "CA bundle of the etcd servers"),
+                            ("cert", "VMHA_ETCD_CERT", "client certificate"),
+                            ("key", "VMHA_ETCD_KEY", "client key")):
+        ap.add_argument(f"--etcd-{flag}", default=os.environ.get(env),
+                        help=f"TLS to etcd: {what} (env {env})")
     ap.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub = ap.add_subparsers(dest="cmd", required=True)
 

@@ -90,6 +90,29 @@ class TxnResult:
     revision: int
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """TLS to etcd: the CA that signed the etcd servers' certificates, and optionally a
+    client certificate and key (etcd's --client-cert-auth)."""
+
+    cacert: str
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLS client certificate and key must be given together")
+        return grpc.ssl_channel_credentials(root_certificates=read(self.cacert),
+                                            private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
 def parse_endpoints(spec: str | Sequence[str]) -> list[tuple[str, int]]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
@@ -109,8 +132,10 @@ def parse_endpoints(spec: str | Sequence[str]) -> list[tuple[str, int]]:
 
 class EtcdStore:
     def __init__(self, endpoints: str | Sequence[str], keyspace: Keyspace | None = None,
-                 timeout: float = 2.0, retry_budget: float = 3.0) -> None:
+                 timeout: float = 2.0, retry_budget: float = 3.0,
+                 tls: TlsFiles | None = None) -> None:
         self.keyspace = keyspace or Keyspace()
+        self._tls = tls
         self._endpoints = parse_endpoints(endpoints)
         self._timeout = timeout
         self._retry_budget = retry_budget
@@ -118,7 +143,9 @@ class EtcdStore:
         self._client = self._make_client()
 
     def _make_client(self) -> MultiEndpointEtcd3Client:
-        eps = [Endpoint(h, p, secure=False, time_retry=0.5) for h, p in self._endpoints]
+        creds = self._tls.credentials() if self._tls else None
+        eps = [Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5)
+               for h, p in self._endpoints]
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
 
     @property

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
-              libvirt-dev git chromium)
+              libvirt-dev git chromium openssl)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f nodeagent/lab/APT_PACKAGES.txt ]; then
   mapfile -t LAB < <(grep -v '^\s*#' nodeagent/lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")

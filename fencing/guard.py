@@ -1,0 +1,253 @@
+"""The guard: a small separate process that fences the host if the agent stops renewing.
+
+The agent's own deadline thread (fencing.lease) cannot act when the agent process
+is frozen (SIGSTOP, swap storm, a hung libvirt call holding the GIL) or was killed
+with `kill -9`.  The guard is a second process, started by the agent, that knows
+only the agent's pid, the hypervisor URI, and what the agent tells it over a pipe
+(its stdin), one line per message:
+
+    pet <deadline> <timeout>   sent after every acknowledged lease renewal; <deadline>
+                               is the agent's self-fence deadline on CLOCK_MONOTONIC
+                               (system-wide on Linux, so both processes share it)
+    disarm                     clean exit (drained, lease revoked): stop guarding
+
+Once armed by the first pet, the guard fires at
+
+    min(last pet received + timeout, deadline carried by the last pet)
+
+(`fencing.policy.guard_fire_at`), which is never later than the agent's own
+deadline.  Firing means, in this order: SIGKILL the agent (a stopped process dies
+too, so a frozen agent can never resume and act), destroy every active vmha-managed
+domain through the hypervisor URI, stop feeding /dev/watchdog (if one was given:
+the host then resets when the hardware timer runs out), and exit with status 3.
+
+EOF on stdin without `disarm` means the agent died: the guard stays armed and
+fires at the same time it would have anyway.  A guard that was never armed (guard
+disabled in the cluster config) exits after `--linger` seconds: on the fake
+hypervisor the guard process *is* the host, so its guests live as long as it does.
+
+Run as `python -m fencing.guard --agent-pid PID --uri URI [--watchdog /dev/watchdog]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from nodeagent.hypervisor import Hypervisor, HypervisorError
+
+WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
+EXIT_FIRED = 3
+
+
+def _log(event: str, **kw: Any) -> None:
+    rec = {"event": event, "logger": "vmha.guard", "pid": os.getpid(),
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), **kw}
+    print(json.dumps(rec), file=sys.stderr, flush=True)
+
+
+def open_hypervisor(uri: str, adopt_host: bool = False) -> Hypervisor:
+    """The hypervisor behind `uri` (fake:///dir/<node> or a libvirt URI)."""
+    if uri.startswith("fake://"):
+        from nodeagent.fake_hv import FakeHypervisor
+
+        d = Path(uri[len("fake://"):])
+        if adopt_host:  # the guard process becomes the fake host (writes host.pid)
+            return FakeHypervisor(d.parent, d.name, host_pid=os.getpid())
+        hv = FakeHypervisor.__new__(FakeHypervisor)
+        _fake_attach(hv, d)
+        return hv
+    from nodeagent.libvirt_hv import LibvirtHypervisor
+
+    return LibvirtHypervisor(uri)
+
+
+def _fake_attach(hv: Any, d: Path) -> None:
+    """Attach to a fake host without claiming it (does not rewrite host.pid)."""
+    hv.root, hv.node, hv.uri, hv.dir, hv.ddir = d.parent, d.name, f"fake://{d}", d, d / "domains"
+    hv._memory, hv._vcpus, hv._migrate_seconds = 0, 0, 0.0
+    try:
+        hv.host_pid = int((d / "host.pid").read_text())
+    except (OSError, ValueError):
+        hv.host_pid = 0
+
+
+def destroy_managed(hv: Hypervisor) -> tuple[list[str], list[str]]:
+    """Destroy every active managed domain; (destroyed, failed)."""
+    done: list[str] = []
+    failed: list[str] = []
+    for name, dom in hv.list_domains().items():
+        if dom.managed and dom.active:
+            try:
+                hv.destroy(name)
+                done.append(name)
+            except HypervisorError as exc:
+                failed.append(f"{name}: {exc}")
+    return done, failed
+
+
+class Watchdog:
+    """/dev/watchdog: fed only while the guard's fire time is in the future."""
+
+    def __init__(self, path: str, timeout_s: int) -> None:
+        self.f: IO[bytes] | None = open(path, "wb", buffering=0)  # noqa: SIM115
+        try:
+            fcntl.ioctl(self.f, WDIOC_SETTIMEOUT, struct.pack("I", max(1, timeout_s)))
+        except OSError as exc:
+            _log("watchdog_timeout_not_set", error=str(exc))
+
+    def feed(self) -> None:
+        if self.f is not None:
+            self.f.write(b"\0")
+
+    def close(self, disarm: bool) -> None:
+        if self.f is not None:
+            if disarm:
+                self.f.write(b"V")  # magic close: the timer stops
+            self.f.close()  # without 'V' the timer keeps running: the host resets
+            self.f = None
+
+
+def run(agent_pid: int, uri: str, linger_s: float, watchdog: str | None,
+        watchdog_timeout_s: int, stdin: IO[bytes]) -> int:
+    hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the agent's terminal/session is not ours
+    wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
+    fd = stdin.fileno()
+    os.set_blocking(fd, False)
+    buf = b""
+    armed = False
+    eof_at: float | None = None
+    fire_at = float("inf")
+    _log("guard_started", agent_pid=agent_pid, uri=uri, watchdog=watchdog)
+    while True:
+        now = time.monotonic()
+        if armed and now >= fire_at:
+            break
+        if not armed and eof_at is not None and now - eof_at >= linger_s:
+            _log("guard_exit", reason="agent gone and guard not armed")
+            if wd:
+                wd.close(disarm=True)
+            return 0
+        if wd and armed:
+            wd.feed()
+        wait = 0.05 if not armed else max(0.0, min(0.05, fire_at - now))
+        if eof_at is None:
+            r, _, _ = select.select([fd], [], [], wait)
+        else:
+            time.sleep(wait)
+            r = []
+        if not r:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            eof_at = time.monotonic()
+            _log("agent_pipe_closed", armed=armed,
+                 fires_in_s=round(fire_at - eof_at, 3) if armed else None)
+            continue
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            parts = line.decode(errors="replace").split()
+            if not parts:
+                continue
+            if parts[0] == "pet" and len(parts) == 3:
+                received = time.monotonic()
+                deadline, timeout = float(parts[1]), float(parts[2])
+                fire_at = min(received + timeout, deadline)  # fencing.policy.guard_fire_at
+                if not armed:
+                    _log("guard_armed", fires_in_s=round(fire_at - received, 3))
+                armed = True
+            elif parts[0] == "disarm":
+                armed = False
+                fire_at = float("inf")
+                linger_s = 0.0
+                _log("guard_disarmed", reason="agent exiting cleanly")
+    # Fire.
+    started = time.monotonic()
+    try:
+        os.kill(agent_pid, signal.SIGKILL)
+        killed = True
+    except ProcessLookupError:
+        killed = False
+    try:
+        destroyed, failed = destroy_managed(hv)
+    except HypervisorError as exc:
+        destroyed, failed = [], [f"list: {exc}"]
+    if wd:
+        wd.close(disarm=False)
+    _log("guard_fired", agent_pid=agent_pid, agent_killed=killed, destroyed=destroyed,
+         failed=failed, took_ms=round((time.monotonic() - started) * 1000, 1),
+         reason="no pet from the agent before its deadline")
+    return EXIT_FIRED
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fencing.guard")
+    ap.add_argument("--agent-pid", type=int, required=True)
+    ap.add_argument("--uri", required=True, help="hypervisor URI (libvirt, or fake:///dir/node)")
+    ap.add_argument("--linger", type=float, default=0.0,
+                    help="seconds a never-armed guard stays after the agent is gone")
+    ap.add_argument("--watchdog", help="e.g. /dev/watchdog: fed only while armed and in time")
+    ap.add_argument("--watchdog-timeout", type=int, default=10)
+    a = ap.parse_args(argv)
+    return run(a.agent_pid, a.uri, a.linger, a.watchdog, a.watchdog_timeout, sys.stdin.buffer)
+
+
+class GuardClient:
+    """The agent's handle on its guard process."""
+
+    def __init__(self, uri: str, *, linger_s: float = 0.0, watchdog: str | None = None) -> None:
+        args = [sys.executable, "-m", "fencing.guard", "--agent-pid", str(os.getpid()),
+                "--uri", uri, "--linger", str(linger_s)]
+        if watchdog:
+            args += ["--watchdog", watchdog]
+        # Own session: a Ctrl-C or a signal to the agent's process group leaves it alone.
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, start_new_session=True)
+        self.broken = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return not self.broken and self.proc.poll() is None
+
+    def _send(self, line: str) -> bool:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            self.broken = True
+            return False
+
+    def pet(self, deadline: float, timeout_s: float) -> bool:
+        return self._send(f"pet {deadline:.6f} {timeout_s:.6f}")
+
+    def disarm(self) -> None:
+        self._send("disarm")
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
