@@ -2,16 +2,28 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: docs setup demo test test-unit test-integration test-lab lint check bench clean
+.PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
+        bench campaign clean
 
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+# setup plus the lab's apt packages and the Linux guest's kernel (root).
+setup-lab:
+	VMHA_LAB=1 bash scripts/setup.sh
+
+# The demo on the lab: real etcd, libvirt nodes, QEMU guests (root; < 1 min).
+demo: setup-lab
 	$(PY) -m orchestrator demo
 
+# The same story on the fake hypervisor (no root, no QEMU; ~15 s).
+demo-fake: setup
+	$(PY) -m orchestrator demo --fake
+
+# Every test: unit, integration and the lab suite (tests/lab; its tests skip, saying why,
+# without root, unshare, libvirtd or QEMU).
 test: setup
-	$(PYTEST) -q -m "not lab"
+	$(PYTEST) -q
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
@@ -20,8 +32,7 @@ test-integration: setup
 	$(PYTEST) -q -m integration
 
 # Real QEMU guests under namespaced libvirt daemons (root; installs the lab packages).
-test-lab:
-	VMHA_LAB=1 bash scripts/setup.sh
+test-lab: setup-lab
 	$(PYTEST) -q -m lab tests/lab
 
 lint: setup
@@ -35,6 +46,13 @@ check: lint test
 bench: setup
 	mkdir -p results
 	$(PY) -m bench.lease_loss --trials 50 --out results/bench-lease-loss.json
+
+# Fault campaign (fencing): seeded random faults on a 3-member etcd + fake hypervisor
+# cluster; exit 1 on any invariant violation.  SEEDS/STEPS/MINUTES to taste.
+campaign: setup
+	mkdir -p results
+	$(PY) -m bench.campaign --seeds $(or $(SEEDS),1 2 3 4 5 6 7 8) --steps $(or $(STEPS),125) \
+		--minutes $(or $(MINUTES),90) --out results/campaign.json
 
 # Regenerate docs/cli/*.md from real runs against a local cluster.
 docs: setup

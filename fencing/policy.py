@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.models import ClusterConfig
+from schemas.models import ClusterConfig, FenceRecord
 
 # etcd (3.4) checks lease expiry every 500 ms; keep at least that much slack.
 ETCD_EXPIRY_GRANULARITY_S = 0.5
@@ -57,7 +57,7 @@ def validate_timing(cfg: ClusterConfig) -> list[str]:
         problems.append(
             f"fence_margin_s={cfg.fence_margin_s} is below etcd's "
             f"{ETCD_EXPIRY_GRANULARITY_S} s lease-expiry granularity")
-    if cfg.guard_enabled and window > 0:
+    if cfg.guard_enabled and window > 0 and cfg.keepalive_interval_s * 2 <= window:
         g = guard_timeout(cfg)
         if g >= window:
             problems.append(
@@ -79,11 +79,15 @@ def validate_timing(cfg: ClusterConfig) -> list[str]:
 def guard_timeout(cfg: ClusterConfig) -> float:
     """How long the guard waits without a pet before it fences the host.
 
-    Default: lease_ttl - safety - keepalive_interval, i.e. one keepalive interval
-    before the agent's own deadline."""
+    Default: one keepalive interval less than the agent's deadline window
+    (lease_ttl - safety - keepalive_interval), but never less than halfway between
+    the keepalive interval and that window, so it always lies strictly between them
+    when the other rules hold."""
     if cfg.guard_timeout_s is not None:
         return cfg.guard_timeout_s
-    return cfg.lease_ttl_s - cfg.self_fence_safety_s - cfg.keepalive_interval_s
+    window = cfg.lease_ttl_s - cfg.self_fence_safety_s
+    ka = cfg.keepalive_interval_s
+    return max(window - ka, (window + ka) / 2)
 
 
 def guard_fire_at(last_pet_at: float, pet_deadline: float, cfg: ClusterConfig) -> float:
@@ -148,3 +152,42 @@ def self_fence_verdict(lost_observed_at: float, now: float, cfg: ClusterConfig) 
                                   "the agent self-fenced before its lease expired")
     return FenceVerdict(False, f"lease gone for {waited:.2f} s, waiting for the fence window "
                                f"({window:.2f} s)", window - waited)
+
+
+@dataclass(frozen=True)
+class FenceDecision:
+    """What the leader does about one lost node now: method None means wait."""
+
+    method: str | None  # "self" (write the record) | "external" (run the fence agent)
+    reason: str
+    device: str = ""
+
+
+def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: float,
+                   wall_time: float, record: FenceRecord | None) -> FenceDecision:
+    """The cluster's fence policy applied to one lost node (no fence success yet).
+
+    self:     the self-fence record after the fence window.
+    external: run the node's fence device at once; a failure is recorded and retried
+              with backoff; the VMs wait until a success (or `vmha node confirm-off`).
+    both:     external first; once the fence window has passed, self-fencing is trusted.
+    """
+    verdict = self_fence_verdict(lost_observed_at, now, cfg)
+    dev = device_for(cfg, node)
+    if cfg.fence_policy in ("external", "both") and dev is not None:
+        if cfg.fence_policy == "both" and verdict.fenced:
+            return FenceDecision("self", verdict.reason + " (external fencing did not succeed "
+                                 "first; self-fencing trusted)")
+        if record is not None and record.outcome == "failed":
+            due = record.fenced_at + fence_retry_delay(cfg, record.attempts)
+            if wall_time < due:
+                return FenceDecision(None, f"external fence failed {record.attempts} time(s) "
+                                           f"({record.reason}); next attempt in "
+                                           f"{due - wall_time:.1f} s", dev)
+        return FenceDecision("external", f"lease gone; fencing with device {dev!r}", dev)
+    if cfg.fence_policy == "external":
+        return FenceDecision(None, f"fence_policy=external but no fence device for {node}; "
+                                   f"confirm by hand: vmha node confirm-off {node}")
+    if verdict.fenced:
+        return FenceDecision("self", verdict.reason)
+    return FenceDecision(None, verdict.reason)

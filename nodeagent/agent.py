@@ -48,8 +48,10 @@ class AgentOptions:
     poll_interval_s: float = 1.0
     migration_retry_backoff_s: float = 3.0
     # Start the guard process (fencing.guard) in run(); armed only if the cluster config
-    # says guard_enabled.  On the fake hypervisor the guard process is the host.
-    guard: bool = True
+    # says guard_enabled.  On the fake hypervisor the guard process is the host.  None:
+    # only when run() is called on the main thread, i.e. the agent owns its process (the
+    # guard SIGKILLs that process; an agent run in a test's thread must not have one).
+    guard: bool | None = None
     watchdog: str | None = None  # e.g. /dev/watchdog, armed by the guard
 
 
@@ -222,7 +224,8 @@ class NodeAgent:
     def run(self) -> int:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.max_migrations_per_node),
                                         thread_name_prefix=f"migrate-{self.me}")
-        if self.opts.guard and self.guard is None:
+        own_process = threading.current_thread() is threading.main_thread()
+        if (self.opts.guard or (self.opts.guard is None and own_process)) and self.guard is None:
             self._start_guard()
         try:
             while not self.stopped.is_set():

@@ -11,7 +11,10 @@ hypervisor adapter (``--libvirt-uri``) against its own lab libvirtd (see
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +24,19 @@ from nodeagent.lab import (
     LabNode,
     crash_node,
     destroy_lab,
+    kill_libvirtd,
+    pid_alive,
     qemu_pids,
     restart_node,
     start_node,
 )
 from orchestrator.localcluster import Daemon, EtcdCluster, start_etcd
+from schemas import ClusterConfig
+
+#: Timing for the lab demo and ``vmha lab up``: a crash is recovered in seconds, and it
+#: passes the same validation as the production defaults.
+LAB_CONFIG = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.5, self_fence_safety_s=0.75,
+                           fence_margin_s=1.5, stop_timeout_s=5.0)
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -40,6 +51,36 @@ _TRANSIT_REASONS = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
                               libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
 
 
+def child_pids(pid: int) -> list[int]:
+    """Live children of ``pid`` (e.g. the guard process an agent starts)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            data = stat.read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+            out.append(int(stat.parent.name))
+    return out
+
+
+def kill_with_children(d: Daemon) -> None:
+    """SIGKILL a daemon and the processes it started (an agent's guard), by pid."""
+    if not d.alive():
+        return
+    kids = child_pids(d.pid)
+    d.kill()
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in kids:
+        for _ in range(200):
+            if not pid_alive(pid):
+                break
+            threading.Event().wait(0.05)
+
+
 @dataclass
 class LabCluster:
     """etcd + lab libvirt nodes + one agent per node + orchestrators, as processes."""
@@ -50,6 +91,11 @@ class LabCluster:
     prefix: str = "/vmha"
     agent_memory_mib: int = 1024
     agent_vcpus: int = 8
+    #: etcd members (1 or 3) and where their data lives (default: a fresh dir on /dev/shm)
+    etcd_members: int = 1
+    etcd_dir: Path | None = None
+    #: called after each process this cluster starts (``vmha lab up`` saves its state)
+    on_change: Callable[[], None] | None = None
     etcd: EtcdCluster | None = None
     nodes: dict[str, LabNode] = field(default_factory=dict)
     agents: dict[str, Daemon] = field(default_factory=dict)
@@ -63,9 +109,11 @@ class LabCluster:
         """Start etcd, the lab nodes, (write ``config_json``), agents and orchestrators."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.etcd = start_etcd(1)
+            self.etcd = start_etcd(self.etcd_members, self.etcd_dir)
+            self._changed()
             for index, name in enumerate(self.node_names):
                 self.nodes[name] = start_node(self.root, name, index)
+                self._changed()
             if config_json is not None:
                 from orchestrator.store import EtcdStore
 
@@ -83,6 +131,10 @@ class LabCluster:
             raise
         return self
 
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     @property
     def endpoints(self) -> str:
         assert self.etcd is not None
@@ -99,18 +151,38 @@ class LabCluster:
                           str(self.agent_vcpus), "--migration-address", "127.0.0.1",
                           "--log-format", "json"], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
+        self._changed()
         return d
 
     def start_orchestrator(self, name: str) -> Daemon:
         d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
                           "json"], self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
+        self._changed()
         return d
 
     def crash_node(self, name: str) -> None:
         """SIGKILL the node's libvirtd and guests (its agent is left alone)."""
         self._drop_conn(name)
         crash_node(self.nodes[name])
+
+    def crash_host(self, name: str) -> None:
+        """A host crash: kill -9 the node's agent (and its guard), libvirtd and guests."""
+        if name in self.agents:
+            kill_with_children(self.agents[name])
+        self.crash_node(name)
+
+    def kill_libvirtd(self, name: str) -> int | None:
+        """SIGKILL only the node's libvirtd (guests and agent keep running)."""
+        self._drop_conn(name)
+        return kill_libvirtd(self.nodes[name])
+
+    def start_libvirtd(self, name: str) -> LabNode:
+        """Start the node's libvirtd again after :meth:`kill_libvirtd` (guests kept)."""
+        self._drop_conn(name)
+        node = self.nodes[name]
+        self.nodes[name] = start_node(node.root, node.name, node.index)
+        return self.nodes[name]
 
     def restart_node(self, name: str) -> LabNode:
         self._drop_conn(name)
@@ -121,7 +193,7 @@ class LabCluster:
         """Kill every daemon by pid, then tear the lab and etcd down."""
         for d in [*self.agents.values(), *self.orchestrators.values()]:
             with contextlib.suppress(Exception):  # tear-down goes on regardless
-                d.kill()
+                kill_with_children(d)
         with self._lock:
             for conn in self._conns.values():
                 with contextlib.suppress(libvirt.libvirtError):

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import structlog
 
+from fencing.agents import ExternalFencer, FenceResult
 from fencing.lease import LeaseKeeper
-from fencing.policy import require_safe_timing
+from fencing.policy import device_for, require_safe_timing
 from orchestrator import metrics, planner
 from orchestrator.history import HistoryWriter, prune, read_events
 from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
@@ -48,6 +49,8 @@ class Orchestrator:
         self.lease_id: int | None = None
         self.lost_since: dict[str, float] = {}
         self.last_leases: dict[str, str] = {}
+        self.last_uris: dict[str, str] = {}
+        self.fencer = ExternalFencer(wake=self.wake)
         self._reported_errors: set[str] = set()
         self.leader_watch = PrefixWatch(store, self.ks.leader, self.wake)
         self.all_watch = PrefixWatch(store, self.ks.root, self.wake)
@@ -186,6 +189,10 @@ class Orchestrator:
                                error=err.message, revision=snap.revision)
         for name, entry in snap.nodes.items():
             self.last_leases[name] = entry.value.lease_id
+            self.last_uris[name] = entry.value.libvirt_uri
+        if self._record_external_results(snap, epoch):
+            self.wake.set()  # decide on a snapshot that shows the new fence records
+            return None
         started = self.clock()
         result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
                               lost_since=self.lost_since)
@@ -249,6 +256,42 @@ class Orchestrator:
         if n:
             self.log.info("history_pruned", deleted=n)
 
+    def _record_external_results(self, snap: ClusterSnapshot, epoch: int) -> bool:
+        """Write the outcome of every finished external fence run; True if any was written."""
+        wrote = False
+        for node, result in self.fencer.collect():
+            wrote |= self._record_external(node, result, snap, epoch)
+        return wrote
+
+    def _record_external(self, node: str, result: FenceResult, snap: ClusterSnapshot,
+                         epoch: int) -> bool:
+        prev = snap.fences.get(node)
+        if prev is not None and prev.value.outcome == "success":
+            return False  # already fenced (self or manual meanwhile)
+        attempts = prev.value.attempts + 1 if prev else 1
+        key = device_for(self.cfg, node)
+        device = " ".join(self.cfg.fence_devices[key].agent) if key else ""
+        rec = FenceRecord(node=node, lease_id=self.last_leases.get(node, "unknown"),
+                          method="external", outcome="success" if result.ok else "failed",
+                          reason=result.detail, epoch=epoch, duration_s=result.duration_s,
+                          fenced_at=time.time(), attempts=attempts, device=device)
+        res = self.store.txn([Cmp(self.ks.leader, "create", "==", epoch),
+                              Cmp(self.ks.node(node), "create", "==", 0),
+                              Cmp(self.ks.fence(node), "mod", "==",
+                                  prev.mod_revision if prev else 0)],
+                             [Put(self.ks.fence(node), rec.to_json())])
+        lg = self.log.warning if result.ok else self.log.error
+        lg("fenced" if result.ok else "fence_failed", node=node, method="external",
+           outcome=rec.outcome, attempts=attempts, detail=result.detail,
+           duration_s=result.duration_s, written=res.succeeded, epoch=epoch)
+        metrics.FENCES.labels(method="external",
+                              outcome=rec.outcome if res.succeeded else "not_written").inc()
+        if res.succeeded:
+            self.history.record("fence", epoch=epoch, node=node,
+                                reason=f"method=external outcome={rec.outcome} "
+                                       f"attempt={attempts}: {result.detail}")
+        return res.succeeded
+
     def apply(self, action: planner.Action, snap: ClusterSnapshot, epoch: int) -> bool:
         """Write one decision; False if etcd rejected it (a compare failed)."""
         fence_token = Cmp(self.ks.leader, "create", "==", epoch)
@@ -256,11 +299,21 @@ class Orchestrator:
             lease = self.last_leases.get(action.node, "unknown")
             action = dataclasses.replace(action, lease_id=lease)
             since = self.lost_since.get(action.node, self.clock())
+            if action.method == "external":
+                device = self.cfg.fence_devices.get(action.device)
+                if device is not None and self.fencer.start(
+                        action.node, device, self.last_uris.get(action.node, "")):
+                    self.log.warning("fence_started", node=action.node, device=action.device,
+                                     reason=action.reason, epoch=epoch)
+                return False
+            prev = snap.fences.get(action.node)
             rec = FenceRecord(node=action.node, lease_id=lease, method="self", outcome="success",
                               reason=action.reason, epoch=epoch,
-                              duration_s=round(self.clock() - since, 3), fenced_at=time.time())
+                              duration_s=round(self.clock() - since, 3), fenced_at=time.time(),
+                              attempts=prev.value.attempts + 1 if prev else 1)
             res = self.store.txn([fence_token, Cmp(self.ks.node(action.node), "create", "==", 0),
-                                  Cmp(self.ks.fence(action.node), "create", "==", 0)],
+                                  Cmp(self.ks.fence(action.node), "mod", "==",
+                                      action.expect_mod_revision)],
                                  [Put(self.ks.fence(action.node), rec.to_json())])
             self.log.warning("fenced", node=action.node, method="self", lease=lease,
                              reason=action.reason, written=res.succeeded, epoch=epoch,

@@ -21,10 +21,13 @@ Rules, per VM whose spec says running (see docs/design.md for the reasoning):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fencing.policy import self_fence_verdict
+from fencing.policy import fence_decision
+from orchestrator import rebalance
+from orchestrator.placement import Placer
 from schemas.models import RUNNING_STATES, Placement, VmSpec, VmStatus
 from schemas.snapshot import ClusterSnapshot
 
@@ -34,6 +37,9 @@ class FenceNode:
     node: str
     lease_id: str
     reason: str
+    method: str = "self"  # "self": write the record; "external": run the fence device
+    expect_mod_revision: int = 0  # the node's (failed) fence record, 0: none
+    device: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,28 +77,6 @@ class Plan:
         return tuple(a for a in self.actions if not isinstance(a, Wait))
 
 
-@dataclass
-class _Capacity:
-    memory_mib: int
-    vcpus: int
-    used_memory_mib: int = 0
-    used_vcpus: int = 0
-
-    @property
-    def free_memory_mib(self) -> int:
-        return self.memory_mib - self.used_memory_mib
-
-    @property
-    def free_vcpus(self) -> int:
-        return self.vcpus - self.used_vcpus
-
-
-@dataclass
-class _State:
-    snap: ClusterSnapshot
-    capacity: dict[str, _Capacity] = field(default_factory=dict)
-
-
 def referenced_nodes(snap: ClusterSnapshot) -> set[str]:
     """Nodes that may hold a VM according to placements and statuses."""
     out: set[str] = set()
@@ -106,11 +90,17 @@ def referenced_nodes(snap: ClusterSnapshot) -> set[str]:
     return out
 
 
+def is_fenced(snap: ClusterSnapshot, node: str) -> bool:
+    """A fence record counts only if it records a success (a failed one is a retry note)."""
+    fe = snap.fences.get(node)
+    return fe is not None and fe.value.outcome == "success"
+
+
 def track_lost(snap: ClusterSnapshot, prev: Mapping[str, float], now: float) -> dict[str, float]:
     """When the leader first saw each referenced, unregistered, unfenced node missing."""
     lost: dict[str, float] = {}
     for node in sorted(referenced_nodes(snap)):
-        if node in snap.nodes or node in snap.fences:
+        if node in snap.nodes or is_fenced(snap, node):
             continue
         lost[node] = prev.get(node, now)
     return lost
@@ -132,29 +122,13 @@ def migration_failed(p: Placement, s: VmStatus | None) -> bool:
             and s.failed_target == p.node and s.node == p.from_node)
 
 
-def _choose(st: _State, spec: VmSpec, exclude: set[str]) -> tuple[str | None, dict[str, float]]:
-    scores: dict[str, float] = {}
-    best: tuple[int, str] | None = None
-    for name in sorted(st.capacity):
-        if name in exclude or not st.snap.schedulable(name):
-            continue
-        cap = st.capacity[name]
-        if cap.free_memory_mib < spec.memory_mib or cap.free_vcpus < spec.vcpus:
-            continue
-        after = cap.free_memory_mib - spec.memory_mib
-        scores[name] = float(after)
-        # Most free memory wins; on a tie the name sorting first wins (deterministic).
-        if best is None or after > best[0]:
-            best = (after, name)
-    return (best[1] if best else None), scores
-
-
-def _no_target_reason(st: _State, spec: VmSpec, exclude: set[str]) -> str:
-    sched = [n for n in st.capacity if st.snap.schedulable(n) and n not in exclude]
-    if not sched:
-        return "no schedulable node (all nodes lost, cordoned or excluded)"
-    return (f"no schedulable node has {spec.memory_mib} MiB and {spec.vcpus} vCPUs free "
-            f"(candidates: {', '.join(sorted(sched))})")
+def migration_in_flight(snap: ClusterSnapshot, p: Placement, s: VmStatus | None) -> bool:
+    """A migrate placement whose VM has not arrived, not failed, both ends registered."""
+    if p.kind != "migrate" or migration_failed(p, s):
+        return False
+    if s is not None and s.node == p.node and s.state in RUNNING_STATES:
+        return False
+    return p.node in snap.nodes and p.from_node in snap.nodes
 
 
 def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
@@ -164,27 +138,41 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
     lost = track_lost(snap, lost_since, now)
 
     # Fencing of lost nodes, and clearing of fence records for nodes that came back.
+    fence_why: dict[str, str] = {}
     for node, since in lost.items():
-        verdict = self_fence_verdict(since, now, cfg)
-        if verdict.fenced:
-            actions.append(FenceNode(node, lease_id="", reason=verdict.reason))
+        fe = snap.fences.get(node)
+        d = fence_decision(cfg, node, since, now, wall_time, fe.value if fe else None)
+        fence_why[node] = d.reason
+        if d.method is not None:
+            actions.append(FenceNode(node, lease_id="", reason=d.reason, method=d.method,
+                                     expect_mod_revision=fe.mod_revision if fe else 0,
+                                     device=d.device))
     for node, fe in sorted(snap.fences.items()):
         if node in snap.nodes:
             lease = snap.nodes[node].value.lease_id
             actions.append(ClearFence(node, fe.mod_revision,
                                       f"node re-registered with lease {lease}"))
 
-    st = _State(snap, {n: _Capacity(e.value.capacity.memory_mib, e.value.capacity.vcpus)
-                       for n, e in snap.nodes.items()})
-    for vm, se in snap.specs.items():
-        pe = snap.placements.get(vm)
-        if se.value.state == "running" and pe and pe.value.node in st.capacity:
-            c = st.capacity[pe.value.node]
-            c.used_memory_mib += se.value.memory_mib
-            c.used_vcpus += se.value.vcpus
+    pol = cfg.placement
+    placer = Placer.from_snapshot(snap)
+    per_node_limit = cfg.max_migrations_per_node
+    # Migrations in flight, per node (source and target) and cluster-wide: new migrate
+    # placements are emitted only while both stay under their limits (drains in waves).
+    inflight: Counter[str] = Counter()
+    for vm, pl_e in snap.placements.items():
+        st_e = snap.statuses.get(vm)
+        if vm in snap.specs and migration_in_flight(snap, pl_e.value,
+                                                    st_e.value if st_e else None):
+            inflight[pl_e.value.from_node] += 1  # type: ignore[index]
+            inflight[pl_e.value.node] += 1  # type: ignore[index]
+            inflight[""] += 1  # cluster-wide
+    counts: Counter[str] = Counter()
+    running_specs = [vm for vm, e in snap.specs.items() if e.value.state == "running"]
+    max_priority = max((snap.specs[v].value.priority for v in running_specs), default=0)
 
     def place(vm: str, kind: str, node: str | None, reason: str, scores: dict[str, float],
-              from_node: str | None = None, fenced: tuple[tuple[str, int], ...] = ()) -> None:
+              from_node: str | None = None, fenced: tuple[tuple[str, int], ...] = (),
+              charge: bool = True) -> None:
         pe = snap.placements.get(vm)
         spec = snap.specs[vm].value
         if kind == "pending" and pe and pe.value.kind == "pending" and pe.value.reason == reason:
@@ -194,10 +182,49 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
                       from_node=from_node, epoch=epoch, reason=reason, scores=scores,
                       decided_at=wall_time)
         actions.append(WritePlacement(p, pe.mod_revision if pe else 0, fenced))
+        counts["place"] += 1
         # The VM was released from its old node before deciding (see the loop).
-        if node and node in st.capacity:
-            st.capacity[node].used_memory_mib += spec.memory_mib
-            st.capacity[node].used_vcpus += spec.vcpus
+        if charge:
+            placer.charge(vm, spec, node, +1)
+
+    def wait(vm: str, reason: str) -> None:
+        actions.append(Wait(vm, reason))
+        counts["wait"] += 1
+
+    def migrate_away(vm: str, spec: VmSpec, p: Placement | None, source: str,
+                     failed: bool) -> None:
+        slot = ""
+        if inflight[""] >= pol.max_migrations_in_flight:
+            slot = (f"{inflight['']} of {pol.max_migrations_in_flight} migrations in flight "
+                    "cluster-wide")
+        elif inflight[source] >= per_node_limit:
+            slot = f"{source} has {inflight[source]} of {per_node_limit} migrations in flight"
+        if slot:
+            wait(vm, f"must leave {source}: waiting for a migration slot ({slot})")
+            return
+        busy = {n for n, c in inflight.items() if n and c >= per_node_limit}
+        exclude = {source}
+        if failed and p and p.node:
+            exclude.add(p.node)
+        choice = placer.choose(spec, exclude, live_from=source, busy=busy)
+        if choice.node is None and failed:
+            choice = placer.choose(spec, {source}, live_from=source, busy=busy)  # retry
+        if choice.node is None:
+            if choice.slot_only:
+                wait(vm, f"must leave {source}: waiting for a migration slot on a target")
+            else:
+                wait(vm, f"must leave {source} but {choice.reason}; it stays on {source} "
+                         "(never cold-booted elsewhere while its node is up)")
+            return
+        target = choice.node
+        why = ("node cordoned (drain)" if snap.is_cordoned(source)
+               else f"migration to {p.node} failed" if p and failed
+               else "hand-off")
+        place(vm, "migrate", target, f"{why}: live-migrate from {source} to {target}: "
+              f"{choice.reason}", choice.scores, from_node=source)
+        inflight[source] += 1
+        inflight[target] += 1
+        inflight[""] += 1
 
     def _decide_vm(vm: str, spec: VmSpec) -> None:
         pe = snap.placements.get(vm)
@@ -205,7 +232,7 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
         s = snap.statuses[vm].value if vm in snap.statuses else None
         hs = holders(spec, p, s)
         live = [h for h in hs if h in snap.nodes]
-        unfenced = [h for h in hs if h not in snap.nodes and h not in snap.fences]
+        unfenced = [h for h in hs if h not in snap.nodes and not is_fenced(snap, h)]
 
         # 1. Steady state and migrations in flight need no write.
         if p and p.kind == "boot" and p.node and snap.schedulable(p.node):
@@ -215,9 +242,9 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
             if not (arrived and snap.is_cordoned(p.node)):  # type: ignore[arg-type]
                 if p.from_node in snap.nodes or arrived:
                     return
-                if p.from_node not in snap.fences:
-                    actions.append(Wait(vm, f"migration source {p.from_node} lost; waiting "
-                                            "for its fence"))
+                if not is_fenced(snap, p.from_node):  # type: ignore[arg-type]
+                    wait(vm, f"migration source {p.from_node} lost; waiting for its fence: "
+                             f"{fence_why.get(p.from_node or '', '')}")
                     return
                 if snap.schedulable(p.node):  # type: ignore[arg-type]
                     fe = snap.fences[p.from_node]  # type: ignore[index]
@@ -228,65 +255,75 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
 
         # 2. The VM must move or be (re)booted.
         if unfenced:
-            actions.append(Wait(vm, f"node(s) {', '.join(unfenced)} lost and not yet fenced; "
-                                    "the VM may still run there"))
+            wait(vm, f"node(s) {', '.join(unfenced)} lost and not yet fenced; "
+                     "the VM may still run there: "
+                     + "; ".join(fence_why.get(h, "") for h in unfenced))
             return
         if live:
             source = s.node if s and s.state in RUNNING_STATES and s.node in snap.nodes else live[0]
-            if snap.schedulable(source) and not (p and migration_failed(p, s)):
+            failed = p is not None and migration_failed(p, s)
+            if snap.schedulable(source) and not failed:
                 if p and p.kind == "boot" and p.node == source:
                     return
                 place(vm, "boot", source, f"VM reported on {source}; keeping it there",
                       {}, fenced=tuple((h, snap.fences[h].mod_revision) for h in hs
                                        if h not in snap.nodes))
                 return
-            exclude = {source}
-            if p and migration_failed(p, s) and p.node:
-                exclude.add(p.node)
-            target, scores = _choose(st, spec, exclude)
-            if target is None and p and migration_failed(p, s):
-                target, scores = _choose(st, spec, {source})  # retry the only target left
-            if target is None:
-                actions.append(Wait(vm, f"must leave {source} but "
-                                        + _no_target_reason(st, spec, exclude)))
-                return
-            why = ("node cordoned (drain)" if snap.is_cordoned(source)
-                   else f"migration to {p.node} failed" if p and migration_failed(p, s)
-                   else "hand-off")
-            place(vm, "migrate", target, f"{why}: live-migrate from {source} to {target}, "
-                  f"the node with the most free memory ({int(scores[target])} MiB after)",
-                  scores, from_node=source)
+            # Live migration only, within the source's migration group, in waves.
+            migrate_away(vm, spec, p, source, failed)
             return
+        # No node may hold it: cold boot anywhere (any migration group).
         fenced = tuple((h, snap.fences[h].mod_revision) for h in hs)
-        target, scores = _choose(st, spec, set())
-        if target is None:
-            place(vm, "pending", None, _no_target_reason(st, spec, set()), {}, fenced=fenced)
+        choice = placer.choose(spec, set())
+        if choice.node is None:
+            reason = choice.reason
+            if spec.priority < max_priority:
+                reason += f" (priority {spec.priority}: higher-priority VMs are placed first)"
+            place(vm, "pending", None, reason, {}, fenced=fenced)
             return
         why = f"node(s) {', '.join(hs)} fenced; cold boot" if hs else "not placed yet; boot"
-        place(vm, "boot", target, f"{why} on {target}, the node with the most free memory "
-              f"({int(scores[target])} MiB after)", scores, fenced=fenced)
+        place(vm, "boot", choice.node, f"{why} on {choice.node}: {choice.reason}",
+              choice.scores, fenced=fenced)
 
-    def charge(node: str | None, spec: VmSpec, sign: int) -> None:
-        if node and node in st.capacity:
-            st.capacity[node].used_memory_mib += sign * spec.memory_mib
-            st.capacity[node].used_vcpus += sign * spec.vcpus
-
-    for vm in sorted(snap.specs):
+    # Higher priority first (restart order and first pick of capacity), then by name.
+    for vm in sorted(running_specs, key=lambda v: (-snap.specs[v].value.priority, v)):
         spec = snap.specs[vm].value
-        if spec.state != "running":
-            continue
         # Decide with this VM's own share released from the node it is placed on, so
         # a retry on the same node, or a rewrite to it, does not count it twice.
-        placed_on = snap.placements[vm].value.node if vm in snap.placements else None
-        writes_before = sum(isinstance(a, WritePlacement) for a in actions)
-        charge(placed_on, spec, -1)
+        pe = snap.placements.get(vm)
+        placed_on = pe.value.node if pe else None
+        writes_before = counts["place"]
+        placer.charge(vm, spec, placed_on, -1)
         _decide_vm(vm, spec)
-        if sum(isinstance(a, WritePlacement) for a in actions) == writes_before:
-            charge(placed_on, spec, +1)
+        if counts["place"] == writes_before:
+            placer.charge(vm, spec, placed_on, +1)
 
-    n_place = sum(isinstance(a, WritePlacement) for a in actions)
+    # Rebalance only a quiet cluster: nothing placed this cycle, nothing in flight or lost.
+    rb = pol.rebalance
+    if rb.enabled and counts["place"] == 0 and inflight[""] == 0 and not lost:
+        since = wall_time - rb.interval_s
+        recent = {vm for vm, pe in snap.placements.items()
+                  if pe.value.reason.startswith(rebalance.REASON_PREFIX)
+                  and pe.value.decided_at >= since}
+        budget = min(rb.max_moves - len(recent), pol.max_migrations_in_flight)
+        if budget > 0:
+            movable = []
+            for vm in running_specs:
+                pe = snap.placements.get(vm)
+                se = snap.statuses.get(vm)
+                if (pe and se and vm not in recent and not snap.specs[vm].value.affinity
+                        and pe.value.kind in ("boot", "migrate") and se.value.state == "running"
+                        and se.value.node == pe.value.node and snap.schedulable(se.value.node)):
+                    movable.append(vm)
+            specs = {vm: snap.specs[vm].value for vm in movable}
+            for mv in rebalance.plan_moves(placer, specs, movable, budget=budget,
+                                           min_gain=rb.min_gain, per_node_limit=per_node_limit,
+                                           inflight=Counter()):
+                place(mv.vm, "migrate", mv.target, mv.reason, mv.scores, from_node=mv.source,
+                      charge=False)
+
     n_fence = sum(isinstance(a, FenceNode) for a in actions)
-    n_wait = sum(isinstance(a, Wait) for a in actions)
     summary = (f"rev={snap.revision} nodes={len(snap.nodes)} vms={len(snap.specs)} "
-               f"placements={n_place} fences={n_fence} waiting={n_wait} lost={len(lost)}")
+               f"placements={counts['place']} fences={n_fence} waiting={counts['wait']} "
+               f"lost={len(lost)}")
     return Plan(tuple(actions), lost, summary)

@@ -8,8 +8,9 @@ alone VMs the rebalancer moved within the last interval, and spends at most `max
 per interval.  A move never breaks a hard rule (same checks as `Placer.choose`, within
 the source's migration group) and never lowers the VM's soft score.
 
-Candidates per step: the 3 most utilised nodes that have movable VMs as sources, the 16
-least utilised nodes as targets, so a step costs O(nodes) and not O(nodes x VMs).
+Candidates per step: the 3 most utilised nodes that have movable VMs as sources and the
+16 least utilised nodes as targets; only when that finds no move, 30 x 64, then 300 x 256.
+A step costs O(nodes), not O(nodes x VMs).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from orchestrator.placement import Placer
 from schemas.models import VmSpec
 
 REASON_PREFIX = "rebalance:"
-SOURCES = 3
-TARGETS = 16
+WIDTHS = ((3, 16), (30, 64), (300, 256))  # (sources, targets) per attempt
 
 
 @dataclass(frozen=True)
@@ -56,37 +56,11 @@ def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[st
     while len(moves) < budget:
         open_nodes = [n for n in placer.sched
                       if inflight[n] < per_node_limit and nodes[n].memory_mib > 0]
-        sources = heapq.nlargest(SOURCES, (n for n in open_nodes if by_node.get(n)),
-                                 key=lambda n: (nodes[n].util, n))
-        targets = heapq.nsmallest(TARGETS, open_nodes, key=lambda n: (nodes[n].util, n))
         best: tuple[float, str, str, str] | None = None  # (-gain, vm, source, target)
-        for src in sources:
-            ns = nodes[src]
-            us = ns.util
-            for vm in by_node[src]:
-                spec = specs[vm]
-                ds = spec.memory_mib / ns.memory_mib
-                placer.charge(vm, spec, src, -1)
-                try:
-                    soft_here = placer.soft_score(spec, src)
-                    for t in targets:
-                        if t == src:
-                            continue
-                        nt = nodes[t]
-                        dt = spec.memory_mib / nt.memory_mib
-                        gain = -((ds * ds - 2 * us * ds) + (2 * nt.util * dt + dt * dt))
-                        if gain < min_gain or (best is not None and -gain > best[0]):
-                            continue
-                        if placer.verdict(spec, t, exclude={src}, live_group=ns.group,
-                                          aff=None) is not None:
-                            continue
-                        if placer.soft_score(spec, t) < soft_here:
-                            continue
-                        key = (-gain, vm, src, t)
-                        if best is None or key < best:
-                            best = key
-                finally:
-                    placer.charge(vm, spec, src, +1)
+        for n_src, n_tgt in WIDTHS:
+            best = _best_move(placer, specs, by_node, open_nodes, n_src, n_tgt, min_gain)
+            if best is not None or n_src >= len(open_nodes):
+                break
         if best is None:
             break
         neg_gain, vm, src, t = best
@@ -104,3 +78,41 @@ def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[st
                           {src: float(nodes[src].free_memory_mib),
                            t: float(nodes[t].free_memory_mib)}))
     return moves
+
+
+def _best_move(placer: Placer, specs: Mapping[str, VmSpec], by_node: dict[str, list[str]],
+               open_nodes: list[str], n_src: int, n_tgt: int,
+               min_gain: float) -> tuple[float, str, str, str] | None:
+    nodes = placer.nodes
+    sources = heapq.nlargest(n_src, (n for n in open_nodes if by_node.get(n)),
+                             key=lambda n: (nodes[n].util, n))
+    targets = heapq.nsmallest(n_tgt, open_nodes, key=lambda n: (nodes[n].util, n))
+    best: tuple[float, str, str, str] | None = None  # (-gain, vm, source, target)
+    for src in sources:
+        ns = nodes[src]
+        us = ns.util
+        for vm in by_node[src]:
+            spec = specs[vm]
+            ds = spec.memory_mib / ns.memory_mib
+            placer.charge(vm, spec, src, -1)
+            try:
+                soft_here = placer.soft_score(spec, src)
+                for t in targets:
+                    if t == src:
+                        continue
+                    nt = nodes[t]
+                    dt = spec.memory_mib / nt.memory_mib
+                    gain = -((ds * ds - 2 * us * ds) + (2 * nt.util * dt + dt * dt))
+                    if gain < min_gain or (best is not None and -gain > best[0]):
+                        continue
+                    if placer.verdict(spec, t, exclude={src}, live_group=ns.group,
+                                      aff=None) is not None:
+                        continue
+                    if placer.soft_score(spec, t) < soft_here:
+                        continue
+                    key = (-gain, vm, src, t)
+                    if best is None or key < best:
+                        best = key
+            finally:
+                placer.charge(vm, spec, src, +1)
+    return best

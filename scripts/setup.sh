@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
-              libvirt-dev git chromium openssl)
+              libvirt-dev git chromium chromium-driver openssl)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f nodeagent/lab/APT_PACKAGES.txt ]; then
   mapfile -t LAB < <(grep -v '^\s*#' nodeagent/lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")
@@ -40,5 +40,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
   touch "$stamp"
+fi
+if [ "${VMHA_LAB:-0}" = 1 ]; then
+  # The lab's Linux guest: Debian's kernel and a busybox initramfs, built once into
+  # /var/cache/vmha-lab (apt-get download; nothing is installed).
+  .venv/bin/python -c 'from nodeagent.lab import ensure_kernel_artifacts as e; e()' \
+    || { echo "setup: cannot build the lab's kernel guest (see above)" >&2; exit 1; }
 fi
 echo "setup: ok"

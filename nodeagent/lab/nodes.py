@@ -617,6 +617,22 @@ def crash_node(node: LabNode) -> None:
         raise LabError(f"node {node.name}: processes {leftover} survived SIGKILL")
 
 
+def kill_libvirtd(node: LabNode) -> int | None:
+    """SIGKILL only ``node``'s libvirtd (its guests' QEMUs keep running); return its pid.
+
+    What a libvirtd crash looks like: a migration it takes part in fails, and
+    :func:`start_node` brings a new libvirtd up that reconnects to the guests.
+    """
+    lv = _running_pid(node.dir)
+    if lv is None:
+        return None
+    _signal(lv, signal.SIGKILL)
+    if _wait_dead([lv], _STOP_TIMEOUT_S):
+        raise LabError(f"node {node.name}: libvirtd {lv} survived SIGKILL")
+    node.pid = None
+    return lv
+
+
 def restart_node(node: LabNode, *, caps_cache: Path | None = DEFAULT_CAPS_CACHE) -> LabNode:
     """Start ``node`` again (after :func:`stop_node` or :func:`crash_node`)."""
     if _running_pid(node.dir) is not None:

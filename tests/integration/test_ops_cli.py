@@ -43,8 +43,9 @@ def test_drain_wait_history_availability_and_vm_commands(
     # A crash: lost node, fence, cold boots, and the outages show in availability.
     crashed = vms_on(fc, "n2")
     fc.agents["n2"].kill()
-    wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in crashed), 20,
-               what="crash recovery")
+    # Its guests live on until n2's guard fences them (at the agent's deadline).
+    wait_until(lambda: all("n2" not in fake_ground_truth(fc.fake_root).get(v, ["n2"])
+                           for v in crashed), 20, what="crash recovery")
     kinds = {e["kind"] for e in j(etcd, "history", "--node", "n2")}
     assert {"node_lost", "fence"} <= kinds
     avail = {r["vm"]: r for r in j(etcd, "availability", "--since=-10m")["vms"]}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -25,15 +27,23 @@ from typing import Any
 import pytest
 
 try:
-    import libvirt  # noqa: F401
+    import libvirt
 except ImportError:  # pragma: no cover - depends on the machine
     pytest.skip("libvirt-python is not installed", allow_module_level=True)
 
-from nodeagent.lab import qemu_pids, tiny_guest_xml  # noqa: E402
-from orchestrator.labcluster import LabCluster  # noqa: E402
+from nodeagent.lab import (  # noqa: E402
+    DEFAULT_CACHE,
+    guest_uptime,
+    kernel_guest_xml,
+    pid_alive,
+    qemu_pids,
+    tiny_guest_xml,
+    wait_guest_uptime,
+)
+from orchestrator.labcluster import LabCluster, child_pids  # noqa: E402
 from orchestrator.localcluster import Daemon, wait_until  # noqa: E402
 from orchestrator.store import EtcdStore  # noqa: E402
-from schemas import Keyspace  # noqa: E402
+from schemas import ClusterConfig, Keyspace  # noqa: E402
 from tests.conftest import TEST_CONFIG, vmha  # noqa: E402
 
 
@@ -155,11 +165,11 @@ def all_reported(store: EtcdStore, lc: LabCluster) -> bool:
     return True
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
+@contextmanager
+def running_lab(tmp_path: Path, config: ClusterConfig) -> Iterator[tuple[LabCluster, EtcdStore]]:
     lc = LabCluster(tmp_path / "lab", tmp_path / "logs")
     started = time.monotonic()
-    lc.start(TEST_CONFIG.to_json())
+    lc.start(config.to_json())
     assert lc.etcd is not None
     store = EtcdStore(lc.endpoints)
     try:
@@ -175,6 +185,20 @@ def lab(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
         store.close()
         lc.stop()
         print(f"\nlab e2e timings: {json.dumps(TIMINGS)}")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
+    with running_lab(tmp_path, TEST_CONFIG) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def lab_noguard(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
+    """The guard process (fencing.guard) disabled: a killed agent's domains survive it."""
+    with running_lab(tmp_path, TEST_CONFIG.model_copy(update={"guard_enabled": False})) \
+            as cluster:
+        yield cluster
 
 
 # ---- tests --------------------------------------------------------------------------------
@@ -222,8 +246,12 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
         assert st is not None
         migration = st.get("migration") or {}
         assert migration.get("source") == "n1" and migration.get("target") == node, st
-        assert migration.get("downtime_ms") is not None, st  # from libvirt's job statistics
+        # from libvirt's job statistics (completed incoming job on the target)
+        assert migration.get("downtime_ms") is not None, st
+        assert migration.get("total_ms") is not None, st
+        assert 0 <= migration["downtime_ms"] <= migration["total_ms"], st
         downtimes.append(migration["downtime_ms"])
+        TIMINGS.setdefault("status_total_ms", []).append(migration["total_ms"])
     # Source empty: no definition left at all (UNDEFINE_SOURCE), per libvirt itself.
     assert lc.node_domains("n1") == {}
     assert qemu_pids(lc.nodes["n1"]) == {}
@@ -243,8 +271,7 @@ def test_crash_reboots_elsewhere_once_after_fence_then_leftovers_undefined(
     with TruthPoller(lc).running() as poller:
         crashed_at = time.time()
         t0 = time.monotonic()
-        lc.agents["n2"].kill()
-        lc.crash_node("n2")
+        lc.crash_host("n2")  # agent and its guard, libvirtd, QEMU: all SIGKILLed
         crashed = time.monotonic()
         wait_until(lambda: all(v in lc.ground_truth() for v in victims), 40, 0.02,
                    "victims running elsewhere")
@@ -285,8 +312,10 @@ def test_crash_reboots_elsewhere_once_after_fence_then_leftovers_undefined(
     TIMINGS["leftovers"] = sorted(left)
 
 
-def test_agent_restart_adopts_running_vms(lab: tuple[LabCluster, EtcdStore]) -> None:
-    lc, store = lab
+def test_agent_restart_adopts_running_vms(lab_noguard: tuple[LabCluster, EtcdStore]) -> None:
+    """Without a guard, domains outlive a killed agent and its successor adopts them.
+    (With the guard, the default, a kill -9 of the agent fences its domains instead.)"""
+    lc, store = lab_noguard
     victims = vms_on(lc, "n3")
     assert victims
     before = qemu_pids(lc.nodes["n3"])
@@ -313,3 +342,189 @@ def test_agent_restart_adopts_running_vms(lab: tuple[LabCluster, EtcdStore]) -> 
         st = status(store, vm)
         assert st is not None and st["node"] == "n3" and st["state"] == "running"
     assert store.get(KS.fence("n3")) is None
+
+
+# ---- more helpers --------------------------------------------------------------------------
+
+KERNEL_VM = "k0"
+#: libvirt's "no limit" for migrateSetMaxSpeed (MiB/s)
+UNLIMITED_MIB_S = 8796093022207
+
+
+def placement(store: EtcdStore, vm: str) -> dict[str, Any] | None:
+    kv = store.get(KS.vm_placement(vm))
+    return dict(json.loads(kv.value)) if kv else None
+
+
+def revoke_lease(lc: LabCluster, store: EtcdStore, node: str) -> None:
+    reg = store.get(KS.node(node))
+    assert reg is not None
+    subprocess.run(["etcdctl", "--endpoints", lc.endpoints, "lease", "revoke",
+                    json.loads(reg.value)["lease_id"]], check=True, capture_output=True)
+
+
+def add_kernel_guest(lc: LabCluster, store: EtcdStore, tmp_path: Path,
+                     min_uptime: float = 3.0) -> tuple[str, Path]:
+    """Declare the Linux guest, wait until it runs and has printed ``min_uptime``;
+    return (its node, its console log)."""
+    assert lc.etcd is not None
+    console = tmp_path / f"{KERNEL_VM}.console.log"
+    xml = tmp_path / f"{KERNEL_VM}.xml"
+    xml.write_text(kernel_guest_xml(KERNEL_VM, DEFAULT_CACHE, console))
+    r = vmha(lc.etcd, "vm", "add", KERNEL_VM, "--memory-mib", "96", "--xml", str(xml))
+    assert r.returncode == 0, r.stderr
+    wait_guest_uptime(console, min_uptime, 90)
+    wait_until(lambda: len(lc.ground_truth().get(KERNEL_VM, [])) == 1, 10, 0.1, "k0 running")
+    return lc.ground_truth()[KERNEL_VM][0], console
+
+
+def console_values(console: Path, since: int) -> tuple[list[float], bool]:
+    """Uptimes the guest printed after byte ``since``, and whether it printed a boot tag."""
+    data = console.read_bytes()[since:]
+    ups = [float(v) for v in re.findall(rb"VMHA-UPTIME (\d+(?:\.\d+)?)", data)]
+    return ups, b"VMHA-BOOT" in data
+
+
+def arrived(store: EtcdStore, lc: LabCluster, vm: str, avoid: set[str]) -> str | None:
+    """The node ``vm`` runs on and is reported running on, if it is not in ``avoid``."""
+    nodes = lc.ground_truth().get(vm, [])
+    st = status(store, vm)
+    if len(nodes) == 1 and nodes[0] not in avoid and st and st["state"] == "running" \
+            and st["node"] == nodes[0]:
+        return nodes[0]
+    return None
+
+
+# ---- SIGTERM, failed migration, kernel guest ----------------------------------------------
+
+
+def test_sigterm_drains_by_live_migration_then_agent_exits_0(
+        lab: tuple[LabCluster, EtcdStore]) -> None:
+    lc, store = lab
+    victims = vms_on(lc, "n1")
+    assert victims
+    agent = lc.agents["n1"]
+    guards = child_pids(agent.pid)
+    marks = {n: log_mark(d) for n, d in lc.agents.items()}
+    with TruthPoller(lc).running() as poller:
+        t0 = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        assert agent.proc is not None
+        rc = agent.proc.wait(60)
+        exit_s = time.monotonic() - t0
+        wait_until(lambda: all(arrived(store, lc, vm, {"n1"}) for vm in victims), 10, 0.05,
+                   "statuses of the migrated VMs")
+    assert rc == 0, agent.log_text()[-3000:]
+    assert poller.double == [], poller.double
+    assert lc.node_domains("n1") == {}
+    assert store.get(KS.node("n1")) is None  # its lease was revoked on the way out
+    assert store.get(KS.cordon("n1")) is not None  # and it comes back cordoned
+    assert store.get(KS.fence("n1")) is None  # a drain is not a crash
+    assert events(agent, "drained_exiting", marks["n1"])
+    for vm in victims:
+        done = events(agent, "migrate_done", marks["n1"], vm)
+        assert len(done) == 1, done
+        for n, d in lc.agents.items():
+            assert events(d, "boot", marks[n], vm) == [], f"{vm} cold-booted on {n}"
+        st = status(store, vm)
+        assert st is not None and st["node"] == done[0]["target"]
+        assert (st.get("migration") or {}).get("downtime_ms") is not None, st
+    # the agent's guard was disarmed and left with it
+    wait_until(lambda: not any(pid_alive(p) for p in guards), 10, 0.05, "guard gone")
+    TIMINGS["sigterm_exit_s"] = round(exit_s, 2)
+
+
+def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
+        lab: tuple[LabCluster, EtcdStore], tmp_path: Path) -> None:
+    """The destination's libvirtd dies while the Linux guest's memory streams in (the
+    source throttled to 4 MiB/s so that the copy takes long enough): the VM keeps
+    running on the source, and the leader moves it to a third node."""
+    lc, store = lab
+    src, console = add_kernel_guest(lc, store, tmp_path, min_uptime=1.0)
+    conn = libvirt.open(lc.nodes[src].uri)
+    try:
+        dom = conn.lookupByName(KERNEL_VM)
+        dom.migrateSetMaxSpeed(4, 0)
+        marks = {n: log_mark(d) for n, d in lc.agents.items()}
+        with TruthPoller(lc).running() as poller:
+            revoke_lease(lc, store, src)
+
+            def incoming() -> str | None:
+                p = placement(store, KERNEL_VM)
+                if p is None or p["kind"] != "migrate" or p["from_node"] != src:
+                    return None
+                return p["node"] if lc.node_domains(p["node"]).get(KERNEL_VM) == "migrating" \
+                    else None
+
+            dst = str(wait_until(incoming, 30, 0.05, "the migration streaming in"))
+            time.sleep(0.5)
+            assert lc.node_domains(src).get(KERNEL_VM) == "running"  # still copying
+            lc.kill_libvirtd(dst)
+            killed = time.monotonic()
+            wait_until(lambda: events(lc.agents[src], "migrate_failed", marks[src], KERNEL_VM),
+                       20, 0.05, "the source to see the migration fail")
+            # Let the next migration run at full speed (it may already have started).
+            dom.migrateSetMaxSpeed(UNLIMITED_MIB_S, 0)
+            final = str(wait_until(lambda: arrived(store, lc, KERNEL_VM, {src, dst}), 40,
+                                   0.05, "k0 migrated to a third node"))
+            retarget_s = time.monotonic() - killed
+            lc.start_libvirtd(dst)
+            wait_until(lambda: all_reported(store, lc), 30, 0.1, "all VMs reported again")
+            time.sleep(1.0)
+    finally:
+        conn.close()
+    assert poller.double == [], poller.double
+    assert final not in (src, dst)
+    assert lc.ground_truth()[KERNEL_VM] == [final]
+    assert KERNEL_VM not in qemu_pids(lc.nodes[dst])
+    assert lc.node_domains(dst).get(KERNEL_VM) in (None, "inactive")
+    # the VM was never seen running anywhere but on the source, then the final node
+    assert poller.seen(KERNEL_VM) <= {src, final}, poller.seen(KERNEL_VM)
+    p = placement(store, KERNEL_VM)
+    assert p is not None and p["node"] == final and p["node"] != dst, p
+    failed = events(lc.agents[src], "migrate_failed", marks[src], KERNEL_VM)
+    assert [e["target"] for e in failed] == [dst], failed
+    done = events(lc.agents[src], "migrate_done", marks[src], KERNEL_VM)
+    assert [e["target"] for e in done] == [final], done
+    for n, d in lc.agents.items():
+        assert events(d, "boot", marks[n], KERNEL_VM) == [], f"k0 cold-booted on {n}"
+    # It never rebooted: the console shows one boot, and the uptime never went back.
+    ups, _ = console_values(console, 0)
+    assert console.read_bytes().count(b"VMHA-BOOT") == 1
+    assert ups == sorted(ups), ups
+    st = status(store, KERNEL_VM)
+    assert st is not None and (st.get("migration") or {}).get("target") == final, st
+    TIMINGS["failed_migration_retarget_s"] = round(retarget_s, 2)
+
+
+def test_kernel_guest_uptime_continues_across_drain(
+        lab: tuple[LabCluster, EtcdStore], tmp_path: Path) -> None:
+    lc, store = lab
+    src, console = add_kernel_guest(lc, store, tmp_path, min_uptime=4.0)
+    marks = {n: log_mark(d) for n, d in lc.agents.items()}
+    offset = console.stat().st_size
+    with TruthPoller(lc).running() as poller:
+        before = guest_uptime(console)
+        assert before is not None
+        t0 = time.monotonic()
+        revoke_lease(lc, store, src)
+        dst = str(wait_until(lambda: arrived(store, lc, KERNEL_VM, {src}), 30, 0.05,
+                             "k0 live-migrated"))
+        moved_s = time.monotonic() - t0
+        # lines printed on the new node (the guest prints every second)
+        after = wait_guest_uptime(console, before + moved_s + 2.0, 20)
+    assert poller.double == [], poller.double
+    ups, rebooted = console_values(console, offset)
+    assert not rebooted, "the guest booted again"
+    assert ups and ups == sorted(ups) and ups[0] >= before, (before, ups)
+    assert after >= before + 2.0
+    for n, d in lc.agents.items():
+        assert events(d, "boot", marks[n], KERNEL_VM) == [], f"k0 cold-booted on {n}"
+    st = status(store, KERNEL_VM)
+    assert st is not None and st["node"] == dst
+    mig = st.get("migration") or {}
+    assert mig.get("source") == src and mig.get("target") == dst, st
+    assert mig.get("total_ms") is not None and mig.get("downtime_ms") is not None, st
+    assert 0 <= mig["downtime_ms"] <= mig["total_ms"], mig
+    TIMINGS["kernel_uptime"] = [before, after]
+    TIMINGS["kernel_migration_ms"] = [mig["total_ms"], mig["downtime_ms"]]

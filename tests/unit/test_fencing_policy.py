@@ -111,27 +111,38 @@ def test_self_fence_deadline(sent: float, cfg: ClusterConfig, deadline: float) -
 
 
 def test_fence_window_is_a_ttl_plus_the_margin() -> None:
-    # A full TTL: the leader cannot tell a revoked lease from an expired one.
-    assert fence_window(ClusterConfig()) == 7.0
-    assert fence_window(TEST_CFG) == 3.0
+    # A full TTL: the leader cannot tell a revoked lease from an expired one.  With the
+    # guard enabled (the default) the guard timeout is added (ttl + guard + margin).
+    assert fence_window(ClusterConfig()) == 5 + 3 + 2 == 10.0
+    assert fence_window(TEST_CFG) == pytest.approx(2 + 1.1 + 1.0)
+    assert fence_window(ClusterConfig(guard_enabled=False)) == 7.0
+    assert fence_window(TEST_CFG.model_copy(update={"guard_enabled": False})) == 3.0
+
+
+NOGUARD = ClusterConfig(guard_enabled=False)
+TEST_NOGUARD = TEST_CFG.model_copy(update={"guard_enabled": False})
 
 
 @pytest.mark.parametrize(
     ("lost_at", "now", "cfg", "fenced", "remaining", "words"),
     [
-        pytest.param(10.0, 10.0, ClusterConfig(), False, 7.0,
+        pytest.param(10.0, 10.0, NOGUARD, False, 7.0,
                      "lease gone for 0.00 s, waiting for the fence window (7.00 s)",
                      id="just-lost"),
-        pytest.param(10.0, 11.5, ClusterConfig(), False, 5.5,
+        pytest.param(10.0, 11.5, NOGUARD, False, 5.5,
                      "lease gone for 1.50 s, waiting", id="inside-window"),
-        pytest.param(10.0, 17.0, ClusterConfig(), True, 0.0,
+        pytest.param(10.0, 17.0, NOGUARD, True, 0.0,
                      "lease gone for 7.00 s >= fence window 7.00 s", id="window-edge"),
-        pytest.param(10.0, 30.0, ClusterConfig(), True, 0.0,
+        pytest.param(10.0, 30.0, NOGUARD, True, 0.0,
                      "lease gone for 20.00 s >= fence window 7.00 s", id="long-after"),
-        pytest.param(10.0, 12.9, TEST_CFG, False, 0.1, "fence window (3.00 s)",
+        pytest.param(10.0, 12.9, TEST_NOGUARD, False, 0.1, "fence window (3.00 s)",
                      id="test-config-before"),
-        pytest.param(10.0, 13.0, TEST_CFG, True, 0.0, "the agent self-fenced",
+        pytest.param(10.0, 13.0, TEST_NOGUARD, True, 0.0, "the agent self-fenced",
                      id="test-config-after"),
+        pytest.param(10.0, 19.9, ClusterConfig(), False, 0.1, "fence window (10.00 s)",
+                     id="guard-before"),
+        pytest.param(10.0, 20.0, ClusterConfig(), True, 0.0, "the agent self-fenced",
+                     id="guard-after"),
     ],
 )
 def test_self_fence_verdict(lost_at: float, now: float, cfg: ClusterConfig, fenced: bool,

@@ -172,17 +172,17 @@ SCENARIOS: list[Any] = [
     pytest.param(
         dict(nodes=["b"], specs=["vm1"], placements={"vm1": boot("x", mod=40)},
              statuses={"vm1": running("x", "p1")}),
-        {"x": 993.0}, NOW, [("fence", "x"), ("wait", "vm1")],
+        {"x": 990.0}, NOW, [("fence", "x"), ("wait", "vm1")],  # window 5 + guard 3 + 2
         id="lost-node-after-fence-window-fenced"),
     pytest.param(
         dict(nodes=["b"], specs=["vm1"], placements={"vm1": boot("x", mod=40)},
              config=TEST_TIMING),
-        {"x": 997.0}, NOW, [("fence", "x"), ("wait", "vm1")],
+        {"x": 995.8}, NOW, [("fence", "x"), ("wait", "vm1")],  # window 2 + guard 1.1 + 1
         id="fence-margin-from-config"),
     pytest.param(
         dict(nodes=["b"], specs=["vm1"], placements={"vm1": boot("x", mod=40)},
              config=TEST_TIMING),
-        {"x": 997.1}, NOW, [("wait", "vm1")],
+        {"x": 996.0}, NOW, [("wait", "vm1")],
         id="fence-margin-from-config-not-yet"),
     pytest.param(
         dict(nodes={"a": (4096, 8), "b": (8192, 8)}, fences={"x": 42}, specs=["vm1"],
@@ -348,8 +348,9 @@ def test_new_vm_scores_and_reason() -> None:
     p = only_placement(run(snap))
     assert (p.kind, p.node) == ("boot", "b")
     assert p.scores == {"a": 3072.0, "b": 7168.0}  # c has too few vCPUs
-    assert p.reason == ("not placed yet; boot on b, the node with the most free memory "
-                        "(7168 MiB after)")
+    # New rule (docs/design.md, "Placement"): lowest memory utilisation after placing.
+    assert p.reason == ("not placed yet; boot on b: lowest memory use after placing of 2 "
+                        "candidate(s) (12% used, 7168 MiB free after); ruled out: 1 capacity")
 
 
 def test_pending_reason_names_request_and_candidates() -> None:
@@ -382,14 +383,14 @@ def test_failed_migration_reason_names_failed_target() -> None:
 
 def test_fence_node_action_details() -> None:
     snap = cluster(nodes=["b"], specs=["vm1"], placements={"vm1": boot("x")})
-    result = run(snap, {"x": 992.5}, now=1000.0)
+    result = run(snap, {"x": 990.0}, now=1000.0)
     fence = result.actions[0]
     assert isinstance(fence, FenceNode)
-    assert fence.node == "x"
-    assert fence.reason.startswith("lease gone for 7.50 s >= fence window 7.00 s")
+    assert fence.node == "x" and fence.method == "self" and fence.expect_mod_revision == 0
+    assert fence.reason.startswith("lease gone for 10.00 s >= fence window 10.00 s")
     wait = result.actions[1]
     assert isinstance(wait, Wait)
-    assert wait.reason == ("node(s) x lost and not yet fenced; the VM may still run there")
+    assert wait.reason.startswith("node(s) x lost and not yet fenced; the VM may still run there")
     assert result.writes == (fence,)
 
 
@@ -529,8 +530,10 @@ def test_failed_migration_retry_on_only_target_with_large_vm() -> None:
 
 
 def test_boot_on_migration_target_counts_vm_once() -> None:
-    # b: 8192 - 2048 (vm-a) = 6144 free; c: 6000 free.  vm-b (1024) fits best on b.
-    snap = cluster(nodes={"b": (8192, 8), "c": (6000, 8)}, fences={"x": 50},
+    # b: 8192 - 2048 (vm-a) used; vm-b (1024) makes b 37.5% used, c (2048) 50% used, so
+    # b wins; counted twice, vm-a would make b 62.5% used and c would win.  (Updated for the
+    # utilisation rule: c was 6000 MiB when the rule was "most free MiB".)
+    snap = cluster(nodes={"b": (8192, 8), "c": (2048, 8)}, fences={"x": 50},
                    specs={"vm-a": (2048, 1), "vm-b": (1024, 1)},
                    placements={"vm-a": migrate("x", "b", mod=40)},
                    statuses={"vm-a": status("x", "migrating", "p1")})

@@ -45,10 +45,10 @@ def reference_pagerank(nodes: list[str], weights: dict[tuple[str, str], float],
         if s != t and w > 0:
             out[ix[s]] += w
     g = [[(1 - d) / n for _ in range(n)] for _ in range(n)]  # g[t][s]: s -> t
-    for s in range(n):
-        if out[s] == 0:
-            for t in range(n):
-                g[t][s] += d / n
+    for i in range(n):
+        if out[i] == 0:
+            for j in range(n):
+                g[j][i] += d / n
     for (s, t), w in weights.items():
         if s != t and w > 0:
             g[ix[t]][ix[s]] += d * w / out[ix[s]]
@@ -179,15 +179,17 @@ def mv(vm: str, s: str, t: str, at: float = 1.0, kind: str = "live") -> Move:
 
 def test_build_graph_one_edge_per_vm_and_direction_with_counts() -> None:
     g = build_graph([mv("v1", "a", "b", 1), mv("v1", "a", "b", 2, "cold"),
-                     mv("v1", "b", "a", 3), mv("v2", "a", "b", 4), mv("v2", "c", "c", 5)],
+                     mv("v1", "b", "a", 3), mv("v2", "a", "b", 4), mv("v2", "c", "c", 5),
+                     mv("v3", "d", "b", 0.5)],
                     nodes=["d", "c"])  # a self-move is no move
     assert g.nodes == ("a", "b", "c", "d")
     assert [(e.vm, e.source, e.target, e.count, e.live, e.cold) for e in g.edges] == [
-        ("v1", "a", "b", 2, 1, 1), ("v1", "b", "a", 1, 1, 0), ("v2", "a", "b", 1, 1, 0)]
-    assert g.moves == 4 and g.last_at == 4 and g.vms == ("v1", "v2")
-    assert [r.node for r in g.ranking][0] == "b"  # receives 3 of 4 moves
+        ("v1", "a", "b", 2, 1, 1), ("v1", "b", "a", 1, 1, 0), ("v2", "a", "b", 1, 1, 0),
+        ("v3", "d", "b", 1, 1, 0)]
+    assert g.moves == 5 and g.last_at == 4 and g.vms == ("v1", "v2", "v3")
+    assert [r.node for r in g.ranking][:2] == ["b", "a"]  # b receives from a and d
     assert {r.node: (r.moves_in, r.moves_out) for r in g.ranking} == {
-        "a": (1, 3), "b": (3, 1), "c": (0, 0), "d": (0, 0)}
+        "a": (1, 3), "b": (4, 1), "c": (0, 0), "d": (0, 1)}
     assert sum(r.score for r in g.ranking) == pytest.approx(1.0)
     # ties (c and d have the same score) sort by name
     assert [r.node for r in g.ranking][-2:] == ["c", "d"]
@@ -232,8 +234,8 @@ def test_svg_is_valid_xml_with_one_arrow_per_edge() -> None:
     root = ET.fromstring(svg)
     assert root.tag == f"{SVG}svg"
     paths = [p for p in root.iter(f"{SVG}path") if p.get("class") == "edge"]
-    assert sorted((p.get("data-vm"), p.get("data-source"), p.get("data-target"),
-                   p.get("data-count")) for p in paths) == sorted([
+    assert sorted((str(p.get("data-vm")), str(p.get("data-source")),
+                   str(p.get("data-target")), str(p.get("data-count"))) for p in paths) == sorted([
         ("v1", "n1", "n2", "2"), ("v2", "n1", "n2", "1"), ("v2", "n2", "n1", "1"),
         ("<x&y>", "n3", "n1", "1")])
     colors = vm_colors(g.vms)
@@ -243,7 +245,8 @@ def test_svg_is_valid_xml_with_one_arrow_per_edge() -> None:
     assert all(p.get("marker-end", "")[5:-1] in ids for p in paths)
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert texts.count("2") >= 1 and {"n1", "n2", "n3"} <= set(texts)
-    legend = [g_.get("data-vm") for g_ in root.iter(f"{SVG}g") if g_.get("class") == "legend-vm"]
+    legend = [str(x.get("data-vm")) for x in root.iter(f"{SVG}g")
+              if x.get("class") == "legend-vm"]
     assert sorted(legend) == sorted(["v1", "v2", "<x&y>"])
     # two arrows between the same nodes do not overlap
     ds = [p.get("d") for p in paths if p.get("data-source") == "n1" and

@@ -1,0 +1,123 @@
+"""External fence agents, run the ClusterLabs way.
+
+A fence agent (fence_ipmilan, fence_redfish, fence_virsh, ... or vmha's built-in
+`python -m fencing.fence_vmha`) is an executable that reads `key=value` lines on
+stdin, one of them `action=off|on|reboot|status|monitor`, and exits 0 on success.
+For `status`, exit 0 means the target is ON and exit 2 that it is OFF.
+
+`fence_off()` runs `action=off` and, if the device says so (`verify`, the default),
+confirms with `action=status` that the target is now off.  Every call has the
+device's timeout; a timeout, a non-zero exit or a status other than "off" is a
+failure.  The whole process group of a timed-out agent is killed.
+
+`ExternalFencer` runs those calls on a small thread pool for the leader, so a hung
+fence device never blocks its cycle; the leader records each outcome in etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from schemas.models import FenceDevice
+
+STATUS_ON, STATUS_OFF = 0, 2
+
+
+@dataclass(frozen=True)
+class FenceResult:
+    ok: bool
+    detail: str
+    duration_s: float
+
+
+def _params(device: FenceDevice, node: str, uri: str, action: str) -> str:
+    lines = [f"{k}={v.replace('{node}', node).replace('{uri}', uri)}"
+             for k, v in sorted(device.params.items())]
+    lines.append(f"action={action}")
+    return "\n".join(lines) + "\n"
+
+
+def run_action(device: FenceDevice, node: str, uri: str, action: str) -> tuple[int | None, str]:
+    """Run one action; (exit code or None on timeout, last output line)."""
+    proc = subprocess.Popen(device.agent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(_params(device, node, uri, action).encode(),
+                                  timeout=device.timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None, f"timed out after {device.timeout_s} s"
+    text = out.decode(errors="replace").strip().splitlines()
+    return proc.returncode, (text[-1] if text else "")[:200]
+
+
+def fence_off(device: FenceDevice, node: str, uri: str) -> FenceResult:
+    started = time.monotonic()
+    name = os.path.basename(device.agent[0]) if len(device.agent) == 1 else " ".join(device.agent)
+
+    def took() -> float:
+        return round(time.monotonic() - started, 3)
+
+    try:
+        rc, out = run_action(device, node, uri, "off")
+    except OSError as exc:
+        return FenceResult(False, f"{name}: cannot run: {exc}", took())
+    if rc != 0:
+        return FenceResult(False, f"{name} action=off " + (out if rc is None else
+                                                            f"exited {rc}: {out}"), took())
+    if device.verify:
+        try:
+            rc, out = run_action(device, node, uri, "status")
+        except OSError as exc:
+            return FenceResult(False, f"{name}: cannot run status: {exc}", took())
+        if rc != STATUS_OFF:
+            return FenceResult(False, f"{name} action=status after off: " + (
+                out if rc is None else f"exit {rc} (need {STATUS_OFF} = off): {out}"), took())
+    return FenceResult(True, f"{name}: off" + (" (verified by status)" if device.verify else ""),
+                       took())
+
+
+class ExternalFencer:
+    """At most one fence run per node at a time, off the leader's cycle."""
+
+    def __init__(self, workers: int = 4, wake: threading.Event | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fence")
+        self._jobs: dict[str, Future[FenceResult]] = {}
+        self._wake = wake
+
+    def running(self, node: str) -> bool:
+        f = self._jobs.get(node)
+        return f is not None and not f.done()
+
+    def start(self, node: str, device: FenceDevice, uri: str) -> bool:
+        if node in self._jobs:
+            return False  # running, or finished and not yet collected
+        fut = self._pool.submit(fence_off, device, node, uri)
+        if self._wake is not None:
+            wake = self._wake
+            fut.add_done_callback(lambda _f: wake.set())
+        self._jobs[node] = fut
+        return True
+
+    def collect(self) -> list[tuple[str, FenceResult]]:
+        out = []
+        for node, fut in list(self._jobs.items()):
+            if fut.done():
+                del self._jobs[node]
+                try:
+                    out.append((node, fut.result()))
+                except Exception as exc:  # noqa: BLE001 - a bug in a fencer is a failed fence
+                    out.append((node, FenceResult(False, f"fencer error: {exc!r}", 0.0)))
+        return out
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

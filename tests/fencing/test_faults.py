@@ -1,0 +1,150 @@
+"""One deterministic regression test per fault kind of the campaign (bench/campaign.py),
+plus a short random campaign and the negative control.
+
+Real etcd (3 members), agents on the fake hypervisor with their guards, two
+orchestrators.  After every fault: I1 (never two running copies, sampled from ground
+truth), I2 (everything runs again), I3 (no stale-epoch/stale-agent write in etcd's
+history), I4 (an unplaceable VM is visibly pending)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.campaign import Campaign, StepResult, negative_control
+
+pytestmark = pytest.mark.integration
+
+
+def _campaign(tmp: Path, policy: str) -> Iterator[Campaign]:
+    c = Campaign(7, tmp, fence_policy=policy, verbose=False, converge_s=30.0)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def selfc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
+    yield from _campaign(tmp_path_factory.mktemp("self"), "self")
+
+
+@pytest.fixture(scope="module")
+def bothc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campaign]:
+    yield from _campaign(tmp_path_factory.mktemp("both"), "both")
+
+
+def run(c: Campaign, kind: str) -> StepResult:
+    r = c.step(len(c.results), kind)
+    c.results.append(r)
+    assert r.converged, r.notes
+    assert c.violations() == [], c.violations()
+    return r
+
+
+def agent_log(c: Campaign, node: str, event: str) -> list[dict[str, object]]:
+    out = []
+    for line in (c.workdir / f"agent-{node}.log").read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def test_kill_agent(selfc: Campaign) -> None:
+    r = run(selfc, "kill_agent")
+    assert r.recovery_s, "the killed node's VMs went down and came back"
+    assert agent_log(selfc, r.target, "guard_fired")
+
+
+def test_stop_agent_past_ttl_is_killed_by_its_guard(selfc: Campaign) -> None:
+    r = run(selfc, "stop_agent")
+    assert "agent killed by its guard while stopped" in r.notes
+    fired = agent_log(selfc, r.target, "guard_fired")
+    assert fired and fired[-1]["agent_killed"] is True and fired[-1]["destroyed"]
+
+
+def test_partitioned_agent_fences_while_cut_off(selfc: Campaign) -> None:
+    r = run(selfc, "partition_agent")
+    assert r.recovery_s
+    assert agent_log(selfc, r.target, "guard_fired")
+
+
+def test_kill_leader(selfc: Campaign) -> None:
+    run(selfc, "kill_leader")
+
+
+def test_stop_leader_past_ttl(selfc: Campaign) -> None:
+    before = dict(selfc.history.checked)  # type: ignore[union-attr]
+    run(selfc, "stop_leader")
+    assert selfc.history is not None and selfc.history.checked["placement"] >= \
+        before["placement"]
+
+
+def test_kill_etcd_member(selfc: Campaign) -> None:
+    run(selfc, "kill_etcd")
+
+
+def test_quorum_loss_and_return(selfc: Campaign) -> None:
+    r = run(selfc, "quorum_loss")
+    assert r.recovery_s, "every node self-fenced while etcd had no quorum"
+
+
+def test_watch_compaction(selfc: Campaign) -> None:
+    r = run(selfc, "compact")
+    assert r.target.startswith("rev"), r.notes
+
+
+def test_capacity_exhaustion_is_visibly_pending(selfc: Campaign) -> None:
+    run(selfc, "capacity")
+
+
+def test_short_random_campaign(selfc: Campaign) -> None:
+    for _ in range(6):
+        run(selfc, selfc.rng.choice(selfc.faults))
+    assert selfc.sampler is not None and selfc.sampler.samples > 100
+
+
+def leader_events(c: Campaign, event: str) -> list[dict[str, object]]:
+    out = []
+    for o in c.orchs:
+        for line in (c.workdir / f"orch-{o}.log").read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == event:
+                out.append(rec)
+    return out
+
+
+def test_fence_agent_hang_times_out_then_falls_back(bothc: Campaign) -> None:
+    run(bothc, "fence_hang")
+    failed = leader_events(bothc, "fence_failed")
+    assert any("timed out" in str(e["detail"]) for e in failed), failed
+
+
+def test_fence_agent_failure_is_recorded_and_retried(bothc: Campaign) -> None:
+    run(bothc, "fence_fail")
+    failed = leader_events(bothc, "fence_failed")
+    assert any("injected failure" in str(e["detail"]) for e in failed), failed
+    assert max(int(e["attempts"]) for e in failed) >= 2  # type: ignore[call-overload]
+
+
+def test_external_fence_success_recovers_without_waiting_for_the_window(
+        bothc: Campaign) -> None:
+    r = run(bothc, "kill_agent")
+    fenced = [e for e in leader_events(bothc, "fenced") if e.get("method") == "external"]
+    assert fenced or r.recovery_s
+
+
+def test_negative_control_guard_disabled_reports_a_double_run(tmp_path: Path) -> None:
+    res = negative_control(3, tmp_path)
+    assert res["double_runs_seen"] > 0, res

@@ -1,0 +1,162 @@
+"""`vmha lab up|status|down` and `vmha demo` as an operator runs them: separate processes.
+
+Root only; skipped without libvirtd / QEMU / unshare / etcd (same check as `vmha lab up`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.labcli import missing_prerequisite
+from orchestrator.localcluster import wait_until
+
+_REASON = missing_prerequisite()
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+]
+
+VMHA = [sys.executable, "-m", "orchestrator"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VMHA, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def state(lab: Path) -> dict[str, Any]:
+    return dict(json.loads((lab / "lab.json").read_text()))
+
+
+def procs_mentioning(path: Path) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions ``path`` (read-only scan)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            raw = cmdline.read_bytes()
+            stat = (cmdline.parent / "stat").read_bytes()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X"):
+            continue
+        text = raw.replace(b"\0", b" ").decode(errors="replace")
+        if str(path) in text:
+            out.append((int(cmdline.parent.name), text))
+    return out
+
+
+def mounts_under(path: Path) -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if str(path) in line]
+
+
+def all_gone(lab: Path) -> bool:
+    return not procs_mentioning(lab)
+
+
+def test_up_status_idempotent_restart_down(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = state(lab)
+    endpoints = st["etcd"]["endpoints"]
+    assert endpoints in r.stdout and "etcdctl --endpoints" in r.stdout
+    assert sorted(st["daemons"]) == ["agent:n1", "agent:n2", "orchestrator:o1",
+                                     "orchestrator:o2"]
+    try:
+        r = run("-o", "json", "lab", "status", "--dir", str(lab))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["up"] is True
+        # the printed example works: a VM boots on a lab node
+        r = run("--etcd", endpoints, "vm", "add", "web1", "--memory-mib", "32", "--xml",
+                str(lab / "guests" / "web1.xml"))
+        assert r.returncode == 0, r.stderr
+
+        def web1_running() -> bool:
+            out = run("--etcd", endpoints, "-o", "json", "vm", "list").stdout
+            return any(v["name"] == "web1" and v["state"] == "running"
+                       for v in json.loads(out))
+
+        wait_until(web1_running, 30, 0.2, "web1 running")
+        # a second `up` changes nothing
+        r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
+        assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+        assert state(lab)["daemons"] == st["daemons"]
+        # a different shape is refused
+        r = run("lab", "up", "--dir", str(lab), "--nodes", "3")
+        assert r.returncode == 2 and "lab down" in r.stderr, r.stderr
+        # a dead agent makes status fail and is restarted by `up`
+        agent = st["daemons"]["agent:n2"]["pid"]
+        subprocess.run(["kill", "-9", str(agent)], check=True)
+        wait_until(lambda: run("lab", "status", "--dir", str(lab)).returncode == 1, 10, 0.2,
+                   "status reports the dead agent")
+        r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
+        assert r.returncode == 0 and "restarted agent:n2" in r.stdout, r.stdout + r.stderr
+        assert state(lab)["daemons"]["agent:n2"]["pid"] != agent
+        r = run("lab", "status", "--dir", str(lab))
+        assert r.returncode == 0, r.stdout
+        assert "web1" in r.stdout
+        assert procs_mentioning(lab)
+    finally:
+        r = run("lab", "down", "--dir", str(lab))
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_until(lambda: all_gone(lab), 10, 0.1, "every lab process gone")
+    assert not lab.exists()
+    assert mounts_under(lab) == []
+    r = run("lab", "down", "--dir", str(lab))
+    assert r.returncode == 0 and "no lab" in r.stdout
+    r = run("lab", "status", "--dir", str(lab))
+    assert r.returncode == 1 and "no lab" in r.stdout
+
+
+def test_ctrl_c_during_up_tears_everything_down(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    proc = subprocess.Popen([*VMHA, "lab", "up", "--dir", str(lab)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def nodes_started() -> bool:
+            try:
+                return len(state(lab).get("nodes", [])) >= 2
+            except (OSError, ValueError):
+                return False
+
+        wait_until(nodes_started, 60, 0.02, "up to start lab nodes")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    wait_until(lambda: all_gone(lab), 10, 0.1, "every lab process gone")
+    assert not lab.exists()
+    assert mounts_under(lab) == []
+
+
+def test_demo_runs_on_the_lab_and_cleans_up() -> None:
+    started = time.monotonic()
+    r = run("demo", timeout=300)
+    took = time.monotonic() - started
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    m = re.search(r"work dir (\S+)\)", out)
+    assert m is not None, out
+    wd = Path(m.group(1))
+    assert not wd.exists()
+    assert all_gone(wd)
+    for needle in ("live-migrated linux1", "downtime", "the same kernel kept running",
+                   "cold-booted", "fence record", "running on two nodes at once: 0  -> OK",
+                   "all processes stopped"):
+        assert needle in out, (needle, out)
+    assert took < 180, out
+    print(f"\ndemo took {took:.1f} s")
