@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench campaign clean
+        bench bench-placement campaign clean
 
 setup:
 	bash scripts/setup.sh
@@ -46,6 +46,14 @@ check: lint test
 bench: setup
 	mkdir -p results
 	$(PY) -m bench.lease_loss --trials 50 --out results/bench-lease-loss.json
+
+# Placement (issue #5): vmha's planner vs crm_simulate and hbal on identical generated
+# clusters (installs pacemaker-cli-utils and ganeti-htools); JSON and Markdown in results/.
+bench-placement: setup
+	command -v crm_simulate >/dev/null && command -v hbal >/dev/null || \
+		apt-get install -y --no-install-recommends pacemaker-cli-utils ganeti-htools
+	mkdir -p results
+	$(PY) -m bench.placement --out results/bench-placement.json
 
 # Fault campaign (fencing): seeded random faults on a 3-member etcd + fake hypervisor
 # cluster; exit 1 on any invariant violation.  SEEDS/STEPS/MINUTES to taste.

@@ -248,6 +248,7 @@ class Campaign:
         self.held: set[str] = set()  # agents the supervisor must not restart now
         self.results: list[StepResult] = []
         self.agent_restarts = 0
+        self.compacted = 0
         self.guard_kills = 0
         self.etcd: EtcdCluster | None = None
         self.store: EtcdStore | None = None
@@ -484,7 +485,9 @@ class Campaign:
             self.history.caught_up()
             try:
                 rev = min(self.store.revision(), self.history.last_rev)
-                self.store.client.compact(rev)
+                if rev > self.compacted:  # etcd refuses to compact twice to one revision
+                    self.store.client.compact(rev)
+                    self.compacted = rev
                 rec.target = f"rev{rev}"
             except Exception as exc:  # noqa: BLE001 - etcd may be busy: note it
                 rec.notes.append(f"compact failed: {exc!r}")

@@ -92,15 +92,19 @@ class ExternalFencer:
     def __init__(self, workers: int = 4, wake: threading.Event | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fence")
         self._jobs: dict[str, Future[FenceResult]] = {}
+        self._tags: dict[str, object] = {}
         self._wake = wake
 
     def running(self, node: str) -> bool:
         f = self._jobs.get(node)
         return f is not None and not f.done()
 
-    def start(self, node: str, device: FenceDevice, uri: str) -> bool:
+    def start(self, node: str, device: FenceDevice, uri: str, tag: object = None) -> bool:
+        """Start fencing `node` unless a run is pending.  `tag` comes back with the
+        result, so the caller can drop a result that belongs to an older episode."""
         if node in self._jobs:
             return False  # running, or finished and not yet collected
+        self._tags[node] = tag
         fut = self._pool.submit(fence_off, device, node, uri)
         if self._wake is not None:
             wake = self._wake
@@ -108,15 +112,17 @@ class ExternalFencer:
         self._jobs[node] = fut
         return True
 
-    def collect(self) -> list[tuple[str, FenceResult]]:
-        out = []
+    def collect(self) -> list[tuple[str, FenceResult, object]]:
+        """Finished runs: (node, result, the tag given to start())."""
+        out: list[tuple[str, FenceResult, object]] = []
         for node, fut in list(self._jobs.items()):
             if fut.done():
                 del self._jobs[node]
+                tag = self._tags.pop(node, None)
                 try:
-                    out.append((node, fut.result()))
+                    out.append((node, fut.result(), tag))
                 except Exception as exc:  # noqa: BLE001 - a bug in a fencer is a failed fence
-                    out.append((node, FenceResult(False, f"fencer error: {exc!r}", 0.0)))
+                    out.append((node, FenceResult(False, f"fencer error: {exc!r}", 0.0), tag))
         return out
 
     def shutdown(self) -> None:

@@ -121,8 +121,11 @@ class Watchdog:
 def run(agent_pid: int, uri: str, linger_s: float, watchdog: str | None,
         watchdog_timeout_s: int, stdin: IO[bytes]) -> int:
     hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # the agent's terminal/session is not ours
+    # A signal meant for the agent (Ctrl-C, `systemctl stop` with KillMode=control-group,
+    # a kill of its process group) must not end the guard: the agent drains, disarms it
+    # and the guard exits on EOF.  Only SIGKILL ends it otherwise.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
     fd = stdin.fileno()
     os.set_blocking(fd, False)

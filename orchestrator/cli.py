@@ -25,7 +25,8 @@ EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
 # Modules that add commands: each has `register(groups)`, where groups maps "root",
 # "vm", "node" and "config" to their argparse sub-parser collections.
 EXTENSIONS: list[str] = ["orchestrator.opscli", "orchestrator.webcli", "fencing.cli",
-                          "orchestrator.labcli"]
+                          "orchestrator.labcli", "orchestrator.simcli",
+                          "orchestrator.outagebench"]
 
 
 class CliError(Exception):

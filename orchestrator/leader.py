@@ -259,7 +259,13 @@ class Orchestrator:
     def _record_external_results(self, snap: ClusterSnapshot, epoch: int) -> bool:
         """Write the outcome of every finished external fence run; True if any was written."""
         wrote = False
-        for node, result in self.fencer.collect():
+        for node, result, tag in self.fencer.collect():
+            if tag != (epoch, self.lost_since.get(node)):
+                # Started by an earlier term, or for an earlier loss of the node (it came
+                # back since): what it switched off is not what is lost now.
+                self.log.warning("fence_result_dropped", node=node, ok=result.ok,
+                                 reason="the run belongs to an earlier term or loss")
+                continue
             wrote |= self._record_external(node, result, snap, epoch)
         return wrote
 
@@ -302,7 +308,8 @@ class Orchestrator:
             if action.method == "external":
                 device = self.cfg.fence_devices.get(action.device)
                 if device is not None and self.fencer.start(
-                        action.node, device, self.last_uris.get(action.node, "")):
+                        action.node, device, self.last_uris.get(action.node, ""),
+                        tag=(epoch, self.lost_since.get(action.node))):
                     self.log.warning("fence_started", node=action.node, device=action.device,
                                      reason=action.reason, epoch=epoch)
                 return False

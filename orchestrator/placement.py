@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemas.models import NodeRegistration, VmSpec
 from schemas.snapshot import ClusterSnapshot
@@ -276,3 +277,75 @@ def violations(placer: Placer, specs: Mapping[str, VmSpec]) -> list[str]:
                 if placer.groups.get(f"anti:{g}", Counter()).get(node, 0) > 1:
                     out.append(f"{vm} on {node}: hard anti-affinity {g}")
     return out
+
+
+# ---- cold boots as one batch -------------------------------------------------------------
+
+EXACT_MAX_VMS = 7
+EXACT_MAX_NODES = 6
+EXACT_MAX_STEPS = 50_000
+
+
+def place_batch(placer: Placer, specs: Mapping[str, VmSpec],
+                order: list[str]) -> dict[str, str | None] | None:
+    """Better targets for the VMs that need a cold boot this cycle, or None.
+
+    The planner boots such VMs one at a time in `order` (priority, then name).  When that
+    would leave one without a node and the instance is small (<= EXACT_MAX_VMS VMs,
+    <= EXACT_MAX_NODES schedulable nodes), an exact search (bounded by EXACT_MAX_STEPS)
+    looks for an assignment that places more of them (then more priority); the result
+    maps every VM of `order` to its node (None: stays pending).  `placer` is left as found.
+    """
+    if len(order) > EXACT_MAX_VMS or len(placer.sched) > EXACT_MAX_NODES:
+        return None
+    greedy: dict[str, str] = {}
+    for vm in order:
+        c = placer.choose(specs[vm], set())
+        if c.node is not None:
+            placer.charge(vm, specs[vm], c.node, +1)
+            greedy[vm] = c.node
+    for vm, node in greedy.items():
+        placer.charge(vm, specs[vm], node, -1)
+    if len(greedy) == len(order):
+        return None
+    best = _exact(placer, specs, order)
+    if best is None or best[0] <= (len(greedy), sum(specs[v].priority for v in greedy)):
+        return None
+    return {vm: best[1].get(vm) for vm in order}
+
+
+def _exact(placer: Placer, specs: Mapping[str, VmSpec],
+           order: list[str]) -> tuple[tuple[int, int], dict[str, str]] | None:
+    best: list[Any] = [None]
+    steps = [0]
+    assign: dict[str, str] = {}
+
+    def value() -> tuple[int, int]:
+        return (len(assign), sum(specs[v].priority for v in assign))
+
+    def dfs(i: int) -> None:
+        steps[0] += 1
+        if steps[0] > EXACT_MAX_STEPS:
+            return
+        if best[0] is not None and len(assign) + (len(order) - i) < best[0][0][0]:
+            return
+        if i == len(order):
+            v = value()
+            if best[0] is None or v > best[0][0]:
+                best[0] = (v, dict(assign))
+            return
+        vm = order[i]
+        spec = specs[vm]
+        aff = placer._affinity_nodes(spec, set()) if spec.affinity else None
+        for name in placer.sched:
+            if placer.verdict(spec, name, exclude=set(), live_group=None, aff=aff) is None:
+                placer.charge(vm, spec, name, +1)
+                assign[vm] = name
+                dfs(i + 1)
+                del assign[vm]
+                placer.charge(vm, spec, name, -1)
+        dfs(i + 1)  # leave it unplaced
+
+    dfs(0)
+    result: tuple[tuple[int, int], dict[str, str]] | None = best[0]
+    return result

@@ -15,8 +15,11 @@ Rules, per VM whose spec says running (see docs/design.md for the reasoning):
   in its status, and only then does the target boot it.
 * A migration in flight (its target alive, no failure reported) is never
   re-targeted; a failed one is re-targeted from the node it still runs on.
-* The target is the schedulable node with the most free memory after placing the
-  VM (the thesis's Heartbeat rule), ties broken by name.
+* The target is chosen by orchestrator.placement (hard rules, then soft score, then
+  lowest memory utilisation after placing, then name); live migrations stay within the
+  source's migration group and within the migration limits (drains go in waves).
+* VMs are decided by priority (higher first), then name; an optional rebalancer
+  (orchestrator.rebalance) moves a few VMs when the cluster is otherwise quiet.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 from fencing.policy import fence_decision
 from orchestrator import rebalance
-from orchestrator.placement import Placer
+from orchestrator.placement import Choice, Placer, place_batch
 from schemas.models import RUNNING_STATES, Placement, VmSpec, VmStatus
 from schemas.snapshot import ClusterSnapshot
 
@@ -122,6 +125,11 @@ def migration_failed(p: Placement, s: VmStatus | None) -> bool:
             and s.failed_target == p.node and s.node == p.from_node)
 
 
+def _ps(snap: ClusterSnapshot, vm: str) -> tuple[Placement | None, VmStatus | None]:
+    pe, se = snap.placements.get(vm), snap.statuses.get(vm)
+    return (pe.value if pe else None), (se.value if se else None)
+
+
 def migration_in_flight(snap: ClusterSnapshot, p: Placement, s: VmStatus | None) -> bool:
     """A migrate placement whose VM has not arrived, not failed, both ends registered."""
     if p.kind != "migrate" or migration_failed(p, s):
@@ -161,8 +169,9 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
     inflight: Counter[str] = Counter()
     for vm, pl_e in snap.placements.items():
         st_e = snap.statuses.get(vm)
-        if vm in snap.specs and migration_in_flight(snap, pl_e.value,
-                                                    st_e.value if st_e else None):
+        spec_e = snap.specs.get(vm)
+        if spec_e and spec_e.value.state == "running" and migration_in_flight(
+                snap, pl_e.value, st_e.value if st_e else None):
             inflight[pl_e.value.from_node] += 1  # type: ignore[index]
             inflight[pl_e.value.node] += 1  # type: ignore[index]
             inflight[""] += 1  # cluster-wide
@@ -275,6 +284,17 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
         # No node may hold it: cold boot anywhere (any migration group).
         fenced = tuple((h, snap.fences[h].mod_revision) for h in hs)
         choice = placer.choose(spec, set())
+        if batch is not None and vm in batch:  # an exact search found a better assignment
+            target = batch[vm]
+            if target is None:
+                choice = Choice(None, {}, "no node left: an exact search over the VMs "
+                                "needing a boot placed more VMs (or more priority) "
+                                f"without this one; {choice.reason}")
+            elif placer.verdict(spec, target, exclude=set(), live_group=None) is None:
+                choice = Choice(target, {target: float(
+                    placer.nodes[target].free_memory_mib - spec.memory_mib)},
+                    "exact search over the VMs needing a boot (one at a time would "
+                    "have placed fewer)")
         if choice.node is None:
             reason = choice.reason
             if spec.priority < max_priority:
@@ -286,7 +306,14 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
               choice.scores, fenced=fenced)
 
     # Higher priority first (restart order and first pick of capacity), then by name.
-    for vm in sorted(running_specs, key=lambda v: (-snap.specs[v].value.priority, v)):
+    order = sorted(running_specs, key=lambda v: (-snap.specs[v].value.priority, v))
+    # VMs no node may hold (every holder fenced, or none): they need a cold boot.
+    cold = [vm for vm in order
+            if all(h not in snap.nodes and h in snap.fences
+                   for h in holders(snap.specs[vm].value, *_ps(snap, vm)))]
+    batch = place_batch(placer, {vm: snap.specs[vm].value for vm in cold}, cold) \
+        if cold else None
+    for vm in order:
         spec = snap.specs[vm].value
         # Decide with this VM's own share released from the node it is placed on, so
         # a retry on the same node, or a rewrite to it, does not count it twice.

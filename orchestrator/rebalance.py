@@ -1,16 +1,17 @@
 """The rebalancer: a few live migrations that even out memory utilisation (pure).
 
-Objective: F = sum over schedulable nodes of u^2, u = used / effective memory.  Each move
-is the single live migration (VM, target) that lowers F the most, and it is made only if
-it lowers F by at least `min_gain`.  The reverse of a move would raise F by the same
-amount, so a later run never undoes an earlier one (hysteresis); the planner also leaves
-alone VMs the rebalancer moved within the last interval, and spends at most `max_moves`
-per interval.  A move never breaks a hard rule (same checks as `Placer.choose`, within
-the source's migration group) and never lowers the VM's soft score.
+Objective: G = sum over schedulable nodes of (u - mean u)^2, u = used / effective memory
+(n times the variance of the utilisations).  Each move is a live migration that lowers G,
+by at least `min_gain`; the reverse of a move would raise G by the same amount, so a later
+run never undoes an earlier one (hysteresis).  The planner also leaves alone the VMs the
+rebalancer moved within the last interval and spends at most `max_moves` per interval.
+A move never breaks a hard rule (the checks of `Placer.choose`, within the source's
+migration group) and never lowers the VM's soft score.
 
-Candidates per step: the 3 most utilised nodes that have movable VMs as sources and the
-16 least utilised nodes as targets; only when that finds no move, 30 x 64, then 300 x 256.
-A step costs O(nodes), not O(nodes x VMs).
+Search per move: sources from the most utilised down, each tried against the 16 least
+utilised nodes; the first source with a move that gains enough gives the move (its best
+VM and target).  A source without one is skipped until a move changes the set of least
+utilised nodes.  A step costs O(nodes), not O(nodes x VMs).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from orchestrator.placement import Placer
 from schemas.models import VmSpec
 
 REASON_PREFIX = "rebalance:"
-WIDTHS = ((3, 16), (30, 64), (300, 256))  # (sources, targets) per attempt
+TARGETS = 16
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class Move:
 
 
 def objective(placer: Placer) -> float:
-    return sum(placer.nodes[n].util ** 2 for n in placer.sched)
+    """G: the sum of squared deviations of the node utilisations from their mean."""
+    u = [placer.nodes[n].util for n in placer.sched]
+    mean = sum(u) / len(u) if u else 0.0
+    return sum((x - mean) ** 2 for x in u)
 
 
 def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[str], *,
@@ -53,14 +57,26 @@ def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[st
             by_node.setdefault(node, []).append(vm)
     moves: list[Move] = []
     nodes = placer.nodes
+    stuck: set[str] = set()
+    n_all = max(1, len(placer.sched))
     while len(moves) < budget:
         open_nodes = [n for n in placer.sched
                       if inflight[n] < per_node_limit and nodes[n].memory_mib > 0]
+        targets = heapq.nsmallest(TARGETS, open_nodes, key=lambda n: (nodes[n].util, n))
+        if not targets:
+            break
+        floor, ceiling = nodes[targets[0]].util, nodes[targets[-1]].util
+        total = sum(nodes[n].util for n in placer.sched)
         best: tuple[float, str, str, str] | None = None  # (-gain, vm, source, target)
-        for n_src, n_tgt in WIDTHS:
-            best = _best_move(placer, specs, by_node, open_nodes, n_src, n_tgt, min_gain)
-            if best is not None or n_src >= len(open_nodes):
+        for src in sorted((n for n in open_nodes if by_node.get(n) and n not in stuck),
+                          key=lambda n: (-nodes[n].util, n)):
+            if nodes[src].util <= floor:
                 break
+            best = _best_move(placer, specs, by_node[src], src, targets, min_gain, total,
+                              n_all)
+            if best is not None:
+                break
+            stuck.add(src)
         if best is None:
             break
         neg_gain, vm, src, t = best
@@ -69,10 +85,12 @@ def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[st
         placer.charge(vm, spec, src, -1)
         placer.charge(vm, spec, t, +1)
         by_node[src].remove(vm)
+        if nodes[src].util < ceiling:
+            stuck.clear()  # the source may now be a target: earlier dead ends may open
         inflight[src] += 1
         inflight[t] += 1
         reason = (f"{REASON_PREFIX} live-migrate from {src} ({us * 100:.0f}% memory used) to "
-                  f"{t} ({ut * 100:.0f}% used); lowers the sum of squared utilisations by "
+                  f"{t} ({ut * 100:.0f}% used); lowers the spread of utilisations (G) by "
                   f"{-neg_gain:.4f} (min_gain {min_gain})")
         moves.append(Move(vm, src, t, -neg_gain, reason,
                           {src: float(nodes[src].free_memory_mib),
@@ -80,39 +98,37 @@ def plan_moves(placer: Placer, specs: Mapping[str, VmSpec], movable: Iterable[st
     return moves
 
 
-def _best_move(placer: Placer, specs: Mapping[str, VmSpec], by_node: dict[str, list[str]],
-               open_nodes: list[str], n_src: int, n_tgt: int,
-               min_gain: float) -> tuple[float, str, str, str] | None:
+def _best_move(placer: Placer, specs: Mapping[str, VmSpec], vms: list[str], src: str,
+               targets: list[str], min_gain: float, total: float,
+               n_all: int) -> tuple[float, str, str, str] | None:
     nodes = placer.nodes
-    sources = heapq.nlargest(n_src, (n for n in open_nodes if by_node.get(n)),
-                             key=lambda n: (nodes[n].util, n))
-    targets = heapq.nsmallest(n_tgt, open_nodes, key=lambda n: (nodes[n].util, n))
     best: tuple[float, str, str, str] | None = None  # (-gain, vm, source, target)
-    for src in sources:
-        ns = nodes[src]
-        us = ns.util
-        for vm in by_node[src]:
-            spec = specs[vm]
-            ds = spec.memory_mib / ns.memory_mib
-            placer.charge(vm, spec, src, -1)
-            try:
-                soft_here = placer.soft_score(spec, src)
-                for t in targets:
-                    if t == src:
-                        continue
-                    nt = nodes[t]
-                    dt = spec.memory_mib / nt.memory_mib
-                    gain = -((ds * ds - 2 * us * ds) + (2 * nt.util * dt + dt * dt))
-                    if gain < min_gain or (best is not None and -gain > best[0]):
-                        continue
-                    if placer.verdict(spec, t, exclude={src}, live_group=ns.group,
-                                      aff=None) is not None:
-                        continue
-                    if placer.soft_score(spec, t) < soft_here:
-                        continue
-                    key = (-gain, vm, src, t)
-                    if best is None or key < best:
-                        best = key
-            finally:
-                placer.charge(vm, spec, src, +1)
+    ns = nodes[src]
+    us = ns.util
+    for vm in vms:
+        spec = specs[vm]
+        ds = spec.memory_mib / ns.memory_mib
+        placer.charge(vm, spec, src, -1)
+        try:
+            soft_here = placer.soft_score(spec, src)
+            for t in targets:
+                if t == src:
+                    continue
+                nt = nodes[t]
+                dt = spec.memory_mib / nt.memory_mib
+                d_sq = (ds * ds - 2 * us * ds) + (2 * nt.util * dt + dt * dt)
+                shift = dt - ds
+                gain = -(d_sq - (2 * total * shift + shift * shift) / n_all)
+                if gain < min_gain or (best is not None and -gain > best[0]):
+                    continue
+                if placer.verdict(spec, t, exclude={src}, live_group=ns.group,
+                                  aff=None) is not None:
+                    continue
+                if placer.soft_score(spec, t) < soft_here:
+                    continue
+                key = (-gain, vm, src, t)
+                if best is None or key < best:
+                    best = key
+        finally:
+            placer.charge(vm, spec, src, +1)
     return best

@@ -23,6 +23,7 @@ from schemas.models import (
     CordonMarker,
     FenceRecord,
     Model,
+    VmSpec,
     VmStatus,
 )
 from schemas.snapshot import ClusterSnapshot, Entry, RawKV
@@ -149,7 +150,8 @@ def with_config(snap: ClusterSnapshot, **placement: Any) -> ClusterSnapshot:
     other = {k: v for k, v in placement.items() if not k.startswith("rebalance_")}
     cfg = snap.config.model_copy(update={"placement": pol.model_copy(update={
         **other, "rebalance": rb.model_copy(update=rb_fields)})})
-    return dataclasses.replace(snap, config=ClusterConfig.model_validate(cfg.model_dump()))
+    valid = ClusterConfig.model_validate(cfg.model_dump(by_alias=True))
+    return dataclasses.replace(snap, config=valid)
 
 
 # ---- reports -----------------------------------------------------------------------------
@@ -258,3 +260,49 @@ def simulate(snap: ClusterSnapshot, *, fail: Iterable[str] = (), drain: Iterable
                        if isinstance(a, planner.Wait)]
     return res
 
+
+
+# ---- admission control (N+1) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Admission:
+    ok: bool
+    message: str
+    lost_node: str | None = None
+    unplaced: tuple[str, ...] = ()
+
+
+def add_spec(snap: ClusterSnapshot, spec: VmSpec) -> ClusterSnapshot:
+    specs = dict(snap.specs)
+    rev = snap.revision + 1
+    specs[spec.name] = _entry(spec, _key(snap, "vm_spec", spec.name), rev)
+    return dataclasses.replace(snap, specs=specs, revision=rev)
+
+
+def admission_check(snap: ClusterSnapshot, spec: VmSpec) -> Admission:
+    """Would the cluster, with `spec` added, re-place every VM after losing its largest
+    node (largest effective memory, then name)?  Runs the real planner offline."""
+    if spec.state != "running":
+        return Admission(True, "declared stopped: takes no capacity")
+    snap = add_spec(snap, spec)
+    placer = Placer.from_snapshot(snap)
+    if not placer.sched:
+        return Admission(True, "no schedulable node registered: N+1 not checked")
+    now = simulate(snap, max_cycles=50)
+    if any(p["vm"] == spec.name for p in now.pending):
+        return Admission(False, f"{spec.name} does not fit now: "
+                         + next(p["reason"] for p in now.pending if p["vm"] == spec.name))
+    largest = max(placer.sched, key=lambda n: (placer.nodes[n].memory_mib, n))
+    if len(placer.sched) < 2:
+        return Admission(False, f"N+1 broken: only one schedulable node ({largest})",
+                         largest)
+    after = simulate(now.snapshot, fail=[largest], max_cycles=50)
+    unplaced = tuple(sorted(p["vm"] for p in after.pending))
+    if unplaced:
+        shown = ", ".join(unplaced[:10]) + (f" and {len(unplaced) - 10} more"
+                                            if len(unplaced) > 10 else "")
+        return Admission(False, f"N+1 broken: after losing the largest node {largest}, "
+                         f"{len(unplaced)} VM(s) could not be placed ({shown})",
+                         largest, unplaced)
+    return Admission(True, f"N+1 ok: every VM can be re-placed after losing {largest}",
+                     largest)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from fencing.agents import ExternalFencer, fence_off, run_action
+from fencing.agents import ExternalFencer, FenceResult, fence_off, run_action
 from nodeagent.fake_hv import FakeHypervisor, fake_ground_truth
 from schemas.models import FenceDevice
 
@@ -67,11 +67,12 @@ def test_fencer_runs_one_job_per_node_off_the_caller(tmp_path: Path) -> None:
     running_vm(tmp_path)
     f = ExternalFencer()
     dev = device(tmp_path, "ok")
-    assert f.start("n1", dev, "") and not f.start("n1", dev, "")
+    assert f.start("n1", dev, "", tag=(7, 12.5)) and not f.start("n1", dev, "")
     deadline = time.monotonic() + 10
-    done: list = []
+    done: list[tuple[str, FenceResult, object]] = []
     while not done and time.monotonic() < deadline:
         done = f.collect()
         time.sleep(0.05)
-    assert done and done[0][0] == "n1" and done[0][1].ok
+    # The tag comes back: the leader drops results of an earlier term or loss episode.
+    assert done and done[0][0] == "n1" and done[0][1].ok and done[0][2] == (7, 12.5)
     f.shutdown()

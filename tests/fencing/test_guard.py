@@ -98,3 +98,36 @@ def test_never_armed_guard_is_just_the_host_and_lingers(tmp_path: Path) -> None:
     assert pid_alive(agent.pid)
     agent.kill()
     agent.wait()
+
+
+def test_watchdog_is_fed_while_armed_and_released_with_magic_close(tmp_path: Path) -> None:
+    """/dev/watchdog is absent here: a plain file stands in (the timeout ioctl fails, logged)."""
+    from fencing.guard import Watchdog
+
+    dev = tmp_path / "watchdog"
+    dev.write_bytes(b"")
+    wd = Watchdog(str(dev), 10)
+    wd.feed()
+    wd.feed()
+    wd.close(disarm=True)
+    assert dev.read_bytes() == b"\0\0V"
+    dev.write_bytes(b"")
+    wd = Watchdog(str(dev), 10)
+    wd.feed()
+    wd.close(disarm=False)  # fired: no magic close, a real watchdog resets the host
+    assert dev.read_bytes() == b"\0"
+
+
+def test_guard_feeds_the_watchdog_then_stops_when_it_fires(tmp_path: Path) -> None:
+    dev = tmp_path / "watchdog"
+    dev.write_bytes(b"")
+    agent = subprocess.Popen(["sleep", "60"])
+    g = subprocess.Popen([sys.executable, "-m", "fencing.guard", "--agent-pid", str(agent.pid),
+                          "--uri", f"fake://{tmp_path / 'n1'}", "--watchdog", str(dev)],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    pet(g, 10.0, 0.5)
+    assert g.wait(5) == 3
+    data = dev.read_bytes()
+    assert data and set(data) == {0}, data  # fed while armed, never released with "V"
+    assert agent.wait(5) == -9
