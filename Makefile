@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-placement campaign clean
+        bench bench-placement campaign evidence clean
 
 setup:
 	bash scripts/setup.sh
@@ -46,6 +46,12 @@ check: lint test
 bench: setup
 	mkdir -p results
 	$(PY) -m bench.lease_loss --trials 50 --out results/bench-lease-loss.json
+
+# The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
+# packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.
+evidence: setup-lab
+	$(PY) -m orchestrator bench outage --trials $(or $(TRIALS),8) --raw-trials $(or $(TRIALS),8) \
+		--out results/outage
 
 # Placement (issue #5): vmha's planner vs crm_simulate and hbal on identical generated
 # clusters (installs pacemaker-cli-utils and ganeti-htools); JSON and Markdown in results/.

@@ -586,8 +586,12 @@ def negative_control(seed: int = 1, workdir: Path | None = None) -> dict[str, An
         while time.monotonic() < end and not c.sampler.violations:  # type: ignore[union-attr]
             time.sleep(0.1)
         c.agents[node].signal(signal.SIGCONT)
+        time.sleep(3.0)  # the resumed agent acts on stale state: etcd must refuse its writes
+        assert c.history is not None
+        c.history.caught_up()
         return {"double_runs_seen": len(c.sampler.violations),  # type: ignore[union-attr]
-                "first": c.sampler.violations[:1]}  # type: ignore[union-attr]
+                "first": c.sampler.violations[:1],  # type: ignore[union-attr]
+                "stale_writes_accepted": len(c.history.violations)}
     finally:
         c.stop()
 

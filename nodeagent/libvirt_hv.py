@@ -69,6 +69,18 @@ def _with_uuid(xml: str, uuid: str) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _incoming_job_active(dom: libvirt.virDomain) -> bool:
+    """True while the destination still finishes an incoming migration.  libvirt resumes
+    the guest before it ends the migration job, and the completed job's statistics
+    (downtime, total time) exist only after that: a report in between would carry none.
+    While that job runs, libvirt refuses job statistics with OPERATION_UNSUPPORTED."""
+    try:
+        dom.jobStats(0)
+    except libvirt.libvirtError as exc:
+        return bool(exc.get_error_code() == libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
+    return False
+
+
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
         libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
@@ -134,10 +146,13 @@ class LibvirtHypervisor:
                     if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                         continue  # vanished between list and lookup (migrated away)
                     raise
-                incoming = (state == libvirt.VIR_DOMAIN_PAUSED
-                            and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
-                                           libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
-                                           libvirt.VIR_DOMAIN_PAUSED_POSTCOPY))
+                incoming = ((state == libvirt.VIR_DOMAIN_PAUSED
+                             and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                                            libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+                                            libvirt.VIR_DOMAIN_PAUSED_POSTCOPY))
+                            or (state == libvirt.VIR_DOMAIN_RUNNING
+                                and reason == libvirt.VIR_DOMAIN_RUNNING_MIGRATED
+                                and _incoming_job_active(dom)))
                 out[dom.name()] = Domain(dom.name(), _STATES.get(state, "other"), managed,
                                          incoming)
             return out

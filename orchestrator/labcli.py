@@ -135,7 +135,8 @@ def cluster_state(lc: Any, base: dict[str, Any]) -> dict[str, Any]:
         state["etcd"] = {
             "endpoints": lc.etcd.endpoints, "base": str(lc.etcd.base),
             "members": [{"name": m.name, "pid": m.proc.pid, "argv": list(m.proc.args),
-                         "log": str(m.log_path)} for m in lc.etcd.members if m.proc],
+                         "endpoint": m.endpoint, "log": str(m.log_path)}
+                        for m in lc.etcd.members if m.proc],
         }
     state["nodes"] = [{"name": n.name, "index": n.index, "uri": n.uri, "dir": str(n.dir)}
                       for n in lc.nodes.values()]
@@ -463,7 +464,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for m in _etcd_recs(state):
         rows.append({"kind": "etcd", "name": m["name"], "pid": m["pid"], "alive": proc_alive(m),
-                     "detail": state["etcd"]["endpoints"]})
+                     "detail": m.get("endpoint") or state["etcd"]["endpoints"]})
     nodes = {n.name: n for n in lab_nodes(lab_dir / "nodes")}
     for n in state.get("nodes", []):
         node = nodes.get(n["name"])

@@ -165,12 +165,15 @@ class Demo:
                        check=True, capture_output=True)
 
         def done() -> bool:
-            if self.lc.node_domains(node) or not self.running_as_reported(victims, node):
-                return False
-            return all((self.status(vm) or {}).get("migration") for vm in victims)
+            return not self.lc.node_domains(node) and self.running_as_reported(victims, node)
 
         wait_progress(done, 90, f"{node} to drain by live migration", self.where)
         drain_s = time.monotonic() - t
+        # the arrival reports carry the statistics; give a late one a moment
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not all(
+                (self.status(vm) or {}).get("migration") for vm in victims):
+            time.sleep(0.1)
         for vm in victims:
             st = self.status(vm) or {}
             mig = st.get("migration") or {}

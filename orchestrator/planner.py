@@ -287,9 +287,9 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
         if batch is not None and vm in batch:  # an exact search found a better assignment
             target = batch[vm]
             if target is None:
-                choice = Choice(None, {}, "no node left: an exact search over the VMs "
-                                "needing a boot placed more VMs (or more priority) "
-                                f"without this one; {choice.reason}")
+                choice = Choice(None, {}, f"left pending: of the {len(batch)} VMs needing "
+                                "a boot, an exact search places more (or more priority) "
+                                "without this one")
             elif placer.verdict(spec, target, exclude=set(), live_group=None) is None:
                 choice = Choice(target, {target: float(
                     placer.nodes[target].free_memory_mib - spec.memory_mib)},

@@ -323,3 +323,25 @@ def test_node_failure_at_1000_nodes_10000_vms_under_a_second() -> None:
     boots = [a for a in p.actions if isinstance(a, WritePlacement)]
     assert boots and all(a.placement.kind == "boot" for a in boots)
     assert best <= 1.0, f"planner took {best:.3f} s"
+
+
+def test_exact_search_when_one_at_a_time_fails() -> None:
+    # One at a time: v1 (2048) goes to a (67% used after, b would be 100%), then v2 (3072)
+    # fits nowhere.  The batch search boots both.
+    snap = cluster(nodes={"a": (3072, 8), "b": (2048, 8)}, specs={"v1": (2048, 1),
+                                                                   "v2": (3072, 1)})
+    assert sorted(writes(run(snap))) == [("v1", "boot", "b", None), ("v2", "boot", "a", None)]
+
+
+def test_explain_shows_why_a_drained_vm_stays() -> None:
+    from orchestrator.simcli import explain_data
+
+    snap = cluster(nodes={"a": (8192, 8)}, cordons=["a"], specs=["v1"],
+                   placements={"v1": boot("a", mod=40)}, statuses={"v1": running("a", "p1")},
+                   extra=[node("b", 16384, migration_group="other")])
+    data = explain_data(snap, "v1")
+    assert data["planner_now"]["action"] == "wait"
+    assert "other migration group" in data["planner_now"]["reason"]
+    rows = {r["node"]: r for r in data["candidates"]}
+    assert rows["b"]["ruled_out"] == "other migration group"
+    assert data["live_migration_group"] == "cpu:qemu64"
