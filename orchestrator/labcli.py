@@ -275,7 +275,8 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     from orchestrator.localcluster import Daemon
 
     names = [n["name"] for n in state.get("nodes", [])]
-    if len(names) != args.nodes or len(_etcd_recs(state)) != args.etcd_members:
+    if args.nodes not in (None, len(names)) or \
+            args.etcd_members not in (None, len(_etcd_recs(state))):
         raise CliError(f"a lab with {len(names)} node(s) and {len(_etcd_recs(state))} etcd "
                        f"member(s) is already in {lab_dir}; `vmha lab down --dir {lab_dir}` "
                        "first", EXIT_INPUT)
@@ -315,11 +316,13 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
     lab_dir = Path(args.dir).resolve()
     _check_dir(lab_dir)
-    if not 1 <= args.nodes <= 9:
+    if args.nodes is not None and not 1 <= args.nodes <= 9:
         raise CliError("--nodes must be 1..9", EXIT_INPUT)
     state = load_state(lab_dir)
     if state is not None:
         return _resume(args, lab_dir, state)
+    args.nodes = args.nodes or 3
+    args.etcd_members = args.etcd_members or 1
     if lab_dir.exists() and any(p.name in OWNED for p in lab_dir.iterdir()):
         raise CliError(f"{lab_dir} holds left-overs of a lab without {STATE_FILE}; "
                        f"`vmha lab down --dir {lab_dir}` removes them", EXIT_INPUT)
@@ -530,8 +533,8 @@ def register(groups: dict[str, Any]) -> None:
     dir_help = f"lab directory (default {DEFAULT_DIR}, env VMHA_LAB_DIR)"
     up = sub.add_parser("up", help="start the lab in the background (idempotent)")
     up.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)
-    up.add_argument("--nodes", type=int, default=3, help="libvirt nodes (default 3)")
-    up.add_argument("--etcd-members", type=int, choices=[1, 3], default=1)
+    up.add_argument("--nodes", type=int, help="libvirt nodes (default 3)")
+    up.add_argument("--etcd-members", type=int, choices=[1, 3], help="default 1")
     up.set_defaults(fn=cmd_lab_up)
     down = sub.add_parser("down", help="stop every lab process and remove the lab directory")
     down.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)

@@ -579,9 +579,10 @@ def write_report(out: Path) -> Path:
     lines.append("| stream | implied outage raw | implied outage vmha | vmha/raw | "
                  "libvirt downtime raw | vmha status downtime_ms | largest loss burst raw | "
                  "largest loss burst vmha | longest silence raw | "
-                 "longest silence vmha | failure → running elsewhere (s) | "
+                 "longest silence vmha | raw: migration start → running elsewhere (s) | "
+                 "vmha: failure → running elsewhere (s) | "
                  "failure → node drained (s) | thesis implied outage |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ratios: list[float] = []
     for s in STREAMS:
         row = agg.get(s.key, {})
@@ -602,6 +603,7 @@ def write_report(out: Path) -> Path:
             f"{_fmt(vm['burst_ms']) if vm else '-'} | "
             f"{_fmt(raw['silence_ms']) if raw else '-'} | "
             f"{_fmt(vm['silence_ms']) if vm else '-'} | "
+            f"{_fmt(raw['running_s'], 2) if raw else '-'} | "
             f"{_fmt(vm['running_s'], 2) if vm else '-'} | "
             f"{_fmt(vm['repaired_s'], 2) if vm else '-'} | {th_ms} |")
     lines.append("")

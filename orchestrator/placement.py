@@ -125,8 +125,9 @@ class Placer:
         c = self.nodes[node]
         c.used_memory_mib += sign * spec.memory_mib
         c.used_vcpus += sign * spec.vcpus
-        for g in groups_of(spec):
-            self.groups.setdefault(g, Counter())[node] += sign
+        if spec.anti_affinity or spec.soft_anti_affinity or spec.affinity or spec.soft_affinity:
+            for g in groups_of(spec):
+                self.groups.setdefault(g, Counter())[node] += sign
         if sign > 0:
             self.where[vm] = node
         elif self.where.get(vm) == node:

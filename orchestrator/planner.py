@@ -306,7 +306,8 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
               choice.scores, fenced=fenced)
 
     # Higher priority first (restart order and first pick of capacity), then by name.
-    order = sorted(running_specs, key=lambda v: (-snap.specs[v].value.priority, v))
+    priority = {vm: snap.specs[vm].value.priority for vm in running_specs}
+    order = sorted(running_specs, key=lambda v: (-priority[v], v))
     # VMs no node may hold (every holder fenced, or none): they need a cold boot.
     cold = [vm for vm in order
             if all(h not in snap.nodes and h in snap.fences

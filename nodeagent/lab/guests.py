@@ -162,7 +162,9 @@ def _job_ms(stats: dict[str, int]) -> tuple[float | None, float | None]:
 
 def _completed_stats(dom: libvirt.virDomain) -> dict[str, int]:
     try:
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        # KEEP_COMPLETED: reading them must not discard them for vmha's agent
+        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                             | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
     except libvirt.libvirtError:
         return {}
     return stats or {}
