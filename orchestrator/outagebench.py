@@ -420,8 +420,8 @@ class Campaign:
         t_answer = self._answers(180)
         time.sleep(POST_ROLL_S)
         probe = run.finish()
-        # first ICMP answer after the failure
-        after = sorted(t for _s, t, _c in probe["answers"] if t > t_fail)
+        # first ICMP answer from the new node (answers in flight at the crash do not count)
+        after = sorted(t for _s, t, _c in probe["answers"] if t > t_running)
         first = after[0] if after else None
         fence = self.store.get(f"{self.lc.prefix}/fence/{src}")
         trial = {"phase": "crash", "kind": "crash", "stream": stream.key, "src": src,
@@ -663,6 +663,12 @@ def write_report(out: Path) -> Path:
                      "pings lost |")
         lines.append("|---|---|---|---|")
         for i, t in enumerate(crashes):
+            path = out / "raw" / str(t.get("probe_file"))
+            if path.is_file() and t.get("running_s") is not None:
+                back = t["t_fail"] + t["running_s"]
+                arrivals = sorted(a for _s, a, _c in json.loads(path.read_text())["answers"]
+                                  if a > back)
+                t["answer_s"] = round(arrivals[0] - t["t_fail"], 3) if arrivals else None
             lines.append(f"| {i + 1} | {t.get('running_s')} | {t.get('answer_s')} | "
                          f"{t['probe']['lost'] if 'probe' in t else '-'} |")
         lines.append("")
@@ -736,7 +742,7 @@ def write_plots(out: Path) -> list[Path]:
         xs = [b - t["t_fail"] for b in arr[1:]]
         ys = [(b - a) * 1000 for a, b in zip(arr, arr[1:], strict=False)]
         label = "vmha (lease revoke)" if phase == "vmha" else "raw libvirt migration"
-        ax.plot(xs, ys, "-", lw=0.8, color=colour, label=label)
+        ax.plot(xs, ys, "-", lw=0.8, color=colour, label=label, drawstyle="steps-pre")
     ax.axvline(0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("time since failure / migration start (s)")
     ax.set_ylabel("inter-arrival gap (ms)")
