@@ -191,6 +191,15 @@ class Campaign:
     def _where(self) -> list[str]:
         return self.lc.ground_truth().get(VM, [])
 
+    def _only_node(self) -> str:
+        """The one node the guest runs on; a clear error if it runs nowhere (or twice)."""
+        nodes = self._where()
+        if len(nodes) != 1:
+            console = self.out / "logs" / f"{VM}.console.log"
+            raise RuntimeError(f"the guest runs on {nodes or 'no node'}; its console "
+                               f"(a guest kernel panic?) is in {console}")
+        return nodes[0]
+
     def _wait(self, pred: Any, timeout: float, what: str, interval: float = 0.01) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -296,7 +305,7 @@ class Campaign:
             if time.monotonic() > self.deadline:
                 _log("time budget used up: no more raw trials")
                 break
-            (src,) = self._where()
+            src = self._only_node()
             dst = NODES[1] if src == NODES[0] else NODES[0]
             run = self._probe(stream, f"raw-{i:03d}-{stream.key}")
             time.sleep(PRE_ROLL_S)
@@ -327,7 +336,7 @@ class Campaign:
                           "running_s": round(t_running - t_fail, 3),
                           "downtime_ms": res["downtime_ms"], "total_ms": res["total_ms"]},
                          run, probe)
-        (node,) = self._where()
+        node = self._only_node()
         conn = libvirt.open(self.lc.nodes[node].uri)
         try:
             dom = conn.lookupByName(VM)
@@ -360,7 +369,7 @@ class Campaign:
         from schemas import Keyspace
 
         ks = Keyspace(self.lc.prefix)
-        (src,) = self._where()
+        src = self._only_node()
         dst = NODES[1] if src == NODES[0] else NODES[0]
         reg = self.store.get(ks.node(src))
         assert reg is not None
@@ -409,7 +418,7 @@ class Campaign:
 
     def crash(self, index: int) -> None:
         stream = STREAM_BY_KEY["icmp100"]
-        (src,) = self._where()
+        src = self._only_node()
         dst = NODES[1] if src == NODES[0] else NODES[0]
         run = self._probe(stream, f"crash-{index:03d}", max_seconds=300)
         time.sleep(PRE_ROLL_S)
