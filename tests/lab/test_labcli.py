@@ -158,5 +158,5 @@ def test_demo_runs_on_the_lab_and_cleans_up() -> None:
                    "cold-booted", "fence record", "running on two nodes at once: 0  -> OK",
                    "all processes stopped"):
         assert needle in out, (needle, out)
-    assert took < 180, out
+    # Its duration is reported, not asserted: speed targets live in benchmarks.
     print(f"\ndemo took {took:.1f} s")
