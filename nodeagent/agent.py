@@ -269,10 +269,13 @@ class NodeAgent:
             self.load_config()
             self.register()
         assert self.reg is not None
-        if self.flags.revoked or (self.flags.exiting and not self.reg.cordoned):
-            self._cordon("lease revoked (drain)" if self.flags.revoked else
+        # Read the keeper thread's flags once: a revoke flagged between two reads
+        # would re-register the node without its cordon (a drain that drains nothing).
+        revoked, expired = self.flags.revoked, self.flags.expired
+        if revoked or (self.flags.exiting and not self.reg.cordoned):
+            self._cordon("lease revoked (drain)" if revoked else
                          "agent stopping (SIGTERM): drain")
-        if self.flags.revoked or self.flags.expired:
+        if revoked or expired:
             # The old keeper keeps watching the old deadline until we hold a new lease.
             self._old_keepers.append(self.reg.keeper)
             self.reg = None
