@@ -1,8 +1,8 @@
 """`vmha demo`: a whole cluster on this machine, a drain and a crash, narrated.
 
-Real etcd, two orchestrators, three node agents on the fake hypervisor (each agent
-process is one "host"; its guests die with it).  The lab of real QEMU nodes is a
-separate step (see the README).
+Real etcd, two orchestrators, three node agents on the fake hypervisor (each agent's
+guard process is the fake "host"; when the agent dies the guard destroys its guests at
+the agent's deadline).  `vmha demo` without --fake runs the real-QEMU lab demo.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run_demo(workdir: Path | None = None) -> int:
         say("\n-- vmha node uncordon n1   (n1 may receive VMs again; nothing moves back by itself)")
 
         victims = sorted(vm for vm, ns in where(fc).items() if "n2" in ns)
-        say(f"\n-- CRASH: kill -9 of n2's agent (its guests die with it: {', '.join(victims)})")
+        say(f"\n-- CRASH: kill -9 of n2's agent (its guard destroys {', '.join(victims)} at the deadline)")
         t = time.monotonic()
         crash_wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         fc.agents["n2"].kill()
