@@ -107,7 +107,8 @@ def run_demo(workdir: Path | None = None) -> int:
         say("\n-- vmha node uncordon n1   (n1 may receive VMs again; nothing moves back by itself)")
 
         victims = sorted(vm for vm, ns in where(fc).items() if "n2" in ns)
-        say(f"\n-- CRASH: kill -9 of n2's agent (its guard destroys {', '.join(victims)} at the deadline)")
+        say(f"\n-- CRASH: kill -9 of n2's agent (its guard destroys {', '.join(victims)} "
+            "at the deadline)")
         t = time.monotonic()
         crash_wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         fc.agents["n2"].kill()
