@@ -338,6 +338,13 @@ class Orchestrator:
                 self.history.record("fence", epoch=epoch, node=action.node,
                                     reason=f"method=self outcome=success: {action.reason}")
             return res.succeeded
+        if isinstance(action, planner.ClearMove):
+            res = self.store.txn([fence_token, Cmp(self.ks.vm_move(action.vm), "mod", "==",
+                                                   action.mod_revision)],
+                                 [Delete(self.ks.vm_move(action.vm))])
+            self.log.info("move_request_cleared", vm=action.vm, reason=action.reason,
+                          written=res.succeeded, epoch=epoch, revision=snap.revision)
+            return res.succeeded
         if isinstance(action, planner.ClearFence):
             res = self.store.txn([fence_token, Cmp(self.ks.fence(action.node), "mod", "==",
                                                    action.fence_mod_revision)],

@@ -18,6 +18,7 @@ from orchestrator.history import EventFilter, read_events
 from orchestrator.store import Cmp, Put
 from schemas import CordonMarker, SchemaError, VmSpec
 from schemas.events import EVENT_KINDS, Event
+from schemas.models import MoveRequest
 
 # ---- helpers -----------------------------------------------------------------------------
 
@@ -189,6 +190,45 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
     print(f"vm/{args.name}: desired state stopped (ACPI shutdown, then power off after "
           "stop_timeout_s)")
     return 0
+
+
+def cmd_vm_migrate(args: argparse.Namespace) -> int:
+    """Ask the leader to live-migrate a running VM to a node (a request, not a command:
+    the leader checks capacity, constraints, migration group and slots)."""
+    store = _store(args)
+    ks = store.keyspace
+    snap = store.snapshot()
+    if args.name not in snap.specs:
+        raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
+    if args.to not in snap.nodes:
+        raise CliError(f"unknown node {args.to!r} (not registered)", EXIT_INPUT)
+    if snap.is_cordoned(args.to):
+        raise CliError(f"node {args.to!r} is cordoned", EXIT_INPUT)
+    st = snap.statuses.get(args.name)
+    if st is None or st.value.state != "running":
+        raise CliError(f"VM {args.name!r} is not running; only a running VM can be "
+                       "live-migrated", EXIT_INPUT)
+    if st.value.node == args.to:
+        print(f"vm/{args.name} already runs on {args.to}")
+        return 0
+    req = MoveRequest(vm=args.name, to=args.to, by="cli", requested_at=time.time())
+    store.put(ks.vm_move(args.name), req.to_json())
+    print(f"vm/{args.name}: move {st.value.node} -> {args.to} requested ({ks.vm_move(args.name)})")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        snap = store.snapshot()
+        st = snap.statuses.get(args.name)
+        if st is not None and st.value.node == args.to and st.value.state == "running":
+            m = st.value.migration
+            print(f"vm/{args.name} runs on {args.to}"
+                  + (f" (downtime {m.downtime_ms} ms)" if m and m.downtime_ms is not None
+                     else ""))
+            return 0
+        time.sleep(0.2)
+    print(f"timed out after {args.timeout} s; see `vmha explain {args.name}`", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_vm_edit(args: argparse.Namespace) -> int:
@@ -385,6 +425,12 @@ def register(groups: dict[str, Any]) -> None:
         p = vm.add_parser(name, help=help_)
         p.add_argument("name")
         p.set_defaults(fn=fn)
+    p = vm.add_parser("migrate", help="live-migrate a running VM to a node (asks the leader)")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="NODE")
+    p.add_argument("--wait", action="store_true", help="wait until it runs there")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(fn=cmd_vm_migrate)
     p = vm.add_parser("edit", help="change memory, vCPUs or domain XML")
     p.add_argument("name")
     p.add_argument("--memory-mib", type=int)

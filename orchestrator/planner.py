@@ -66,7 +66,16 @@ class Wait:
     reason: str
 
 
-Action = FenceNode | ClearFence | WritePlacement | Wait
+@dataclass(frozen=True)
+class ClearMove:
+    """An operator's move request is done (or moot): delete it."""
+
+    vm: str
+    mod_revision: int
+    reason: str
+
+
+Action = FenceNode | ClearFence | WritePlacement | Wait | ClearMove
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,12 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
             actions.append(FenceNode(node, lease_id="", reason=d.reason, method=d.method,
                                      expect_mod_revision=fe.mod_revision if fe else 0,
                                      device=d.device))
+    for vm, me in sorted(snap.moves.items()):
+        st = snap.statuses.get(vm)
+        if vm not in snap.specs or snap.specs[vm].value.state != "running":
+            actions.append(ClearMove(vm, me.mod_revision, "VM removed or stopped"))
+        elif st is not None and st.value.node == me.value.to and st.value.state == "running":
+            actions.append(ClearMove(vm, me.mod_revision, f"done: the VM runs on {me.value.to}"))
     for node, fe in sorted(snap.fences.items()):
         if node in snap.nodes:
             lease = snap.nodes[node].value.lease_id
@@ -242,6 +257,30 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
         hs = holders(spec, p, s)
         live = [h for h in hs if h in snap.nodes]
         unfenced = [h for h in hs if h not in snap.nodes and not is_fenced(snap, h)]
+
+        # 0. An operator asked to move this VM (vmha vm migrate): a live migration from
+        #    where it runs now, only once it runs steadily there.
+        mv = snap.moves.get(vm)
+        if (mv is not None and p is not None and p.node and s is not None
+                and s.node == p.node and s.state == "running" and p.node in snap.nodes
+                and mv.value.to != p.node and not unfenced):
+            to, src = mv.value.to, p.node
+            group = placer.nodes[src].group if src in placer.nodes else None
+            busy = {n for n, c in inflight.items() if n and c >= per_node_limit}
+            refusal = (f"{inflight['']} migrations in flight cluster-wide"
+                       if inflight[""] >= pol.max_migrations_in_flight
+                       else f"{src} has no free migration slot"
+                       if inflight[src] >= per_node_limit
+                       else placer.verdict(spec, to, exclude={src}, live_group=group, busy=busy))
+            if refusal is None:
+                place(vm, "migrate", to, f"operator request by {mv.value.by}: live-migrate "
+                      f"from {src} to {to}", {}, from_node=src)
+                inflight[src] += 1
+                inflight[to] += 1
+                inflight[""] += 1
+                return
+            wait(vm, f"requested move to {to} not possible now: {refusal}")
+            # ... and the usual rules still apply (a drain must not wait for it).
 
         # 1. Steady state and migrations in flight need no write.
         if p and p.kind == "boot" and p.node and snap.schedulable(p.node):

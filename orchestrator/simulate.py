@@ -122,6 +122,7 @@ def apply_plan(snap: ClusterSnapshot, result: planner.Plan, rev: int,
     placements = dict(snap.placements)
     statuses = dict(snap.statuses)
     fences = dict(snap.fences)
+    moves = dict(snap.moves)
     for a in result.writes:
         if isinstance(a, planner.WritePlacement):
             p = a.placement
@@ -138,8 +139,10 @@ def apply_plan(snap: ClusterSnapshot, result: planner.Plan, rev: int,
                                     _key(snap, "fence", a.node), rev)
         elif isinstance(a, planner.ClearFence):
             fences.pop(a.node, None)
+        elif isinstance(a, planner.ClearMove):
+            moves.pop(a.vm, None)
     return dataclasses.replace(snap, placements=placements, statuses=statuses, fences=fences,
-                               revision=rev)
+                               moves=moves, revision=rev)
 
 
 def with_config(snap: ClusterSnapshot, **placement: Any) -> ClusterSnapshot:

@@ -58,6 +58,9 @@ class Keyspace:
     def vm_placement(self, name: str) -> str:
         return f"{self.prefix}/vms/{name}/placement"
 
+    def vm_move(self, name: str) -> str:
+        return f"{self.prefix}/vms/{name}/move"
+
     def vm_status(self, name: str) -> str:
         return f"{self.prefix}/vms/{name}/status"
 
@@ -82,6 +85,7 @@ class Keyspace:
         if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence"):
             return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence"}[parts[0]],
                           parts[1])
-        if len(parts) == 3 and parts[0] == "vms" and parts[2] in ("spec", "placement", "status"):
+        if len(parts) == 3 and parts[0] == "vms" and parts[2] in ("spec", "placement", "status",
+                                                                      "move"):
             return KeyRef("vm_" + parts[2], parts[1])
         return None

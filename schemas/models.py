@@ -275,6 +275,18 @@ class MigrationStats(Model):
 VmState = Literal["running", "paused", "stopped", "migrating", "crashed"]
 
 
+class MoveRequest(Model):
+    """Operator intent (`vmha vm migrate VM --to NODE`): live-migrate a running VM.
+
+    The leader honours it when the target may take the VM (capacity, constraints,
+    migration group, migration slots) and deletes it once the VM runs there."""
+
+    vm: str
+    to: str
+    by: str
+    requested_at: float
+
+
 class VmStatus(Model):
     """Written only by agents, in a transaction fenced by their registration."""
 

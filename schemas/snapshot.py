@@ -19,6 +19,7 @@ from schemas.models import (
     FenceRecord,
     LeaderRecord,
     Model,
+    MoveRequest,
     NodeRegistration,
     Placement,
     VmSpec,
@@ -55,11 +56,12 @@ _MODELS: dict[str, type[Model]] = {
     "vm_spec": VmSpec,
     "vm_placement": Placement,
     "vm_status": VmStatus,
+    "vm_move": MoveRequest,
 }
 
 # Which field of each model must equal the name in its key.
 _NAME_FIELD = {"node": "name", "cordon": "node", "fence": "node", "vm_spec": "name",
-               "vm_placement": "vm", "vm_status": "vm"}
+               "vm_placement": "vm", "vm_status": "vm", "vm_move": "vm"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ClusterSnapshot:
     specs: Mapping[str, Entry[VmSpec]] = field(default_factory=dict)
     placements: Mapping[str, Entry[Placement]] = field(default_factory=dict)
     statuses: Mapping[str, Entry[VmStatus]] = field(default_factory=dict)
+    moves: Mapping[str, Entry[MoveRequest]] = field(default_factory=dict)
     errors: tuple[SchemaError, ...] = ()
 
     @staticmethod
@@ -114,6 +117,7 @@ class ClusterSnapshot:
             specs=maps["vm_spec"],  # type: ignore[arg-type]
             placements=maps["vm_placement"],  # type: ignore[arg-type]
             statuses=maps["vm_status"],  # type: ignore[arg-type]
+            moves=maps["vm_move"],  # type: ignore[arg-type]
             errors=tuple(errors),
         )
 

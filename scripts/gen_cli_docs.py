@@ -3,6 +3,7 @@ against a live local cluster (real etcd, fake hypervisor).  `make docs`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -34,6 +35,8 @@ PAGES: list[tuple[str, str, list[list[str]]]] = [
     ("node-uncordon", "Make a cordoned node schedulable again.", [["node", "uncordon", "n1"]]),
     ("node-cordon", "Mark a node unschedulable; its VMs live-migrate away.",
      [["node", "cordon", "n3", "--reason", "firmware update"], ["node", "uncordon", "n3"]]),
+    ("vm-migrate", "Ask the leader to live-migrate a running VM to a node.",
+     [["vm", "migrate", "web1", "--to", "n3", "--wait"]]),
     ("vm-stop", "Set the desired state to stopped.", [["vm", "stop", "web2"]]),
     ("vm-edit", "Change memory, vCPUs or the domain XML (effective at next boot).",
      [["vm", "edit", "web2", "--memory-mib", "768"]]),
@@ -147,10 +150,8 @@ def _kill(pid: int) -> None:
     import os
     import signal
 
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _cmd_words(argv: list[str]) -> list[str]:

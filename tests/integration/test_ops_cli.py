@@ -72,3 +72,29 @@ def test_drain_wait_history_availability_and_vm_commands(
                  ("history", "--since", "yesterday-ish")):
         r = vmha(etcd, *args)
         assert r.returncode == 2 and r.stderr.startswith("error:"), (args, r.stderr)
+
+
+def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
+    fc = fake_cluster
+    boot_cluster(fc, etcd, vms=2)
+    vm = sorted(fake_ground_truth(fc.fake_root))[0]
+    (src,) = fake_ground_truth(fc.fake_root)[vm]
+    dst = next(n for n in ("n1", "n2", "n3") if n != src)
+    r = vmha(etcd, "vm", "migrate", vm, "--to", dst, "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert fake_ground_truth(fc.fake_root)[vm] == [dst]
+    events = j(etcd, "history", "--vm", vm, "--kind", "migration")
+    assert events and events[-1]["from_node"] == src and events[-1]["node"] == dst
+    placement = j(etcd, "vm", "show", vm)["placement"]
+    assert placement["kind"] == "migrate" and "operator request" in placement["reason"]
+    from orchestrator.store import EtcdStore
+    from schemas import Keyspace
+
+    store = EtcdStore(etcd.endpoints)
+    wait_until(lambda: store.get(Keyspace().vm_move(vm)) is None, 10, what="request cleared")
+    store.close()
+    # Bad requests: clear errors, nothing written.
+    for args in (("vm", "migrate", vm, "--to", "ghost"), ("vm", "migrate", "ghost", "--to",
+                                                          dst)):
+        r = vmha(etcd, *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:"), r.stderr
