@@ -98,3 +98,18 @@ def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeClus
                                                           dst)):
         r = vmha(etcd, *args)
         assert r.returncode == 2 and r.stderr.startswith("error:"), r.stderr
+
+
+def test_every_listing_parses_as_json(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
+    boot_cluster(fake_cluster, etcd, vms=2)
+    nodes = j(etcd, "node", "list")
+    assert sorted(n["name"] for n in nodes) == ["n1", "n2", "n3"]
+    assert all(n["registered"] and n["lease_ttl_s"] is not None for n in nodes)
+    vms = j(etcd, "vm", "list")
+    assert sorted(v["name"] for v in vms) == ["vm0", "vm1"]
+    assert all(v["state"] == "running" for v in vms)
+    status = j(etcd, "status")
+    assert status["leader"]["epoch"] > 0 and len(status["vms"]) == 2
+    assert j(etcd, "config", "show")["lease_ttl_s"] == 2
+    assert j(etcd, "fence", "list") == []  # no node was ever lost here
+    assert isinstance(j(etcd, "history"), list)
