@@ -68,6 +68,12 @@ campaign: setup
 	$(PY) -m bench.campaign --seeds $(or $(SEEDS),1 2 3 4 5 6 7 8) --steps $(or $(STEPS),125) \
 		--minutes $(or $(MINUTES),90) --out results/campaign.json
 
+# The same on the lab (root; real QEMU, tiny guests; ~5 min): SEED, FAULTS to taste.
+campaign-lab: setup-lab
+	mkdir -p results
+	$(PY) -m bench.lab_campaign --seed $(or $(SEED),1) --faults $(or $(FAULTS),30) \
+		--out results/campaign-lab.json
+
 # Regenerate docs/cli/*.md from real runs against a local cluster.
 docs: setup
 	$(PY) scripts/gen_cli_docs.py
