@@ -73,6 +73,77 @@ def tiny_guest_xml(name: str, memory_mib: int = 32, uuid: str | None = None) -> 
     )
 
 
+def make_sparse_disk(path: Path, size_bytes: int = 1 << 20) -> Path:
+    """Create (if missing) a sparse raw disk image of ``size_bytes``."""
+    disk = Path(path)
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    if not disk.exists():
+        with open(disk, "wb") as fh:
+            fh.truncate(size_bytes)
+    return disk
+
+
+def disk_guest_xml(
+    name: str,
+    disk_path: Path,
+    memory_mib: int = 32,
+    uuid: str | None = None,
+    *,
+    share_rw: bool = False,
+) -> str:
+    """Like :func:`tiny_guest_xml`, plus one raw disk at ``disk_path``.
+
+    The sparse 1 MiB image is created if missing; put it where every node
+    sees it at the same path (e.g. ``<lab root>/shared/disk-<name>.img``),
+    so that lockd (``start_node(..., lockd=True)``) guards it across nodes.
+
+    All lab nodes share one kernel, so QEMU's own image locking (OFD locks
+    on the image) already refuses a second writer, while QEMU starts and
+    before libvirt takes the lockd lease (at resume).  ``share_rw=True``
+    relaxes QEMU's image locking for this guest (``-global
+    ide-hd.share-rw=on``; libvirt still treats the disk as exclusive), so
+    that only lockd stands in the way: what is left on real hosts whose
+    shared storage does not carry QEMU's locks.
+    """
+    disk = make_sparse_disk(Path(disk_path)).resolve()
+    dom_uuid = uuid or str(uuidlib.uuid4())
+    qemu_ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if share_rw else ""
+    qemu_args = (
+        "  <qemu:commandline>\n"
+        "    <qemu:arg value='-global'/>\n"
+        "    <qemu:arg value='ide-hd.share-rw=on'/>\n"
+        "  </qemu:commandline>\n"
+        if share_rw
+        else ""
+    )
+    return (
+        f"<domain type='qemu'{qemu_ns}>\n"
+        f"  <name>{escape(name)}</name>\n"
+        f"  <uuid>{escape(dom_uuid)}</uuid>\n"
+        f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
+        "  <vcpu>1</vcpu>\n"
+        "  <os>\n"
+        "    <type arch='x86_64' machine='pc'>hvm</type>\n"
+        "    <boot dev='hd'/>\n"
+        "    <bios useserial='no' rebootTimeout='-1'/>\n"
+        "  </os>\n"
+        "  <on_poweroff>destroy</on_poweroff>\n"
+        "  <on_reboot>restart</on_reboot>\n"
+        "  <on_crash>destroy</on_crash>\n"
+        "  <devices>\n"
+        "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+        "    <disk type='file' device='disk'>\n"
+        "      <driver name='qemu' type='raw'/>\n"
+        f"      <source file={quoteattr(str(disk))}/>\n"
+        "      <target dev='hda' bus='ide'/>\n"
+        "    </disk>\n"
+        f"{_common_devices()}"
+        "  </devices>\n"
+        f"{qemu_args}"
+        "</domain>\n"
+    )
+
+
 def kernel_guest_xml(
     name: str,
     cache: Path,
