@@ -50,9 +50,14 @@ def _common_devices() -> str:
 
 def tiny_guest_xml(name: str, memory_mib: int = 32, uuid: str | None = None) -> str:
     """Domain XML of a disk-less guest that only runs its BIOS."""
+    return _bios_guest_xml(name, memory_mib, uuid)
+
+
+def _bios_guest_xml(name: str, memory_mib: int, uuid: str | None, *, root_attrs: str = "",
+                    disks: str = "", tail: str = "") -> str:
     dom_uuid = uuid or str(uuidlib.uuid4())
     return (
-        "<domain type='qemu'>\n"
+        f"<domain type='qemu'{root_attrs}>\n"
         f"  <name>{escape(name)}</name>\n"
         f"  <uuid>{escape(dom_uuid)}</uuid>\n"
         f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
@@ -67,8 +72,10 @@ def tiny_guest_xml(name: str, memory_mib: int = 32, uuid: str | None = None) -> 
         "  <on_crash>destroy</on_crash>\n"
         "  <devices>\n"
         "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+        f"{disks}"
         f"{_common_devices()}"
         "  </devices>\n"
+        f"{tail}"
         "</domain>\n"
     )
 
@@ -106,7 +113,6 @@ def disk_guest_xml(
     shared storage does not carry QEMU's locks.
     """
     disk = make_sparse_disk(Path(disk_path)).resolve()
-    dom_uuid = uuid or str(uuidlib.uuid4())
     qemu_ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if share_rw else ""
     qemu_args = (
         "  <qemu:commandline>\n"
@@ -116,32 +122,13 @@ def disk_guest_xml(
         if share_rw
         else ""
     )
-    return (
-        f"<domain type='qemu'{qemu_ns}>\n"
-        f"  <name>{escape(name)}</name>\n"
-        f"  <uuid>{escape(dom_uuid)}</uuid>\n"
-        f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
-        "  <vcpu>1</vcpu>\n"
-        "  <os>\n"
-        "    <type arch='x86_64' machine='pc'>hvm</type>\n"
-        "    <boot dev='hd'/>\n"
-        "    <bios useserial='no' rebootTimeout='-1'/>\n"
-        "  </os>\n"
-        "  <on_poweroff>destroy</on_poweroff>\n"
-        "  <on_reboot>restart</on_reboot>\n"
-        "  <on_crash>destroy</on_crash>\n"
-        "  <devices>\n"
-        "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
-        "    <disk type='file' device='disk'>\n"
-        "      <driver name='qemu' type='raw'/>\n"
-        f"      <source file={quoteattr(str(disk))}/>\n"
-        "      <target dev='hda' bus='ide'/>\n"
-        "    </disk>\n"
-        f"{_common_devices()}"
-        "  </devices>\n"
-        f"{qemu_args}"
-        "</domain>\n"
-    )
+    disks = ("    <disk type='file' device='disk'>\n"
+             "      <driver name='qemu' type='raw'/>\n"
+             f"      <source file={quoteattr(str(disk))}/>\n"
+             "      <target dev='hda' bus='ide'/>\n"
+             "    </disk>\n")
+    return _bios_guest_xml(name, memory_mib, uuid, root_attrs=qemu_ns, disks=disks,
+                           tail=qemu_args)
 
 
 def kernel_guest_xml(
