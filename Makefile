@@ -14,11 +14,11 @@ setup-lab:
 
 # The demo on the lab: real etcd, libvirt nodes, QEMU guests (root; < 1 min).
 demo: setup-lab
-	$(PY) -m orchestrator demo
+	$(PY) -m vmha demo
 
 # The same story on the fake hypervisor (no root, no QEMU; ~15 s).
 demo-fake: setup
-	$(PY) -m orchestrator demo --fake
+	$(PY) -m vmha demo --fake
 
 # Every test: unit, integration and the lab suite (tests/lab; its tests skip, saying why,
 # without root, unshare, libvirtd or QEMU).
@@ -50,7 +50,7 @@ bench: setup
 # The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
 # packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.
 evidence: setup-lab
-	$(PY) -m orchestrator bench outage --trials $(or $(TRIALS),8) --raw-trials $(or $(TRIALS),8) \
+	$(PY) -m vmha bench outage --trials $(or $(TRIALS),8) --raw-trials $(or $(TRIALS),8) \
 		--out results/outage
 
 # Placement (issue #5): vmha's planner vs crm_simulate and hbal on identical generated

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.tcpproxy import Proxy
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.localcluster import Daemon, EtcdCluster, start_etcd
-from orchestrator.store import EtcdStore, StoreUnavailable
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import Daemon, EtcdCluster, start_etcd
 from schemas import ClusterConfig, Keyspace, Placement, VmSpec
 from schemas.models import FenceDevice
+from store.etcd import EtcdStore, StoreUnavailable
 
 KS = Keyspace()
 ALL_FAULTS = ("kill_agent", "kill_leader", "kill_etcd", "stop_agent", "stop_leader",

@@ -1,6 +1,6 @@
 """Fault campaign on the lab: seeded, repeatable random faults against real QEMU guests.
 
-Like :mod:`bench.campaign`, but on :class:`orchestrator.labcluster.LabCluster`: real
+Like :mod:`bench.campaign`, but on :class:`lab.cluster.LabCluster`: real
 etcd, three lab libvirt nodes (namespaced libvirtd, QEMU), vmha agents with the
 libvirt adapter, two orchestrators, and a handful of tiny 32 MiB guests.  Root only.
 
@@ -46,10 +46,10 @@ from typing import Any
 import libvirt
 
 from bench.campaign import HistoryChecker, pct
-from nodeagent.lab import tiny_guest_xml
-from orchestrator.labcluster import LabCluster, kill_with_children
-from orchestrator.store import EtcdStore, StoreUnavailable
+from lab import tiny_guest_xml
+from lab.cluster import LabCluster, kill_with_children
 from schemas import ClusterConfig, Keyspace
+from store.etcd import EtcdStore, StoreUnavailable
 
 KS = Keyspace()
 #: libvirt's "no limit" for migrateSetMaxSpeed (MiB/s)
@@ -157,7 +157,7 @@ class LabCampaign:
     # ---- set-up ------------------------------------------------------------------------
 
     def vmha(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator", "--etcd",
+        return subprocess.run([sys.executable, "-m", "vmha", "--etcd",
                                self.lc.endpoints, *args], capture_output=True, text=True,
                               timeout=60)
 

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.localcluster import FakeCluster, start_etcd, wait_until
-from orchestrator.store import EtcdStore
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import FakeCluster, start_etcd, wait_until
 from schemas import ClusterConfig, Keyspace, VmStatus
+from store.etcd import EtcdStore
 
 KS = Keyspace()
 CONFIG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             fc.start_agent(n, migrate_seconds=0.05)
         fc.start_orchestrator("o1")
         fc.start_orchestrator("o2")
-        from orchestrator.cli import default_domain_xml
+        from cli.common import default_domain_xml
         from schemas import VmSpec
         store.put(KS.vm_spec("b0"), VmSpec(name="b0", domain_xml=default_domain_xml("b0", 256, 1),
                                            memory_mib=256, vcpus=1).to_json())

@@ -5,5 +5,5 @@ window, the per-cluster fence policy); `fencing.lease` is the agent-side keepali
 self-fence deadline; `fencing.guard` is the separate guard process that fences the
 host when the agent stops renewing (frozen, killed); `fencing.agents` runs external
 fence agents (ClusterLabs convention) and `fencing.fence_vmha` is the built-in one;
-`fencing.cli` adds `vmha node confirm-off` and `vmha fence list`.
+`cli.fence` adds `vmha node confirm-off` and `vmha fence list`.
 """

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 
 from fencing.guard import destroy_managed, open_hypervisor
-from nodeagent.hypervisor import HypervisorError
+from hypervisor.base import HypervisorError
 
 
 def main() -> int:

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from nodeagent.hypervisor import Hypervisor, HypervisorError
+from hypervisor.base import Hypervisor, HypervisorError
 
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
 EXIT_FIRED = 3
@@ -59,7 +59,7 @@ def _log(event: str, **kw: Any) -> None:
 def open_hypervisor(uri: str, adopt_host: bool = False) -> Hypervisor:
     """The hypervisor behind `uri` (fake:///dir/<node> or a libvirt URI)."""
     if uri.startswith("fake://"):
-        from nodeagent.fake_hv import FakeHypervisor
+        from hypervisor.fake import FakeHypervisor
 
         d = Path(uri[len("fake://"):])
         if adopt_host:  # the guard process becomes the fake host (writes host.pid)
@@ -67,7 +67,7 @@ def open_hypervisor(uri: str, adopt_host: bool = False) -> Hypervisor:
         hv = FakeHypervisor.__new__(FakeHypervisor)
         _fake_attach(hv, d)
         return hv
-    from nodeagent.libvirt_hv import LibvirtHypervisor
+    from hypervisor.libvirt_adapter import LibvirtHypervisor
 
     return LibvirtHypervisor(uri)
 

@@ -19,11 +19,8 @@ import structlog
 from fencing.guard import GuardClient
 from fencing.lease import LeaseKeeper
 from fencing.policy import guard_timeout, require_safe_timing
+from hypervisor.base import Hypervisor, HypervisorError
 from nodeagent import plan as agent_plan
-from nodeagent.hypervisor import Hypervisor, HypervisorError
-from orchestrator import metrics
-from orchestrator.history import HistoryWriter
-from orchestrator.store import Cmp, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from schemas.models import (
     AgentInfo,
     Capacity,
@@ -35,6 +32,9 @@ from schemas.models import (
     VmStatus,
 )
 from schemas.snapshot import ClusterSnapshot
+from store.etcd import Cmp, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from store.history import HistoryWriter
+from telemetry import metrics
 
 log = structlog.get_logger("vmha.agent")
 

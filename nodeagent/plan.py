@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
-from nodeagent.hypervisor import Domain
+from hypervisor.base import Domain
 from schemas.models import RUNNING_STATES, Placement, VmStatus
 from schemas.snapshot import ClusterSnapshot
 

@@ -20,11 +20,12 @@ import structlog
 from fencing.agents import ExternalFencer, FenceResult
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
-from orchestrator import metrics, planner
-from orchestrator.history import HistoryWriter, prune, read_events
-from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from orchestrator import planner
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.snapshot import ClusterSnapshot
+from store.etcd import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from store.history import HistoryWriter, prune, read_events
+from telemetry import metrics
 
 log = structlog.get_logger("vmha.orchestrator")
 

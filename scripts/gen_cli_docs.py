@@ -12,10 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.localcluster import FakeCluster, start_etcd, wait_until
-from orchestrator.store import EtcdStore
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import FakeCluster, start_etcd, wait_until
 from schemas import ClusterConfig, Keyspace
+from store.etcd import EtcdStore
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "cli"
 KS = Keyspace()
@@ -82,7 +82,7 @@ def main() -> int:
             fc.start_agent(n)
         fc.start_orchestrator("orch-a")
         fc.start_orchestrator("orch-b")
-        base = [sys.executable, "-m", "orchestrator", "--etcd", etcd.endpoints]
+        base = [sys.executable, "-m", "vmha", "--etcd", etcd.endpoints]
         for i in (2, 3, 4):
             subprocess.run([*base, "vm", "add", f"web{i}", "--memory-mib", "512"], check=True,
                            capture_output=True)

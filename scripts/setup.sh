@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
               libvirt-dev git chromium chromium-driver openssl)
-if [ "${VMHA_LAB:-0}" = 1 ] && [ -f nodeagent/lab/APT_PACKAGES.txt ]; then
-  mapfile -t LAB < <(grep -v '^\s*#' nodeagent/lab/APT_PACKAGES.txt | sed '/^\s*$/d')
+if [ "${VMHA_LAB:-0}" = 1 ] && [ -f lab/APT_PACKAGES.txt ]; then
+  mapfile -t LAB < <(grep -v '^\s*#' lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")
 fi
 
@@ -44,7 +44,7 @@ fi
 if [ "${VMHA_LAB:-0}" = 1 ]; then
   # The lab's Linux guest: Debian's kernel and a busybox initramfs, built once into
   # /var/cache/vmha-lab (apt-get download; nothing is installed).
-  .venv/bin/python -c 'from nodeagent.lab import ensure_kernel_artifacts as e; e()' \
+  .venv/bin/python -c 'from lab import ensure_kernel_artifacts as e; e()' \
     || { echo "setup: cannot build the lab's kernel guest (see above)" >&2; exit 1; }
 fi
 echo "setup: ok"

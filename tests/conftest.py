@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.store import EtcdStore
 from schemas import ClusterConfig
+from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, FakeCluster, start_etcd
 
 # Short timing for tests; it passes the same validation as production config.
@@ -61,5 +61,5 @@ def fake_cluster(etcd: EtcdCluster, tmp_path: Path) -> Iterator[FakeCluster]:
 
 
 def vmha(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "--etcd", etcd.endpoints, *args],
+    return subprocess.run([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints, *args],
                           capture_output=True, text=True, timeout=60)

@@ -1,7 +1,7 @@
 """Test-side names for the local cluster helpers (they live in the package so the
 demo and the benchmarks use the very same code)."""
 
-from orchestrator.localcluster import (
+from lab.localcluster import (
     Daemon,
     EtcdCluster,
     EtcdMember,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fencing.agents import ExternalFencer, FenceResult, fence_off, run_action
-from nodeagent.fake_hv import FakeHypervisor, fake_ground_truth
+from hypervisor.fake import FakeHypervisor, fake_ground_truth
 from schemas.models import FenceDevice
 
 

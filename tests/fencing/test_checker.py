@@ -7,8 +7,8 @@ import json
 import pytest
 
 from bench.campaign import HistoryChecker
-from orchestrator.store import EtcdStore
 from schemas import Keyspace
+from store.etcd import EtcdStore
 from tests.harness import EtcdCluster
 
 pytestmark = pytest.mark.integration

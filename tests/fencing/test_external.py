@@ -22,7 +22,7 @@ KS = Keyspace()
 
 def vmha(c: Campaign, *args: str) -> subprocess.CompletedProcess[str]:
     assert c.etcd is not None
-    return subprocess.run([sys.executable, "-m", "orchestrator", "--etcd", c.etcd.endpoints,
+    return subprocess.run([sys.executable, "-m", "vmha", "--etcd", c.etcd.endpoints,
                            *args], capture_output=True, text=True, timeout=60)
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from nodeagent.fake_hv import FakeHypervisor, fake_ground_truth, pid_alive
+from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
 from tests.harness import wait_until
 
 XML = "<domain><name>{0}</name></domain>"

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nodeagent.fake_hv import fake_ground_truth
+from hypervisor.fake import fake_ground_truth
 from tests.harness import Daemon
 
 

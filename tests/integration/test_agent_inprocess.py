@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from cli.common import default_domain_xml
+from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
-from nodeagent.fake_hv import FakeHypervisor
-from orchestrator.cli import default_domain_xml
-from orchestrator.store import EtcdStore
 from schemas import Keyspace, Placement, VmSpec, VmStatus
+from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.store import EtcdStore
+from hypervisor.fake import fake_ground_truth
 from schemas import Keyspace, NodeRegistration, Placement
+from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import DoubleRunChecker, domain_record, log_events

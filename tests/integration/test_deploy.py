@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.localcluster import free_ports
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import free_ports
 from tests.conftest import vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 

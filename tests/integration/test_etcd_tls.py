@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.localcluster import free_ports
-from orchestrator.store import EtcdStore, StoreUnavailable, TlsFiles
+from lab.localcluster import free_ports
+from store.etcd import EtcdStore, StoreUnavailable, TlsFiles
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_store_and_cli_over_tls_with_client_certs(tmp_path: Path) -> None:
 
 
 def vmha_base() -> list[str]:
-    return [sys.executable, "-m", "orchestrator"]
+    return [sys.executable, "-m", "vmha"]
 
 
 def test_cli_refuses_cert_without_ca() -> None:

@@ -8,9 +8,9 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
-from nodeagent.hypervisor import HypervisorError  # noqa: E402
-from nodeagent.libvirt_hv import LibvirtHypervisor  # noqa: E402
-from orchestrator.cli import default_domain_xml  # noqa: E402
+from cli.common import default_domain_xml  # noqa: E402
+from hypervisor.base import HypervisorError  # noqa: E402
+from hypervisor.libvirt_adapter import LibvirtHypervisor  # noqa: E402
 
 NODE_XML = """<node>
   <cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads>

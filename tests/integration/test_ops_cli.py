@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.fake_hv import fake_ground_truth
+from hypervisor.fake import fake_ground_truth
 from tests.conftest import vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.test_cluster import boot_cluster, vms_on
@@ -87,8 +87,8 @@ def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeClus
     assert events and events[-1]["from_node"] == src and events[-1]["node"] == dst
     placement = j(etcd, "vm", "show", vm)["placement"]
     assert placement["kind"] == "migrate" and "operator request" in placement["reason"]
-    from orchestrator.store import EtcdStore
     from schemas import Keyspace
+    from store.etcd import EtcdStore
 
     store = EtcdStore(etcd.endpoints)
     wait_until(lambda: store.get(Keyspace().vm_move(vm)) is None, 10, what="request cleared")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.store import EtcdStore
 from schemas import Keyspace
+from store.etcd import EtcdStore
 from tests.conftest import vmha
 from tests.harness import EtcdCluster
 from tests.unit.builders import boot, node_value, placement_value, running, status_value

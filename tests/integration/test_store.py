@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator.store import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from store.etcd import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
 from tests.harness import EtcdCluster, wait_until
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_prefix_watch_wakes_and_recovers_after_member_restart(etcd: EtcdCluster)
 
 
 def test_unreachable_etcd_raises_store_unavailable() -> None:
-    from orchestrator.localcluster import free_ports
+    from lab.localcluster import free_ports
 
     (port,) = free_ports(1)
     s = EtcdStore(f"127.0.0.1:{port}", retry_budget=0.5, timeout=0.3)

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     pytest.skip("libvirt-python is not installed", allow_module_level=True)
 
 from fencing.policy import fence_window  # noqa: E402
-from nodeagent.lab import (  # noqa: E402
+from lab import (  # noqa: E402
     DEFAULT_CACHE,
     guest_uptime,
     kernel_guest_xml,
@@ -41,10 +41,10 @@ from nodeagent.lab import (  # noqa: E402
     tiny_guest_xml,
     wait_guest_uptime,
 )
-from orchestrator.labcluster import LabCluster, child_pids  # noqa: E402
-from orchestrator.localcluster import Daemon, wait_until  # noqa: E402
-from orchestrator.store import EtcdStore  # noqa: E402
+from lab.cluster import LabCluster, child_pids  # noqa: E402
+from lab.localcluster import Daemon, wait_until  # noqa: E402
 from schemas import ClusterConfig, Keyspace  # noqa: E402
+from store.etcd import EtcdStore  # noqa: E402
 from tests.conftest import TEST_CONFIG, vmha  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def _skip_reason() -> str | None:
         return "lab tests need root (they start libvirtd in mount namespaces)"
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount", "etcd", "etcdctl"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
-            return f"lab tests need {tool} (see nodeagent/lab/APT_PACKAGES.txt)"
+            return f"lab tests need {tool} (see lab/APT_PACKAGES.txt)"
     return None
 
 

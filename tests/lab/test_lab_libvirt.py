@@ -23,7 +23,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     pytest.skip("libvirt-python is not installed", allow_module_level=True)
 
-from nodeagent.lab import (  # noqa: E402
+from hypervisor.libvirt_adapter import LibvirtHypervisor  # noqa: E402
+from lab import (  # noqa: E402
     DEFAULT_CACHE,
     LabNode,
     crash_node,
@@ -41,7 +42,6 @@ from nodeagent.lab import (  # noqa: E402
     tiny_guest_xml,
     wait_guest_uptime,
 )
-from nodeagent.libvirt_hv import LibvirtHypervisor  # noqa: E402
 
 
 def _skip_reason() -> str | None:
@@ -49,7 +49,7 @@ def _skip_reason() -> str | None:
         return "lab tests need root (they start libvirtd in mount namespaces)"
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
-            return f"lab tests need {tool} (see nodeagent/lab/APT_PACKAGES.txt)"
+            return f"lab tests need {tool} (see lab/APT_PACKAGES.txt)"
     return None
 
 

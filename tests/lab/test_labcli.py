@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.labcli import missing_prerequisite
-from orchestrator.localcluster import wait_until
+from lab.commands import missing_prerequisite
+from lab.localcluster import wait_until
 
 _REASON = missing_prerequisite()
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
 ]
 
-VMHA = [sys.executable, "-m", "orchestrator"]
+VMHA = [sys.executable, "-m", "vmha"]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

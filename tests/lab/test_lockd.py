@@ -22,9 +22,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     pytest.skip("libvirt-python is not installed", allow_module_level=True)
 
-from nodeagent.lab import destroy_lab, node_pids, pid_alive, start_node  # noqa: E402
-from nodeagent.lab.guests import disk_guest_xml  # noqa: E402
-from nodeagent.lab.nodes import LOCKSPACE_DIR, LabNode  # noqa: E402
+from lab import destroy_lab, node_pids, pid_alive, start_node  # noqa: E402
+from lab.guests import disk_guest_xml  # noqa: E402
+from lab.nodes import LOCKSPACE_DIR, LabNode  # noqa: E402
 
 
 def _skip_reason() -> str | None:
@@ -33,7 +33,7 @@ def _skip_reason() -> str | None:
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount"):
         if shutil.which(tool, path=path) is None:
-            return f"lab tests need {tool} (see nodeagent/lab/APT_PACKAGES.txt)"
+            return f"lab tests need {tool} (see lab/APT_PACKAGES.txt)"
     if shutil.which("virtlockd", path=path) is None:
         return "lockd lab test needs virtlockd (Debian package libvirt-daemon)"
     return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.outagebench import STREAMS
+from bench.outage import STREAMS
 
 
 def _skip_reason() -> str | None:
@@ -28,7 +28,7 @@ def _skip_reason() -> str | None:
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "etcd", "etcdctl", "ip", "gcc"):
         if shutil.which(tool, path=path) is None:
-            return f"the outage bench needs {tool} (see nodeagent/lab/APT_PACKAGES.txt)"
+            return f"the outage bench needs {tool} (see lab/APT_PACKAGES.txt)"
     return None
 
 
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 def test_short_outage_bench_measures_one_failure_per_rate(tmp_path: Path) -> None:
     out = tmp_path / "outage"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "bench", "outage", "--short", "--crashes", "0",
+        [sys.executable, "-m", "vmha", "bench", "outage", "--short", "--crashes", "0",
          "--reference-seconds", "2", "--raw-trials", "1", "--max-minutes", "6",
          "--out", str(out)],
         capture_output=True, text=True, timeout=420, check=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.hypervisor import Domain
+from hypervisor.base import Domain
 from nodeagent.plan import (
     AgentAction,
     Boot,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.outagebench import aggregate, summarize
+from bench.outage import aggregate, summarize
 
 
 def _stream(pps: float, n: int, lost: set[int], guest_missed: set[int]) -> dict[str, object]:

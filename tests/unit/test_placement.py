@@ -333,7 +333,7 @@ def test_exact_search_when_one_at_a_time_fails() -> None:
 
 
 def test_explain_shows_why_a_drained_vm_stays() -> None:
-    from orchestrator.simcli import explain_data
+    from cli.sim import explain_data
 
     snap = cluster(nodes={"a": (8192, 8)}, cordons=["a"], specs=["v1"],
                    placements={"v1": boot("a", mod=40)}, statuses={"v1": running("a", "p1")},

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.graph import (
+from cli.graph import (
     Move,
     build_graph,
     graph_from_events,

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.history import EventFilter, read_events
-from orchestrator.store import EtcdStore
+from hypervisor.fake import fake_ground_truth
 from schemas import Keyspace
+from store.etcd import EtcdStore
+from store.history import EventFilter, read_events
 from tests.conftest import vmha
 from tests.harness import EtcdCluster, FakeCluster, free_ports, wait_until
 
@@ -104,7 +104,7 @@ def web(etcd: EtcdCluster, tmp_path: Path) -> Iterator[str]:
     """`vmha web` on a free loopback port (port 0: it prints the URL it got)."""
     log = tmp_path / "web.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "--etcd", etcd.endpoints,
+        proc = subprocess.Popen([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints,
                                  "web", "--listen", "127.0.0.1:0"], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.store import EtcdStore
-from orchestrator.web import StateSource, WebServer, is_loopback, node_state, parse_listen
+from cli.webserver import StateSource, WebServer, is_loopback, node_state, parse_listen
+from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, free_ports
 
 

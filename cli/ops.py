@@ -1,5 +1,5 @@
 """Operator commands: node show/drain/cordon, vm show/start/stop/edit, history,
-availability.  Registered into `vmha` through orchestrator.cli.EXTENSIONS."""
+availability.  Registered into `vmha` through cli.main.EXTENSIONS."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
-from orchestrator.history import EventFilter, read_events
-from orchestrator.store import Cmp, Put
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
 from schemas import CordonMarker, SchemaError, VmSpec
 from schemas.events import EVENT_KINDS, Event
 from schemas.models import MoveRequest
+from store.etcd import Cmp, Put
+from store.history import EventFilter, read_events
 
 # ---- helpers -----------------------------------------------------------------------------
 

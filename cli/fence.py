@@ -1,4 +1,4 @@
-"""Fencing commands, registered into `vmha` through orchestrator.cli.EXTENSIONS.
+"""Fencing commands, registered into `vmha` through cli.main.EXTENSIONS.
 
     vmha node confirm-off NAME [--reason TEXT]   record a manual fence (method manual)
     vmha fence list                              fence records: method, outcome, attempts
@@ -11,10 +11,10 @@ import getpass
 import time
 from typing import Any
 
-from orchestrator.cli import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
-from orchestrator.store import Cmp, Put
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
 from schemas import FenceRecord
 from schemas.keys import valid_name
+from store.etcd import Cmp, Put
 
 
 def cmd_confirm_off(args: argparse.Namespace) -> int:

@@ -11,9 +11,9 @@ from typing import Any
 
 import structlog
 
-from orchestrator.store import EtcdStore, StoreUnavailable
 from schemas.errors import SchemaError
 from schemas.events import Event, event_id
+from store.etcd import EtcdStore, StoreUnavailable
 
 log = structlog.get_logger("vmha.history")
 

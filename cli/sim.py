@@ -1,6 +1,6 @@
 """Placement commands: `vmha snapshot`, `vmha simulate`, `vmha explain`, and the placement
 options and admission control (N+1) of `vmha vm add`.  Registered into `vmha` through
-orchestrator.cli.EXTENSIONS.
+cli.main.EXTENSIONS.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.common import EXIT_INPUT, CliError, _first_error, _out, _store, default_domain_xml
 from orchestrator import planner, simulate
-from orchestrator.cli import EXIT_INPUT, CliError, _first_error, _out, _store, default_domain_xml
 from orchestrator.placement import Placer, node_group
 from schemas import SchemaError, VmSpec
 
@@ -188,7 +188,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
         raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
                        EXIT_INPUT) from None
     store = _store(args)
-    from orchestrator.store import Cmp, Put
+    from store.etcd import Cmp, Put
 
     key = store.keyspace.vm_spec(args.name)
     snap = store.snapshot()

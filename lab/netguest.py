@@ -1,6 +1,6 @@
 """A network-reachable kernel guest for the lab, and the network namespace it lives in.
 
-The plain kernel guest (:mod:`nodeagent.lab.artifacts`) has no NIC driver: Debian's
+The plain kernel guest (:mod:`lab.artifacts`) has no NIC driver: Debian's
 kernel builds them as modules.  This module builds a second initramfs (cached next to
 the first one) that carries
 
@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodeagent.lab.artifacts import (
+from lab.artifacts import (
     BOOT_TAG,
     DEFAULT_CACHE,
     KERNEL_NAME,
@@ -42,7 +42,7 @@ from nodeagent.lab.artifacts import (
     _write_atomic,
     ensure_kernel_artifacts,
 )
-from nodeagent.lab.guests import kernel_guest_xml
+from lab.guests import kernel_guest_xml
 
 #: Bump when the network initramfs changes.
 NET_INITRD_FORMAT = 1

@@ -5,7 +5,7 @@ A stdlib HTTP server (one thread per request) that serves
     /                the page (orchestrator/static/index.html, app.js, app.css)
     /api/state       JSON: leader and epoch, nodes (state, lease, free memory), VMs,
                      the graph's version and ranking; the page polls it every second
-    /api/graph.svg   the migration graph (orchestrator.graph.to_svg)
+    /api/graph.svg   the migration graph (cli.graph.to_svg)
     /api/graph.dot   the same as DOT text
     /healthz         "ok"
 
@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from orchestrator.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
-from orchestrator.history import read_events
-from orchestrator.store import EtcdStore
+from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
+from store.etcd import EtcdStore
+from store.history import read_events
 
 log = structlog.get_logger("vmha.web")
 
@@ -77,7 +77,7 @@ def node_state(row: dict[str, Any]) -> str:
 def node_rows(snap: Any, store: EtcdStore) -> list[dict[str, Any]]:
     """`vmha node list`'s rows plus the nodes VMs still point at although they are gone
     (crashed, not fenced yet), each with its `state`."""
-    from orchestrator.cli import _node_rows
+    from cli.common import _node_rows
 
     rows: list[dict[str, Any]] = _node_rows(snap, store)
     known = {r["name"] for r in rows}
@@ -217,7 +217,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path in STATIC:
                 fname, ctype = STATIC[path]
-                body = resources.files("orchestrator").joinpath("static", fname).read_bytes()
+                body = resources.files("cli").joinpath("static", fname).read_bytes()
                 self._send(HTTPStatus.OK, body, ctype, head)
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", head)

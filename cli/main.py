@@ -7,67 +7,38 @@ Exit codes: 0 success, 1 operation failed, 2 bad input (usage or validation),
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import signal
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cli import fence, ops, sim, web
+from cli.common import (
+    EXIT_ETCD,
+    EXIT_FAIL,
+    EXIT_INPUT,
+    CliError,
+    _ago,
+    _first_error,
+    _node_rows,
+    _out,
+    _store,
+    default_domain_xml,
+)
 from schemas import ClusterConfig, Keyspace, SchemaError, VmSpec
 from schemas.keys import valid_name
 
-EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
+#: Adds commands to the parser: gets the groups "root", "vm", "node" and "config" (argparse
+#: sub-parser collections).  Layers above the CLI (the lab, the benchmarks) pass theirs in.
+Registrar = Callable[[dict[str, Any]], None]
 
-# Modules that add commands: each has `register(groups)`, where groups maps "root",
-# "vm", "node" and "config" to their argparse sub-parser collections.
-EXTENSIONS: list[str] = ["orchestrator.opscli", "orchestrator.webcli", "fencing.cli",
-                          "orchestrator.labcli", "orchestrator.simcli",
-                          "orchestrator.outagebench"]
+#: The CLI's own command groups beyond this module.
+BUILTIN: tuple[Registrar, ...] = (ops.register, web.register, fence.register, sim.register)
 
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from orchestrator.store import EtcdStore, TlsFiles
-
-    tls = None
-    if args.etcd_cacert:
-        tls = TlsFiles(args.etcd_cacert, args.etcd_cert, args.etcd_key)
-    elif args.etcd_cert or args.etcd_key:
-        raise CliError("--etcd-cert/--etcd-key need --etcd-cacert", EXIT_INPUT)
-    return EtcdStore(args.etcd, Keyspace(args.prefix), tls=tls)
-
-
-def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
-    """A disk-less BIOS guest: enough for the fake and the test driver."""
-    return (f"<domain type='qemu'><name>{name}</name>"
-            f"<memory unit='MiB'>{memory_mib}</memory><vcpu>{vcpus}</vcpu>"
-            "<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>"
-            "<devices><console type='pty'/></devices></domain>")
-
-
-def _out(args: argparse.Namespace, data: Any, table: list[list[Any]] | None) -> None:
-    if args.output == "json" or table is None:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = max(0, int(time.time() - ts))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+__all__ = ["EXIT_ETCD", "EXIT_FAIL", "EXIT_INPUT", "CliError", "Registrar", "build_parser",
+           "default_domain_xml", "main"]
 
 
 # ---- daemons -----------------------------------------------------------------------------
@@ -106,9 +77,9 @@ ORCH_KEYS = _COMMON_KEYS
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from hypervisor.base import Hypervisor
     from nodeagent.agent import AgentOptions, NodeAgent
-    from nodeagent.hypervisor import Hypervisor
-    from orchestrator import logs, metrics
+    from telemetry import logs, metrics
 
     load_daemon_config(args, AGENT_KEYS)
     if not args.name or not (args.libvirt_uri or args.fake_root):
@@ -120,12 +91,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
     hv: Hypervisor
     if args.fake_root:
-        from nodeagent.fake_hv import FakeHypervisor
+        from hypervisor.fake import FakeHypervisor
 
         hv = FakeHypervisor(Path(args.fake_root), args.name, args.memory_mib or 4096,
                             args.vcpus or 8, migrate_seconds=args.fake_migrate_seconds)
     else:
-        from nodeagent.libvirt_hv import LibvirtHypervisor
+        from hypervisor.libvirt_adapter import LibvirtHypervisor
 
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
@@ -140,8 +111,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
-    from orchestrator import logs, metrics
     from orchestrator.leader import Orchestrator
+    from telemetry import logs, metrics
 
     load_daemon_config(args, ORCH_KEYS)
     logs.setup(args.log_format)
@@ -174,7 +145,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
         raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
                        EXIT_INPUT) from None
     store = _store(args)
-    from orchestrator.store import Cmp, Put
+    from store.etcd import Cmp, Put
 
     key = store.keyspace.vm_spec(args.name)
     res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())])
@@ -182,15 +153,6 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
         raise CliError(f"VM {args.name!r} already exists ({key})", EXIT_INPUT)
     print(f"vm/{args.name} added ({key}, revision {res.revision})")
     return 0
-
-
-def _first_error(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        e = errors()[0]
-        loc = ".".join(str(p) for p in e.get("loc", ()))
-        return f"{loc + ': ' if loc else ''}{e['msg']}"
-    return str(exc)
 
 
 def cmd_vm_remove(args: argparse.Namespace) -> int:
@@ -221,32 +183,6 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
          r["state"] or "-", _ago(r["since"])] for r in rows]
     _out(args, rows, table)
     return 0
-
-
-def _node_rows(snap: Any, store: Any) -> list[dict[str, Any]]:
-    names = sorted(set(snap.nodes) | set(snap.cordons) | set(snap.fences))
-    rows = []
-    for n in names:
-        reg = snap.nodes[n].value if n in snap.nodes else None
-        used = sum(snap.specs[v].value.memory_mib for v, p in snap.placements.items()
-                   if p.value.node == n and v in snap.specs
-                   and snap.specs[v].value.state == "running")
-        ttl = None
-        if reg is not None:
-            try:
-                ttl = store.lease_ttl(int(reg.lease_id, 16))
-            except Exception:  # noqa: BLE001 - display only; the row still prints
-                ttl = None
-        rows.append({"name": n, "registered": reg is not None,
-                     "lease_id": reg.lease_id if reg else None, "lease_ttl_s": ttl,
-                     "cordoned": n in snap.cordons,
-                     "cordon_reason": snap.cordons[n].value.reason if n in snap.cordons else None,
-                     "fenced": n in snap.fences,
-                     "memory_mib": reg.capacity.memory_mib if reg else None,
-                     "free_memory_mib": reg.capacity.memory_mib - used if reg else None,
-                     "vcpus": reg.capacity.vcpus if reg else None,
-                     "libvirt_uri": reg.libvirt_uri if reg else None})
-    return rows
 
 
 def cmd_node_list(args: argparse.Namespace) -> int:
@@ -379,15 +315,9 @@ def snap_config_key(args: argparse.Namespace) -> str:
     return Keyspace(args.prefix).config
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import run_demo
-
-    return run_demo(Path(args.workdir) if args.workdir else None)
-
-
 # ---- parser ------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Sequence[Registrar] = ()) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vmha", description="High availability for libvirt VMs.")
     ap.add_argument("--etcd", default=os.environ.get("VMHA_ETCD", "127.0.0.1:2379"),
                     help="etcd endpoints, comma separated (env VMHA_ETCD)")
@@ -458,24 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     app.set_defaults(fn=cmd_config_apply)
     cfg.add_parser("show", help="the cluster config in etcd").set_defaults(fn=cmd_config_show)
 
-    demo = sub.add_parser("demo", help="run the local demo cluster (real etcd, fake hypervisor)")
-    demo.add_argument("--workdir")
-    demo.set_defaults(fn=cmd_demo)
-
     comp = sub.add_parser("completion", help="print a shell completion script")
     comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])
     comp.set_defaults(fn=lambda a: cmd_completion(a, ap))
 
     groups = {"root": sub, "vm": vm, "node": node, "config": cfg}
-    for module in EXTENSIONS:
-        importlib.import_module(module).register(groups)
+    for register in (*BUILTIN, *extra):
+        register(groups)
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from orchestrator.store import StoreUnavailable
+def main(argv: Sequence[str] | None = None, extra: Sequence[Registrar] = ()) -> int:
+    from store.etcd import StoreUnavailable
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra).parse_args(argv)
     try:
         return int(args.fn(args))
     except CliError as exc:
@@ -488,6 +414,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ Two kinds of guest:
 * :func:`tiny_guest_xml` - disk-less, kernel-less: only SeaBIOS runs (it
   finds nothing to boot and idles).  32 MiB, ~0.5 % CPU, migrates in ~2 s.
 * :func:`kernel_guest_xml` - Debian's kernel plus a busybox initramfs built
-  by :func:`nodeagent.lab.artifacts.ensure_kernel_artifacts`; its init
+  by :func:`lab.artifacts.ensure_kernel_artifacts`; its init
   prints ``VMHA-UPTIME <seconds>`` every second to the serial port, which
   QEMU appends to a host file.  :func:`guest_uptime` reads the last value,
   so a caller can tell a guest that kept running across a migration from
@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from nodeagent.lab.artifacts import UPTIME_TAG, ensure_kernel_artifacts
+from lab.artifacts import UPTIME_TAG, ensure_kernel_artifacts
 
 #: Migration flags used by :func:`migrate_live` (peer-to-peer, live).
 MIGRATE_FLAGS = (

@@ -1,7 +1,7 @@
 """The hypervisor interface the agent reconciles against.
 
-Two implementations: `nodeagent.libvirt_hv.LibvirtHypervisor` (the real one) and
-`nodeagent.fake_hv.FakeHypervisor` (a fake for decision-logic tests and
+Two implementations: `hypervisor.libvirt_adapter.LibvirtHypervisor` (the real one) and
+`hypervisor.fake.FakeHypervisor` (a fake for decision-logic tests and
 simulation; it says so in its name).
 """
 

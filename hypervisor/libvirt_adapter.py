@@ -15,7 +15,7 @@ import libvirt
 import structlog
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from nodeagent.hypervisor import (
+from hypervisor.base import (
     Domain,
     DomainState,
     HypervisorError,

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.labcli import EXIT_INTERRUPTED, interrupts, say, wait_progress
-from orchestrator.labcluster import LAB_CONFIG, LabCluster
+from lab.cluster import LAB_CONFIG, LabCluster
+from lab.commands import EXIT_INTERRUPTED, interrupts, say, wait_progress
 from schemas import Keyspace
 
 KS = Keyspace()
@@ -51,7 +51,7 @@ class Demo:
     # ---- small helpers ---------------------------------------------------------------------
 
     def vmha(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator", "--etcd",
+        return subprocess.run([sys.executable, "-m", "vmha", "--etcd",
                                self.lc.endpoints, *args], capture_output=True, text=True,
                               timeout=60, check=False)
 
@@ -68,7 +68,7 @@ class Demo:
                          for vm in (*TINY, LINUX) if vm in self.rows)
 
     def uptime(self) -> float | None:
-        from nodeagent.lab import guest_uptime
+        from lab import guest_uptime
 
         return guest_uptime(self.console)
 
@@ -95,8 +95,8 @@ class Demo:
     # ---- the story ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        from nodeagent.lab import DEFAULT_CACHE, ensure_kernel_artifacts
-        from orchestrator.store import EtcdStore
+        from lab import DEFAULT_CACHE, ensure_kernel_artifacts
+        from store.etcd import EtcdStore
 
         t = time.monotonic()
         say("-- preparing the Linux guest's kernel and initramfs (cached after the first run)")
@@ -121,7 +121,7 @@ class Demo:
                              f"{time.monotonic() - t:.1f} s"))
 
     def boot(self) -> None:
-        from nodeagent.lab import DEFAULT_CACHE, kernel_guest_xml, tiny_guest_xml
+        from lab import DEFAULT_CACHE, kernel_guest_xml, tiny_guest_xml
 
         t = time.monotonic()
         guests = self.wd / "guests"
@@ -152,7 +152,7 @@ class Demo:
         self.rows[vm] = {"guest": "Linux" if vm == LINUX else "tiny"}
 
     def drain(self) -> str:
-        from nodeagent.lab import wait_guest_uptime
+        from lab import wait_guest_uptime
 
         node = self.truth()[LINUX][0]
         victims = sorted(vm for vm, ns in self.truth().items() if node in ns)

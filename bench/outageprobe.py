@@ -1,13 +1,13 @@
 """A paced probe stream to the lab's network guest (run as its own process).
 
-``python -m orchestrator.outageprobe --mode udp --target IP --pps 100 --out FILE``
+``python -m bench.outageprobe --mode udp --target IP --pps 100 --out FILE``
 sends probes at a fixed rate (sleep, then a short busy-wait on a monotonic clock:
 ``ping -i 0.01`` manages only ~62/s here) until SIGTERM/SIGINT or ``--max-seconds``,
 drains the answers for a moment, and writes one JSON file: when each probe was sent,
 and when each answer arrived (CLOCK_MONOTONIC, comparable with the caller's
 ``time.monotonic()``).
 
-* ``udp``: datagrams to the guest's ``udpecho`` (see :mod:`nodeagent.lab.netguest`).
+* ``udp``: datagrams to the guest's ``udpecho`` (see :mod:`lab.netguest`).
   Each answer carries how many probes of this stream the guest had received; at the
   end a query datagram asks for the final count, so lost probes split into "never
   reached the guest" and "the answer was lost".
@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from nodeagent.lab.netguest import ECHO_PORT, PROBE_MAGIC, QUERY_SEQ
+from lab.netguest import ECHO_PORT, PROBE_MAGIC, QUERY_SEQ
 
 _HDR = struct.Struct("!IIII")  # magic, stream id, sequence, guest's count
 _SPIN_S = 0.0005
@@ -158,7 +158,7 @@ class Prober:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m orchestrator.outageprobe")
+    ap = argparse.ArgumentParser(prog="python -m bench.outageprobe")
     ap.add_argument("--mode", choices=("udp", "icmp"), default="udp")
     ap.add_argument("--target", required=True)
     ap.add_argument("--pps", type=float, required=True)

@@ -1,11 +1,11 @@
 """The lab: several independent libvirt nodes with small QEMU (TCG) guests on one host.
 
-Root only.  See :mod:`nodeagent.lab.nodes` for the node layout and
-:mod:`nodeagent.lab.guests` for the guests and live migration.
+Root only.  See :mod:`lab.nodes` for the node layout and
+:mod:`lab.guests` for the guests and live migration.
 """
 
-from nodeagent.lab.artifacts import DEFAULT_CACHE, ArtifactError, ensure_kernel_artifacts
-from nodeagent.lab.guests import (
+from lab.artifacts import DEFAULT_CACHE, ArtifactError, ensure_kernel_artifacts
+from lab.guests import (
     MIGRATE_FLAGS,
     MIGRATE_FLAGS_DIRECT,
     MIGRATION_ADDRESS,
@@ -15,7 +15,7 @@ from nodeagent.lab.guests import (
     tiny_guest_xml,
     wait_guest_uptime,
 )
-from nodeagent.lab.nodes import (
+from lab.nodes import (
     LabError,
     LabNode,
     crash_node,

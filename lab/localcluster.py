@@ -95,7 +95,7 @@ class EtcdCluster:
                                   start_new_session=True)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        from orchestrator.store import EtcdStore, StoreUnavailable
+        from store.etcd import EtcdStore, StoreUnavailable
 
         store = EtcdStore(self.endpoints, retry_budget=0.5)
 
@@ -153,7 +153,7 @@ class Daemon:
     def start(self) -> Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmha", *self.args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         return self

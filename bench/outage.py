@@ -7,8 +7,8 @@ One command (root) that
    guests' taps land on that bridge and migrations use the namespace's loopback),
    vmha's agents and orchestrators, and the probe sender all live there; probes go
    only to the guest's address inside it;
-2. boots a network-reachable kernel guest (:mod:`nodeagent.lab.netguest`) on two lab
-   nodes and measures, with paced probe streams (:mod:`orchestrator.outageprobe`):
+2. boots a network-reachable kernel guest (:mod:`lab.netguest`) on two lab
+   nodes and measures, with paced probe streams (:mod:`bench.outageprobe`):
 
    * a reference stream per rate (no failure);
    * the raw-libvirt baseline: the same guest live-migrated directly with libvirt
@@ -142,7 +142,7 @@ class ProbeRun:
         self.stream = stream
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.outageprobe", "--mode", stream.mode,
+            [sys.executable, "-m", "bench.outageprobe", "--mode", stream.mode,
              "--target", target, "--pps", str(stream.pps), "--size", str(stream.size),
              "--max-seconds", str(max_seconds), "--out", str(out)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -162,7 +162,7 @@ class ProbeRun:
 
 class Campaign:
     def __init__(self, args: argparse.Namespace, netns: str) -> None:
-        from nodeagent.lab.netguest import GuestNet
+        from lab.netguest import GuestNet
 
         self.args = args
         self.out = Path(args.out).resolve()
@@ -176,7 +176,7 @@ class Campaign:
     # -- helpers --
 
     def _vmha(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "orchestrator", *self.lc.common(), *argv],
+        return subprocess.run([sys.executable, "-m", "vmha", *self.lc.common(), *argv],
                               capture_output=True, text=True, check=False, timeout=60)
 
     def _save(self) -> None:
@@ -213,7 +213,7 @@ class Campaign:
         import socket
         import struct
 
-        from nodeagent.lab.netguest import ECHO_PORT, PROBE_MAGIC
+        from lab.netguest import ECHO_PORT, PROBE_MAGIC
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.settimeout(0.3)
@@ -252,8 +252,8 @@ class Campaign:
     # -- phases --
 
     def start_lab(self) -> None:
-        from orchestrator.labcluster import LAB_CONFIG, LabCluster
-        from orchestrator.store import EtcdStore
+        from lab.cluster import LAB_CONFIG, LabCluster
+        from store.etcd import EtcdStore
 
         self.root = Path(tempfile.mkdtemp(prefix="vmhab-", dir="/tmp"))
         logs = self.out / "logs"
@@ -271,7 +271,7 @@ class Campaign:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def guest_xml(self) -> str:
-        from nodeagent.lab.netguest import net_guest_xml
+        from lab.netguest import net_guest_xml
 
         return net_guest_xml(VM, self.net, self.out / "logs" / f"{VM}.console.log",
                              memory_mib=96)
@@ -288,7 +288,7 @@ class Campaign:
         """The guest as an unmanaged domain (vmha leaves it alone), migrated by libvirt."""
         import libvirt
 
-        from nodeagent.lab import migrate_live
+        from lab import migrate_live
 
         conn = libvirt.open(self.lc.nodes[NODES[0]].uri)
         try:
@@ -804,7 +804,7 @@ def write_plots(out: Path) -> list[Path]:
 
 
 def _inside(args: argparse.Namespace) -> int:
-    from nodeagent.lab.netguest import current_netns_name
+    from lab.netguest import current_netns_name
 
     netns = current_netns_name()
     if netns is None or netns != args.netns:
@@ -826,12 +826,12 @@ def cmd_bench_outage(args: argparse.Namespace) -> int:
         print("vmha bench outage needs root (network namespace, libvirtd, QEMU)",
               file=sys.stderr)
         return 1
-    from nodeagent.lab.netguest import GuestNet, create_netns, delete_netns
+    from lab.netguest import GuestNet, create_netns, delete_netns
 
     name = f"vmha-bench-{os.getpid()}"
     create_netns(GuestNet(name))
     try:
-        argv = [sys.executable, "-m", "orchestrator", "bench", "outage", "--netns", name,
+        argv = [sys.executable, "-m", "vmha", "bench", "outage", "--netns", name,
                 "--out", str(out), "--trials", str(args.trials), "--raw-trials",
                 str(args.raw_trials), "--crashes", str(args.crashes), "--streams",
                 args.streams, "--reference-seconds", str(args.reference_seconds),

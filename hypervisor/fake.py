@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeagent.hypervisor import Domain, HypervisorError, MigrationStats, mark_managed
+from hypervisor.base import Domain, HypervisorError, MigrationStats, mark_managed
 
 
 def pid_alive(pid: int) -> bool:

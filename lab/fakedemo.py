@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nodeagent.fake_hv import fake_ground_truth
-from orchestrator.localcluster import FakeCluster, start_etcd, wait_until
-from orchestrator.store import EtcdStore
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import FakeCluster, start_etcd, wait_until
 from schemas import ClusterConfig, Keyspace
+from store.etcd import EtcdStore
 
 DEMO_CONFIG = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.5, self_fence_safety_s=0.75,
                             fence_margin_s=1.5, stop_timeout_s=5.0)
@@ -76,7 +76,7 @@ def run_demo(workdir: Path | None = None) -> int:
         wait_until(lambda: store.get(KS.leader), 15, what="a leader")
         leader = json.loads(store.get(KS.leader).value)["id"]  # type: ignore[union-attr]
         say(f"-- leader elected: {leader}")
-        cli = [sys.executable, "-m", "orchestrator", "--etcd", etcd.endpoints]
+        cli = [sys.executable, "-m", "vmha", "--etcd", etcd.endpoints]
         t = time.monotonic()
         for i in range(6):
             subprocess.run([*cli, "vm", "add", f"vm{i}", "--memory-mib", str(512 + 256 * (i % 3))],

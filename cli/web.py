@@ -1,5 +1,5 @@
 """`vmha graph` (the migration graph and node ranking) and `vmha web` (a read-only status
-page).  Registered into `vmha` through orchestrator.cli.EXTENSIONS."""
+page).  Registered into `vmha` through cli.main.EXTENSIONS."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
-from orchestrator.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
-from orchestrator.history import read_events
-from orchestrator.opscli import _parse_time
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
+from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
+from cli.ops import _parse_time
+from store.history import read_events
 
 
 def _node_states(store: Any) -> dict[str, str]:
-    from orchestrator.web import node_rows
+    from cli.webserver import node_rows
 
     return {r["name"]: r["state"] for r in node_rows(store.snapshot(), store)}
 
@@ -98,7 +98,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from orchestrator.web import StateSource, WebServer, is_loopback, parse_listen
+    from cli.webserver import StateSource, WebServer, is_loopback, parse_listen
 
     try:
         host, port = parse_listen(args.listen)

@@ -1,7 +1,7 @@
 """`vmha lab up|down|status|demo`: a whole vmha cluster on real QEMU, on this machine.
 
 `up` starts, as background processes that outlive the command: a real etcd (1 or 3
-members), N lab libvirt nodes (one namespaced libvirtd each, see nodeagent.lab), one
+members), N lab libvirt nodes (one namespaced libvirtd each, see lab), one
 node agent per node on its libvirtd and two orchestrators.  Everything lives under one
 lab directory (default /var/lib/vmha-lab, or ``--dir``) whose ``lab.json`` records every
 pid with its exact command line, so `status` and `down` work from any shell.
@@ -11,8 +11,8 @@ matches is left alone), stops the lab nodes (libvirtd, QEMU, by the pid files th
 write), unmounts anything left under the lab directory and removes what `up` created.
 Ctrl-C (or SIGTERM) during `up` does the same.
 
-Registered into `vmha` through orchestrator.cli.EXTENSIONS; it also turns `vmha demo`
-into the lab demo (orchestrator.labdemo), keeping the fake-hypervisor one as
+Registered into `vmha` through cli.main.EXTENSIONS; it also turns `vmha demo`
+into the lab demo (lab.demo), keeping the fake-hypervisor one as
 `vmha demo --fake`.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli import EXIT_FAIL, EXIT_INPUT, CliError
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError
 
 STATE_FILE = "lab.json"
 ENV_FILE = "env.sh"
@@ -61,7 +61,7 @@ def pid_cmdline(pid: int) -> list[str]:
 
 def proc_alive(rec: dict[str, Any]) -> bool:
     """The recorded process still runs, with exactly the command line it was started with."""
-    from nodeagent.lab import pid_alive
+    from lab import pid_alive
 
     pid = rec.get("pid")
     return (isinstance(pid, int) and pid > 1 and pid_alive(pid)
@@ -71,7 +71,7 @@ def proc_alive(rec: dict[str, Any]) -> bool:
 def kill_recorded(recs: list[dict[str, Any]], first: int = signal.SIGKILL) -> list[int]:
     """Signal each recorded process that is still the one we started; wait until they are
     gone (SIGKILL after a grace period if ``first`` is gentler).  Returns survivors."""
-    from nodeagent.lab import pid_alive
+    from lab import pid_alive
 
     targets = [r for r in recs if proc_alive(r)]
     for r in targets:
@@ -169,7 +169,7 @@ def missing_prerequisite() -> str | None:
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount", "etcd", "etcdctl"):
         if shutil.which(tool, path=path) is None:
             return (f"the lab needs {tool}: run `VMHA_LAB=1 bash scripts/setup.sh` "
-                    "(packages in nodeagent/lab/APT_PACKAGES.txt)")
+                    "(packages in lab/APT_PACKAGES.txt)")
     try:
         import libvirt  # noqa: F401
     except ImportError:
@@ -216,7 +216,7 @@ def wait_progress(pred: Callable[[], object], timeout: float, what: str,
 
 
 def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
-    from orchestrator.store import EtcdStore, StoreUnavailable
+    from store.etcd import EtcdStore, StoreUnavailable
 
     store = EtcdStore(endpoints, retry_budget=0.5)
     try:
@@ -230,7 +230,7 @@ def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
 
 def _write_examples(lab_dir: Path) -> None:
     """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built)."""
-    from nodeagent.lab import DEFAULT_CACHE, ArtifactError, kernel_guest_xml, tiny_guest_xml
+    from lab import DEFAULT_CACHE, ArtifactError, kernel_guest_xml, tiny_guest_xml
 
     guests = lab_dir / "guests"
     guests.mkdir(exist_ok=True)
@@ -271,8 +271,8 @@ def _write_env(lab_dir: Path, endpoints: str) -> None:
 
 def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> int:
     """`up` on an existing lab: restart what died, if etcd still runs."""
-    from nodeagent.lab import start_node
-    from orchestrator.localcluster import Daemon
+    from lab import start_node
+    from lab.localcluster import Daemon
 
     names = [n["name"] for n in state.get("nodes", [])]
     if args.nodes not in (None, len(names)) or \
@@ -296,7 +296,7 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
             continue
         d = Daemon(key.split(":", 1)[1], list(rec["args"]), Path(rec["log"])).start()
         assert d.proc is not None
-        rec["pid"], rec["argv"] = d.proc.pid, [sys.executable, "-m", "orchestrator", *d.args]
+        rec["pid"], rec["argv"] = d.proc.pid, [sys.executable, "-m", "vmha", *d.args]
         restarted.append(key)
         save_state(lab_dir, state)
     save_state(lab_dir, state)
@@ -312,7 +312,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     problem = missing_prerequisite()
     if problem:
         raise CliError(problem)
-    from orchestrator.labcluster import LAB_CONFIG, LabCluster
+    from lab.cluster import LAB_CONFIG, LabCluster
 
     lab_dir = Path(args.dir).resolve()
     _check_dir(lab_dir)
@@ -389,11 +389,11 @@ def _mounts_under(path: Path) -> list[str]:
 def teardown(lab_dir: Path, quiet: bool = False) -> list[str]:
     """Stop everything the lab in ``lab_dir`` started and remove what it created.
     Returns problems (empty: all gone)."""
-    from nodeagent.lab import LabError, destroy_lab
+    from lab import LabError, destroy_lab
 
     state = load_state(lab_dir) or {}
     problems: list[str] = []
-    from orchestrator.labcluster import child_pids
+    from lab.cluster import child_pids
 
     daemons = _daemon_recs(state)
     # What the daemons started themselves (an agent's guard process), found by parent pid
@@ -454,7 +454,7 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
-    from nodeagent.lab import lab_nodes, node_pids, qemu_pids
+    from lab import lab_nodes, node_pids, qemu_pids
 
     lab_dir = Path(args.dir).resolve()
     state = load_state(lab_dir)
@@ -491,7 +491,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
             f"{'running' if r['alive'] else 'DEAD':<8} {r['detail']}")
     etcd_alive = any(r["alive"] for r in rows if r["kind"] == "etcd")
     if etcd_alive:
-        from orchestrator.cli import cmd_status
+        from cli.main import cmd_status
 
         say("")
         ns = argparse.Namespace(**{**vars(args), "etcd": state["etcd"]["endpoints"],
@@ -508,7 +508,7 @@ def cmd_lab_demo(args: argparse.Namespace) -> int:
     problem = missing_prerequisite()
     if problem:
         raise CliError(f"{problem}\n(`vmha demo --fake` runs the demo on the fake hypervisor)")
-    from orchestrator.labdemo import run_lab_demo
+    from lab.demo import run_lab_demo
 
     return run_lab_demo(Path(args.workdir) if args.workdir else None)
 
@@ -516,7 +516,7 @@ def cmd_lab_demo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`vmha demo`: the lab demo; `vmha demo --fake`: the fake-hypervisor demo."""
     if args.fake:
-        from orchestrator.demo import run_demo
+        from lab.fakedemo import run_demo
 
         return int(run_demo(Path(args.workdir) if args.workdir else None))
     return cmd_lab_demo(args)
@@ -545,11 +545,11 @@ def register(groups: dict[str, Any]) -> None:
     demo = sub.add_parser("demo", help="the lab demo (same as `vmha demo`)")
     demo.add_argument("--workdir", help="lab directory for the demo (default: a temporary one)")
     demo.set_defaults(fn=cmd_lab_demo)
-    # `vmha demo` (defined in orchestrator.cli) becomes the lab demo; --fake keeps the old one.
-    plain = root.choices.get("demo")
-    if plain is not None:
-        plain.add_argument("--fake", action="store_true",
-                           help="the demo on the fake hypervisor (no root, no QEMU, ~15 s)")
-        plain.description = ("The lab demo: real etcd, libvirt nodes and QEMU guests (root); "
-                             "--fake: the same story on the fake hypervisor.")
-        plain.set_defaults(fn=cmd_demo)
+    plain = root.add_parser(
+        "demo", help="run the demo cluster (the lab; --fake: real etcd, fake hypervisor)",
+        description="The lab demo: real etcd, libvirt nodes and QEMU guests (root); "
+                    "--fake: the same story on the fake hypervisor.")
+    plain.add_argument("--workdir")
+    plain.add_argument("--fake", action="store_true",
+                       help="the demo on the fake hypervisor (no root, no QEMU, ~15 s)")
+    plain.set_defaults(fn=cmd_demo)

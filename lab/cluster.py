@@ -1,8 +1,8 @@
 """A local cluster on the lab: real etcd, lab libvirt nodes with QEMU, vmha daemons.
 
-Like :class:`orchestrator.localcluster.FakeCluster`, but every agent runs the real
+Like :class:`lab.localcluster.FakeCluster`, but every agent runs the real
 hypervisor adapter (``--libvirt-uri``) against its own lab libvirtd (see
-:mod:`nodeagent.lab`).  Root only.
+:mod:`lab`).  Root only.
 
 :meth:`LabCluster.ground_truth` asks every lab libvirtd directly (libvirt-python,
 ``listAllDomains`` + ``isActive``), independent of vmha's own code paths.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import libvirt
 
-from nodeagent.lab import (
+from lab import (
     LabNode,
     crash_node,
     destroy_lab,
@@ -30,7 +30,7 @@ from nodeagent.lab import (
     restart_node,
     start_node,
 )
-from orchestrator.localcluster import Daemon, EtcdCluster, start_etcd
+from lab.localcluster import Daemon, EtcdCluster, start_etcd
 from schemas import ClusterConfig
 
 #: Timing for the lab demo and ``vmha lab up``: a crash is recovered in seconds, and it
@@ -115,7 +115,7 @@ class LabCluster:
                 self.nodes[name] = start_node(self.root, name, index)
                 self._changed()
             if config_json is not None:
-                from orchestrator.store import EtcdStore
+                from store.etcd import EtcdStore
 
                 store = EtcdStore(self.etcd.endpoints)
                 try:
@@ -234,7 +234,7 @@ class LabCluster:
     def node_domains(self, name: str) -> dict[str, str]:
         """Every domain libvirt of node ``name`` lists: ``running``, ``migrating`` or
         ``inactive``.  Active counts only if the domain's QEMU process (pid file of
-        the node, checked by :func:`nodeagent.lab.qemu_pids`) is alive, too.
+        the node, checked by :func:`lab.qemu_pids`) is alive, too.
 
         ``migrating`` is an active domain whose CPUs are paused for a live migration
         (the destination while the memory streams in, the source during the switch-over)

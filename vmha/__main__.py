@@ -1,0 +1,5 @@
+import sys
+
+from vmha.main import main
+
+sys.exit(main())
