@@ -1,7 +1,7 @@
 """The lab: several independent libvirt nodes with small QEMU (TCG) guests on one host.
 
-Root only.  See :mod:`lab.nodes` for the node layout and
-:mod:`lab.guests` for the guests and live migration.
+Root only.  See :mod:`lab.nodeconf` for the node layout, :mod:`lab.nodes` for the
+nodes' life cycle and :mod:`lab.guests` for the guests and live migration.
 """
 
 from lab.artifacts import DEFAULT_CACHE, ArtifactError, ensure_kernel_artifacts
@@ -15,20 +15,19 @@ from lab.guests import (
     tiny_guest_xml,
     wait_guest_uptime,
 )
+from lab.nodeconf import LabError, LabNode
 from lab.nodes import (
-    LabError,
-    LabNode,
     crash_node,
     destroy_lab,
     kill_libvirtd,
     lab_nodes,
     node_pids,
-    pid_alive,
     qemu_pids,
     restart_node,
     start_node,
     stop_node,
 )
+from lab.procs import pid_alive
 
 __all__ = [
     "DEFAULT_CACHE",

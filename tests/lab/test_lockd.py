@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 from lab import destroy_lab, node_pids, pid_alive, start_node  # noqa: E402
 from lab.guests import disk_guest_xml  # noqa: E402
-from lab.nodes import LOCKSPACE_DIR, LabNode  # noqa: E402
+from lab.nodeconf import LOCKSPACE_DIR, LabNode  # noqa: E402
 
 
 def _skip_reason() -> str | None:

@@ -1,0 +1,190 @@
+"""`vmha lab up`: start a whole lab in the background, or restart what died of one.
+
+Starts a real etcd (1 or 3 members), N lab libvirt nodes (one namespaced libvirtd
+each), one node agent per node and two orchestrators, recording each in ``lab.json``
+(:mod:`lab.labstate`) as soon as it runs.  Ctrl-C (or SIGTERM) during `up` tears down
+everything it started (:func:`lab.labdown.teardown`).
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cli.common import EXIT_INPUT, CliError
+from lab.labdown import teardown
+from lab.labstate import (
+    DIR_MARKER,
+    ENV_FILE,
+    EXIT_INTERRUPTED,
+    OWNED,
+    STATE_FILE,
+    check_dir,
+    cluster_state,
+    etcd_recs,
+    interrupts,
+    load_state,
+    missing_prerequisite,
+    proc_alive,
+    save_state,
+    say,
+    wait_progress,
+)
+
+
+def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
+    from store.etcd import EtcdStore, StoreUnavailable
+
+    store = EtcdStore(endpoints, retry_budget=0.5)
+    try:
+        snap = store.snapshot()
+    except StoreUnavailable:
+        return False
+    finally:
+        store.close()
+    return snap.leader is not None and all(n in snap.nodes for n in nodes)
+
+
+def _write_examples(lab_dir: Path) -> None:
+    """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built)."""
+    from lab import DEFAULT_CACHE, ArtifactError, kernel_guest_xml, tiny_guest_xml
+
+    guests = lab_dir / "guests"
+    guests.mkdir(exist_ok=True)
+    (guests / "web1.xml").write_text(tiny_guest_xml("web1"))
+    with contextlib.suppress(ArtifactError, OSError):
+        (guests / "k1.xml").write_text(
+            kernel_guest_xml("k1", DEFAULT_CACHE, guests / "k1.console.log"))
+
+
+def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
+    ep = state["etcd"]["endpoints"]
+    node = state["nodes"][0]["name"]
+    say(f"\nlab up in {lab_dir}: {len(state['nodes'])} libvirt nodes "
+        f"({', '.join(n['name'] for n in state['nodes'])}), etcd {ep} "
+        f"({len(etcd_recs(state))} member(s)), one agent per node, 2 orchestrators")
+    say(f"  state: {lab_dir / STATE_FILE}    logs: {lab_dir / 'logs'}")
+    say("\nTry (or `source " + str(lab_dir / ENV_FILE) + "` first and drop the flags):")
+    say(f"  vmha --etcd {ep} status")
+    say(f"  vmha --etcd {ep} vm add web1 --memory-mib 32 --xml {lab_dir / 'guests/web1.xml'}")
+    if (lab_dir / "guests" / "k1.xml").exists():
+        say(f"  vmha --etcd {ep} vm add k1 --memory-mib 96 --xml {lab_dir / 'guests/k1.xml'}"
+            f"   # a Linux guest; tail -f {lab_dir / 'guests/k1.console.log'}")
+    say(f"  etcdctl --endpoints {ep} get --prefix /vmha/ --keys-only")
+    say(f"  etcdctl --endpoints {ep} lease revoke $(vmha --etcd {ep} -o json node list"
+        f" | python3 -c 'import json,sys; print([n[\"lease_id\"] for n in json.load(sys.stdin)"
+        f" if n[\"name\"] == \"{node}\"][0])')   # drain {node}")
+    say(f"  vmha --etcd {ep} node uncordon {node}")
+    say(f"  vmha lab status --dir {lab_dir}")
+    say(f"  vmha lab down --dir {lab_dir}")
+
+
+def _write_env(lab_dir: Path, endpoints: str) -> None:
+    (lab_dir / ENV_FILE).write_text(
+        "# source this file to talk to the vmha lab\n"
+        f"export VMHA_ETCD={endpoints}\nexport ETCDCTL_API=3\n"
+        f"export ETCDCTL_ENDPOINTS={endpoints}\n")
+
+
+def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> int:
+    """`up` on an existing lab: restart what died, if etcd still runs."""
+    from lab import start_node
+    from lab.localcluster import Daemon
+
+    names = [n["name"] for n in state.get("nodes", [])]
+    if args.nodes not in (None, len(names)) or \
+            args.etcd_members not in (None, len(etcd_recs(state))):
+        raise CliError(f"a lab with {len(names)} node(s) and {len(etcd_recs(state))} etcd "
+                       f"member(s) is already in {lab_dir}; `vmha lab down --dir {lab_dir}` "
+                       "first", EXIT_INPUT)
+    dead_etcd = [m["name"] for m in etcd_recs(state) if not proc_alive(m)]
+    if dead_etcd or not names:
+        raise CliError(f"the lab in {lab_dir} is broken (etcd {', '.join(dead_etcd)} not "
+                       f"running); `vmha lab down --dir {lab_dir}`, then up again")
+    restarted = []
+    for n in state["nodes"]:
+        before = n.get("libvirtd_pid")
+        node = start_node(lab_dir / "nodes", n["name"], n["index"])
+        if node.pid != before:
+            restarted.append(f"libvirtd of {n['name']}")
+        n["libvirtd_pid"] = node.pid
+    for key, rec in state["daemons"].items():
+        if proc_alive(rec):
+            continue
+        d = Daemon(key.split(":", 1)[1], list(rec["args"]), Path(rec["log"])).start()
+        assert d.proc is not None
+        rec["pid"], rec["argv"] = d.proc.pid, [sys.executable, "-m", "vmha", *d.args]
+        restarted.append(key)
+        save_state(lab_dir, state)
+    save_state(lab_dir, state)
+    say(f"lab already up in {lab_dir}" + (f"; restarted {', '.join(restarted)}"
+                                          if restarted else " (nothing to do)"))
+    wait_progress(lambda: _cluster_ready(state["etcd"]["endpoints"], names), 30,
+          "agents registered and a leader elected")
+    _print_info(lab_dir, state)
+    return 0
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    problem = missing_prerequisite()
+    if problem:
+        raise CliError(problem)
+    from lab.cluster import LAB_CONFIG, LabCluster
+
+    lab_dir = Path(args.dir).resolve()
+    check_dir(lab_dir)
+    if args.nodes is not None and not 1 <= args.nodes <= 9:
+        raise CliError("--nodes must be 1..9", EXIT_INPUT)
+    state = load_state(lab_dir)
+    if state is not None:
+        return _resume(args, lab_dir, state)
+    args.nodes = args.nodes or 3
+    args.etcd_members = args.etcd_members or 1
+    if lab_dir.exists() and any(p.name in OWNED for p in lab_dir.iterdir()):
+        raise CliError(f"{lab_dir} holds left-overs of a lab without {STATE_FILE}; "
+                       f"`vmha lab down --dir {lab_dir}` removes them", EXIT_INPUT)
+    created = not lab_dir.exists()
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    if created:
+        (lab_dir / DIR_MARKER).touch()
+    names = tuple(f"n{i}" for i in range(1, args.nodes + 1))
+    base = {"version": 1, "dir": str(lab_dir), "created_dir": created,
+            "node_names": list(names), "started_at": time.time(), "prefix": args.prefix}
+    started = time.monotonic()
+    with interrupts():
+        try:
+            say(f"== vmha lab up: etcd ({args.etcd_members} member(s)), {len(names)} libvirt "
+                f"nodes, {len(names)} agents, 2 orchestrators; state in {lab_dir}")
+            save_state(lab_dir, base)
+            lc = LabCluster(lab_dir / "nodes", lab_dir / "logs", node_names=names,
+                            prefix=args.prefix, etcd_members=args.etcd_members,
+                            etcd_dir=lab_dir / "etcd")
+            lc.on_change = lambda: save_state(lab_dir, cluster_state(lc, base))
+            lc.start(LAB_CONFIG.to_json())
+            state = cluster_state(lc, base)
+            for n in state["nodes"]:
+                n["libvirtd_pid"] = lc.nodes[n["name"]].pid
+            save_state(lab_dir, state)
+            _write_env(lab_dir, lc.endpoints)
+            say(f"   etcd at {lc.endpoints}; libvirtd nodes, agents and orchestrators started")
+            wait_progress(lambda: _cluster_ready(lc.endpoints, list(names)), 40,
+                  "agents registered and a leader elected")
+            _write_examples(lab_dir)
+        except KeyboardInterrupt:
+            say("\ninterrupted: tearing the lab down")
+            teardown(lab_dir, quiet=True)
+            return EXIT_INTERRUPTED
+        except BaseException as exc:
+            say(f"lab up failed ({exc}); tearing down what it started")
+            teardown(lab_dir, quiet=True)
+            if isinstance(exc, CliError | SystemExit):
+                raise
+            raise CliError(f"lab up failed: {exc}") from exc
+    _print_info(lab_dir, state)
+    say(f"\n(up in {time.monotonic() - started:.1f} s)")
+    return 0
