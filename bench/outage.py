@@ -826,9 +826,15 @@ def cmd_bench_outage(args: argparse.Namespace) -> int:
         print("vmha bench outage needs root (network namespace, libvirtd, QEMU)",
               file=sys.stderr)
         return 1
-    from lab.netguest import GuestNet, create_netns, delete_netns
+    from lab.artifacts import ArtifactError
+    from lab.netguest import GuestNet, create_netns, delete_netns, ensure_net_artifacts
 
     name = f"vmha-bench-{os.getpid()}"
+    try:  # from the cache only, before entering a namespace that reaches no archive
+        ensure_net_artifacts(GuestNet(name))
+    except ArtifactError as exc:
+        print(f"vmha bench outage: {exc}", file=sys.stderr)
+        return 1
     create_netns(GuestNet(name))
     try:
         argv = [sys.executable, "-m", "vmha", "bench", "outage", "--netns", name,

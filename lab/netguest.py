@@ -1,16 +1,20 @@
 """A network-reachable kernel guest for the lab, and the network namespace it lives in.
 
 The plain kernel guest (:mod:`lab.artifacts`) has no NIC driver: Debian's
-kernel builds them as modules.  This module builds a second initramfs (cached next to
+kernel builds them as modules.  This module assembles a second initramfs (cached next to
 the first one) that carries
 
 * the virtio NIC modules and their dependencies, in load order (read from each
   module's ``depends=`` tag, out of the same ``linux-image`` package as the kernel);
-* ``udpecho``: a tiny static C program (built here with ``gcc -static``) that answers
+* ``udpecho``: a tiny static C program (built with ``gcc -static``) that answers
   every probe datagram and puts into the answer how many probes of the current stream
   it has received so far, so a prober can tell which direction lost a packet;
 * an ``/init`` that loads the modules, gives ``eth0`` a static address (IPv6 off),
   starts ``udpecho`` and then prints its uptime every second, like the plain guest.
+
+The modules and ``udpecho`` are extracted and built by the fetch step (:mod:`lab.fetch`,
+run by setup) into ``<cache>/net/``; this module only assembles cached files, since it
+runs inside a network namespace with no route to a package archive.
 
 :func:`net_guest_xml` is the plain guest's XML plus one virtio NIC on a Linux bridge.
 The bridge lives in a network namespace that :func:`create_netns` makes (no uplink):
@@ -20,27 +24,27 @@ and migrations use the namespace's loopback.  Root only.
 
 from __future__ import annotations
 
-import fcntl
-import gzip
-import io
 import json
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.artifacts import (
     BOOT_TAG,
+    BUSYBOX_NAME,
     DEFAULT_CACHE,
     KERNEL_NAME,
+    KERNEL_PACKAGE_FILE,
     UPTIME_TAG,
     ArtifactError,
-    _cpio_entry,
-    _download,
-    _extract_member,
-    _write_atomic,
+    base_entries,
+    cache_lock,
     ensure_kernel_artifacts,
+    missing_error,
+    pack_initramfs,
+    require,
+    write_atomic,
 )
 from lab.guests import kernel_guest_xml
 
@@ -48,6 +52,12 @@ from lab.guests import kernel_guest_xml
 NET_INITRD_FORMAT = 1
 NET_INITRD_NAME = "initrd-net.img"
 NET_STAMP_NAME = "net-artifacts.json"
+#: Where the fetch step puts the pieces (``modules/<name>.ko``, ``udpecho``, a stamp).
+NET_DIR = "net"
+NET_PIECES_STAMP = "pieces.json"
+UDPECHO_NAME = "udpecho"
+#: Bump when the cached pieces change (the fetch step then fetches them again).
+NET_PIECES_FORMAT = 1
 
 #: UDP port of the guest's echo program; the probe header's magic number.
 ECHO_PORT = 7777
@@ -143,7 +153,7 @@ def _init_script(modules: list[str], net: GuestNet) -> str:
     return "\n".join(lines)
 
 
-def _module_order(mods: dict[str, bytes], wanted: tuple[str, ...]) -> list[str]:
+def module_order(mods: dict[str, bytes], wanted: tuple[str, ...]) -> list[str]:
     """Dependencies first (from each module's ``depends=`` tag)."""
     deps: dict[str, list[str]] = {}
     for name, blob in mods.items():
@@ -166,70 +176,62 @@ def _module_order(mods: dict[str, bytes], wanted: tuple[str, ...]) -> list[str]:
     return order
 
 
-def _kernel_modules(deb: Path) -> dict[str, bytes]:
-    """Every virtio/failover module of the kernel package, by module name."""
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    out: dict[str, bytes] = {}
-    import tarfile
-
-    try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|*") as tar:
-            for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base.endswith(".ko") and (
-                        "virtio" in base or "failover" in base):
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        out[base[:-3].replace("-", "_")] = fh.read()
-    finally:
-        proc.stdout.close()
-        proc.wait()
-    return out
-
-
-def _build_udpecho(workdir: Path) -> bytes:
-    src = workdir / "udpecho.c"
-    src.write_text(UDPECHO_C)
-    exe = workdir / "udpecho"
-    proc = subprocess.run(["gcc", "-static", "-O2", f"-DMAGIC={PROBE_MAGIC:#x}u", "-o",
-                           str(exe), str(src)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ArtifactError(f"gcc -static udpecho failed: {proc.stderr.strip()}")
-    return exe.read_bytes()
-
-
 def build_net_initramfs(busybox: bytes, modules: dict[str, bytes], order: list[str],
                         udpecho: bytes, net: GuestNet) -> bytes:
-    entries: list[tuple[str, int, bytes, tuple[int, int]]] = []
-    for directory in ("bin", "dev", "proc", "sys", "tmp", "root", "lib", "lib/modules"):
-        entries.append((directory, 0o040755, b"", (0, 0)))
-    entries.append(("dev/console", 0o020600, b"", (5, 1)))
-    entries.append(("dev/ttyS0", 0o020660, b"", (4, 64)))
-    entries.append(("dev/null", 0o020666, b"", (1, 3)))
-    entries.append(("bin/busybox", 0o100755, busybox, (0, 0)))
-    for link in ("sh", "mount", "sleep", "cat", "echo", "insmod", "ip", "poweroff"):
-        entries.append((f"bin/{link}", 0o120777, b"busybox", (0, 0)))
+    dirs = ("bin", "dev", "proc", "sys", "tmp", "root", "lib", "lib/modules")
+    links = ("sh", "mount", "sleep", "cat", "echo", "insmod", "ip", "poweroff")
+    entries = base_entries(busybox, dirs, links)
     entries.append(("bin/udpecho", 0o100755, udpecho, (0, 0)))
     for name in order:
         entries.append((f"lib/modules/{name}.ko", 0o100644, modules[name], (0, 0)))
     entries.append(("init", 0o100755, _init_script(order, net).encode(), (0, 0)))
-    raw = io.BytesIO()
-    for ino, (name, mode, data, rdev) in enumerate(entries, start=1):
-        raw.write(_cpio_entry(name, mode, data, ino=ino, rdev=rdev))
-    raw.write(_cpio_entry("TRAILER!!!", 0))
-    blob = raw.getvalue()
-    blob += b"\0" * (-len(blob) % 512)
-    return gzip.compress(blob, compresslevel=6, mtime=0)
+    return pack_initramfs(entries)
+
+
+@dataclass(frozen=True)
+class NetPieces:
+    """What the fetch step caches for the network guest."""
+
+    kernel_package: str
+    order: list[str]
+    modules: dict[str, bytes]
+    udpecho: bytes
+
+
+def load_net_pieces(cache: Path) -> NetPieces:
+    """The cached NIC modules (for the cached kernel) and udpecho; never downloads."""
+    stamp = f"{NET_DIR}/{NET_PIECES_STAMP}"
+    try:
+        meta = json.loads((cache / stamp).read_text())
+    except (OSError, ValueError):
+        raise missing_error(cache, [stamp]) from None
+    kernel_pkg = (cache / KERNEL_PACKAGE_FILE).read_text().strip() \
+        if (cache / KERNEL_PACKAGE_FILE).is_file() else None
+    if meta.get("format") != NET_PIECES_FORMAT or meta.get("kernel_package") != kernel_pkg:
+        raise missing_error(cache, [stamp], why="out of date")
+    order = [str(m) for m in meta.get("modules", [])]
+    files = [f"{NET_DIR}/modules/{m}.ko" for m in order] + [f"{NET_DIR}/{UDPECHO_NAME}"]
+    require(cache, *files)
+    return NetPieces(kernel_package=str(kernel_pkg), order=order,
+                     modules={m: (cache / NET_DIR / "modules" / f"{m}.ko").read_bytes()
+                              for m in order},
+                     udpecho=(cache / NET_DIR / UDPECHO_NAME).read_bytes())
 
 
 def ensure_net_artifacts(net: GuestNet, cache: Path = DEFAULT_CACHE) -> tuple[Path, Path]:
-    """``(kernel, network initramfs)`` in ``cache``, built once per guest address."""
+    """``(kernel, network initramfs)`` in ``cache``, assembled once per guest address.
+
+    Only from cached files (see :mod:`lab.fetch`): it runs inside network namespaces
+    without a route to any archive.  A missing piece raises
+    :class:`lab.artifacts.ArtifactMissing`, naming the setup command.
+    """
     kernel, _ = ensure_kernel_artifacts(cache)
     cache = Path(cache).resolve()
     initrd = cache / NET_INITRD_NAME
     stamp = cache / NET_STAMP_NAME
-    want = {"format": NET_INITRD_FORMAT, "guest_ip": net.guest_ip, "prefix": net.prefix_len}
+    pieces = load_net_pieces(cache)
+    want = {"format": NET_INITRD_FORMAT, "guest_ip": net.guest_ip, "prefix": net.prefix_len,
+            "kernel_package": pieces.kernel_package}
 
     def fresh() -> bool:
         try:
@@ -240,19 +242,15 @@ def ensure_net_artifacts(net: GuestNet, cache: Path = DEFAULT_CACHE) -> tuple[Pa
 
     if fresh():
         return kernel, initrd
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    require(cache, BUSYBOX_NAME)
+    with cache_lock(cache):
         if fresh():
             return kernel, initrd
-        pkg = (cache / "kernel-package.txt").read_text().strip().split("_")[0]
-        with tempfile.TemporaryDirectory(dir=cache, prefix="build-net-") as tmp_name:
-            tmp = Path(tmp_name)
-            modules = _kernel_modules(_download(pkg, tmp))
-            order = _module_order(modules, NIC_MODULES)
-            _, busybox = _extract_member(_download("busybox-static", tmp), "./bin/busybox")
-            udpecho = _build_udpecho(tmp)
-            _write_atomic(initrd, build_net_initramfs(busybox, modules, order, udpecho, net))
-        stamp.write_text(json.dumps({**want, "modules": order}, indent=1) + "\n")
+        busybox = (cache / BUSYBOX_NAME).read_bytes()
+        write_atomic(initrd, build_net_initramfs(busybox, pieces.modules, pieces.order,
+                                                 pieces.udpecho, net))
+        write_atomic(stamp, (json.dumps({**want, "modules": pieces.order}, indent=1)
+                             + "\n").encode())
     assert kernel.name == KERNEL_NAME
     return kernel, initrd
 

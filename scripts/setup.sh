@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# prometheus: the package that ships promtool on Debian 12 (tests check vmha's /metrics
+# with `promtool check metrics`); the server it also carries is not used.
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
-              libvirt-dev git chromium chromium-driver openssl)
+              libvirt-dev git chromium chromium-driver openssl prometheus)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f lab/APT_PACKAGES.txt ]; then
   mapfile -t LAB < <(grep -v '^\s*#' lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")
@@ -25,8 +27,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts an etcd service on install where systemd runs; vmha's tests and demo
-# start their own etcd on free ports, so the packaged one is not needed.
+# Debian starts etcd and prometheus services on install where systemd runs; vmha's tests
+# and demo start their own etcd on free ports and need neither service.
 
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
@@ -42,9 +44,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   touch "$stamp"
 fi
 if [ "${VMHA_LAB:-0}" = 1 ]; then
-  # The lab's Linux guest: Debian's kernel and a busybox initramfs, built once into
-  # /var/cache/vmha-lab (apt-get download; nothing is installed).
-  .venv/bin/python -c 'from lab import ensure_kernel_artifacts as e; e()' \
-    || { echo "setup: cannot build the lab's kernel guest (see above)" >&2; exit 1; }
+  # The lab's one download step: Debian's kernel and busybox-static (apt-get download;
+  # nothing is installed), the network guest's NIC modules and udpecho, the initramfs
+  # images, all into /var/cache/vmha-lab (or $VMHA_LAB_CACHE).  The lab, the demo, the
+  # outage bench and the tests only read that cache: nothing downloads at run time.
+  .venv/bin/python -m lab.fetch \
+    || { echo "setup: cannot fetch the lab's guest artifacts (see above)" >&2; exit 1; }
 fi
 echo "setup: ok"

@@ -1,7 +1,7 @@
 """The lab itself: nodes, guests, live migration, crash and teardown.
 
 Needs root, ``unshare``, ``libvirtd`` and ``qemu-system-x86_64``; skipped
-otherwise.  Kernel guest artifacts (downloaded with apt-get the first time)
+otherwise.  Kernel guest artifacts (fetched by ``VMHA_LAB=1 bash scripts/setup.sh``)
 and QEMU capability probes are cached in ``$VMHA_LAB_CACHE`` (default
 ``/var/cache/vmha-lab``).
 """
