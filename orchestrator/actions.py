@@ -1,0 +1,67 @@
+"""What the leader's planner decides: the actions of one cycle (pure data).
+
+Every action carries the compares that make it safe to apply later; the leader adds its
+epoch compare on top (orchestrator.leader).  `orchestrator.planner` re-exports these
+names, which is where the leader and the tools import them from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from schemas.models import Placement
+
+
+@dataclass(frozen=True)
+class FenceNode:
+    node: str
+    lease_id: str
+    reason: str
+    method: str = "self"  # "self": write the record; "external": run the fence device
+    expect_mod_revision: int = 0  # the node's (failed) fence record, 0: none
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class ClearFence:
+    node: str
+    fence_mod_revision: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WritePlacement:
+    placement: Placement
+    expect_mod_revision: int  # 0: the placement key must not exist
+    # Lost holders: their registration must still be absent and their fence record unchanged.
+    fenced_holders: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Wait:
+    vm: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClearMove:
+    """An operator's move request is done (or moot): delete it."""
+
+    vm: str
+    mod_revision: int
+    reason: str
+
+
+Action = FenceNode | ClearFence | WritePlacement | Wait | ClearMove
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    lost_since: Mapping[str, float]
+    summary: str
+
+    @property
+    def writes(self) -> tuple[Action, ...]:
+        return tuple(a for a in self.actions if not isinstance(a, Wait))

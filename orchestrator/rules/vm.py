@@ -1,0 +1,186 @@
+"""The leader's rules for one VM, tried in the order of `VM_RULES` (docs/design.md).
+
+Each rule reads the VM's facts and the cycle state, may write a decision into the state,
+and returns True when the VM is decided for this cycle (the later rules are skipped).
+A rule that decides "no write" also returns True: steady state is a decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.placement import Choice
+from orchestrator.rules.facts import VmFacts, is_fenced
+from orchestrator.rules.state import CLUSTER, CycleState
+
+VmRule = Callable[[CycleState, VmFacts], bool]
+
+
+def operator_move(st: CycleState, f: VmFacts) -> bool:
+    """0. An operator asked to move the VM (vmha vm migrate): a live migration from where
+    it runs now, only once it runs steadily there.  If the move is not possible now, say
+    why and let the usual rules decide (a drain must not wait for it)."""
+    snap, p, s = st.inp.snap, f.p, f.s
+    mv = snap.moves.get(f.vm)
+    if (mv is None or p is None or not p.node or s is None or s.node != p.node
+            or s.state != "running" or p.node not in snap.nodes or mv.value.to == p.node
+            or f.unfenced):
+        return False
+    to, src = mv.value.to, p.node
+    limit = st.inp.per_node_limit
+    group = st.placer.nodes[src].group if src in st.placer.nodes else None
+    refusal = (f"{st.inflight[CLUSTER]} migrations in flight cluster-wide"
+               if st.inflight[CLUSTER] >= st.inp.cfg.placement.max_migrations_in_flight
+               else f"{src} has no free migration slot" if st.inflight[src] >= limit
+               else st.placer.verdict(f.spec, to, exclude={src}, live_group=group,
+                                      busy=st.busy()))
+    if refusal is None:
+        st.place(f.vm, "migrate", to, f"operator request by {mv.value.by}: live-migrate "
+                 f"from {src} to {to}", {}, from_node=src)
+        st.take_slot(src, to)
+        return True
+    st.wait(f.vm, f"requested move to {to} not possible now: {refusal}")
+    return False
+
+
+def steady_boot(st: CycleState, f: VmFacts) -> bool:
+    """1. A boot placement on a schedulable node needs no write."""
+    p = f.p
+    return bool(p and p.kind == "boot" and p.node and st.inp.snap.schedulable(p.node))
+
+
+def _live_migration(st: CycleState, f: VmFacts) -> bool:
+    """A migrate placement whose target is registered and that has not failed, unless it
+    has arrived on a target cordoned since (then it moves on, like any cordoned VM)."""
+    snap, p = st.inp.snap, f.p
+    if (p is None or p.kind != "migrate" or p.node is None or p.node not in snap.nodes
+            or f.failed):
+        return False
+    return not (f.arrived and snap.is_cordoned(p.node))
+
+
+def steady_migration(st: CycleState, f: VmFacts) -> bool:
+    """1. A migration in flight (source registered) or arrived needs no write: it is never
+    re-targeted, not even when its target gets cordoned meanwhile."""
+    return (_live_migration(st, f) and f.p is not None
+            and (f.p.from_node in st.inp.snap.nodes or f.arrived))
+
+
+def migration_source_lost(st: CycleState, f: VmFacts) -> bool:
+    """2. The source of an unfinished migration is lost: wait for its fence record, then
+    cold-boot the VM on the migration target if that is schedulable."""
+    snap, p = st.inp.snap, f.p
+    if not _live_migration(st, f) or p is None or not p.from_node or not p.node:
+        return False
+    if not is_fenced(snap, p.from_node):
+        st.wait(f.vm, f"migration source {p.from_node} lost; waiting for its fence: "
+                      f"{st.fence_why.get(p.from_node, '')}")
+        return True
+    if not snap.schedulable(p.node):
+        return False
+    fe = snap.fences[p.from_node]
+    st.place(f.vm, "boot", p.node, f"migration source {p.from_node} was fenced before the "
+             "VM arrived; cold boot on the migration target", {},
+             fenced=((p.from_node, fe.mod_revision),))
+    return True
+
+
+def wait_unfenced(st: CycleState, f: VmFacts) -> bool:
+    """3. While a lost holder is not fenced, nothing is written: the VM may run there."""
+    if not f.unfenced:
+        return False
+    st.wait(f.vm, f"node(s) {', '.join(f.unfenced)} lost and not yet fenced; "
+                  "the VM may still run there: "
+                  + "; ".join(st.fence_why.get(h, "") for h in f.unfenced))
+    return True
+
+
+def keep_on_source(st: CycleState, f: VmFacts) -> bool:
+    """4. A live holder that is schedulable keeps the VM (no failed migration); a boot
+    placement is written only if the placement says otherwise (adoption)."""
+    src = f.source
+    if src is None or not st.inp.snap.schedulable(src) or f.failed:
+        return False
+    if not (f.p and f.p.kind == "boot" and f.p.node == src):
+        st.place(f.vm, "boot", src, f"VM reported on {src}; keeping it there", {},
+                 fenced=f.fenced_holders(st.inp.snap))
+    return True
+
+
+def hand_off(st: CycleState, f: VmFacts) -> bool:
+    """5. The live holder is cordoned or the last migration failed: live-migrate, within
+    the source's migration group and the migration limits; never a cold boot."""
+    src = f.source
+    if src is None:
+        return False
+    slot = st.slot_refusal(src)
+    if slot:
+        st.wait(f.vm, f"must leave {src}: waiting for a migration slot ({slot})")
+        return True
+    busy = st.busy()
+    exclude = {src}
+    if f.failed and f.p and f.p.node:
+        exclude.add(f.p.node)
+    choice = st.placer.choose(f.spec, exclude, live_from=src, busy=busy)
+    if choice.node is None and f.failed:  # no other node fits: try the failed target again
+        choice = st.placer.choose(f.spec, {src}, live_from=src, busy=busy)
+    if choice.node is None:
+        st.wait(f.vm, f"must leave {src}: waiting for a migration slot on a target"
+                if choice.slot_only else
+                f"must leave {src} but {choice.reason}; it stays on {src} "
+                "(never cold-booted elsewhere while its node is up)")
+        return True
+    target = choice.node
+    why = ("node cordoned (drain)" if st.inp.snap.is_cordoned(src)
+           else f"migration to {f.p.node} failed" if f.p and f.failed else "hand-off")
+    st.place(f.vm, "migrate", target, f"{why}: live-migrate from {src} to {target}: "
+             f"{choice.reason}", choice.scores, from_node=src)
+    st.take_slot(src, target)
+    return True
+
+
+def _cold_choice(st: CycleState, f: VmFacts) -> Choice:
+    """The one-at-a-time choice, unless an exact search over the cold boots did better."""
+    choice = st.placer.choose(f.spec, set())
+    if st.batch is None or f.vm not in st.batch:
+        return choice
+    target = st.batch[f.vm]
+    if target is None:
+        return Choice(None, {}, f"left pending: of the {len(st.batch)} VMs needing a boot, "
+                      "an exact search places more (or more priority) without this one")
+    if st.placer.verdict(f.spec, target, exclude=set(), live_group=None) is None:
+        free = st.placer.nodes[target].free_memory_mib - f.spec.memory_mib
+        return Choice(target, {target: float(free)}, "exact search over the VMs needing "
+                      "a boot (one at a time would have placed fewer)")
+    return choice
+
+
+def cold_boot(st: CycleState, f: VmFacts) -> bool:
+    """6. No node may hold the VM (every holder fenced, or none): boot it on the best node
+    of any migration group, or write why it is pending."""
+    fenced = f.fenced_holders(st.inp.snap)
+    choice = _cold_choice(st, f)
+    if choice.node is None:
+        reason = choice.reason
+        if f.spec.priority < st.inp.max_priority:
+            reason += f" (priority {f.spec.priority}: higher-priority VMs are placed first)"
+        st.place(f.vm, "pending", None, reason, {}, fenced=fenced)
+        return True
+    why = (f"node(s) {', '.join(f.holders)} fenced; cold boot" if f.holders
+           else "not placed yet; boot")
+    st.place(f.vm, "boot", choice.node, f"{why} on {choice.node}: {choice.reason}",
+             choice.scores, fenced=fenced)
+    return True
+
+
+# The order matters: each rule may assume the earlier ones did not decide.
+VM_RULES: tuple[VmRule, ...] = (
+    operator_move,
+    steady_boot,
+    steady_migration,
+    migration_source_lost,
+    wait_unfenced,
+    keep_on_source,
+    hand_off,
+    cold_boot,
+)
