@@ -427,9 +427,9 @@ class NodeAgent:
                       downtime_ms=migration.downtime_ms if migration else None)
         if ok and migration is not None:
             if migration.total_ms is not None:
-                metrics.MIGRATION_TOTAL_MS.observe(migration.total_ms)
+                metrics.MIGRATION_TOTAL_SECONDS.observe(migration.total_ms / 1000.0)
             if migration.downtime_ms is not None:
-                metrics.MIGRATION_DOWNTIME_MS.observe(migration.downtime_ms)
+                metrics.MIGRATION_DOWNTIME_SECONDS.observe(migration.downtime_ms / 1000.0)
             self.history.record("migration", vm=a.vm, node=self.me,
                                 from_node=migration.source or None, total_ms=migration.total_ms,
                                 downtime_ms=migration.downtime_ms,

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 log = structlog.get_logger("vmha.metrics")
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+#: Live migration times, in seconds (Prometheus wants base units): 5 ms .. 30 s.
+_MIGRATION = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SLOW = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
 
 LEASE_RENEW_SECONDS = Histogram(
@@ -25,10 +26,12 @@ PLACEMENT_CYCLE_SECONDS = Histogram(
     "vmha_placement_decision_seconds", "Time the leader's planner took for one cycle",
     buckets=_FAST)
 PLACEMENTS = Counter("vmha_placements_total", "Placements written", ["kind", "written"])
-MIGRATION_TOTAL_MS = Histogram("vmha_migration_total_milliseconds",
-                               "Live migration total time (job stats)", buckets=_MS)
-MIGRATION_DOWNTIME_MS = Histogram("vmha_migration_downtime_milliseconds",
-                                  "Live migration downtime (job stats)", buckets=_MS)
+MIGRATION_TOTAL_SECONDS = Histogram("vmha_migration_total_seconds",
+                                    "Live migration total time (job stats)",
+                                    buckets=_MIGRATION)
+MIGRATION_DOWNTIME_SECONDS = Histogram("vmha_migration_downtime_seconds",
+                                       "Live migration downtime (job stats)",
+                                       buckets=_MIGRATION)
 MIGRATIONS = Counter("vmha_migrations_total", "Outgoing live migrations", ["outcome"])
 FENCES = Counter("vmha_fences_total", "Fence operations", ["method", "outcome"])
 FENCE_SECONDS = Histogram("vmha_fence_seconds", "From lease loss observed to fence recorded",
