@@ -41,13 +41,18 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import IO, Any
 
+import structlog
+
 from hypervisor.base import Hypervisor, HypervisorError
+from schemas.errors import InvariantError
 
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
 EXIT_FIRED = 3
+# The agent's side (GuardClient) logs through structlog; the guard process itself
+# writes plain JSON lines (_log) so it needs nothing set up.
+client_log = structlog.get_logger("vmha.guard_client")
 
 
 def _log(event: str, **kw: Any) -> None:
@@ -59,27 +64,15 @@ def _log(event: str, **kw: Any) -> None:
 def open_hypervisor(uri: str, adopt_host: bool = False) -> Hypervisor:
     """The hypervisor behind `uri` (fake:///dir/<node> or a libvirt URI)."""
     if uri.startswith("fake://"):
-        from hypervisor.fake import FakeHypervisor
+        from hypervisor.fake import FakeHypervisor, fake_dir
 
-        d = Path(uri[len("fake://"):])
         if adopt_host:  # the guard process becomes the fake host (writes host.pid)
+            d = fake_dir(uri)
             return FakeHypervisor(d.parent, d.name, host_pid=os.getpid())
-        hv = FakeHypervisor.__new__(FakeHypervisor)
-        _fake_attach(hv, d)
-        return hv
+        return FakeHypervisor.attach(uri)
     from hypervisor.libvirt_adapter import LibvirtHypervisor
 
     return LibvirtHypervisor(uri)
-
-
-def _fake_attach(hv: Any, d: Path) -> None:
-    """Attach to a fake host without claiming it (does not rewrite host.pid)."""
-    hv.root, hv.node, hv.uri, hv.dir, hv.ddir = d.parent, d.name, f"fake://{d}", d, d / "domains"
-    hv._memory, hv._vcpus, hv._migrate_seconds = 0, 0, 0.0
-    try:
-        hv.host_pid = int((d / "host.pid").read_text())
-    except (OSError, ValueError):
-        hv.host_pid = 0
 
 
 def destroy_managed(hv: Hypervisor) -> tuple[list[str], list[str]]:
@@ -221,6 +214,10 @@ class GuardClient:
             args += ["--watchdog", watchdog]
         # Own session: a Ctrl-C or a signal to the agent's process group leaves it alone.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, start_new_session=True)
+        if self.proc.stdin is None:
+            self.proc.kill()
+            raise InvariantError("guard process started without a pipe to its stdin")
+        self._pipe: IO[bytes] = self.proc.stdin
         self.broken = False
 
     @property
@@ -231,10 +228,9 @@ class GuardClient:
         return not self.broken and self.proc.poll() is None
 
     def _send(self, line: str) -> bool:
-        assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(line.encode() + b"\n")
-            self.proc.stdin.flush()
+            self._pipe.write(line.encode() + b"\n")
+            self._pipe.flush()
             return True
         except (BrokenPipeError, OSError, ValueError):
             self.broken = True
@@ -246,10 +242,10 @@ class GuardClient:
     def disarm(self) -> None:
         self._send("disarm")
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        except OSError:
-            pass
+            self._pipe.close()
+        except OSError as exc:
+            # The guard is gone already; disarming it has nothing left to do.
+            client_log.debug("guard_pipe_close_failed", error=str(exc))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from fencing.policy import self_fence_deadline
+from schemas.errors import TemporaryError
 from schemas.models import ClusterConfig
 
 log = structlog.get_logger("vmha.lease")
@@ -30,11 +31,14 @@ class LeaseKeeper:
     def __init__(self, store: LeaseStore, cfg: ClusterConfig, lease_id: int, granted_sent_at: float,
                  *, on_gone: Callable[[bool], None], on_deadline: Callable[[], None],
                  on_renewed: Callable[[], None] | None = None,
-                 unavailable: type[BaseException] = Exception,
+                 unavailable: type[BaseException] = TemporaryError,
                  clock: Callable[[], float] = time.monotonic, name: str = "lease") -> None:
         """`on_gone(before_deadline)` fires once when etcd says the lease no longer exists:
         before the deadline that can only be a revoke (a drain); after it, an expiry.
-        `on_deadline()` fires once when the deadline passes without a renewal."""
+        `on_deadline()` fires once when the deadline passes without a renewal.
+        `unavailable`: the error a keepalive raises when etcd does not answer; it is
+        logged and retried.  Anything else ends renewal loudly (a bug), and the deadline
+        monitor still fences on time."""
         self.store = store
         self.cfg = cfg
         self.lease_id = lease_id

@@ -10,16 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from schemas.errors import PermanentError, TemporaryError, VmhaError
+
 DomainState = Literal["running", "paused", "shutoff", "crashed", "other"]
 
 MANAGED_NS = "urn:vmha:1"
 
 
-class HypervisorError(Exception):
-    """The hypervisor refused an operation (permanent for this attempt)."""
+class HypervisorError(VmhaError):
+    """A hypervisor operation failed; the subclass says whether retrying can help.
+    Callers that only log and go on catch this base."""
 
 
-class HypervisorUnavailable(HypervisorError):
+class HypervisorRefused(HypervisorError, PermanentError):
+    """The hypervisor answered and refused the operation: the same request fails again
+    until the state changes (the domain is not running, the XML is invalid...)."""
+
+
+class HypervisorUnavailable(HypervisorError, TemporaryError):
     """The hypervisor could not be reached (temporary; retried)."""
 
 

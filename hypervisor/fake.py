@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hypervisor.base import Domain, HypervisorError, MigrationStats, mark_managed
+from hypervisor.base import (
+    Domain,
+    HypervisorRefused,
+    HypervisorUnavailable,
+    MigrationStats,
+    mark_managed,
+)
+
+SCHEME = "fake://"
 
 
 def pid_alive(pid: int) -> bool:
@@ -43,20 +51,47 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def fake_dir(uri: str) -> Path:
+    """The host directory behind a fake:// URI."""
+    if not uri.startswith(SCHEME):
+        raise ValueError(f"not a fake hypervisor URI: {uri!r}")
+    return Path(uri[len(SCHEME):])
+
+
 class FakeHypervisor:
     def __init__(self, root: Path, node: str, memory_mib: int = 4096, vcpus: int = 8,
-                 migrate_seconds: float = 0.2, host_pid: int | None = None) -> None:
+                 migrate_seconds: float = 0.2, host_pid: int | None = None,
+                 *, claim: bool = True) -> None:
+        """`claim`: this process (or `host_pid`) becomes the host, written to host.pid.
+        Without it the handle only looks at and acts on the host (see `attach`)."""
         self.root = Path(root)
         self.node = node
-        self.uri = f"fake://{self.root / node}"
+        self.uri = f"{SCHEME}{self.root / node}"
         self.dir = self.root / node
         self.ddir = self.dir / "domains"
-        self.ddir.mkdir(parents=True, exist_ok=True)
         self._memory = memory_mib
         self._vcpus = vcpus
         self._migrate_seconds = migrate_seconds
-        self.host_pid = host_pid or os.getpid()
-        (self.dir / "host.pid").write_text(str(self.host_pid))
+        if claim:
+            self.ddir.mkdir(parents=True, exist_ok=True)
+            self.host_pid = host_pid or os.getpid()
+            (self.dir / "host.pid").write_text(str(self.host_pid))
+        else:
+            self.host_pid = host_pid if host_pid is not None else self._recorded_host_pid()
+
+    @classmethod
+    def attach(cls, uri: str) -> FakeHypervisor:
+        """A handle on an existing fake host that does not claim it: host.pid stays as
+        is, so the host's guests keep living exactly as long as its process (the guard
+        destroying domains of a host it does not own uses this)."""
+        d = fake_dir(uri)
+        return cls(d.parent, d.name, memory_mib=0, vcpus=0, migrate_seconds=0.0, claim=False)
+
+    def _recorded_host_pid(self) -> int:
+        try:
+            return int((self.dir / "host.pid").read_text())
+        except (OSError, ValueError):
+            return 0  # no host yet: nothing it runs counts as alive
 
     def adopt_host(self, pid: int) -> None:
         """Make process `pid` (the agent's guard) the host: guests booted from now on
@@ -105,18 +140,18 @@ class FakeHypervisor:
         self._path(name).unlink(missing_ok=True)
 
     def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
-        if not target_uri.startswith("fake://"):
-            raise HypervisorError(f"fake hypervisor cannot migrate to {target_uri!r}")
+        if not target_uri.startswith(SCHEME):
+            raise HypervisorRefused(f"fake hypervisor cannot migrate to {target_uri!r}")
         cur = self._read(self._path(name))
         if not cur or cur["state"] != "running" or not pid_alive(int(cur["host_pid"])):
-            raise HypervisorError(f"domain {name!r} is not running on {self.node}")
-        target_dir = Path(target_uri[len("fake://"):])
+            raise HypervisorRefused(f"domain {name!r} is not running on {self.node}")
+        target_dir = fake_dir(target_uri)
         try:
             target_pid = int((target_dir / "host.pid").read_text())
         except (OSError, ValueError):
-            raise HypervisorError(f"cannot connect to {target_uri}") from None
+            raise HypervisorUnavailable(f"cannot connect to {target_uri}") from None
         if not pid_alive(target_pid):
-            raise HypervisorError(f"cannot connect to {target_uri}: host is down")
+            raise HypervisorUnavailable(f"cannot connect to {target_uri}: host is down")
         start = time.monotonic()
         time.sleep(self._migrate_seconds)
         tdir = target_dir / "domains"

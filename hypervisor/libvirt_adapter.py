@@ -1,7 +1,8 @@
 """The real hypervisor: libvirt through libvirt-python.
 
 Transient failures (the daemon restarting, a dropped connection) are retried with
-tenacity after reconnecting; everything else surfaces as HypervisorError.
+tenacity after reconnecting and surface as HypervisorUnavailable once the attempts are
+spent; a refusal surfaces as HypervisorRefused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hypervisor.base import (
     Domain,
     DomainState,
     HypervisorError,
+    HypervisorRefused,
     HypervisorUnavailable,
     MigrationStats,
     is_managed,
@@ -123,7 +125,7 @@ class LibvirtHypervisor:
                     with self._lock:
                         self._conn = None
                     raise HypervisorUnavailable(f"{what} on {self.uri}: {exc}") from exc
-                raise HypervisorError(f"{what} on {self.uri}: {exc}") from exc
+                raise HypervisorRefused(f"{what} on {self.uri}: {exc}") from exc
 
         return attempt()
 
@@ -194,7 +196,7 @@ class LibvirtHypervisor:
             if dom is None:
                 return
             if dom.isActive():
-                raise HypervisorError(f"refusing to undefine running domain {name}")
+                raise HypervisorRefused(f"refusing to undefine running domain {name}")
             dom.undefine()
         self._do(f"undefine {name}", run)
 
@@ -202,7 +204,7 @@ class LibvirtHypervisor:
         def run(conn: libvirt.virConnect) -> MigrationStats:
             dom = self._lookup(conn, name)
             if dom is None or not dom.isActive():
-                raise HypervisorError(f"domain {name} is not running on {self.uri}")
+                raise HypervisorRefused(f"domain {name} is not running on {self.uri}")
             # The destination listens on the migration address given per call: libvirt
             # refuses a loopback `migration_address` in qemu.conf.
             params: dict[str, Any] = {
@@ -216,7 +218,8 @@ class LibvirtHypervisor:
         try:
             return run(conn)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"migrate {name} to {target_uri}: {exc}") from exc
+            kind = HypervisorUnavailable if _is_transient(exc) else HypervisorRefused
+            raise kind(f"migrate {name} to {target_uri}: {exc}") from exc
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         def run(conn: libvirt.virConnect) -> MigrationStats | None:

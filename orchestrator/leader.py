@@ -20,18 +20,18 @@ import structlog
 from fencing.agents import ExternalFencer, FenceResult
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
-from orchestrator import planner
+from orchestrator import planner, txn_builder
+from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.snapshot import ClusterSnapshot
-from store.etcd import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from schemas.txn import Cmp, Put, Txn
+from store.etcd import EtcdStore, PrefixWatch, StoreUnavailable
 from store.history import HistoryWriter, prune, read_events
 from telemetry import metrics
 
 log = structlog.get_logger("vmha.orchestrator")
 
-
-class ConfigError(ValueError):
-    """The cluster config in etcd is invalid or unsafe (permanent)."""
+__all__ = ["ConfigError", "Orchestrator"]
 
 
 class Orchestrator:
@@ -108,6 +108,8 @@ class Orchestrator:
         res = self.store.txn([Cmp(self.ks.leader, "create", "==", 0)],
                              [Put(self.ks.leader, rec.to_json(), lease_id)])
         if not res.succeeded:
+            self.log.info("election_lost", reason="another orchestrator created the leader "
+                                                  "key first")
             self.store.revoke_lease(lease_id)
             return False
         self.lease_id = lease_id
@@ -282,91 +284,99 @@ class Orchestrator:
                           method="external", outcome="success" if result.ok else "failed",
                           reason=result.detail, epoch=epoch, duration_s=result.duration_s,
                           fenced_at=time.time(), attempts=attempts, device=device)
-        res = self.store.txn([Cmp(self.ks.leader, "create", "==", epoch),
-                              Cmp(self.ks.node(node), "create", "==", 0),
-                              Cmp(self.ks.fence(node), "mod", "==",
-                                  prev.mod_revision if prev else 0)],
-                             [Put(self.ks.fence(node), rec.to_json())])
+        ok = self._send(txn_builder.fence_record(self.ks, rec,
+                                                 prev.mod_revision if prev else 0, epoch))
+        metrics.FENCES.labels(method="external",
+                              outcome=rec.outcome if ok else "not_written").inc()
+        if not ok:
+            self.log.info("fence_result_not_written", node=node, method="external",
+                          outcome=rec.outcome, attempts=attempts, epoch=epoch,
+                          reason="compare failed: the node registered again, its fence "
+                                 "record changed, or this term ended")
+            return False
         lg = self.log.warning if result.ok else self.log.error
         lg("fenced" if result.ok else "fence_failed", node=node, method="external",
            outcome=rec.outcome, attempts=attempts, detail=result.detail,
-           duration_s=result.duration_s, written=res.succeeded, epoch=epoch)
-        metrics.FENCES.labels(method="external",
-                              outcome=rec.outcome if res.succeeded else "not_written").inc()
-        if res.succeeded:
-            self.history.record("fence", epoch=epoch, node=node,
-                                reason=f"method=external outcome={rec.outcome} "
-                                       f"attempt={attempts}: {result.detail}")
-        return res.succeeded
+           duration_s=result.duration_s, written=True, epoch=epoch)
+        self.history.record("fence", epoch=epoch, node=node,
+                            reason=f"method=external outcome={rec.outcome} "
+                                   f"attempt={attempts}: {result.detail}")
+        return True
+
+    def _send(self, txn: Txn) -> bool:
+        """Send one built write; False when a compare failed (someone else wrote first,
+        or this term is over): a normal outcome, never an outage."""
+        return self.store.txn(txn.compares, txn.ops).succeeded
 
     def apply(self, action: planner.Action, snap: ClusterSnapshot, epoch: int) -> bool:
         """Write one decision; False if etcd rejected it (a compare failed)."""
-        fence_token = Cmp(self.ks.leader, "create", "==", epoch)
         if isinstance(action, planner.FenceNode):
-            lease = self.last_leases.get(action.node, "unknown")
-            action = dataclasses.replace(action, lease_id=lease)
-            since = self.lost_since.get(action.node, self.clock())
-            if action.method == "external":
-                device = self.cfg.fence_devices.get(action.device)
-                if device is not None and self.fencer.start(
-                        action.node, device, self.last_uris.get(action.node, ""),
-                        tag=(epoch, self.lost_since.get(action.node))):
-                    self.log.warning("fence_started", node=action.node, device=action.device,
-                                     reason=action.reason, epoch=epoch)
-                return False
-            prev = snap.fences.get(action.node)
-            rec = FenceRecord(node=action.node, lease_id=lease, method="self", outcome="success",
-                              reason=action.reason, epoch=epoch,
-                              duration_s=round(self.clock() - since, 3), fenced_at=time.time(),
-                              attempts=prev.value.attempts + 1 if prev else 1)
-            res = self.store.txn([fence_token, Cmp(self.ks.node(action.node), "create", "==", 0),
-                                  Cmp(self.ks.fence(action.node), "mod", "==",
-                                      action.expect_mod_revision)],
-                                 [Put(self.ks.fence(action.node), rec.to_json())])
-            self.log.warning("fenced", node=action.node, method="self", lease=lease,
-                             reason=action.reason, written=res.succeeded, epoch=epoch,
-                             revision=snap.revision)
-            metrics.FENCES.labels(method="self",
-                                  outcome="success" if res.succeeded else "not_written").inc()
-            if res.succeeded:
-                now = self.clock()
-                metrics.FENCE_SECONDS.labels(method="self").observe(now - since)
-                metrics.INCIDENT_SECONDS.labels(phase="detect_to_fence").observe(now - since)
-                for vm, pe in snap.placements.items():
-                    if action.node in (pe.value.node, pe.value.from_node) or (
-                            vm in snap.statuses and snap.statuses[vm].value.node == action.node):
-                        self.recovering[vm] = (action.node, since, now)
-                self.history.record("fence", epoch=epoch, node=action.node,
-                                    reason=f"method=self outcome=success: {action.reason}")
-            return res.succeeded
+            return self._apply_fence(action, snap, epoch)
         if isinstance(action, planner.ClearMove):
-            res = self.store.txn([fence_token, Cmp(self.ks.vm_move(action.vm), "mod", "==",
-                                                   action.mod_revision)],
-                                 [Delete(self.ks.vm_move(action.vm))])
-            self.log.info("move_request_cleared", vm=action.vm, reason=action.reason,
-                          written=res.succeeded, epoch=epoch, revision=snap.revision)
-            return res.succeeded
+            return self._apply_clear(txn_builder.clear_move(self.ks, action, epoch),
+                                     "move_request_cleared", snap, epoch, vm=action.vm,
+                                     reason=action.reason)
         if isinstance(action, planner.ClearFence):
-            res = self.store.txn([fence_token, Cmp(self.ks.fence(action.node), "mod", "==",
-                                                   action.fence_mod_revision)],
-                                 [Delete(self.ks.fence(action.node))])
-            self.log.info("fence_cleared", node=action.node, reason=action.reason,
-                          written=res.succeeded, epoch=epoch, revision=snap.revision)
-            return res.succeeded
+            return self._apply_clear(txn_builder.clear_fence(self.ks, action, epoch),
+                                     "fence_cleared", snap, epoch, node=action.node,
+                                     reason=action.reason)
         if isinstance(action, planner.WritePlacement):
-            p = action.placement
-            cmps = [fence_token, Cmp(self.ks.vm_placement(p.vm), "mod", "==",
-                                     action.expect_mod_revision)]
-            for node, fence_rev in action.fenced_holders:
-                cmps.append(Cmp(self.ks.node(node), "create", "==", 0))
-                cmps.append(Cmp(self.ks.fence(node), "mod", "==", fence_rev))
-            res = self.store.txn(cmps, [Put(self.ks.vm_placement(p.vm), p.to_json())])
-            self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
-                          placement=p.id, reason=p.reason, written=res.succeeded, epoch=epoch,
-                          revision=snap.revision)
-            metrics.PLACEMENTS.labels(kind=p.kind, written=str(res.succeeded).lower()).inc()
-            if res.succeeded:
-                self.history.record("placement", epoch=epoch, vm=p.vm, node=p.node,
-                                    from_node=p.from_node, reason=f"{p.kind}: {p.reason}")
-            return res.succeeded
+            return self._apply_placement(action, snap, epoch)
         raise TypeError(f"unknown action {action!r}")
+
+    def _apply_clear(self, txn: Txn, event: str, snap: ClusterSnapshot, epoch: int,
+                     **fields: str) -> bool:
+        ok = self._send(txn)
+        self.log.info(event, **fields, written=ok, epoch=epoch, revision=snap.revision)
+        return ok
+
+    def _apply_placement(self, action: planner.WritePlacement, snap: ClusterSnapshot,
+                         epoch: int) -> bool:
+        p = action.placement
+        ok = self._send(txn_builder.placement(self.ks, action, epoch))
+        self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
+                      placement=p.id, reason=p.reason, written=ok, epoch=epoch,
+                      revision=snap.revision)
+        metrics.PLACEMENTS.labels(kind=p.kind, written=str(ok).lower()).inc()
+        if ok:
+            self.history.record("placement", epoch=epoch, vm=p.vm, node=p.node,
+                                from_node=p.from_node, reason=f"{p.kind}: {p.reason}")
+        return ok
+
+    def _apply_fence(self, action: planner.FenceNode, snap: ClusterSnapshot,
+                     epoch: int) -> bool:
+        lease = self.last_leases.get(action.node, "unknown")
+        since = self.lost_since.get(action.node, self.clock())
+        if action.method == "external":
+            device = self.cfg.fence_devices.get(action.device)
+            if device is not None and self.fencer.start(
+                    action.node, device, self.last_uris.get(action.node, ""),
+                    tag=(epoch, self.lost_since.get(action.node))):
+                self.log.warning("fence_started", node=action.node, device=action.device,
+                                 reason=action.reason, epoch=epoch)
+            return False
+        prev = snap.fences.get(action.node)
+        rec = FenceRecord(node=action.node, lease_id=lease, method="self", outcome="success",
+                          reason=action.reason, epoch=epoch,
+                          duration_s=round(self.clock() - since, 3), fenced_at=time.time(),
+                          attempts=prev.value.attempts + 1 if prev else 1)
+        ok = self._send(txn_builder.self_fence(self.ks, action, rec, epoch))
+        metrics.FENCES.labels(method="self", outcome="success" if ok else "not_written").inc()
+        if not ok:
+            self.log.info("fence_not_written", node=action.node, method="self", epoch=epoch,
+                          revision=snap.revision, reason="compare failed: the node registered "
+                          "again, its fence record changed, or this term ended")
+            return False
+        self.log.warning("fenced", node=action.node, method="self", lease=lease,
+                         reason=action.reason, written=True, epoch=epoch,
+                         revision=snap.revision)
+        now = self.clock()
+        metrics.FENCE_SECONDS.labels(method="self").observe(now - since)
+        metrics.INCIDENT_SECONDS.labels(phase="detect_to_fence").observe(now - since)
+        for vm, pe in snap.placements.items():
+            if action.node in (pe.value.node, pe.value.from_node) or (
+                    vm in snap.statuses and snap.statuses[vm].value.node == action.node):
+                self.recovering[vm] = (action.node, since, now)
+        self.history.record("fence", epoch=epoch, node=action.node,
+                            reason=f"method=self outcome=success: {action.reason}")
+        return True

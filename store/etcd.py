@@ -4,7 +4,9 @@ Contract for callers:
 
 * `StoreUnavailable` means "etcd could not be reached within the retry budget"; it
   is a *temporary* error.  Daemons log it and try again next cycle; they never act
-  on missing information.
+  on missing information.  `StoreRejected` means etcd answered and refused the
+  request (permanent).  Only connection errors are retried: any other exception (a
+  bug in the caller) propagates at once, never disguised as an outage.
 * Writes that decide anything (placements, fence records, statuses, the leader
   key) go through `txn()` with compares: compare-and-swap on the key's
   mod_revision plus the writer's fencing token (the leader key's create_revision
@@ -27,7 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -37,57 +39,85 @@ from pyetcd.watch import WatchResponse
 from tenacity import (
     RetryError,
     retry,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_random_exponential,
 )
 
+from schemas.errors import PermanentError, TemporaryError, VmhaError
 from schemas.keys import Keyspace
 from schemas.snapshot import ClusterSnapshot, RawKV
+from schemas.txn import Cmp, Delete, Put, TxnResult
+
+__all__ = ["Cmp", "Delete", "EtcdStore", "PrefixWatch", "Put", "StoreCompacted", "StoreError",
+           "StoreRejected", "StoreUnavailable", "TlsFiles", "TxnResult", "is_transient",
+           "parse_endpoints"]
 
 log = structlog.get_logger("vmha.store")
 
 R = TypeVar("R")
 
-TRANSIENT: tuple[type[BaseException], ...] = (
+
+class StoreError(VmhaError):
+    """Base of the errors the store raises for etcd (not for bugs in its callers)."""
+
+
+class StoreUnavailable(StoreError, TemporaryError):
+    """etcd did not answer within the retry budget (temporary)."""
+
+
+class StoreCompacted(StoreError, TemporaryError):
+    """The revision asked for was compacted: re-read a snapshot and start from it."""
+
+
+class StoreRejected(StoreError, PermanentError):
+    """etcd answered and refused the request (invalid argument, permission...): sending
+    it again gets the same answer."""
+
+
+# What the client raises when etcd (or the way to it) is down, slow or changing leader.
+_TRANSIENT_ETCD: tuple[type[BaseException], ...] = (
     etcd_exc.ConnectionFailedError,
     etcd_exc.ConnectionTimeoutError,
     etcd_exc.NoServerAvailableError,
     etcd_exc.InternalServerError,
     etcd_exc.WatchTimedOut,
-    grpc.RpcError,
-    ValueError,  # pyetcd raises ValueError("Trying to use a failed node") while failing over
 )
+# gRPC codes of a server that is unreachable, overloaded, or dropped the stream
+# ("Stream removed" arrives as UNKNOWN when a member dies mid-call).
+_TRANSIENT_GRPC = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
+})
+# pyetcd's endpoint failover raises a bare ValueError with this text when two threads
+# mark the same endpoint failed at once.  Any other ValueError is a bug and propagates.
+_FAILED_NODE = "Trying to use a failed node"
+# Everything the etcd client raises on purpose; other exceptions are programming errors.
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = (etcd_exc.Etcd3Exception, grpc.RpcError)
+# What the client may raise from a call: its errors, and the failover ValueError above.
+_CALL_ERRORS: tuple[type[BaseException], ...] = (*_CLIENT_ERRORS, ValueError)
 
 
-class StoreUnavailable(Exception):
-    """etcd did not answer within the retry budget (temporary)."""
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that says etcd is unreachable or busy, so retrying may help."""
+    if isinstance(exc, _TRANSIENT_ETCD):
+        return True
+    if isinstance(exc, grpc.RpcError):
+        code = getattr(exc, "code", None)
+        # An RpcError without a status is a transport failure, not an answer.
+        return code is None or code() in _TRANSIENT_GRPC
+    return isinstance(exc, ValueError) and str(exc) == _FAILED_NODE
 
 
-@dataclass(frozen=True)
-class Cmp:
-    key: str
-    target: Literal["create", "mod", "version", "value"]
-    op: Literal["==", "!=", "<", ">"]
-    value: int | str
-
-
-@dataclass(frozen=True)
-class Put:
-    key: str
-    value: str
-    lease: int = 0
-
-
-@dataclass(frozen=True)
-class Delete:
-    key: str
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    succeeded: bool
-    revision: int
+def store_error(what: str, exc: BaseException) -> StoreError | None:
+    """The StoreError for an exception from the etcd client; None for anything else."""
+    if is_transient(exc):
+        return StoreUnavailable(f"etcd {what} failed: {exc!r}")
+    if isinstance(exc, etcd_exc.RevisionCompactedError):
+        return StoreCompacted(f"etcd {what}: revision compacted: {exc!r}")
+    if isinstance(exc, _CLIENT_ERRORS):
+        return StoreRejected(f"etcd refused {what}: {exc!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -157,7 +187,7 @@ class EtcdStore:
 
     def _call(self, what: str, fn: Callable[[], R], budget: float | None = None) -> R:
         @retry(
-            retry=retry_if_exception_type(TRANSIENT),
+            retry=retry_if_exception(is_transient),
             stop=stop_after_delay(self._retry_budget if budget is None else budget),
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             reraise=False,
@@ -170,6 +200,11 @@ class EtcdStore:
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise StoreUnavailable(f"etcd {what} failed: {cause!r}") from cause
+        except _CLIENT_ERRORS as exc:
+            err = store_error(what, exc)
+            if err is None:  # pragma: no cover - every client error maps to a StoreError
+                raise
+            raise err from exc
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -255,8 +290,11 @@ class EtcdStore:
         try:
             for resp in self._client.refresh_lease(lease_id):
                 return int(resp.TTL)
-        except TRANSIENT as exc:
-            raise StoreUnavailable(f"etcd keepalive failed: {exc!r}") from exc
+        except _CALL_ERRORS as exc:
+            err = store_error("keepalive", exc)
+            if err is None:
+                raise
+            raise err from exc
         raise StoreUnavailable("etcd keepalive returned no response")
 
     def revoke_lease(self, lease_id: int) -> None:
@@ -297,7 +335,10 @@ class EtcdStore:
         def cancel() -> None:
             try:
                 self._client.cancel_watch(watch_id)
-            except TRANSIENT as exc:
+            except _CALL_ERRORS as exc:
+                if store_error("watch cancel", exc) is None:
+                    raise
+                # The watch dies with its member anyway; nothing is left to undo.
                 log.debug("watch_cancel_failed", error=repr(exc))
 
         return cancel
@@ -339,7 +380,7 @@ class PrefixWatch:
         try:
             cancel = self._store.watch_prefix(self._prefix, start, self._on_revision,
                                               self._on_error)
-        except (StoreUnavailable, etcd_exc.RevisionCompactedError) as exc:
+        except (StoreUnavailable, StoreCompacted) as exc:
             log.info("watch_start_failed", prefix=self._prefix, error=repr(exc))
             return
         with self._lock:

@@ -85,3 +85,40 @@ def test_unreachable_etcd_raises_store_unavailable() -> None:
         s.snapshot()
     assert time.monotonic() - started < 5
     s.close()
+
+
+def test_a_bug_in_a_request_propagates_and_is_not_retried_as_an_outage(etcd: EtcdCluster) -> None:
+    """A ValueError from building the request (here a revision out of int64 range) is a
+    programming error: it surfaces as itself, not as "etcd unavailable" after retries."""
+    s = EtcdStore(etcd.endpoints, retry_budget=1.0)
+    calls = []
+
+    def bad() -> None:
+        calls.append(1)
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="out of range"):
+        s.txn([Cmp("/vmha/x", "mod", "==", 2 ** 64)], [Put("/vmha/x", "1")])
+    with pytest.raises(ValueError, match="a bug"):
+        s._call("get", bad)
+    assert calls == [1], "tried once, never retried"
+    assert s.get("/vmha/x") is None
+    s.close()
+
+
+def test_a_refused_request_is_permanent_not_an_outage(store: EtcdStore) -> None:
+    """etcd answered and refused (INVALID_ARGUMENT): StoreRejected, a PermanentError."""
+    from schemas.errors import PermanentError
+    from store.etcd import StoreRejected
+
+    with pytest.raises(StoreRejected, match="duplicate key") as info:
+        store.txn([], [Put("/vmha/x", "1"), Put("/vmha/x", "2")])
+    assert isinstance(info.value, PermanentError)
+    assert not isinstance(info.value, StoreUnavailable)
+    assert store.get("/vmha/x") is None
+
+
+def test_a_lost_compare_is_a_result_not_an_error(store: EtcdStore) -> None:
+    store.put("/vmha/x", "1")
+    res = store.txn([Cmp("/vmha/x", "create", "==", 0)], [Put("/vmha/x", "2")])
+    assert res.succeeded is False and res.revision > 0
