@@ -844,7 +844,15 @@ def cmd_bench_outage(args: argparse.Namespace) -> int:
                 "--max-minutes", str(args.max_minutes)]
         if args.short:
             argv.append("--short")
-        rc = subprocess.run(["ip", "netns", "exec", name, *argv], check=False).returncode
+        # A session of its own, so a Ctrl-C reaches it once, forwarded below, and it has
+        # the time to tear its lab down (subprocess.run would SIGKILL it after 0.25 s).
+        campaign = subprocess.Popen(["ip", "netns", "exec", name, *argv],
+                                    start_new_session=True)
+        try:
+            rc = campaign.wait()
+        except KeyboardInterrupt:
+            campaign.send_signal(signal.SIGINT)
+            rc = campaign.wait()
     finally:
         delete_netns(name)
     if (out / "outage.json").exists():

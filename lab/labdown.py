@@ -5,7 +5,6 @@ matches is left alone), stops the lab nodes (libvirtd, QEMU, by the pid files th
 write), unmounts anything left under the lab directory and removes what `up` created.
 """
 
-
 from __future__ import annotations
 
 import argparse

@@ -4,13 +4,18 @@ Starts a real etcd (1 or 3 members), N lab libvirt nodes (one namespaced libvirt
 each), one node agent per node and two orchestrators, recording each in ``lab.json``
 (:mod:`lab.labstate`) as soon as it runs.  Ctrl-C (or SIGTERM) during `up` tears down
 everything it started (:func:`lab.labdown.teardown`).
-"""
 
+For tests, ``VMHA_LAB_HOLD_AT=<phase>`` (one of :data:`HOLD_PHASES`: after etcd, after
+every libvirt node, after every agent, after every process, once the cluster is ready)
+makes `up` print ``lab up: holding at phase <phase>`` and wait there for a signal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +40,10 @@ from lab.labstate import (
     say,
     wait_progress,
 )
+
+#: Test hook: `up` announces this phase on stdout and blocks there until interrupted.
+HOLD_ENV = "VMHA_LAB_HOLD_AT"
+HOLD_PHASES = ("etcd", "nodes", "agents", "started", "ready")
 
 
 def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
@@ -130,6 +139,27 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     return 0
 
 
+def start_phase(lc: Any, nodes: int) -> str | None:
+    """The phase of ``LabCluster.start`` that ``lc`` (a LabCluster) has just completed."""
+    if lc.etcd is not None and not lc.nodes:
+        return "etcd"
+    if len(lc.nodes) == nodes and not lc.agents:
+        return "nodes"
+    if len(lc.agents) == nodes and not lc.orchestrators:
+        return "agents"
+    return None
+
+
+def hold_at(phase: str) -> None:
+    """Test hook: with ``VMHA_LAB_HOLD_AT=<phase>`` announce the phase and block there
+    until interrupted, so a test interrupts `up` at a defined point, not a guessed time."""
+    if os.environ.get(HOLD_ENV) != phase:
+        return
+    say(f"lab up: holding at phase {phase} ({HOLD_ENV}); interrupt to go on")
+    while True:
+        signal.pause()  # SIGINT/SIGTERM raise KeyboardInterrupt out of here
+
+
 def cmd_lab_up(args: argparse.Namespace) -> int:
     problem = missing_prerequisite()
     if problem:
@@ -164,8 +194,15 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             lc = LabCluster(lab_dir / "nodes", lab_dir / "logs", node_names=names,
                             prefix=args.prefix, etcd_members=args.etcd_members,
                             etcd_dir=lab_dir / "etcd")
-            lc.on_change = lambda: save_state(lab_dir, cluster_state(lc, base))
+            def changed() -> None:
+                save_state(lab_dir, cluster_state(lc, base))
+                phase = start_phase(lc, len(names))
+                if phase is not None:
+                    hold_at(phase)
+
+            lc.on_change = changed
             lc.start(LAB_CONFIG.to_json())
+            hold_at("started")
             state = cluster_state(lc, base)
             for n in state["nodes"]:
                 n["libvirtd_pid"] = lc.nodes[n["name"]].pid
@@ -175,6 +212,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             wait_progress(lambda: _cluster_ready(lc.endpoints, list(names)), 40,
                   "agents registered and a leader elected")
             _write_examples(lab_dir)
+            hold_at("ready")
         except KeyboardInterrupt:
             say("\ninterrupted: tearing the lab down")
             teardown(lab_dir, quiet=True)

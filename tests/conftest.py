@@ -11,6 +11,9 @@ from schemas import ClusterConfig
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, FakeCluster, start_etcd
 
+# Fails the session if a process it started outlives it (and kills it).
+pytest_plugins = ["tests.leakcheck"]
+
 # Short timing for tests; it passes the same validation as production config.
 TEST_CONFIG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
                             fence_margin_s=1.0, stop_timeout_s=2.0)

@@ -296,15 +296,18 @@ def test_stop_and_restart_node(lab: Lab) -> None:
 
 def test_destroy_lab_leaves_nothing(tmp_path: Path) -> None:
     root = tmp_path / "lab2"
-    nodes = [start_node(root, name, 10 + i) for i, name in enumerate(("x", "y"))]
-    conn = libvirt.open(nodes[0].uri)
     try:
-        conn.defineXML(tiny_guest_xml("tiny-teardown")).create()
+        nodes = [start_node(root, name, 10 + i) for i, name in enumerate(("x", "y"))]
+        conn = libvirt.open(nodes[0].uri)
+        try:
+            conn.defineXML(tiny_guest_xml("tiny-teardown")).create()
+        finally:
+            conn.close()
+        pids = [pid for node in nodes for pid in node_pids(node)]
+        assert len(pids) == 5  # 2 x (libvirtd, reaper) + 1 qemu
+        assert len(lab_nodes(root)) == 2
+        destroy_lab(root)
+        assert not any(pid_alive(p) for p in pids)
+        assert not root.exists()
     finally:
-        conn.close()
-    pids = [pid for node in nodes for pid in node_pids(node)]
-    assert len(pids) == 5  # 2 x (libvirtd, reaper) + 1 qemu
-    assert len(lab_nodes(root)) == 2
-    destroy_lab(root)
-    assert not any(pid_alive(p) for p in pids)
-    assert not root.exists()
+        destroy_lab(root)  # a no-op after the test's own one; a failure leaves nothing

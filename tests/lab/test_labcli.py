@@ -6,10 +6,10 @@ Root only; skipped without libvirtd / QEMU / unshare / etcd (same check as `vmha
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 
 from lab.commands import missing_prerequisite
 from lab.localcluster import wait_until
+from tests.lab.procs import Lines, lab_down_on_failure, run_vmha
 
 _REASON = missing_prerequisite()
 pytestmark = [
@@ -25,12 +26,8 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
 ]
 
-VMHA = [sys.executable, "-m", "vmha"]
-
-
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VMHA, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return run_vmha(*args, timeout=timeout)
 
 
 def state(lab: Path) -> dict[str, Any]:
@@ -65,14 +62,14 @@ def all_gone(lab: Path) -> bool:
 
 def test_up_status_idempotent_restart_down(tmp_path: Path) -> None:
     lab = tmp_path / "lab"
-    r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
-    assert r.returncode == 0, r.stdout + r.stderr
-    st = state(lab)
-    endpoints = st["etcd"]["endpoints"]
-    assert endpoints in r.stdout and "etcdctl --endpoints" in r.stdout
-    assert sorted(st["daemons"]) == ["agent:n1", "agent:n2", "orchestrator:o1",
-                                     "orchestrator:o2"]
     try:
+        r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = state(lab)
+        endpoints = st["etcd"]["endpoints"]
+        assert endpoints in r.stdout and "etcdctl --endpoints" in r.stdout
+        assert sorted(st["daemons"]) == ["agent:n1", "agent:n2", "orchestrator:o1",
+                                         "orchestrator:o2"]
         r = run("-o", "json", "lab", "status", "--dir", str(lab))
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads(r.stdout)["up"] is True
@@ -118,29 +115,26 @@ def test_up_status_idempotent_restart_down(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no lab" in r.stdout
 
 
-def test_ctrl_c_during_up_tears_everything_down(tmp_path: Path) -> None:
+#: Where `up` is interrupted: in the middle of starting (every libvirt node up, no agent
+#: yet) and with every process started (before the cluster is ready).
+@pytest.mark.parametrize("phase", ["nodes", "started"])
+def test_ctrl_c_during_up_tears_everything_down(tmp_path: Path, phase: str) -> None:
     lab = tmp_path / "lab"
-    proc = subprocess.Popen([*VMHA, "lab", "up", "--dir", str(lab)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        def nodes_started() -> bool:
-            try:
-                return len(state(lab).get("nodes", [])) >= 2
-            except (OSError, ValueError):
-                return False
-
-        wait_until(nodes_started, 60, 0.02, "up to start lab nodes")
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, out
-    assert "interrupted" in out
-    wait_until(lambda: all_gone(lab), 10, 0.1, "every lab process gone")
-    assert not lab.exists()
-    assert mounts_under(lab) == []
+    env = dict(os.environ, VMHA_LAB_HOLD_AT=phase)
+    with lab_down_on_failure(str(lab)), Lines("lab", "up", "--dir", str(lab), env=env) as up:
+        held = up.wait_for(f"holding at phase {phase}", timeout=180)
+        assert held, up.finish()
+        st = state(lab)  # what `up` had started when it was interrupted
+        assert len(st["nodes"]) == 3 and len(st["etcd"]["members"]) == 1, st
+        assert len(st["daemons"]) == (5 if phase == "started" else 0), st
+        assert procs_mentioning(lab)
+        up.proc.send_signal(signal.SIGINT)
+        out = up.finish()
+        assert up.proc.returncode == 130, out
+        assert "interrupted" in out
+        wait_until(lambda: all_gone(lab), 10, 0.1, "every lab process gone")
+        assert not lab.exists()
+        assert mounts_under(lab) == []
 
 
 def test_demo_runs_on_the_lab_and_cleans_up() -> None:

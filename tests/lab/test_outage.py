@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.outage import STREAMS
+from tests.lab.procs import run_vmha
 
 
 def _skip_reason() -> str | None:
@@ -38,11 +37,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 
 def test_short_outage_bench_measures_one_failure_per_rate(tmp_path: Path) -> None:
     out = tmp_path / "outage"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vmha", "bench", "outage", "--short", "--crashes", "0",
-         "--reference-seconds", "2", "--raw-trials", "1", "--max-minutes", "6",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=420, check=False)
+    # past its time it gets a Ctrl-C, so that it tears its lab and namespace down
+    proc = run_vmha("bench", "outage", "--short", "--crashes", "0", "--reference-seconds", "2",
+                    "--raw-trials", "1", "--max-minutes", "6", "--out", str(out), timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "outage.json").read_text())
     trials = data["trials"]
