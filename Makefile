@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-placement campaign evidence clean
+        bench bench-placement campaign evidence clean clean-caches
 
 setup:
 	bash scripts/setup.sh
@@ -80,3 +80,9 @@ docs: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache results
+
+# Every cache outside the clone (lab artifacts, apt archives, pip, /var/lib/vmha-lab,
+# unused leftovers of tests and demos), so a fresh clone also means a fresh machine
+# (root; DRY=1 only lists).  `make setup-lab` fetches everything again.
+clean-caches:
+	bash scripts/clean-caches.sh $(if $(DRY),--dry-run)
