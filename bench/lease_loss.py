@@ -22,25 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentile
 from hypervisor.fake import fake_ground_truth
+from lab.configs import FAST_CONFIG
 from lab.localcluster import FakeCluster, start_etcd, wait_until
-from schemas import ClusterConfig, Keyspace, VmStatus
+from schemas import Keyspace, VmStatus
 from store.etcd import EtcdStore
 
 KS = Keyspace()
-CONFIG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
-                       fence_margin_s=1.0)
+CONFIG = FAST_CONFIG
 POLL = 0.002
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
 def stats(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50_ms": round(pct(xs, 50) * 1000, 1),
-            "p99_ms": round(pct(xs, 99) * 1000, 1), "min_ms": round(min(xs) * 1000, 1),
+    return {"n": len(xs), "p50_ms": round(percentile(xs, 50) * 1000, 1),
+            "p99_ms": round(percentile(xs, 99) * 1000, 1), "min_ms": round(min(xs) * 1000, 1),
             "max_ms": round(max(xs) * 1000, 1), "mean_ms": round(statistics.mean(xs) * 1000, 1)}
 
 

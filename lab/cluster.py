@@ -30,13 +30,10 @@ from lab import (
     restart_node,
     start_node,
 )
-from lab.localcluster import Daemon, EtcdCluster, start_etcd
-from schemas import ClusterConfig
+from lab.configs import LAB_CONFIG
+from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
 
-#: Timing for the lab demo and ``vmha lab up``: a crash is recovered in seconds, and it
-#: passes the same validation as the production defaults.
-LAB_CONFIG = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.5, self_fence_safety_s=0.75,
-                           fence_margin_s=1.5, stop_timeout_s=5.0)
+__all__ = ["LAB_CONFIG", "LabCluster", "child_pids", "kill_with_children"]
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -74,11 +71,7 @@ def kill_with_children(d: Daemon) -> None:
     for pid in kids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    for pid in kids:
-        for _ in range(200):
-            if not pid_alive(pid):
-                break
-            threading.Event().wait(0.05)
+    poll_until(lambda: not any(pid_alive(pid) for pid in kids), 10)
 
 
 @dataclass

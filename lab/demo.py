@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.cluster import LAB_CONFIG, LabCluster
+from lab.cluster import LabCluster
 from lab.commands import EXIT_INTERRUPTED, interrupts, say, wait_progress
+from lab.configs import LAB_CONFIG
+from lab.localcluster import poll_until
 from schemas import Keyspace
 
 KS = Keyspace()
@@ -170,10 +172,8 @@ class Demo:
         wait_progress(done, 90, f"{node} to drain by live migration", self.where)
         drain_s = time.monotonic() - t
         # the arrival reports carry the statistics; give a late one a moment
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and not all(
-                (self.status(vm) or {}).get("migration") for vm in victims):
-            time.sleep(0.1)
+        poll_until(lambda: all((self.status(vm) or {}).get("migration") for vm in victims),
+                   5.0, 0.1)
         for vm in victims:
             st = self.status(vm) or {}
             mig = st.get("migration") or {}

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.fake import fake_ground_truth
+from lab.configs import LAB_CONFIG
 from lab.localcluster import FakeCluster, start_etcd, wait_until
-from schemas import ClusterConfig, Keyspace
+from schemas import Keyspace
 from store.etcd import EtcdStore
 
-DEMO_CONFIG = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.5, self_fence_safety_s=0.75,
-                            fence_margin_s=1.5, stop_timeout_s=5.0)
 KS = Keyspace()
 
 
@@ -66,9 +65,9 @@ def run_demo(workdir: Path | None = None) -> int:
     store = EtcdStore(etcd.endpoints)
     summary: list[tuple[str, str]] = []
     try:
-        store.put(KS.config, DEMO_CONFIG.to_json())
+        store.put(KS.config, LAB_CONFIG.to_json())
         say(f"-- etcd ready at {etcd.endpoints} in {time.monotonic() - t0:.2f} s; "
-            f"lease TTL {DEMO_CONFIG.lease_ttl_s} s, fence margin {DEMO_CONFIG.fence_margin_s} s")
+            f"lease TTL {LAB_CONFIG.lease_ttl_s} s, fence margin {LAB_CONFIG.fence_margin_s} s")
         for n in ("n1", "n2", "n3"):
             fc.start_agent(n, memory_mib=4096, vcpus=8, migrate_seconds=0.25)
         fc.start_orchestrator("orch-a")

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+T = TypeVar("T")
 
 
 def free_ports(n: int) -> list[int]:
@@ -37,16 +39,31 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.05,
-               what: str = "condition") -> object:
+def _poll(pred: Callable[[], T], timeout: float, interval: float) -> tuple[bool, T]:
     deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
+    while True:
         last = pred()
-        if last:
-            return last
+        if last or time.monotonic() >= deadline:
+            return bool(last), last
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def poll_until(pred: Callable[[], T], timeout: float, interval: float = 0.05) -> T | None:
+    """Call ``pred`` every ``interval`` s until it returns something true, and return
+    that; ``None`` once ``timeout`` s have passed.  The one polling loop of the lab, the
+    benchmarks, the scripts and the tests (a timeout here is an outcome, not an error)."""
+    ok, last = _poll(pred, timeout, interval)
+    return last if ok else None
+
+
+def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.05,
+               what: str = "condition") -> T:
+    """:func:`poll_until`, where a timeout is an error (``TimeoutError`` naming ``what``
+    and the last value ``pred`` returned)."""
+    ok, last = _poll(pred, timeout, interval)
+    if not ok:
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+    return last
 
 
 @dataclass

@@ -13,12 +13,16 @@ import tempfile
 from pathlib import Path
 
 from hypervisor.fake import fake_ground_truth
+from lab.configs import FAST_CONFIG
 from lab.localcluster import FakeCluster, start_etcd, wait_until
 from schemas import ClusterConfig, Keyspace
 from store.etcd import EtcdStore
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "cli"
 KS = Keyspace()
+#: The tests' short lease timings, so that the run takes seconds; but the production stop
+#: timeout, which `vmha config show` prints on its page.
+DOCS_CONFIG = FAST_CONFIG.model_copy(update={"stop_timeout_s": ClusterConfig().stop_timeout_s})
 
 # (page name, summary, [example command lines]); run in this order.
 PAGES: list[tuple[str, str, list[list[str]]]] = [
@@ -75,9 +79,7 @@ def main() -> int:
     fc = FakeCluster(etcd, wd)
     store = EtcdStore(etcd.endpoints)
     try:
-        store.put(KS.config, ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4,
-                                           self_fence_safety_s=0.5, fence_margin_s=1.0
-                                           ).to_json())
+        store.put(KS.config, DOCS_CONFIG.to_json())
         for n in ("n1", "n2", "n3"):
             fc.start_agent(n)
         fc.start_orchestrator("orch-a")

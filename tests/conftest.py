@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.configs import FAST_CONFIG
 from schemas import ClusterConfig
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, FakeCluster, start_etcd
@@ -14,9 +15,9 @@ from tests.harness import EtcdCluster, FakeCluster, start_etcd
 # Fails the session if a process it started outlives it (and kills it).
 pytest_plugins = ["tests.leakcheck"]
 
-# Short timing for tests; it passes the same validation as production config.
-TEST_CONFIG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
-                            fence_margin_s=1.0, stop_timeout_s=2.0)
+# Short timing for tests (lab.configs says why); it passes the same validation as
+# production config.
+TEST_CONFIG = FAST_CONFIG
 
 
 @pytest.fixture

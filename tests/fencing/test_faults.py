@@ -8,13 +8,14 @@ history), I4 (an unplaceable VM is visibly pending)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.campaign import Campaign, StepResult, negative_control
+from tests.integration.helpers import log_events
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +47,8 @@ def run(c: Campaign, kind: str) -> StepResult:
     return r
 
 
-def agent_log(c: Campaign, node: str, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in (c.workdir / f"agent-{node}.log").read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == event:
-            out.append(rec)
-    return out
+def agent_log(c: Campaign, node: str, event: str) -> list[dict[str, Any]]:
+    return log_events(c.agents[node], event)
 
 
 def test_kill_agent(selfc: Campaign) -> None:
@@ -112,17 +105,8 @@ def test_short_random_campaign(selfc: Campaign) -> None:
     assert selfc.sampler is not None and selfc.sampler.samples > 100
 
 
-def leader_events(c: Campaign, event: str) -> list[dict[str, object]]:
-    out = []
-    for o in c.orchs:
-        for line in (c.workdir / f"orch-{o}.log").read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == event:
-                out.append(rec)
-    return out
+def leader_events(c: Campaign, event: str) -> list[dict[str, Any]]:
+    return [e for d in c.orchs.values() for e in log_events(d, event)]
 
 
 def test_fence_agent_hang_times_out_then_falls_back(bothc: Campaign) -> None:
@@ -135,7 +119,7 @@ def test_fence_agent_failure_is_recorded_and_retried(bothc: Campaign) -> None:
     run(bothc, "fence_fail")
     failed = leader_events(bothc, "fence_failed")
     assert any("injected failure" in str(e["detail"]) for e in failed), failed
-    assert max(int(e["attempts"]) for e in failed) >= 2  # type: ignore[call-overload]
+    assert max(int(e["attempts"]) for e in failed) >= 2
 
 
 def test_external_fence_success_recovers_without_waiting_for_the_window(

@@ -12,10 +12,10 @@ from fencing.policy import (
     guard_timeout,
     validate_timing,
 )
+from lab.configs import FAST_CONFIG
 from schemas.models import ClusterConfig, FenceDevice, FenceRecord
 
-CFG = ClusterConfig(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5,
-                    fence_margin_s=1.0)
+CFG = FAST_CONFIG
 DEV = {"*": FenceDevice(agent=["/bin/true"])}
 
 

@@ -10,11 +10,12 @@ import time
 import pytest
 
 from hypervisor.fake import fake_ground_truth
+from lab.invariants import DoubleRunChecker, FakeTruth
 from schemas import Keyspace, NodeRegistration, Placement
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
-from tests.integration.helpers import DoubleRunChecker, domain_record, log_events
+from tests.integration.helpers import domain_record, log_events
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def test_agent_crash_reboots_vms_elsewhere_once_after_fence_window(
     victims = vms_on(fc, "n2")
     assert victims, "the planner spreads 6 VMs over 3 nodes"
     store = EtcdStore(etcd.endpoints)
-    with DoubleRunChecker(fc.fake_root).running() as checker:
+    with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
         killed_at = time.time()
         fc.agents["n2"].kill()  # host crash: the fake's guests die with their host process
         wait_until(lambda: store.get(KS.node("n2")) is None, 10, interval=0.02,
@@ -89,7 +90,7 @@ def test_lease_revoke_drains_by_live_migration_and_cordons(
     store = EtcdStore(etcd.endpoints)
     victims = vms_on(fc, "n1")
     lease = json.loads(store.get(KS.node("n1")).value)["lease_id"]  # type: ignore[union-attr]
-    with DoubleRunChecker(fc.fake_root).running() as checker:
+    with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
         subprocess.run(["etcdctl", "--endpoints", etcd.endpoints, "lease", "revoke", lease],
                        check=True, capture_output=True)
         wait_until(lambda: not vms_on(fc, "n1"), 15, what="n1 drained")

@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from lab import (  # noqa: E402
     wait_guest_uptime,
 )
 from lab.cluster import LabCluster, child_pids  # noqa: E402
+from lab.invariants import DoubleRunChecker, LabTruth  # noqa: E402
 from lab.localcluster import Daemon, wait_until  # noqa: E402
 from schemas import ClusterConfig, Keyspace  # noqa: E402
 from store.etcd import EtcdStore  # noqa: E402
@@ -98,50 +98,9 @@ def ts(rec: dict[str, Any]) -> float:
     return datetime.fromisoformat(rec["timestamp"]).timestamp()
 
 
-class TruthPoller:
-    """Samples :meth:`LabCluster.ground_truth` every ~20 ms in a thread."""
-
-    def __init__(self, lc: LabCluster, interval: float = 0.02) -> None:
-        self.lc = lc
-        self.interval = interval
-        self.samples = 0
-        self.double: list[tuple[str, list[str]]] = []
-        self.history: list[tuple[float, dict[str, list[str]]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            truth = self.lc.ground_truth()
-            self.history.append((started, truth))
-            for vm, nodes in truth.items():
-                if len(nodes) > 1 and self._confirmed(vm, nodes):
-                    self.double.append((vm, nodes))
-            self.samples += 1
-            time.sleep(self.interval)
-
-    def seen(self, vm: str, since: float = 0.0) -> set[str]:
-        """Nodes ``vm`` was seen running on, in samples begun at or after ``since``."""
-        return {n for t, truth in list(self.history) if t >= since for n in truth.get(vm, ())}
-
-    def _confirmed(self, vm: str, nodes: list[str]) -> bool:
-        """The nodes are read one after the other, so a live migration's switch-over
-        can fall between two reads (source read running, then destination read
-        running).  A double run is only real if the VM still runs on the nodes read
-        earlier after it was seen running on the last one."""
-        order = list(self.lc.node_names)
-        last = max(nodes, key=order.index)
-        return all(self.lc.node_domains(n).get(vm) == "running" for n in nodes if n != last)
-
-    @contextmanager
-    def running(self) -> Iterator[TruthPoller]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(5)
+def truth_poller(lc: LabCluster) -> DoubleRunChecker:
+    """I1 on the lab's ground truth, sampled every ~20 ms in a thread."""
+    return DoubleRunChecker(LabTruth(lc), interval=0.02)
 
 
 def vms_on(lc: LabCluster, node: str) -> list[str]:
@@ -217,14 +176,14 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
     assert reg is not None
     lease = json.loads(reg.value)["lease_id"]
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
-    with TruthPoller(lc).running() as poller:
+    with truth_poller(lc).running() as poller:
         t0 = time.monotonic()
         subprocess.run(["etcdctl", "--endpoints", lc.endpoints, "lease", "revoke", lease],
                        check=True, capture_output=True)
         wait_until(lambda: not lc.node_domains("n1")
                    and all(v in lc.ground_truth() for v in victims), 30, 0.02, "n1 drained")
         drain_s = time.monotonic() - t0
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     assert poller.samples > 10
     # One live migration per VM; none attempted again after it completed (a repeat
     # fails with "not running" and makes the leader move the VM a second time).
@@ -273,7 +232,7 @@ def test_crash_reboots_elsewhere_once_after_fence_then_leftovers_undefined(
     assert victims
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
     survivors = [n for n in lc.agents if n != "n2"]
-    with TruthPoller(lc).running() as poller:
+    with truth_poller(lc).running() as poller:
         crashed_at = time.time()
         t0 = time.monotonic()
         lc.crash_host("n2")  # agent and its guard, libvirtd, QEMU: all SIGKILLed
@@ -302,7 +261,7 @@ def test_crash_reboots_elsewhere_once_after_fence_then_leftovers_undefined(
                    "left-over definitions undefined on n2")
         cleanup_s = time.monotonic() - t1
         time.sleep(1.0)
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     assert poller.samples > 10
     for vm in victims:
         assert "n2" not in poller.seen(vm, crashed), (vm, poller.seen(vm, crashed))
@@ -326,7 +285,7 @@ def test_agent_restart_adopts_running_vms(lab_noguard: tuple[LabCluster, EtcdSto
     before = qemu_pids(lc.nodes["n3"])
     assert set(victims) <= set(before)
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
-    with TruthPoller(lc).running() as poller:
+    with truth_poller(lc).running() as poller:
         lc.agents["n3"].kill()
         t0 = time.monotonic()
         lc.start_agent("n3")
@@ -337,7 +296,7 @@ def test_agent_restart_adopts_running_vms(lab_noguard: tuple[LabCluster, EtcdSto
         # margin to pass: nothing may be moved or rebooted.
         time.sleep(NOGUARD_CONFIG.lease_ttl_s + fence_window(NOGUARD_CONFIG) + 1.0)
         wait_until(lambda: all_reported(store, lc), 10, 0.1, "all VMs reported")
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     after = qemu_pids(lc.nodes["n3"])
     for vm in victims:
         assert after.get(vm) == before[vm], (vm, before, after)
@@ -411,7 +370,7 @@ def test_sigterm_drains_by_live_migration_then_agent_exits_0(
     agent = lc.agents["n1"]
     guards = child_pids(agent.pid)
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
-    with TruthPoller(lc).running() as poller:
+    with truth_poller(lc).running() as poller:
         t0 = time.monotonic()
         agent.signal(signal.SIGTERM)
         assert agent.proc is not None
@@ -420,7 +379,7 @@ def test_sigterm_drains_by_live_migration_then_agent_exits_0(
         wait_until(lambda: all(arrived(store, lc, vm, {"n1"}) for vm in victims), 10, 0.05,
                    "statuses of the migrated VMs")
     assert rc == 0, agent.log_text()[-3000:]
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     assert lc.node_domains("n1") == {}
     assert store.get(KS.node("n1")) is None  # its lease was revoked on the way out
     assert store.get(KS.cordon("n1")) is not None  # and it comes back cordoned
@@ -451,7 +410,7 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
         dom = conn.lookupByName(KERNEL_VM)
         dom.migrateSetMaxSpeed(4, 0)
         marks = {n: log_mark(d) for n, d in lc.agents.items()}
-        with TruthPoller(lc).running() as poller:
+        with truth_poller(lc).running() as poller:
             revoke_lease(lc, store, src)
 
             def incoming() -> str | None:
@@ -478,7 +437,7 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
             time.sleep(1.0)
     finally:
         conn.close()
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     assert final not in (src, dst)
     assert lc.ground_truth()[KERNEL_VM] == [final]
     assert KERNEL_VM not in qemu_pids(lc.nodes[dst])
@@ -508,7 +467,7 @@ def test_kernel_guest_uptime_continues_across_drain(
     src, console = add_kernel_guest(lc, store, tmp_path, min_uptime=4.0)
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
     offset = console.stat().st_size
-    with TruthPoller(lc).running() as poller:
+    with truth_poller(lc).running() as poller:
         before = guest_uptime(console)
         assert before is not None
         t0 = time.monotonic()
@@ -518,7 +477,7 @@ def test_kernel_guest_uptime_continues_across_drain(
         moved_s = time.monotonic() - t0
         # lines printed on the new node (the guest prints every second)
         after = wait_guest_uptime(console, before + moved_s + 2.0, 20)
-    assert poller.double == [], poller.double
+    assert poller.violations == [], poller.violations
     ups, rebooted = console_values(console, offset)
     assert not rebooted, "the guest booted again"
     assert ups and ups == sorted(ups) and ups[0] >= before, (before, ups)

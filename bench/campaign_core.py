@@ -1,0 +1,258 @@
+"""What the two fault campaigns share (:mod:`bench.campaign` on the fake hypervisor,
+:mod:`bench.lab_campaign` on the lab): supervision of the daemons, the cluster as etcd
+shows it, settling after a fault (I2) with per-VM recovery times, and the results.
+
+I1 (never two running copies), I3 (no stale write accepted) and I4 (visibly pending)
+are checked by :mod:`lab.invariants`; I2 is here: after each fault, every declared VM
+runs again (exactly once), every agent is alive and registered (the faulted ones with
+a new registration), and there is a leader (a new one after the leader was killed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.common import pct
+from lab.invariants import DoubleRunChecker, HistoryChecker, Truth, TruthSource
+from lab.localcluster import Daemon, poll_until
+from schemas import Keyspace
+from store.etcd import EtcdStore, StoreUnavailable
+
+KS = Keyspace()
+#: systemd's RestartSec for the daemons (Restart=always).
+RESTART_S = 0.5
+
+
+@dataclass
+class StepResult:
+    step: int
+    kind: str
+    target: str
+    started: float
+    duration_s: float = 0.0
+    converged: bool = True
+    recovery_s: dict[str, float] = field(default_factory=dict)
+    affected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class CampaignCore:
+    """A fault campaign's skeleton; subclasses start the cluster and inject the faults.
+
+    Subclasses set ``store``, ``sampler`` and ``history`` when they start, and implement
+    :meth:`daemons`, :meth:`restart` and :meth:`step`."""
+
+    #: how a log line starts, and where it goes
+    log_tag = "seed"
+    log_to_stderr = False
+    #: how often settling looks at the cluster
+    settle_interval = 0.05
+
+    def __init__(self, seed: int, vms: int, converge_s: float, verbose: bool,
+                 source: TruthSource) -> None:
+        self.seed = seed
+        self.vms = [f"vm{i}" for i in range(vms)]
+        self.converge_s = converge_s
+        self.verbose = verbose
+        self.source = source
+        self.store: EtcdStore | None = None
+        self.sampler: DoubleRunChecker | None = None
+        self.history: HistoryChecker | None = None
+        self.held: set[str] = set()  # daemons the supervisor must not restart now
+        self.results: list[StepResult] = []
+        self.i4: list[dict[str, Any]] = []
+        self.restarts = {"agent": 0, "orchestrator": 0}
+        self._sup_stop = threading.Event()
+        self._sup_lock = threading.Lock()
+        self._dead_since: dict[str, float] = {}
+
+    # ---- to implement ----------------------------------------------------------------
+
+    def daemons(self) -> dict[str, dict[str, Daemon]]:
+        """``{"agent": {name: daemon}, "orchestrator": {name: daemon}}``."""
+        raise NotImplementedError
+
+    def restart(self, kind: str, name: str, dead: Daemon) -> None:
+        raise NotImplementedError
+
+    def step(self, i: int) -> StepResult:
+        raise NotImplementedError
+
+    def report_step(self, r: StepResult) -> None:
+        raise NotImplementedError
+
+    # ---- supervision -----------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[{self.log_tag} {self.seed} {time.strftime('%H:%M:%S')}] {msg}",
+                  file=sys.stderr if self.log_to_stderr else sys.stdout, flush=True)
+
+    def start_supervisor(self) -> None:
+        threading.Thread(target=self._supervise, daemon=True).start()
+
+    def hold(self, name: str) -> None:
+        """Keep the supervisor from restarting ``name`` (it may be mid-round)."""
+        with self._sup_lock:
+            self.held.add(name)
+
+    def _supervise(self) -> None:
+        """systemd's Restart=always with RestartSec=0.5, for agents and orchestrators."""
+        while not self._sup_stop.wait(0.1):
+            with self._sup_lock:
+                for kind, ds in self.daemons().items():
+                    for n, d in list(ds.items()):
+                        if n in self.held or d.alive():
+                            self._dead_since.pop(n, None)
+                            continue
+                        since = self._dead_since.setdefault(n, time.monotonic())
+                        if time.monotonic() - since >= RESTART_S:
+                            self._dead_since.pop(n, None)
+                            self.restarts[kind] += 1
+                            self.restart(kind, n, d)
+
+    def stop_checks(self) -> None:
+        """Stop the supervisor and the I1 sampler."""
+        self._sup_stop.set()
+        if self.sampler:
+            self.sampler.stop()
+
+    # ---- observation -----------------------------------------------------------------
+
+    def truth(self) -> Truth:
+        return self.source.read()
+
+    def vms_on(self, n: str) -> list[str]:
+        return sorted(vm for vm, ns in self.truth().items() if n in ns)
+
+    def busy_nodes(self) -> list[str]:
+        return sorted({n for ns in self.truth().values() for n in ns})
+
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        assert self.store is not None
+        try:
+            kv = self.store.get(key)
+        except StoreUnavailable:
+            return None
+        return dict(json.loads(kv.value)) if kv else None
+
+    def leader(self) -> str | None:
+        d = self.get_json(KS.leader)
+        return str(d["id"]) if d else None
+
+    def leader_rev(self) -> int | None:
+        """The leader's epoch (its key's create revision)."""
+        assert self.store is not None
+        try:
+            kv = self.store.get(KS.leader)
+        except StoreUnavailable:
+            return None
+        return int(kv.create_revision) if kv else None
+
+    def registrations(self) -> dict[str, int]:
+        """Node -> the create revision of its registration (new after a re-register)."""
+        assert self.store is not None
+        try:
+            return {kv.key.rsplit("/", 1)[1]: kv.create_revision
+                    for kv in self.store.get_prefix(KS.prefix + "/nodes/")}
+        except StoreUnavailable:
+            return {}
+
+    # ---- I2: settling --------------------------------------------------------------------
+
+    def settled(self, replaced: dict[str, int], old_leader: int | None) -> bool:
+        """Every declared VM runs exactly once, every agent is alive and registered (each
+        node in ``replaced`` with another registration than that one), and there is a
+        leader other than ``old_leader``."""
+        truth = self.truth()
+        if not all(len(truth.get(vm, [])) == 1 for vm in self.vms):
+            return False
+        agents = self.daemons()["agent"]
+        if not all(d.alive() for d in agents.values()):
+            return False
+        regs = self.registrations()
+        if not set(regs) >= set(agents):
+            return False
+        if any(regs[n] == created for n, created in replaced.items()):
+            return False  # the faulted agent's old registration is still there
+        rev = self.leader_rev()
+        return rev is not None and rev != old_leader
+
+    def wait_settled(self, timeout: float, *, t0: float | None = None,
+                     rec: StepResult | None = None, watch: list[str] | None = None,
+                     replaced: dict[str, int] | None = None, old_leader: int | None = None,
+                     min_wait: float = 0.0, stable_s: float = 0.0) -> bool:
+        """:meth:`settled`, not before ``min_wait`` s (a fault's effects show only after
+        the lease TTL and the fence window) and held for ``stable_s``.  Into ``rec``: per
+        VM of ``watch`` (default: all), the recovery time from ``t0`` (monotonic) to the
+        first sample that saw it running again after one that saw it down."""
+        start = time.monotonic()
+        ok_since: list[float] = []
+
+        def held() -> bool:
+            now = time.monotonic()
+            if not self.settled(replaced or {}, old_leader):
+                ok_since.clear()
+                return False
+            ok_since[:] = ok_since or [now]
+            return now - start >= min_wait and now - ok_since[0] >= stable_s
+
+        ok = poll_until(held, timeout, self.settle_interval) is not None
+        if rec is not None and t0 is not None and self.sampler is not None:
+            rec.recovery_s = self.sampler.recovery(watch or self.vms, t0)
+            rec.affected = sorted(rec.recovery_s)
+        return ok
+
+    # ---- results -------------------------------------------------------------------------
+
+    def run(self, steps: int, deadline: float | None = None) -> None:
+        for i in range(steps):
+            if deadline is not None and time.monotonic() > deadline:
+                self.log(f"time budget reached after {i} steps")
+                break
+            r = self.step(i)
+            self.results.append(r)
+            self.report_step(r)
+
+    def violations(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.sampler:
+            out += self.sampler.violations
+        if self.history:
+            out += self.history.violations
+        out += [{"invariant": "I2", "step": r.step, "kind": r.kind}
+                for r in self.results if not r.converged]
+        out += self.i4
+        return out
+
+    def recovery_times(self) -> list[float]:
+        return [s for r in self.results for s in r.recovery_s.values()]
+
+    def checks(self) -> dict[str, Any]:
+        """How much the checkers saw, and what they found."""
+        viol = self.violations()
+        per_inv: dict[str, int] = {}
+        for v in viol:
+            per_inv[v["invariant"]] = per_inv.get(v["invariant"], 0) + 1
+        by_kind: dict[str, int] = {}
+        for r in self.results:
+            by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+        return {"faults": len(self.results), "by_kind": by_kind,
+                "violations": len(viol), "violations_by_invariant": per_inv,
+                "violation_samples": viol[:20],
+                "i1_samples": self.sampler.samples if self.sampler else 0,
+                "i1_transient_doubles": self.sampler.transient_doubles if self.sampler else 0,
+                "i3_checked": self.history.checked if self.history else {}}
+
+    @staticmethod
+    def spread(xs: list[float]) -> dict[str, Any]:
+        return {"n": len(xs), "p50": pct(xs, 50), "p95": pct(xs, 95),
+                "max": max(xs) if xs else None}
+
+
+__all__ = ["KS", "CampaignCore", "StepResult"]

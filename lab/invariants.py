@@ -1,0 +1,327 @@
+"""vmha's safety invariants, checked from outside vmha: the one checker of the tests, the
+fault campaigns (fake and lab) and the lab's end-to-end tests.
+
+I1  at most one running instance per VM: :class:`DoubleRunChecker` samples a
+    ground-truth source in a thread (:class:`FakeTruth`: the fake hypervisor's files
+    and host processes; :class:`LabTruth`: every lab libvirtd asked directly), never
+    vmha's own view;
+I3  no write from a stale leader epoch or a stale agent was accepted:
+    :class:`HistoryChecker` replays etcd's history (a watch from revision 1);
+I4  a VM that cannot run has a visible ``pending`` placement with a reason
+    (:func:`visibly_pending`).
+
+(I2, "everything runs again after a fault", is a property of a whole campaign step:
+see bench.campaign_core.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from hypervisor.fake import fake_ground_truth
+from lab.localcluster import poll_until
+from schemas import Keyspace
+from store.etcd import EtcdStore, StoreUnavailable
+
+#: VM name -> the nodes it runs on, as a ground-truth source sees it.
+Truth = dict[str, list[str]]
+
+
+class TruthSource(Protocol):
+    def read(self) -> Truth:
+        """Where every VM runs, read without any vmha code path."""
+
+    def confirm(self, vm: str, nodes: list[str]) -> bool:
+        """Whether ``vm``, seen on ``nodes`` by one :meth:`read`, really ran on all of
+        them at once (a read that visits the nodes one after the other can straddle a
+        live migration's switch-over)."""
+
+
+class FakeTruth:
+    """The fake hypervisor's ground truth (``hypervisor.fake.fake_ground_truth``): one
+    read already counts a migration's switch-over once, so every double is real."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self) -> Truth:
+        return fake_ground_truth(self.root)
+
+    def confirm(self, vm: str, nodes: list[str]) -> bool:
+        return True
+
+
+class LabNodes(Protocol):
+    """What :class:`LabTruth` needs of ``lab.cluster.LabCluster``."""
+
+    node_names: tuple[str, ...]
+
+    def ground_truth(self, include_migrating: bool = False) -> Truth: ...
+
+    def node_domains(self, name: str) -> dict[str, str]: ...
+
+
+class LabTruth:
+    """The lab's ground truth: every lab libvirtd asked in turn, a domain counting only
+    while its QEMU runs (``LabCluster.ground_truth``)."""
+
+    def __init__(self, lc: LabNodes) -> None:
+        self.lc = lc
+
+    def read(self) -> Truth:
+        return self.lc.ground_truth()
+
+    def confirm(self, vm: str, nodes: list[str]) -> bool:
+        """The nodes are read in order, so a switch-over can fall between two reads
+        (source read running, then the destination read running).  A double is real
+        only if the VM still runs on the nodes read earlier after it was seen running
+        on the last one."""
+        order = list(self.lc.node_names)
+        last = max(nodes, key=order.index)
+        return all(self.lc.node_domains(n).get(vm) == "running" for n in nodes if n != last)
+
+
+@dataclass
+class _Run:
+    """Consecutive samples that saw the same truth: the first and the last one."""
+
+    first: float
+    last: float
+    truth: Truth
+
+
+class DoubleRunChecker:
+    """I1, sampled every ``interval`` s in a thread for as long as it runs.
+
+    It keeps every change of the ground truth (not every sample), so that
+    :meth:`seen` and :meth:`recovery` can look back over a whole test or campaign."""
+
+    def __init__(self, source: TruthSource, interval: float = 0.01,
+                 keep: int = 50_000) -> None:
+        self.source = source
+        self.interval = interval
+        self.keep = keep
+        self.samples = 0
+        self.transient_doubles = 0  # seen in one read, refuted by the source
+        self.violations: list[dict[str, Any]] = []
+        self.read_errors: list[str] = []  # e.g. a node torn down mid-read
+        self._runs: list[_Run] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> DoubleRunChecker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[DoubleRunChecker]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception as exc:  # noqa: BLE001 - recorded; the next read may succeed
+                self.read_errors = [*self.read_errors[-99:], repr(exc)]
+            self._stop.wait(self.interval)
+
+    def sample(self) -> Truth:
+        """One read of the source: check it, and remember it if anything changed."""
+        started = time.monotonic()
+        truth = self.source.read()
+        for vm, nodes in truth.items():
+            if len(nodes) < 2:
+                continue
+            if self.source.confirm(vm, nodes):
+                self.violations.append({"invariant": "I1", "vm": vm, "nodes": nodes,
+                                        "at": time.time()})
+            else:
+                self.transient_doubles += 1
+        with self._lock:
+            if self._runs and self._runs[-1].truth == truth:
+                self._runs[-1].last = started
+            else:
+                self._runs.append(_Run(started, started, truth))
+                if len(self._runs) > self.keep:
+                    del self._runs[:self.keep // 2]
+            self.samples += 1
+        return truth
+
+    def samples_since(self, since: float) -> list[tuple[float, Truth]]:
+        """What the samples begun at or after ``since`` (monotonic) saw, a line per
+        change: when it was first seen (``since`` at the earliest) and what."""
+        with self._lock:
+            runs = [r for r in self._runs if r.last >= since]
+        return [(max(r.first, since), r.truth) for r in runs]
+
+    def seen(self, vm: str, since: float = 0.0) -> set[str]:
+        """Nodes ``vm`` was seen running on, in samples begun at or after ``since``."""
+        return {n for _, truth in self.samples_since(since) for n in truth.get(vm, ())}
+
+    def recovery(self, vms: list[str], t0: float) -> dict[str, float]:
+        """Per VM of ``vms``: seconds from ``t0`` to the first sample that saw it running
+        once after one (since ``t0``) that did not; VMs that never went down are left
+        out."""
+        out: dict[str, float] = {}
+        history = self.samples_since(t0)
+        for vm in vms:
+            down_seen = False
+            for t, truth in history:
+                if len(truth.get(vm, [])) != 1:
+                    down_seen = True
+                elif down_seen:
+                    out[vm] = round(t - t0, 3)
+                    break
+        return out
+
+
+def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | None = None) -> bool:
+    """I4: the VM's placement says ``pending``, with a reason."""
+    try:
+        kv = store.get((ks or Keyspace()).vm_placement(vm))
+    except StoreUnavailable:
+        return False
+    p = json.loads(kv.value) if kv else None
+    return bool(p and p.get("kind") == "pending" and p.get("reason"))
+
+
+class HistoryChecker:
+    """I3 over etcd's history, from a watch that starts at revision 1: every placement
+    and leader-written fence record carries the epoch of the leader key that existed
+    at its revision; every status was written while its node was registered."""
+
+    def __init__(self, store: EtcdStore, ks: Keyspace | None = None) -> None:
+        self.store = store
+        self.ks = ks or Keyspace()
+        self.last_rev = 0
+        self.leader_terms: dict[int, int | None] = {}  # epoch -> revision that ended it
+        self.regs: dict[str, list[list[int | None]]] = {}  # node -> [[create, end]]
+        self.violations: list[dict[str, Any]] = []
+        self.checked = {"placement": 0, "status": 0, "fence": 0}
+        self._lock = threading.Lock()
+        self._cancel: Any = None
+        self._broken = True
+
+    def _cb(self, resp: Any) -> None:
+        events = getattr(resp, "events", None)
+        if events is None:
+            self._broken = True
+            return
+        with self._lock:
+            for ev in events:
+                self._event(ev)
+
+    def _event(self, ev: Any) -> None:
+        rev = int(ev.mod_revision)
+        if rev <= self.last_rev:
+            return
+        key = ev.key.decode()
+        deleted = type(ev).__name__ == "DeleteEvent"
+        ref = self.ks.parse(key)
+        self.last_rev = rev
+        if ref is None:
+            return
+        if ref.kind == "leader":
+            self._leader(rev, int(ev.create_revision), deleted)
+        elif ref.kind == "node":
+            self._registration(ref.name, rev, int(ev.create_revision), deleted)
+        elif not deleted:
+            self._write(ref.kind, key, rev, ev.value)
+
+    def _leader(self, rev: int, created: int, deleted: bool) -> None:
+        if not deleted:
+            self.leader_terms.setdefault(created, None)
+            return
+        for e, end in self.leader_terms.items():
+            if end is None:
+                self.leader_terms[e] = rev
+
+    def _registration(self, node: str, rev: int, created: int, deleted: bool) -> None:
+        ivs = self.regs.setdefault(node, [])
+        if deleted:
+            for iv in ivs:
+                if iv[1] is None:
+                    iv[1] = rev
+        elif not ivs or ivs[-1][0] != created:
+            ivs.append([created, None])
+
+    def _write(self, kind: str, key: str, rev: int, value: bytes) -> None:
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return
+        if kind == "vm_placement":
+            self.checked["placement"] += 1
+            self._check_epoch(rev, int(data.get("epoch", -1)), key)
+        elif kind == "fence" and data.get("method") in ("self", "external"):
+            self.checked["fence"] += 1
+            self._check_epoch(rev, int(data.get("epoch", -1)), key)
+        elif kind == "vm_status":
+            self.checked["status"] += 1
+            node = data.get("node", "")
+            ok = any(c is not None and c <= rev and (end is None or rev < end)
+                     for c, end in self.regs.get(node, []))
+            if not ok:
+                self.violations.append({"invariant": "I3", "key": key, "revision": rev,
+                                        "why": f"status from {node} while not registered"})
+
+    def _check_epoch(self, rev: int, epoch: int, key: str) -> None:
+        end = self.leader_terms.get(epoch, -1)
+        if epoch not in self.leader_terms or not (epoch <= rev and (end is None or rev < end)):
+            self.violations.append({"invariant": "I3", "key": key, "revision": rev,
+                                    "why": f"epoch {epoch} was not the leader at {rev}"})
+
+    def ensure(self) -> None:
+        """(Re-)establish the watch where it stopped (after a member died, say)."""
+        if not self._broken:
+            return
+        try:
+            if self._cancel is not None:
+                with contextlib.suppress(Exception):  # the old watch is dead anyway
+                    self.store.client.cancel_watch(self._cancel)
+            self._cancel = self.store.client.add_watch_prefix_callback(
+                self.ks.root, self._cb, start_revision=self.last_rev + 1)
+            self._broken = False
+        except Exception:  # noqa: BLE001 - etcd unavailable: _broken says try again
+            self._broken = True
+
+    def caught_up(self, timeout: float = 10.0) -> bool:
+        """Whether the watch has seen etcd's current revision within ``timeout`` s."""
+        return poll_until(self._caught_up, timeout) is not None
+
+    def _caught_up(self) -> bool:
+        self.ensure()
+        try:
+            cur = self.store.revision()
+        except StoreUnavailable:
+            return False
+        with self._lock:
+            return self.last_rev >= cur - 1 or self._only_foreign_after(cur)
+
+    def _only_foreign_after(self, cur: int) -> bool:
+        # History events live outside the watched prefix; probe the tail once.
+        try:
+            kvs = self.store.get_prefix(self.ks.root)
+        except StoreUnavailable:
+            return False
+        return max((kv.mod_revision for kv in kvs), default=0) <= self.last_rev
+
+
+__all__ = ["DoubleRunChecker", "FakeTruth", "HistoryChecker", "LabNodes", "LabTruth", "Truth",
+           "TruthSource", "visibly_pending"]
