@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from cli.common import default_domain_xml
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import Keyspace, Placement, VmSpec, VmStatus
+from schemas import ClusterConfig, Keyspace, NodeRegistration, Placement, VmSpec, VmStatus
+from schemas.models import AgentInfo, Capacity
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
@@ -105,7 +107,7 @@ def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: P
         # Before the earliest server-side expiry (last acknowledged send + TTL).
         assert fenced_at < last_ok + TEST_CONFIG.lease_ttl_s + 0.4  # keepalive may land later
         assert fenced_at - stopped_at < TEST_CONFIG.lease_ttl_s
-        assert agent.flags.fenced and not agent.flags.revoked
+        assert agent.membership.flags.fenced and not agent.membership.flags.revoked
     finally:
         agent.stopped.set()
         agent.wake.set()
@@ -114,3 +116,104 @@ def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: P
     etcd.wait_ready()
     assert store.get(KS.cordon("n1")) is None, "etcd loss must not cordon the node"
     store.close()
+
+
+class RacingStore(EtcdStore):
+    """Real etcd, plus another writer that creates this node's registration right after
+    the agent's lease grant (once per `arm()`), and gives it up shortly after: the
+    agent's create-if-absent registration then loses a real compare-and-swap race."""
+
+    def __init__(self, endpoints: str | list[str], node: str) -> None:
+        super().__init__(endpoints)
+        self.node = node
+        self.armed = False
+        self.raced = threading.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def grant_lease(self, ttl: int) -> int:
+        lease = super().grant_lease(ttl)
+        if self.armed:
+            self.armed = False
+            other = super().grant_lease(10)
+            reg = NodeRegistration(name=self.node, lease_id=f"{other:x}", libvirt_uri="test://",
+                                   migration_address="127.0.0.1",
+                                   capacity=Capacity(memory_mib=64, vcpus=1),
+                                   agent=AgentInfo(pid=1, hostname="other", version="0"),
+                                   registered_at=time.time())
+            self.put(KS.node(self.node), reg.to_json(), other)
+            threading.Timer(0.1, self.revoke_lease, args=(other,)).start()
+            self.raced.set()
+        return lease
+
+
+def test_lost_registration_race_is_not_an_outage(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Another writer creating the registration first is a normal compare-and-swap
+    outcome: logged as a lost race (not "etcd unavailable"), then registered again."""
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, TEST_CONFIG.to_json())
+    racing = RacingStore(etcd.endpoints, "n1")
+    racing.arm()
+    with capture_logs() as logs:
+        agent = NodeAgent(racing, FakeHypervisor(tmp_path, "n1"),
+                          AgentOptions(name="n1", poll_interval_s=0.2))
+        t = threading.Thread(target=agent.run, daemon=True)
+        t.start()
+        try:
+            assert racing.raced.wait(10)
+            reg = wait_until(lambda: agent.reg, 10, what="registered after the race")
+            kv = store.get(KS.node("n1"))
+            assert kv is not None and kv.lease == reg.lease_id
+        finally:
+            agent.stopped.set()
+            agent.wake.set()
+            t.join(5)
+    events = [e["event"] for e in logs]
+    assert "registration_race_lost" in events
+    lost = next(e for e in logs if e["event"] == "registration_race_lost")
+    assert lost["log_level"] == "info"
+    assert "etcd_unavailable" not in events, "a lost race is not an outage"
+    racing.close()
+    store.close()
+
+
+def test_old_lease_stops_watching_once_registered_after_a_lost_race(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Revoke (drain), and the first re-registration loses a race: the next one must
+    retire the old lease's deadline, or it self-fences a node that holds a valid lease."""
+    cfg = ClusterConfig(lease_ttl_s=5, keepalive_interval_s=0.5, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0, stop_timeout_s=2.0)
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, cfg.to_json())
+    store.put(KS.vm_spec("app"), spec("app").to_json())
+    store.put(KS.vm_placement("app"), Placement(id="p4", vm="app", node="n1", kind="boot",
+                                                 epoch=1, reason="test",
+                                                 decided_at=time.time()).to_json())
+    hv = FakeHypervisor(tmp_path, "n1")
+    racing = RacingStore(etcd.endpoints, "n1")
+    agent = NodeAgent(racing, hv, AgentOptions(name="n1", poll_interval_s=0.2))
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: hv.list_domains().get("app") and hv.list_domains()["app"].active, 10,
+                   what="app booted")
+        first = agent.reg
+        assert first is not None
+        racing.arm()
+        store.revoke_lease(first.lease_id)
+        assert racing.raced.wait(10)
+        wait_until(lambda: agent.reg is not None and agent.reg.lease_id != first.lease_id, 10,
+                   what="registered again")
+        # Past the old lease's self-fencing deadline: nothing may have been fenced.
+        wait_until(lambda: time.monotonic() > first.keeper.deadline + 1.0, 15,
+                   what="old deadline passed")
+        assert hv.list_domains()["app"].active, "self-fenced on a lease already replaced"
+        assert agent.reg is not None and agent.reg.keeper.valid()
+        assert store.get(KS.cordon("n1")) is not None  # the revoke still drained (cordon)
+    finally:
+        agent.stopped.set()
+        agent.wake.set()
+        t.join(5)
+        racing.close()
+        store.close()

@@ -1,0 +1,242 @@
+"""The node agent's execution: reconcile libvirt to the plan, report what runs here.
+
+Decisions come from `nodeagent.plan.plan()`; this module carries them out on the
+hypervisor and writes statuses, each a compare-and-swap that also compares the
+agent's registration (its fencing token).  Live migrations run on a small pool so
+a long one does not hold up the reconcile loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypervisor.base import HypervisorError
+from nodeagent import plan as agent_plan
+from nodeagent.context import AgentContext
+from nodeagent.membership import Membership
+from schemas.errors import InvariantError, TemporaryError
+from schemas.models import MigrationStats, VmStatus
+from schemas.snapshot import ClusterSnapshot
+from schemas.txn import Cmp, Put
+from store.etcd import StoreUnavailable
+from telemetry import metrics
+
+
+@dataclass
+class ExecutionState:
+    stop_requested_at: dict[str, float] = field(default_factory=dict)
+    migration_backoff: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+class Execution:
+    def __init__(self, ctx: AgentContext, membership: Membership) -> None:
+        self.ctx = ctx
+        self.m = membership
+        self.state = ExecutionState()
+        self.busy: set[str] = set()  # VMs with a migration in flight
+        self._busy_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def log(self) -> Any:
+        return self.ctx.log
+
+    def start(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers),
+                                        thread_name_prefix=f"migrate-{self.ctx.me}")
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one pass ----------------------------------------------------------------------
+
+    def reconcile(self, snap: ClusterSnapshot) -> None:
+        """Plan against the domains here and carry the plan out while the lease holds."""
+        # Busy first: a migration that ends between the two reads must not look idle
+        # while the domain list still shows it here.
+        with self._busy_lock:
+            busy = frozenset(self.busy)
+        domains = self.ctx.hv.list_domains()
+        for state in ("running", "paused", "shutoff", "crashed", "other"):
+            metrics.NODE_VMS.labels(state=state).set(
+                sum(1 for d in domains.values() if d.managed and d.state == state))
+        for action in agent_plan.plan(self.ctx.me, snap, domains, busy):
+            if not self.m.acting_allowed():
+                self.log.warning("not_acting", reason="lease not certainly held",
+                                 revision=snap.revision)
+                break
+            self.execute(action, snap)
+
+    def drain_state(self) -> tuple[list[str], bool]:
+        """(managed domains still active here, whether a migration is in flight)."""
+        active = [n for n, d in self.ctx.hv.list_domains().items() if d.managed and d.active]
+        with self._busy_lock:
+            inflight = bool(self.busy)
+        return sorted(active), inflight
+
+    # ---- actions -----------------------------------------------------------------------
+
+    def execute(self, action: agent_plan.AgentAction, snap: ClusterSnapshot) -> None:
+        lg = self.log.bind(vm=action.vm, revision=snap.revision)
+        hv = self.ctx.hv
+        if isinstance(action, agent_plan.Report):
+            self._report(action, snap)
+        elif isinstance(action, agent_plan.Boot):
+            lg.info("boot", placement=action.placement_id, reason=action.reason)
+            metrics.BOOTS.inc()
+            self.ctx.history.record("boot", vm=action.vm, node=self.ctx.me, reason=action.reason)
+            hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
+            if not self.m.acting_allowed():
+                # The lease may have expired while we booted: undo at once.
+                hv.destroy(action.vm)
+                lg.error("boot_undone", reason="lease lost during boot")
+            self.ctx.wake.set()
+        elif isinstance(action, agent_plan.Shutdown):
+            self._shutdown(action, lg)
+        elif isinstance(action, agent_plan.Destroy):
+            lg.warning("destroy", reason=action.reason)
+            self.ctx.history.record("destroy", vm=action.vm, node=self.ctx.me,
+                                    reason=action.reason)
+            hv.destroy(action.vm)
+            self.ctx.wake.set()
+        elif isinstance(action, agent_plan.Undefine):
+            lg.info("undefine", reason=action.reason)
+            hv.undefine(action.vm)
+        elif isinstance(action, agent_plan.MigrateOut):
+            self._start_migration(action, snap)
+
+    def _shutdown(self, action: agent_plan.Shutdown, lg: Any) -> None:
+        first = self.state.stop_requested_at.setdefault(action.vm, self.ctx.clock())
+        timeout = self.m.cfg.stop_timeout_s
+        if self.ctx.clock() - first >= timeout:
+            lg.warning("destroy", reason=f"did not shut down within {timeout} s")
+            self.ctx.hv.destroy(action.vm)
+            self.state.stop_requested_at.pop(action.vm, None)
+        else:
+            lg.info("shutdown", reason=action.reason)
+            self.ctx.hv.shutdown(action.vm)
+
+    def _start_migration(self, action: agent_plan.MigrateOut, snap: ClusterSnapshot) -> None:
+        until = self.state.migration_backoff.get((action.vm, action.target), 0.0)
+        if self.ctx.clock() < until:
+            return
+        pool = self._pool
+        if pool is None:
+            raise InvariantError("migration pool not started (Execution.start)")
+        with self._busy_lock:
+            if action.vm in self.busy:
+                return
+            self.busy.add(action.vm)
+        pool.submit(self._migrate, action, snap).add_done_callback(self._check_migration)
+
+    def _check_migration(self, fut: Future[None]) -> None:
+        """A pool swallows what its task raises: log a bug in a migration loudly."""
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is not None:
+            self.log.error("migration_crashed", error=repr(exc), exc_info=exc)
+
+    def _status_txn(self, vm: str, status: VmStatus, expect_mod: int) -> bool:
+        """Write a status if unchanged since read and our registration still holds;
+        False when a compare failed (a normal race: the next cycle re-reads)."""
+        reg = self.m.current()
+        ks = self.ctx.ks
+        key = ks.vm_status(vm)
+        res = self.ctx.store.txn([Cmp(key, "mod", "==", expect_mod),
+                                  Cmp(ks.node(self.ctx.me), "create", "==",
+                                      reg.create_revision)],
+                                 [Put(key, status.to_json())])
+        return res.succeeded
+
+    def _report(self, a: agent_plan.Report, snap: ClusterSnapshot) -> None:
+        me = self.ctx.me
+        prev = snap.statuses.get(a.vm)
+        since = time.time()
+        if prev and prev.value.node == me and prev.value.state == a.state:
+            since = prev.value.since
+        migration = None
+        if a.with_migration_stats:
+            stats = self.ctx.hv.incoming_stats(a.vm)
+            src = snap.placements[a.vm].value.from_node if a.vm in snap.placements else None
+            # No completed incoming job: it was booted here (e.g. started again after a
+            # stop), not migrated in, whatever the placement's kind says.
+            if stats is not None:
+                migration = MigrationStats(total_ms=stats.total_ms,
+                                           downtime_ms=stats.downtime_ms,
+                                           source=src or "", target=me)
+        status = VmStatus(vm=a.vm, node=me, state=a.state,  # type: ignore[arg-type]
+                          placement_id=a.placement_id, since=since, migration=migration)
+        ok = self._status_txn(a.vm, status, a.expect_mod_revision)
+        self.log.info("report", vm=a.vm, state=a.state, placement=a.placement_id,
+                      reason=a.reason, written=ok, revision=snap.revision,
+                      downtime_ms=migration.downtime_ms if migration else None)
+        if ok and migration is not None:
+            self._observe_migration(a.vm, migration)
+
+    def _observe_migration(self, vm: str, migration: MigrationStats) -> None:
+        if migration.total_ms is not None:
+            metrics.MIGRATION_TOTAL_SECONDS.observe(migration.total_ms / 1000.0)
+        if migration.downtime_ms is not None:
+            metrics.MIGRATION_DOWNTIME_SECONDS.observe(migration.downtime_ms / 1000.0)
+        self.ctx.history.record("migration", vm=vm, node=self.ctx.me,
+                                from_node=migration.source or None,
+                                total_ms=migration.total_ms, downtime_ms=migration.downtime_ms,
+                                reason="live migration arrived")
+
+    def _migrate(self, a: agent_plan.MigrateOut, snap: ClusterSnapshot) -> None:
+        """One live migration, on the pool; every outcome ends with a wake-up."""
+        lg = self.log.bind(vm=a.vm, target=a.target, placement=a.placement_id,
+                           revision=snap.revision)
+        try:
+            self._migrate_once(a, lg)
+        except StoreUnavailable as exc:
+            lg.warning("etcd_unavailable", error=str(exc))
+        except HypervisorError as exc:
+            lg.error("hypervisor_error", error=str(exc))
+        except TemporaryError as exc:
+            lg.warning("migration_interrupted", error=str(exc))
+        finally:
+            with self._busy_lock:
+                self.busy.discard(a.vm)
+            self.ctx.wake.set()
+
+    def _migrate_once(self, a: agent_plan.MigrateOut, lg: Any) -> None:
+        store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
+        cur = store.get(ks.vm_status(a.vm))
+        self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
+                                        placement_id=a.placement_id, since=time.time()),
+                         cur.mod_revision if cur else 0)
+        if not self.m.acting_allowed():
+            lg.warning("migration_skipped", reason="lease not certainly held")
+            return
+        lg.info("migrate_start", reason="placement moves the VM away (live migration)")
+        started = self.ctx.clock()
+        try:
+            self.ctx.hv.migrate(a.vm, a.target_uri, a.target_address)
+        except HypervisorError as exc:
+            self._migration_failed(a, exc, lg)
+            return
+        lg.info("migrate_done", wall_s=round(self.ctx.clock() - started, 3))
+        metrics.MIGRATIONS.labels(outcome="success").inc()
+
+    def _migration_failed(self, a: agent_plan.MigrateOut, exc: HypervisorError,
+                          lg: Any) -> None:
+        """Back off from this target, and say in the VM's status that it still runs here."""
+        self.state.migration_backoff[(a.vm, a.target)] = (
+            self.ctx.clock() + self.ctx.opts.migration_retry_backoff_s)
+        lg.error("migrate_failed", error=str(exc))
+        metrics.MIGRATIONS.labels(outcome="failed").inc()
+        self.ctx.history.record("migration_failed", vm=a.vm, node=a.target,
+                                from_node=self.ctx.me, reason=str(exc)[:300])
+        cur = self.ctx.store.get(self.ctx.ks.vm_status(a.vm))
+        still = self.ctx.hv.list_domains().get(a.vm)
+        if still is None or not still.active:
+            return  # not here (it may already run on the target): nothing to report
+        self._status_txn(a.vm, VmStatus(
+            vm=a.vm, node=self.ctx.me, state=still.state,  # type: ignore[arg-type]
+            placement_id=a.placement_id, since=time.time(), error=str(exc)[:500],
+            failed_target=a.target), cur.mod_revision if cur else 0)

@@ -1,0 +1,311 @@
+"""The node agent's membership: its leased registration, its guard, and what the
+lease's fate means.
+
+* revoked while etcd answers (an operator's `etcdctl lease revoke`): drain: cordon
+  the node and register again with a new lease;
+* not renewed before its deadline: self-fence (destroy every managed domain), then
+  register again once etcd answers;
+* its registration changes only through compare-and-swap on the registration's
+  create_revision, the agent's fencing token.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fencing.guard import GuardClient
+from fencing.lease import LeaseKeeper
+from fencing.policy import guard_timeout, require_safe_timing
+from hypervisor.base import HypervisorError
+from nodeagent.context import AgentContext
+from schemas.errors import ConfigError, TemporaryError
+from schemas.models import (
+    AgentInfo,
+    Capacity,
+    ClusterConfig,
+    CordonMarker,
+    CpuInfo,
+    NodeRegistration,
+)
+from schemas.snapshot import ClusterSnapshot
+from schemas.txn import Cmp, Put
+from store.etcd import StoreUnavailable
+from telemetry import metrics
+
+VERSION = "0.1.0"
+
+
+class NotRegistered(TemporaryError):
+    """The agent holds no registration right now (it is registering again)."""
+
+
+@dataclass
+class Registration:
+    lease_id: int
+    create_revision: int
+    keeper: LeaseKeeper
+    cordoned: bool
+
+
+@dataclass
+class LeaseFlags:
+    """Set by the lease keeper's threads, read by the agent's cycle."""
+
+    revoked: bool = False          # lease revoked while we were alive: drain
+    expired: bool = False          # lease expired: we self-fenced, register again
+    fenced: bool = False           # self-fenced; cleared when the lease turns out valid
+
+
+class Membership:
+    def __init__(self, ctx: AgentContext) -> None:
+        self.ctx = ctx
+        self.cfg = ClusterConfig()
+        self.reg: Registration | None = None
+        self.flags = LeaseFlags()
+        self.guard: GuardClient | None = None
+        # Keepers of leases given up: they keep the old deadline until a new lease holds.
+        self._old_keepers: list[LeaseKeeper] = []
+
+    @property
+    def log(self) -> Any:
+        return self.ctx.log
+
+    # ---- set-up ------------------------------------------------------------------------
+
+    def load_config(self) -> ClusterConfig:
+        snap = self.ctx.store.snapshot()
+        bad = [e for e in snap.errors if e.key == self.ctx.ks.config]
+        if bad:
+            raise ConfigError(f"refusing to start: {bad[0]}")
+        cfg = snap.config
+        require_safe_timing(cfg)
+        self.cfg = cfg
+        return cfg
+
+    def current(self) -> Registration:
+        """The registration held now; NotRegistered while the agent registers again."""
+        reg = self.reg
+        if reg is None:
+            raise NotRegistered(f"{self.ctx.me} holds no registration right now")
+        return reg
+
+    def register(self) -> bool:
+        """Grant a lease and write the leased registration (after any old one is gone).
+
+        False if another writer created the registration between our read and our
+        write: a lost race, not an outage; the next cycle tries again."""
+        store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
+        key = ks.node(me)
+        self._wait_old_registration_gone(key)
+        sent = self.ctx.clock()
+        lease_id = store.grant_lease(self.cfg.lease_ttl_s)
+        cordoned = store.get(ks.cordon(me)) is not None
+        reg = self._registration(lease_id, cordoned)
+        res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id)])
+        if not res.succeeded:
+            store.revoke_lease(lease_id)
+            self.log.info("registration_race_lost", revision=res.revision,
+                          reason="another writer created this node's registration first; "
+                                 "registering again once it is gone")
+            return False
+        keeper = LeaseKeeper(store, self.cfg, lease_id, sent,
+                             on_gone=lambda before: self.on_lease_gone(lease_id, before),
+                             on_deadline=self.self_fence, on_renewed=self._on_renewed,
+                             unavailable=StoreUnavailable,
+                             clock=self.ctx.clock, name=f"agent-{me}")
+        self.reg = Registration(lease_id, res.revision, keeper, cordoned)
+        keeper.start()
+        self.flags.revoked = self.flags.expired = self.flags.fenced = False
+        for old in self._old_keepers:
+            old.stop()
+        self._old_keepers.clear()
+        self.pet_guard()
+        metrics.notify("READY=1\nSTATUS=registered, reconciling")
+        self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
+                      cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
+        return True
+
+    def _wait_old_registration_gone(self, key: str) -> None:
+        waited = False
+        while not self.ctx.stopped.is_set():
+            old = self.ctx.store.get(key)
+            if old is None:
+                return
+            if not waited:
+                self.log.info("waiting_for_old_registration", lease=f"{old.lease:x}",
+                              reason="a registration for this node is still leased; it must "
+                                     "expire before this agent can take over")
+                waited = True
+            self.ctx.stopped.wait(0.2)
+
+    def _registration(self, lease_id: int, cordoned: bool) -> NodeRegistration:
+        hv = self.ctx.hv
+        mem, vcpus = hv.capacity()
+        return NodeRegistration(
+            name=self.ctx.me, lease_id=f"{lease_id:x}", libvirt_uri=hv.uri,
+            migration_address=self.ctx.opts.migration_address,
+            capacity=Capacity(memory_mib=mem, vcpus=vcpus), cpu=CpuInfo(model=hv.cpu_model()),
+            cordoned=cordoned, agent=AgentInfo(pid=os.getpid(), hostname=socket.gethostname(),
+                                               version=VERSION),
+            registered_at=time.time())
+
+    def renew(self, exiting: bool) -> Registration | None:
+        """The start of a cycle: register if needed; on a revoke (or SIGTERM) cordon the
+        node; after a revoke or an expiry register again.  None: not registered yet."""
+        if self.reg is None:
+            self.load_config()
+            self.register()
+            if self.reg is None:
+                return None
+        # Read the keeper thread's flags once: a revoke flagged between two reads
+        # would re-register the node without its cordon (a drain that drains nothing).
+        revoked, expired = self.flags.revoked, self.flags.expired
+        if revoked or (exiting and not self.reg.cordoned):
+            self.cordon("lease revoked (drain)" if revoked else
+                        "agent stopping (SIGTERM): drain")
+        if revoked or expired:
+            # The old keeper keeps watching the old deadline until we hold a new lease.
+            self._old_keepers.append(self.reg.keeper)
+            self.reg = None
+            if not self.register():
+                return None
+        return self.reg
+
+    def visible(self, snap: ClusterSnapshot, reg: Registration) -> bool:
+        """True if the snapshot shows our own registration (not an older or newer one)."""
+        mine = snap.nodes.get(self.ctx.me)
+        if mine is not None and mine.create_revision == reg.create_revision:
+            return True
+        # Our key vanished (the watch woke us): ask etcd about the lease now rather than
+        # at the next keepalive, so a drain starts at once.
+        if reg.keeper.valid() and self.ctx.store.keepalive(reg.lease_id) <= 0:
+            self.on_lease_gone(reg.lease_id, reg.keeper.valid())
+            self.ctx.wake.set()
+        self.log.info("registration_not_visible", revision=snap.revision)
+        return False
+
+    def leave(self, reg: Registration) -> None:
+        """Drained and exiting: give the lease back so the node is gone at once."""
+        self.ctx.store.revoke_lease(reg.lease_id)
+        reg.keeper.stop()
+
+    def stop(self) -> None:
+        if self.reg is not None:
+            self.reg.keeper.stop()
+
+    # ---- lease callbacks (keeper threads) ----------------------------------------------
+
+    def on_lease_gone(self, lease_id: int, before_deadline: bool) -> None:
+        reg = self.reg
+        if reg is None or reg.lease_id != lease_id:
+            return  # an old lease's keeper reporting late: already handled
+        if before_deadline:
+            # etcd answered, so we are alive: keep the guard on the old deadline, which
+            # the leader's fence window covers, until we hold a new registration.
+            self.pet_guard(reg.keeper.deadline)
+            self.flags.revoked = True
+            self.log.warning("lease_revoked", reason="lease gone while etcd answers: drain")
+        else:
+            self.flags.expired = True
+        self.ctx.wake.set()
+
+    def pet_guard(self, deadline: float | None = None) -> None:
+        """Tell the guard the agent is alive and holds its lease until `deadline`."""
+        reg = self.reg
+        if self.guard is None or not self.cfg.guard_enabled or reg is None:
+            return
+        if not self.guard.pet(deadline if deadline is not None else reg.keeper.deadline,
+                              guard_timeout(self.cfg)):
+            self.log.error("guard_lost", reason="cannot reach the guard process")
+            self.ctx.wake.set()
+
+    def _on_renewed(self) -> None:
+        self.pet_guard()
+        reg = self.reg
+        if reg is not None and reg.keeper.last_renew_latency_s is not None:
+            metrics.LEASE_RENEW_SECONDS.labels(who="agent").observe(
+                reg.keeper.last_renew_latency_s)
+        # etcd answered and the lease still exists after we self-fenced (an etcd
+        # leader change reset its TTL): nobody can have fenced this node, resume.
+        if self.flags.fenced:
+            self.flags.fenced = False
+            self.log.warning("resumed_after_self_fence", reason="lease still valid in etcd")
+            self.ctx.wake.set()
+
+    def self_fence(self) -> None:
+        """Destroy every managed domain: the lease may be about to expire on the server."""
+        self.flags.fenced = True
+        hv = self.ctx.hv
+        try:
+            domains = hv.list_domains()
+        except HypervisorError as exc:
+            self.log.error("self_fence_list_failed", error=str(exc))
+            return
+        for name, dom in domains.items():
+            if dom.managed and dom.active:
+                try:
+                    hv.destroy(name)
+                    metrics.SELF_FENCES.inc()
+                    self.ctx.history.record("self_fence", vm=name, node=self.ctx.me,
+                                            reason="lease not renewed before the deadline")
+                    self.log.error("self_fenced_domain", vm=name,
+                                   reason="lease not renewed before the self-fencing deadline")
+                except HypervisorError as exc:
+                    self.log.error("self_fence_destroy_failed", vm=name, error=str(exc))
+        self.ctx.wake.set()
+
+    def acting_allowed(self) -> bool:
+        reg = self.reg
+        return reg is not None and reg.keeper.valid() and not self.flags.fenced
+
+    # ---- guard -------------------------------------------------------------------------
+
+    def start_guard(self) -> None:
+        hv = self.ctx.hv
+        fake = hv.uri.startswith("fake://")
+        # A never-armed fake guard is the host of guests that outlive the agent (the
+        # negative control of the fault campaign): let it linger a while.
+        self.guard = GuardClient(hv.uri, linger_s=300.0 if fake else 0.0,
+                                 watchdog=self.ctx.opts.watchdog)
+        adopt = getattr(hv, "adopt_host", None)
+        if adopt is not None:
+            adopt(self.guard.pid)
+        self.log.info("guard_started", pid=self.guard.pid, watchdog=self.ctx.opts.watchdog)
+
+    def guard_gone(self) -> bool:
+        return self.guard is not None and not self.guard.alive()
+
+    def disarm_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.disarm()
+
+    # ---- cordon ------------------------------------------------------------------------
+
+    def cordon(self, reason: str) -> None:
+        me, store = self.ctx.me, self.ctx.store
+        marker = CordonMarker(node=me, reason=reason, by=f"agent:{me}", at=time.time())
+        key = self.ctx.ks.cordon(me)
+        if store.get(key) is None:
+            store.put(key, marker.to_json())
+            self.log.warning("cordoned", reason=reason)
+            self.ctx.history.record("drain", node=me, reason=reason)
+        if self.reg is not None:
+            self.reg.cordoned = True
+
+    def sync_cordon(self, snap: ClusterSnapshot, reg: Registration) -> None:
+        """Mirror the cordon marker into our registration (what the leader reads)."""
+        want = snap.is_cordoned(self.ctx.me)
+        entry = snap.nodes[self.ctx.me]
+        if entry.value.cordoned == want:
+            reg.cordoned = want
+            return
+        value = entry.value.model_copy(update={"cordoned": want})
+        key = self.ctx.ks.node(self.ctx.me)
+        self.ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
+                           [Put(key, value.to_json(), reg.lease_id)])
+        reg.cordoned = want
+        self.log.info("cordon_state", cordoned=want, revision=snap.revision)
