@@ -1,16 +1,31 @@
 """What every `vmha` command shares: exit codes, the error type, the etcd store from the
-global flags, and output as a table or JSON."""
+global flags, output as a table or JSON, times, and the command-group registrar type."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from schemas import Keyspace
 
 EXIT_FAIL, EXIT_INPUT, EXIT_ETCD = 1, 2, 3
+
+#: Adds commands to the parser: gets the command groups built so far by name ("root",
+#: then "vm", "node", "config": argparse sub-parser collections) and "parser" (the root
+#: parser).  Each noun module of the CLI has one; layers above the CLI (the lab, the
+#: benchmarks) pass theirs in.
+Registrar = Callable[[dict[str, Any]], None]
+
+
+def global_defaults() -> dict[str, str]:
+    """The defaults of `--etcd` and `--prefix` (from the environment, else local)."""
+    return {"etcd": os.environ.get("VMHA_ETCD", "127.0.0.1:2379"),
+            "prefix": os.environ.get("VMHA_PREFIX", "/vmha")}
 
 
 class CliError(Exception):
@@ -54,6 +69,31 @@ def _ago(ts: float | None) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
+def _ts(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _parse_time(s: str) -> float:
+    """Unix seconds, ISO 8601, or a relative '-10m' / '-2h' / '-3d'."""
+    s = s.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if s.startswith("-") and s[-1:] in units and s[1:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(s[1:-1]) * units[s[-1]]
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"cannot read time {s!r} (use unix seconds, ISO 8601 or -10m)",
+                       EXIT_INPUT) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
 
 def _first_error(exc: ValueError) -> str:
     errors = getattr(exc, "errors", None)
@@ -63,6 +103,11 @@ def _first_error(exc: ValueError) -> str:
         return f"{loc + ': ' if loc else ''}{e['msg']}"
     return str(exc)
 
+
+def node_state(row: dict[str, Any]) -> str:
+    """A node row's state (see :func:`_node_rows`), as `vmha node list` shows it."""
+    return ("fenced" if row["fenced"] else "lost" if not row["registered"]
+            else "cordoned" if row["cordoned"] else "ready")
 
 
 def _node_rows(snap: Any, store: Any) -> list[dict[str, Any]]:
@@ -89,5 +134,3 @@ def _node_rows(snap: Any, store: Any) -> list[dict[str, Any]]:
                      "vcpus": reg.capacity.vcpus if reg else None,
                      "libvirt_uri": reg.libvirt_uri if reg else None})
     return rows
-
-

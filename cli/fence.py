@@ -1,4 +1,4 @@
-"""Fencing commands, registered into `vmha` through cli.main.EXTENSIONS.
+"""Fencing commands:
 
     vmha node confirm-off NAME [--reason TEXT]   record a manual fence (method manual)
     vmha fence list                              fence records: method, outcome, attempts

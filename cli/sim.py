@@ -1,6 +1,6 @@
-"""Placement commands: `vmha snapshot`, `vmha simulate`, `vmha explain`, and the placement
-options and admission control (N+1) of `vmha vm add`.  Registered into `vmha` through
-cli.main.EXTENSIONS.
+"""Placement commands: `vmha snapshot`, `vmha simulate` (the planner offline on a
+snapshot) and `vmha explain`.  (`vmha vm add`'s placement options and admission control
+are in cli.vm.)
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_INPUT, CliError, _first_error, _out, _store, default_domain_xml
+from cli.common import EXIT_INPUT, CliError, _out, _store
 from orchestrator import planner, simulate
 from orchestrator.placement import Placer, node_group
-from schemas import SchemaError, VmSpec
 
 # ---- snapshot ----------------------------------------------------------------------------
 
@@ -160,53 +159,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- vm add with placement options and admission control ---------------------------------
-
-
-def _prefs(items: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in items:
-        node, sep, weight = item.partition("=")
-        try:
-            out[node] = float(weight) if sep else 1.0
-        except ValueError:
-            raise CliError(f"--prefer {item!r}: expected NODE=WEIGHT", EXIT_INPUT) from None
-    return out
-
-
-def cmd_vm_add(args: argparse.Namespace) -> int:
-    xml = Path(args.xml).read_text() if args.xml else default_domain_xml(
-        args.name, args.memory_mib, args.vcpus)
-    try:
-        spec = VmSpec(name=args.name, domain_xml=xml, memory_mib=args.memory_mib,
-                      vcpus=args.vcpus, state="stopped" if args.stopped else "running",
-                      priority=args.priority, anti_affinity=args.anti_affinity,
-                      soft_anti_affinity=args.soft_anti_affinity, affinity=args.affinity,
-                      soft_affinity=args.soft_affinity, node_preferences=_prefs(args.prefer),
-                      allowed_nodes=args.allow_node)
-    except ValueError as exc:
-        raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
-                       EXIT_INPUT) from None
-    store = _store(args)
-    from store.etcd import Cmp, Put
-
-    key = store.keyspace.vm_spec(args.name)
-    snap = store.snapshot()
-    policy = snap.config.placement.admission
-    if policy != "off" and args.name not in snap.specs:
-        verdict = simulate.admission_check(snap, spec)
-        if not verdict.ok:
-            if policy == "refuse" and not args.force:
-                raise CliError(f"admission refused ({verdict.message}); the cluster policy "
-                               "is admission=refuse (use --force to add anyway)", EXIT_INPUT)
-            print(f"warning: {verdict.message}", file=sys.stderr)
-    res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())])
-    if not res.succeeded:
-        raise CliError(f"VM {args.name!r} already exists ({key})", EXIT_INPUT)
-    print(f"vm/{args.name} added ({key}, revision {res.revision})")
-    return 0
-
-
 # ---- registration ------------------------------------------------------------------------
 
 
@@ -216,7 +168,7 @@ def _output_option(p: argparse.ArgumentParser) -> None:
 
 
 def register(groups: dict[str, Any]) -> None:
-    root, vm = groups["root"], groups["vm"]
+    root = groups["root"]
     p = root.add_parser("snapshot", help="export the whole cluster state as JSON "
                                          "(docs/snapshot-format.md)")
     p.set_defaults(fn=cmd_snapshot)
@@ -237,15 +189,3 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("vm")
     _output_option(p)
     p.set_defaults(fn=cmd_explain)
-    add = vm.choices["add"]
-    add.add_argument("--priority", type=int, default=0, help="higher is placed first")
-    add.add_argument("--anti-affinity", action="append", default=[], metavar="GROUP")
-    add.add_argument("--soft-anti-affinity", action="append", default=[], metavar="GROUP")
-    add.add_argument("--affinity", action="append", default=[], metavar="GROUP")
-    add.add_argument("--soft-affinity", action="append", default=[], metavar="GROUP")
-    add.add_argument("--prefer", action="append", default=[], metavar="NODE=WEIGHT")
-    add.add_argument("--allow-node", action="append", default=[], metavar="NODE",
-                     help="hard restriction (repeat for several nodes)")
-    add.add_argument("--force", action="store_true",
-                     help="add even when admission control (N+1) refuses")
-    add.set_defaults(fn=cmd_vm_add)

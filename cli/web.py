@@ -1,5 +1,5 @@
 """`vmha graph` (the migration graph and node ranking) and `vmha web` (a read-only status
-page).  Registered into `vmha` through cli.main.EXTENSIONS."""
+page)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _parse_time, _store
 from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
-from cli.ops import _parse_time
 from store.history import read_events
 
 

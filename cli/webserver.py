@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from cli.common import _node_rows, node_state
 from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
 from store.etcd import EtcdStore
 from store.history import read_events
@@ -69,16 +70,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def node_state(row: dict[str, Any]) -> str:
-    return ("fenced" if row["fenced"] else "lost" if not row["registered"]
-            else "cordoned" if row["cordoned"] else "ready")
-
-
 def node_rows(snap: Any, store: EtcdStore) -> list[dict[str, Any]]:
     """`vmha node list`'s rows plus the nodes VMs still point at although they are gone
     (crashed, not fenced yet), each with its `state`."""
-    from cli.common import _node_rows
-
     rows: list[dict[str, Any]] = _node_rows(snap, store)
     known = {r["name"] for r in rows}
     referenced = {p.value.node for p in snap.placements.values() if p.value.node}

@@ -1,0 +1,50 @@
+"""`vmha status`: one screen with the leader and its epoch, the nodes, the VMs and any
+invalid keys."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cli.common import _node_rows, _out, _store
+from cli.node import cmd_node_list
+from cli.vm import cmd_vm_list
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    snap = store.snapshot()
+    leader = snap.leader
+    data = {
+        "revision": snap.revision,
+        "leader": ({"id": leader.value.id, "epoch": leader.create_revision,
+                    "since": leader.value.elected_at} if leader else None),
+        "nodes": _node_rows(snap, store),
+        "invalid_keys": [str(e) for e in snap.errors],
+    }
+    vms = []
+    for name in sorted(snap.specs):
+        p = snap.placements[name].value if name in snap.placements else None
+        s = snap.statuses[name].value if name in snap.statuses else None
+        vms.append({"name": name, "desired": snap.specs[name].value.state,
+                    "node": s.node if s else None, "state": s.state if s else None,
+                    "since": s.since if s else None, "placed_on": p.node if p else None,
+                    "reason": p.reason if p else None})
+    data["vms"] = vms
+    if args.output == "json":
+        _out(args, data, None)
+        return 0
+    print(f"leader: {leader.value.id} (epoch {leader.create_revision})" if leader
+          else "leader: none")
+    args_copy = argparse.Namespace(**vars(args))
+    cmd_node_list(args_copy)
+    print()
+    cmd_vm_list(args_copy)
+    for e in data["invalid_keys"]:
+        print(f"invalid: {e}")
+    return 0
+
+
+def register(groups: dict[str, Any]) -> None:
+    groups["root"].add_parser("status", help="one screen: leader, nodes, VMs").set_defaults(
+        fn=cmd_status)
