@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-placement campaign evidence clean clean-caches
+        bench bench-placement campaign evidence clean bless clean-caches
 
 setup:
 	bash scripts/setup.sh
@@ -34,6 +34,11 @@ test-integration: setup
 # Real QEMU guests under namespaced libvirt daemons (root; installs the lab packages).
 test-lab: setup-lab
 	$(PYTEST) -q -m lab tests/lab
+
+# Rewrite the expected logs of the scenario tests (tests/scenarios/*/expected.log) from
+# the planners' current decisions: all, or one with SCENARIO=name.  Review the diff.
+bless: setup
+	VMHA_BLESS=1 $(PYTEST) -q "tests/scenarios/test_scenarios.py$(if $(SCENARIO),::test_scenario[$(SCENARIO)])"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,70 @@
+"""Scenario tests kept as data: every folder here with a start.json is replayed through
+the real planners (tests/scenarios/runner.py) and its log compared with expected.log.
+
+    VMHA_BLESS=1 pytest tests/scenarios     # (re)write expected.log instead (make bless)
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.scenarios.events import parse_events
+from tests.scenarios.loader import load_world
+from tests.scenarios.model import ScenarioError
+from tests.scenarios.runner import run_scenario, run_world
+
+HERE = Path(__file__).parent
+FOLDERS = sorted(p.parent for p in HERE.glob("*/start.json"))
+
+
+def bless_requested() -> bool:
+    return os.environ.get("VMHA_BLESS", "") not in ("", "0")
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
+def test_scenario(folder: Path) -> None:
+    got = "\n".join(run_scenario(folder)) + "\n"
+    expected_file = folder / "expected.log"
+    if bless_requested():
+        expected_file.write_text(got)
+        return
+    if not expected_file.exists():
+        pytest.fail(f"{folder.name}: no expected.log; run `make bless SCENARIO={folder.name}` "
+                    "and review it")
+    expected = expected_file.read_text()
+    if got != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(keepends=True),
+                                            got.splitlines(keepends=True),
+                                            "expected.log", "produced", n=2))
+        pytest.fail(f"{folder.name}: the log differs from expected.log "
+                    f"(if the change is intended: make bless SCENARIO={folder.name})\n{diff}",
+                    pytrace=False)
+
+
+def test_there_are_scenarios() -> None:
+    assert len(FOLDERS) >= 20
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("explode a", "unknown event 'explode'"),
+    ("node-crash", "wrong arguments"),
+    ("node-crash zz", "unknown node 'zz'"),
+    ("wait 0.25", "not a whole number of ticks"),
+    ("migration-done vm1", "no migration of 'vm1' in flight"),
+    ("vm-add bad_NAME", "VM name"),
+])
+def test_bad_events_are_refused_with_their_line(line: str, message: str) -> None:
+    world = load_world({"nodes": ["a"], "vms": ["vm1"]})
+    with pytest.raises(ScenarioError, match=message):
+        run_world(world, parse_events(f"# a comment\n{line}\n"))
+
+
+def test_bad_start_files_are_refused() -> None:
+    with pytest.raises(ScenarioError, match="unknown keys"):
+        load_world({"nodez": {}})
+    with pytest.raises(ScenarioError, match="invalid values"):
+        load_world({"vms": {"vm1": {"memory_mib": 0}}})
