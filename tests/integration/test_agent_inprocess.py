@@ -200,6 +200,8 @@ def test_old_lease_stops_watching_once_registered_after_a_lost_race(
                    what="app booted")
         first = agent.reg
         assert first is not None
+        record = tmp_path / "n1" / "domains" / "app.json"
+        booted = record.read_text()
         racing.arm()
         store.revoke_lease(first.lease_id)
         assert racing.raced.wait(10)
@@ -208,7 +210,9 @@ def test_old_lease_stops_watching_once_registered_after_a_lost_race(
         # Past the old lease's self-fencing deadline: nothing may have been fenced.
         wait_until(lambda: time.monotonic() > first.keeper.deadline + 1.0, 15,
                    what="old deadline passed")
-        assert hv.list_domains()["app"].active, "self-fenced on a lease already replaced"
+        # Same domain record: never destroyed (and booted again) by the old deadline.
+        assert record.read_text() == booted, "self-fenced on a lease already replaced"
+        assert hv.list_domains()["app"].active
         assert agent.reg is not None and agent.reg.keeper.valid()
         assert store.get(KS.cordon("n1")) is not None  # the revoke still drained (cordon)
     finally:
