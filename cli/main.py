@@ -53,7 +53,7 @@ def build_parser(extra: Sequence[Registrar] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, extra: Sequence[Registrar] = ()) -> int:
-    from store.etcd import StoreUnavailable
+    from store.etcd import StoreRejected, StoreUnavailable
 
     args = build_parser(extra).parse_args(argv)
     try:
@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None, extra: Sequence[Registrar] = ()) -> 
     except StoreUnavailable as exc:
         print(f"error: etcd unreachable at {args.etcd}: {exc}", file=sys.stderr)
         return EXIT_ETCD
+    except StoreRejected as exc:  # etcd answered no (e.g. permission denied): not an outage
+        print(f"error: etcd at {args.etcd} refused the request: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     except ValueError as exc:  # e.g. a malformed --etcd value
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -13,7 +13,7 @@ import structlog
 
 from schemas.errors import SchemaError
 from schemas.events import Event, event_id
-from store.etcd import EtcdStore, StoreUnavailable
+from store.etcd import EtcdStore, StoreRejected, StoreUnavailable
 
 log = structlog.get_logger("vmha.history")
 
@@ -37,6 +37,9 @@ class HistoryWriter:
             self.store.put(self.store.keyspace.event(ev.id), ev.to_json())
         except StoreUnavailable as exc:
             log.warning("event_not_recorded", kind=kind, error=str(exc), **fields)
+            return None
+        except StoreRejected as exc:  # e.g. too large: still never blocks the decision
+            log.error("event_rejected", kind=kind, error=str(exc), **fields)
             return None
         return ev
 

@@ -122,3 +122,18 @@ def test_a_lost_compare_is_a_result_not_an_error(store: EtcdStore) -> None:
     store.put("/vmha/x", "1")
     res = store.txn([Cmp("/vmha/x", "create", "==", 0)], [Put("/vmha/x", "2")])
     assert res.succeeded is False and res.revision > 0
+
+
+def test_history_event_etcd_refuses_is_logged_as_rejected_and_never_raises(
+        store: EtcdStore) -> None:
+    """History is best-effort: an event etcd refuses (too large) neither blocks the
+    caller nor passes for an outage."""
+    from structlog.testing import capture_logs
+
+    from store.history import HistoryWriter
+
+    writer = HistoryWriter(store, "test")
+    with capture_logs() as logs:
+        assert writer.record("drain", node="n1", reason="x" * 1_700_000) is None
+    assert [(e["event"], e["log_level"]) for e in logs] == [("event_rejected", "error")]
+    assert writer.record("drain", node="n1", reason="fits") is not None
