@@ -5,16 +5,39 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
 from tests.harness import wait_until
 
 XML = "<domain><name>{0}</name></domain>"
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftovers() -> Iterator[None]:
+    """What a test started (its stand-in agent, the guard) is killed when it ends, also
+    when it fails before the guard did that."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(args, **kwargs)
+    _STARTED.append(proc)
+    return proc
 
 
 def start_guard(tmp: Path, agent_pid: int, linger: float = 0.0) -> subprocess.Popen[bytes]:
-    g = subprocess.Popen([sys.executable, "-m", "fencing.guard", "--agent-pid", str(agent_pid),
+    g = _popen([sys.executable, "-m", "fencing.guard", "--agent-pid", str(agent_pid),
                           "--uri", f"fake://{tmp / 'n1'}", "--linger", str(linger)],
                          stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(lambda: (tmp / "n1" / "host.pid").exists()
@@ -30,7 +53,7 @@ def pet(g: subprocess.Popen[bytes], deadline_in: float, timeout: float) -> None:
 
 def setup(tmp: Path, linger: float = 0.0) -> tuple[subprocess.Popen[bytes],
                                                    subprocess.Popen[bytes], FakeHypervisor]:
-    agent = subprocess.Popen(["sleep", "60"])
+    agent = _popen(["sleep", "60"])
     g = start_guard(tmp, agent.pid, linger)
     hv = FakeHypervisor(tmp, "n1", host_pid=g.pid)
     hv.boot("vm1", XML.format("vm1"))
@@ -121,8 +144,8 @@ def test_watchdog_is_fed_while_armed_and_released_with_magic_close(tmp_path: Pat
 def test_guard_feeds_the_watchdog_then_stops_when_it_fires(tmp_path: Path) -> None:
     dev = tmp_path / "watchdog"
     dev.write_bytes(b"")
-    agent = subprocess.Popen(["sleep", "60"])
-    g = subprocess.Popen([sys.executable, "-m", "fencing.guard", "--agent-pid", str(agent.pid),
+    agent = _popen(["sleep", "60"])
+    g = _popen([sys.executable, "-m", "fencing.guard", "--agent-pid", str(agent.pid),
                           "--uri", f"fake://{tmp_path / 'n1'}", "--watchdog", str(dev)],
                          stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(0.5)

@@ -50,7 +50,7 @@ def test_promtool_accepts_agent_and_orchestrator_metrics(etcd: EtcdCluster,
     fc.start_agent("n2", extra=("--metrics-listen", f"127.0.0.1:{p_n2}"))
     fc.start_orchestrator("o1", extra=("--metrics-listen", f"127.0.0.1:{p_orch}"))
     assert vmha(etcd, "vm", "add", "m1", "--memory-mib", "64").returncode == 0
-    first = str(wait_until(lambda: (fake_ground_truth(fc.fake_root).get("m1") or [None])[0],
+    first = str(wait_until(lambda: "".join(fake_ground_truth(fc.fake_root).get("m1", [])[:1]),
                            15, what="m1 running"))
     # A drain moves m1 by live migration: the target's migration histograms get a sample.
     r = vmha(etcd, "node", "drain", first, "--wait")
