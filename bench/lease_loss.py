@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile
+from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
 from lab.configs import FAST_CONFIG
-from lab.localcluster import FakeCluster, start_etcd, wait_until
-from schemas import Keyspace, VmStatus
+from lab.localcluster import FakeCluster, running_fake_cluster, wait_until
+from schemas import Keyspace, VmSpec, VmStatus
 from store.etcd import EtcdStore
 
 KS = Keyspace()
@@ -91,47 +92,37 @@ def trial_crash(store: EtcdStore, fc: FakeCluster, vm: str) -> tuple[float, floa
     return t1 - t0, t2 - t0
 
 
+def run_trials(store: EtcdStore, fc: FakeCluster, trials: int) -> dict[str, Any]:
+    store.put(KS.vm_spec("b0"), VmSpec(name="b0", domain_xml=default_domain_xml("b0", 256, 1),
+                                       memory_mib=256, vcpus=1).to_json())
+    wait_until(lambda: fake_ground_truth(fc.fake_root).get("b0"), 20, POLL)
+    results: dict[str, Any] = {"config": CONFIG.model_dump(by_alias=True),
+                               "hypervisor": "fake (processes), real etcd 1 member"}
+    for kind, fn in (("drain", trial_drain), ("crash", trial_crash)):
+        to_place, to_run = [], []
+        for i in range(trials):
+            a, b = fn(store, fc, "b0")
+            to_place.append(a)
+            to_run.append(b)
+            print(f"{kind} {i + 1}/{trials}: placement {a * 1000:.1f} ms, "
+                  f"running {b * 1000:.1f} ms", file=sys.stderr, flush=True)
+        results[kind] = {"lease_loss_to_placement": stats(to_place),
+                         "lease_loss_to_running_elsewhere": stats(to_run)}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--out", default="results/bench-lease-loss.json")
     args = ap.parse_args(argv)
-    etcd = start_etcd(1)
     wd = Path(tempfile.mkdtemp(prefix="vmha-bench-"))
-    fc = FakeCluster(etcd, wd)
-    store = EtcdStore(etcd.endpoints)
-    try:
-        store.put(KS.config, CONFIG.to_json())
-        for n in ("n1", "n2", "n3"):
-            fc.start_agent(n, migrate_seconds=0.05)
-        fc.start_orchestrator("o1")
-        fc.start_orchestrator("o2")
-        from cli.common import default_domain_xml
-        from schemas import VmSpec
-        store.put(KS.vm_spec("b0"), VmSpec(name="b0", domain_xml=default_domain_xml("b0", 256, 1),
-                                           memory_mib=256, vcpus=1).to_json())
-        wait_until(lambda: fake_ground_truth(fc.fake_root).get("b0"), 20, POLL)
-        results: dict[str, Any] = {"config": CONFIG.model_dump(by_alias=True),
-                                   "hypervisor": "fake (processes), real etcd 1 member"}
-        for kind, fn in (("drain", trial_drain), ("crash", trial_crash)):
-            to_place, to_run = [], []
-            for i in range(args.trials):
-                a, b = fn(store, fc, "b0")
-                to_place.append(a)
-                to_run.append(b)
-                print(f"{kind} {i + 1}/{args.trials}: placement {a * 1000:.1f} ms, "
-                      f"running {b * 1000:.1f} ms", file=sys.stderr, flush=True)
-            results[kind] = {"lease_loss_to_placement": stats(to_place),
-                             "lease_loss_to_running_elsewhere": stats(to_run)}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results, indent=2))
-        return 0
-    finally:
-        fc.stop()
-        store.close()
-        etcd.stop()
-
+    with running_fake_cluster(CONFIG.to_json(), wd, migrate_seconds=0.05) as (fc, store):
+        results = run_trials(store, fc, args.trials)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,6 +8,7 @@ etcd runs as Debian's `etcd` binary on free loopback ports with its data on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,10 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from store.etcd import EtcdStore
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 T = TypeVar("T")
@@ -234,3 +238,29 @@ class FakeCluster:
     def stop(self) -> None:
         for d in [*self.agents.values(), *self.orchestrators.values()]:
             d.kill()
+
+
+@contextlib.contextmanager
+def running_fake_cluster(config_json: str, workdir: Path,
+                         orchestrators: tuple[str, ...] = ("o1", "o2"),
+                         nodes: tuple[str, ...] = ("n1", "n2", "n3"),
+                         migrate_seconds: float = 0.2) -> Iterator[tuple[FakeCluster, EtcdStore]]:
+    """A one-member etcd with ``config_json`` as the cluster config, an agent per node on
+    the fake hypervisor and the orchestrators; yields the cluster and a store on its
+    etcd, and stops all of it (``workdir`` stays)."""
+    from store.etcd import EtcdStore
+
+    etcd = start_etcd(1)
+    fc = FakeCluster(etcd, workdir)
+    store = EtcdStore(etcd.endpoints)
+    try:
+        store.put(f"{fc.prefix}/config", config_json)
+        for n in nodes:
+            fc.start_agent(n, migrate_seconds=migrate_seconds)
+        for o in orchestrators:
+            fc.start_orchestrator(o)
+        yield fc, store
+    finally:
+        fc.stop()
+        store.close()
+        etcd.stop()
