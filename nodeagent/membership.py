@@ -305,7 +305,9 @@ class Membership:
             return
         value = entry.value.model_copy(update={"cordoned": want})
         key = self.ctx.ks.node(self.ctx.me)
-        self.ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
-                           [Put(key, value.to_json(), reg.lease_id)])
+        res = self.ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
+                                 [Put(key, value.to_json(), reg.lease_id)])
         reg.cordoned = want
-        self.log.info("cordon_state", cordoned=want, revision=snap.revision)
+        # Not written: our registration was replaced meanwhile; the next cycle sees it.
+        self.log.info("cordon_state", cordoned=want, written=res.succeeded,
+                      revision=snap.revision)

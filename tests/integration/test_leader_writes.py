@@ -87,3 +87,24 @@ def test_placement_needs_its_fenced_holders_still_away(leader: Orchestrator) -> 
     store.delete(KS.node("n1"))
     assert leader.apply(action, store.snapshot(), epoch) is True
     assert store.get(KS.vm_placement("v")) is not None
+
+
+def test_external_fence_result_for_a_node_back_again_is_a_lost_race(
+        leader: Orchestrator) -> None:
+    from fencing.agents import FenceResult
+
+    store, epoch = leader.store, leader.epoch
+    assert epoch is not None
+    store.put(KS.node("n1"), "{}")  # registered again while the fence agent ran
+    with capture_logs() as logs:
+        written = leader._record_external("n1", FenceResult(True, "off", 0.1),
+                                          store.snapshot(), epoch)
+    assert written is False and store.get(KS.fence("n1")) is None
+    events = {e["event"]: e for e in logs}
+    assert "fenced" not in events
+    assert events["fence_result_not_written"]["log_level"] == "info"
+    store.delete(KS.node("n1"))
+    with capture_logs() as logs:
+        assert leader._record_external("n1", FenceResult(True, "off", 0.1),
+                                       store.snapshot(), epoch)
+    assert [e["log_level"] for e in logs if e["event"] == "fenced"] == ["warning"]
