@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+from lab.localcluster import poll_until
 from lab.netguest import ECHO_PORT, PROBE_MAGIC, QUERY_SEQ
 
 _HDR = struct.Struct("!IIII")  # magic, stream id, sequence, guest's count
@@ -143,13 +144,16 @@ class Prober:
             if ready:
                 self._drain()
         if self.mode == "udp":
-            for _ in range(10):
-                self._send(QUERY_SEQ)
-                ready, _, _ = select.select([self.sock], [], [], 0.2)
-                if ready:
-                    self._drain()
-                if self.guest_count is not None:
-                    break
+            poll_until(self._query_count, 2.0, 0.0)
+
+    def _query_count(self) -> bool:
+        """Ask the guest how many probes it received; whether it has answered (within
+        0.2 s of one query; a lost query or answer is sent again)."""
+        self._send(QUERY_SEQ)
+        ready, _, _ = select.select([self.sock], [], [], 0.2)
+        if ready:
+            self._drain()
+        return self.guest_count is not None
 
     def result(self) -> dict[str, Any]:
         return {"mode": self.mode, "target": self.target, "pps": self.pps, "size": self.size,
