@@ -181,8 +181,9 @@ def _report(world: World, n: NodeSim, a: agent_plan.Report, snap: ClusterSnapsho
     st = VmStatus(vm=a.vm, node=n.name, state=a.state,  # type: ignore[arg-type]
                   placement_id=a.placement_id, since=since, migration=stats)
     ok = _status_txn(world, n, st, a.expect_mod_revision)
-    world.emit(n.name, "report", a.vm, f"{a.state} ({a.placement_id or 'no placement'})"
-               f"{' with migration stats' if stats else ''}{_rejected(ok)}", a.reason)
+    world.emit(n.name, "report", a.vm, f"{a.state} ({a.placement_id or 'no placement'}, "
+               f"cas {a.expect_mod_revision}){' with migration stats' if stats else ''}"
+               f"{_rejected(ok)}", a.reason)
 
 
 def _migrate_out(world: World, n: NodeSim, a: agent_plan.MigrateOut) -> None:

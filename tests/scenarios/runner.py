@@ -68,14 +68,16 @@ def final_state(world: World) -> list[str]:
     """The end state, one line per VM and node, for the log's last lines."""
     snap = world.store.snapshot()
     out = []
-    for vm in sorted(set(snap.specs) | set(snap.placements) | set(snap.statuses)):
+    domains = {vm for sim in world.nodes.values() for vm in sim.domains}
+    for vm in sorted(set(snap.specs) | set(snap.placements) | set(snap.statuses) | domains):
         spec, pe, se = snap.specs.get(vm), snap.placements.get(vm), snap.statuses.get(vm)
-        doms = [f"{n}:{d.state}" for n, sim in sorted(world.nodes.items())
+        doms = [f"{n}:{d.state}{'' if d.managed else '(unmanaged)'}"
+                for n, sim in sorted(world.nodes.items())
                 for v, d in sim.domains.items() if v == vm]
         p = pe.value if pe else None
         where = ("none" if p is None else f"{p.kind} {p.from_node} -> {p.node}"
                  if p.kind == "migrate" else f"{p.kind} {p.node or ''}".strip())
-        out.append(f"final   vm {vm}: spec {spec.value.state if spec else 'removed'}; "
+        out.append(f"final   vm {vm}: spec {spec.value.state if spec else 'none'}; "
                    f"placement {where}; status "
                    f"{f'{se.value.state} on {se.value.node}' if se else 'none'}; "
                    f"domains {' '.join(doms) or 'none'}")
