@@ -236,12 +236,18 @@ def fence_device(w: World, node: str, outcome: str, *detail: str) -> None:
         raise ScenarioError(f"no fence device runs for {node!r}")
     w.leader.external.discard(node)
     prev = w.store.get(KS.fence(node))
+    if prev is not None and prev.value["outcome"] == "success":
+        return  # fenced meanwhile (self or manual): the leader drops the result
     rec = FenceRecord(node=node, lease_id=w.leader.last_leases.get(node, "unknown"),
                       method="external", outcome="success" if outcome == "ok" else "failed",
                       reason=" ".join(detail) or outcome, epoch=w.leader.epoch, duration_s=1.0,
                       fenced_at=w.wall, attempts=prev.value["attempts"] + 1 if prev else 1,
                       device="fence-agent")
-    w.store.put(KS.fence(node), rec)
+    ok = w.store.txn([(KS.leader, "create", w.leader.epoch), (KS.node(node), "create", 0),
+                      (KS.fence(node), "mod", prev.mod_revision if prev else 0)],
+                     KS.fence(node), rec)
+    w.emit("leader", "fence-rec", node, f"external {rec.outcome}{'' if ok else ' REJECTED'}",
+           rec.reason)
 
 
 def fence_confirm(w: World, node: str) -> None:

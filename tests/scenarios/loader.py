@@ -104,8 +104,24 @@ def load_world(data: dict[str, Any]) -> World:
     if "config" in data:
         keys.put(KS.config, {"schema": 1, **data["config"]})
     nodes = _load_nodes(data, keys)
-    cordons = _mapping(data.get("cordons", []), "cordons")
-    for name, c in cordons.items():
+    _load_keys(data, keys)
+    top = max((r.mod_revision for r in store.kv.values()), default=0)
+    if top > store.revision:
+        raise ScenarioError(f"start.json: revision {store.revision} is below a key's "
+                            f"mod_revision {top}")
+    world = World(store, nodes, LeaderSim(enabled=bool(data.get("leader", True)), epoch=epoch),
+                  tick_s=float(data.get("tick_s", 1.0)),
+                  auto_migrate=bool(data.get("auto_migrate", False)))
+    _load_domains(world, data)
+    _select_agents(world, data.get("agents"))
+    store.snapshot()  # every value must validate
+    return world
+
+
+def _load_keys(data: dict[str, Any], keys: _Keys) -> None:
+    """Cordon markers, fence records, specs, placements, statuses, move requests."""
+    store = keys.store
+    for name, c in _mapping(data.get("cordons", []), "cordons").items():
         keys.put(KS.cordon(name), {"schema": 1, "node": name, "reason": "maintenance",
                                    "by": "operator", "at": WALL0, **c})
         if KS.node(name) in store.kv:
@@ -121,17 +137,6 @@ def load_world(data: dict[str, Any]) -> World:
     for vm, m in _mapping(data.get("moves", {}), "moves").items():
         keys.put(KS.vm_move(vm), {"schema": 1, "vm": vm, "by": "operator",
                                   "requested_at": WALL0, **m})
-    top = max((r.mod_revision for r in store.kv.values()), default=0)
-    if top > store.revision:
-        raise ScenarioError(f"start.json: revision {store.revision} is below a key's "
-                            f"mod_revision {top}")
-    world = World(store, nodes, LeaderSim(enabled=bool(data.get("leader", True)), epoch=epoch),
-                  tick_s=float(data.get("tick_s", 1.0)),
-                  auto_migrate=bool(data.get("auto_migrate", False)))
-    _load_domains(world, data)
-    _select_agents(world, data.get("agents"))
-    store.snapshot()  # every value must validate
-    return world
 
 
 def _load_nodes(data: dict[str, Any], keys: _Keys) -> dict[str, NodeSim]:
