@@ -20,6 +20,9 @@ Rules, per VM whose spec says running (see docs/design.md for the reasoning):
   source's migration group and within the migration limits (drains go in waves).
 * VMs are decided by priority (higher first), then name; an optional rebalancer
   (orchestrator.rebalance) moves a few VMs when the cluster is otherwise quiet.
+
+The rules themselves are small functions in orchestrator.rules, applied in a documented
+order to an explicit per-cycle state; tests/scenarios replays stories through them.
 """
 
 from __future__ import annotations
