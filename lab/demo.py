@@ -101,7 +101,7 @@ class Demo:
         from store.etcd import EtcdStore
 
         t = time.monotonic()
-        say("-- preparing the Linux guest's kernel and initramfs (cached after the first run)")
+        say("-- preparing the Linux guest's kernel and initramfs (from setup's cache)")
         ensure_kernel_artifacts(DEFAULT_CACHE)
         say("-- starting etcd, 3 libvirt nodes (namespaced libvirtd), 3 agents, "
             "2 orchestrators ...")

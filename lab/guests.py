@@ -48,6 +48,14 @@ def _common_devices() -> str:
     )
 
 
+def _identity(name: str, uuid: str | None, memory_mib: int) -> str:
+    """Name, UUID (a new one unless given), memory and one vCPU."""
+    return (f"  <name>{escape(name)}</name>\n"
+            f"  <uuid>{escape(uuid or str(uuidlib.uuid4()))}</uuid>\n"
+            f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
+            "  <vcpu>1</vcpu>\n")
+
+
 def tiny_guest_xml(name: str, memory_mib: int = 32, uuid: str | None = None) -> str:
     """Domain XML of a disk-less guest that only runs its BIOS."""
     return _bios_guest_xml(name, memory_mib, uuid)
@@ -55,13 +63,9 @@ def tiny_guest_xml(name: str, memory_mib: int = 32, uuid: str | None = None) -> 
 
 def _bios_guest_xml(name: str, memory_mib: int, uuid: str | None, *, root_attrs: str = "",
                     disks: str = "", tail: str = "") -> str:
-    dom_uuid = uuid or str(uuidlib.uuid4())
     return (
         f"<domain type='qemu'{root_attrs}>\n"
-        f"  <name>{escape(name)}</name>\n"
-        f"  <uuid>{escape(dom_uuid)}</uuid>\n"
-        f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
-        "  <vcpu>1</vcpu>\n"
+        f"{_identity(name, uuid, memory_mib)}"
         "  <os>\n"
         "    <type arch='x86_64' machine='pc'>hvm</type>\n"
         "    <boot dev='hd'/>\n"
@@ -147,16 +151,12 @@ def kernel_guest_xml(
     bind-mounted libvirt paths).  Below 96 MiB the guest resets during boot.
     """
     kernel, initrd = ensure_kernel_artifacts(Path(cache))
-    dom_uuid = uuid or str(uuidlib.uuid4())
     console = Path(console_log).resolve()
     console.parent.mkdir(parents=True, exist_ok=True)
     cmdline = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
     return (
         "<domain type='qemu'>\n"
-        f"  <name>{escape(name)}</name>\n"
-        f"  <uuid>{escape(dom_uuid)}</uuid>\n"
-        f"  <memory unit='MiB'>{int(memory_mib)}</memory>\n"
-        "  <vcpu>1</vcpu>\n"
+        f"{_identity(name, uuid, memory_mib)}"
         "  <os>\n"
         "    <type arch='x86_64' machine='pc'>hvm</type>\n"
         f"    <kernel>{escape(str(kernel))}</kernel>\n"

@@ -154,7 +154,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
             f"{'running' if r['alive'] else 'DEAD':<8} {r['detail']}")
     etcd_alive = any(r["alive"] for r in rows if r["kind"] == "etcd")
     if etcd_alive:
-        from cli.main import cmd_status
+        from cli.status import cmd_status
 
         say("")
         ns = argparse.Namespace(**{**vars(args), "etcd": state["etcd"]["endpoints"],

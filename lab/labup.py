@@ -164,7 +164,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     problem = missing_prerequisite()
     if problem:
         raise CliError(problem)
-    from lab.cluster import LAB_CONFIG, LabCluster
+    from lab.cluster import LabCluster
+    from lab.configs import LAB_CONFIG
 
     lab_dir = Path(args.dir).resolve()
     check_dir(lab_dir)

@@ -1,14 +1,7 @@
 """Several independent libvirt "nodes" on one host: their life cycle.
 
-Each node is one root ``libvirtd`` (monolithic daemon) running in its own
-mount + UTS namespace.  Inside that namespace the node's own directories are
-bind-mounted over the well-known libvirt paths::
-
-    <node dir>/etc    -> /etc/libvirt        (libvirtd.conf, qemu.conf, domain XML)
-    <node dir>/run    -> /run/libvirt        (sockets, qemu pid/status files)
-    <node dir>/lib    -> /var/lib/libvirt
-    <node dir>/cache  -> /var/cache/libvirt
-    <node dir>/log    -> /var/log/libvirt
+Each node is one root ``libvirtd`` in its own mount + UTS namespace, with its
+own directories bind-mounted over libvirt's paths (the layout: :mod:`lab.nodeconf`).
 
 Everything else of the host file system (in particular the lab root, so
 every node's socket) stays visible at the same path in every namespace,
@@ -286,39 +279,36 @@ def stop_node(node: LabNode) -> None:
     The node's directory (configuration, persistent domain definitions)
     is kept, so :func:`start_node` brings the node back.
     """
+    _stop_processes(node, graceful=True)
+
+
+def crash_node(node: LabNode) -> None:
+    """Simulate a host crash: SIGKILL libvirtd and all its guests' QEMUs."""
+    _stop_processes(node, graceful=False)
+
+
+def _stop_processes(node: LabNode, *, graceful: bool) -> None:
+    """libvirtd first (SIGTERM then SIGKILL when ``graceful``, else SIGKILL), then QEMU."""
     guests = list(qemu_pids(node).values())
     reaper = reaper_pid(node.dir)
     lv = running_pid(node.dir)
     if lv is not None:
-        send_signal(lv, signal.SIGTERM)
-        if wait_dead([lv], _STOP_TIMEOUT_S):
+        if graceful:
+            send_signal(lv, signal.SIGTERM)
+            if wait_dead([lv], _STOP_TIMEOUT_S):
+                send_signal(lv, signal.SIGKILL)
+        else:
             send_signal(lv, signal.SIGKILL)
     for pid in guests:
-        if pid_matches(pid, "qemu"):
+        if pid_matches(pid, "qemu"):  # the pid may have been reaped and reused meanwhile
             send_signal(pid, signal.SIGKILL)
     leftover = wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
     leftover += _kill_virtlockd(node.dir)
     leftover += _finish_reaper(reaper)
     node.pid = None
     if leftover:
-        raise LabError(f"node {node.name}: processes {leftover} did not die")
-
-
-def crash_node(node: LabNode) -> None:
-    """Simulate a host crash: SIGKILL libvirtd and all its guests' QEMUs."""
-    guests = list(qemu_pids(node).values())
-    reaper = reaper_pid(node.dir)
-    lv = running_pid(node.dir)
-    if lv is not None:
-        send_signal(lv, signal.SIGKILL)
-    for pid in guests:
-        send_signal(pid, signal.SIGKILL)
-    leftover = wait_dead(([lv] if lv else []) + guests, _STOP_TIMEOUT_S)
-    leftover += _kill_virtlockd(node.dir)
-    leftover += _finish_reaper(reaper)
-    node.pid = None
-    if leftover:
-        raise LabError(f"node {node.name}: processes {leftover} survived SIGKILL")
+        what = "did not die" if graceful else "survived SIGKILL"
+        raise LabError(f"node {node.name}: processes {leftover} {what}")
 
 
 def kill_libvirtd(node: LabNode) -> int | None:
