@@ -27,6 +27,11 @@ disabled in the cluster config) exits after `--linger` seconds: on the fake
 hypervisor the guard process *is* the host, so its guests live as long as it does.
 
 Run as `python -m fencing.guard --agent-pid PID --uri URI [--watchdog /dev/watchdog]`.
+
+This pipe mode dies with the agent's cgroup when systemd stops the agent; the guard
+*service* (`vmha guard`, `--socket PATH`: fencing.guard_server) outlives the agent and
+accepts a restarted agent process that re-attaches before the deadline.  The agent
+uses the service when given `--guard-socket`, and starts a guard of its own otherwise.
 """
 
 from __future__ import annotations
@@ -194,13 +199,21 @@ def run(agent_pid: int, uri: str, linger_s: float, watchdog: str | None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fencing.guard")
-    ap.add_argument("--agent-pid", type=int, required=True)
+    ap.add_argument("--agent-pid", type=int, help="the agent that started this guard (pipe mode)")
+    ap.add_argument("--socket", help="serve agents on this unix socket instead "
+                                     "(the guard service: fencing.guard_server)")
     ap.add_argument("--uri", required=True, help="hypervisor URI (libvirt, or fake:///dir/node)")
     ap.add_argument("--linger", type=float, default=0.0,
                     help="seconds a never-armed guard stays after the agent is gone")
     ap.add_argument("--watchdog", help="e.g. /dev/watchdog: fed only while armed and in time")
     ap.add_argument("--watchdog-timeout", type=int, default=10)
     a = ap.parse_args(argv)
+    if a.socket:
+        from fencing.guard_server import serve
+
+        return serve(a.socket, a.uri, a.watchdog, a.watchdog_timeout)
+    if a.agent_pid is None:
+        ap.error("--agent-pid or --socket is required")
     return run(a.agent_pid, a.uri, a.linger, a.watchdog, a.watchdog_timeout, sys.stdin.buffer)
 
 

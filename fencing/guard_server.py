@@ -1,0 +1,238 @@
+"""The guard as its own service (`vmha guard`, deploy/systemd/vmha-guard.service).
+
+Like Proxmox's watchdog-mux, it outlives the agent: it listens on a unix socket
+(/run/vmha/guard.sock), and an agent process connects, identifies its node and pets
+it after every acknowledged lease renewal.  One line per message:
+
+    hello <node>               -> "ok <guard pid> <armed 0|1>"
+    pet <deadline> <timeout>   the agent's self-fence deadline on CLOCK_MONOTONIC (the
+                               clock is system-wide, so both processes share it) and
+                               the guard's timeout; fire at min(now + timeout, deadline)
+    disarm                     drained, lease revoked: stop guarding (the magic close)
+
+A connection that ends without `disarm` (the agent crashed, was SIGKILLed, or is
+being restarted in place) leaves the deadline armed: a new agent process that
+connects and pets before it keeps the node's VMs; if none does, the guard fires:
+SIGKILL every agent still connected (a frozen agent must never resume and act),
+destroy every active vmha-managed domain, stop feeding the watchdog (the host then
+resets when its timer runs out) and exit with status 3.  The deadline carried by a
+pet is the agent's own self-fence deadline, so the guard never fires later than the
+leader's fence window allows, whoever holds the connection.
+
+The watchdog (/dev/watchdog; load `softdog` where there is no hardware one) is opened
+at start and fed while the guard has not fired; a clean exit while disarmed releases
+it with the magic close.  SIGTERM while armed is deferred until the agent disarms or
+the deadline passes: stopping the guard must not leave VMs running unguarded.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fencing.guard import EXIT_FIRED, Watchdog, _log, destroy_managed, open_hypervisor
+from hypervisor.base import HypervisorError
+
+WATCHDOG_FEED_EVERY_S = 1.0
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    pid: int
+    node: str = ""
+    buf: bytes = b""
+
+
+@dataclass
+class GuardState:
+    """What the guard knows: whether it is armed and when it fires."""
+
+    armed: bool = False
+    fire_at: float = float("inf")
+    clients: dict[int, _Client] = field(default_factory=dict)  # by fileno
+
+    def pet(self, now: float, deadline: float, timeout: float) -> None:
+        self.fire_at = min(now + timeout, deadline)  # fencing.policy.guard_fire_at
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+        self.fire_at = float("inf")
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
+
+
+def listen(path: str) -> socket.socket:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_socket():
+        p.unlink()  # left by a guard that was killed; we own the path now
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o600)  # root's agent only: a pet keeps VMs alive, a disarm ends that
+    srv.listen(8)
+    srv.setblocking(False)
+    return srv
+
+
+class GuardServer:
+    def __init__(self, path: str, uri: str, watchdog: str | None = None,
+                 watchdog_timeout_s: int = 10,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
+        self.path = path
+        self.srv = listen(path)
+        self.wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
+        self.state = GuardState()
+        self.clock = clock
+        self.stop_requested = False
+        self._fed_at = float("-inf")
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        if self.state.armed:
+            _log("guard_stop_deferred", reason="armed: exits once disarmed, or fires")
+
+    def run(self) -> int:
+        st = self.state
+        _log("guard_listening", socket=self.path, uri=self.hv.uri,
+             watchdog=self.wd is not None)
+        while True:
+            now = self.clock()
+            if st.armed and now >= st.fire_at:
+                return self.fire()
+            if self.stop_requested and not st.armed:
+                self._exit_clean()
+                return 0
+            if self.wd and now - self._fed_at >= WATCHDOG_FEED_EVERY_S:
+                self.wd.feed()
+                self._fed_at = now
+            wait = max(0.0, min(0.05, st.fire_at - now))
+            socks = [self.srv, *(c.sock for c in st.clients.values())]
+            try:
+                readable, _, _ = select.select(socks, [], [], wait)
+            except InterruptedError:
+                continue
+            for s in readable:
+                if s is self.srv:
+                    self._accept()
+                else:
+                    self._read(st.clients[s.fileno()])
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.srv.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self.state.clients[conn.fileno()] = _Client(conn, _peer_pid(conn))
+
+    def _drop(self, c: _Client, why: str) -> None:
+        self.state.clients.pop(c.sock.fileno(), None)
+        c.sock.close()
+        st = self.state
+        _log("agent_disconnected", agent_pid=c.pid, node=c.node, reason=why, armed=st.armed,
+             fires_in_s=round(st.fire_at - self.clock(), 3) if st.armed else None)
+
+    def _read(self, c: _Client) -> None:
+        try:
+            chunk = c.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(c, f"read failed: {exc}")
+            return
+        if not chunk:
+            self._drop(c, "connection closed without disarm" if self.state.armed
+                       else "connection closed")
+            return
+        c.buf += chunk
+        while b"\n" in c.buf:
+            line, c.buf = c.buf.split(b"\n", 1)
+            self._handle(c, line.decode(errors="replace").split())
+
+    def _handle(self, c: _Client, parts: list[str]) -> None:
+        st = self.state
+        if not parts:
+            return
+        if parts[0] == "hello" and len(parts) == 2:
+            c.node = parts[1]
+            _log("agent_attached", agent_pid=c.pid, node=c.node, armed=st.armed,
+                 fires_in_s=round(st.fire_at - self.clock(), 3) if st.armed else None)
+            try:
+                c.sock.sendall(f"ok {os.getpid()} {int(st.armed)}\n".encode())
+            except OSError as exc:
+                self._drop(c, f"reply failed: {exc}")
+        elif parts[0] == "pet" and len(parts) == 3:
+            try:
+                deadline, timeout = float(parts[1]), float(parts[2])
+            except ValueError:
+                _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100])
+                return
+            was = st.armed
+            st.pet(self.clock(), deadline, timeout)
+            if not was:
+                _log("guard_armed", agent_pid=c.pid, fires_in_s=round(st.fire_at - self.clock(), 3))
+        elif parts[0] == "disarm":
+            st.disarm()
+            _log("guard_disarmed", agent_pid=c.pid, reason="agent exiting cleanly")
+        else:
+            _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100])
+
+    def fire(self) -> int:
+        started = self.clock()
+        killed = []
+        for c in list(self.state.clients.values()):
+            try:
+                os.kill(c.pid, signal.SIGKILL)
+                killed.append(c.pid)
+            except ProcessLookupError:
+                _log("agent_already_gone", agent_pid=c.pid)
+        try:
+            destroyed, failed = destroy_managed(self.hv)
+        except HypervisorError as exc:
+            destroyed, failed = [], [f"list: {exc}"]
+        if self.wd:
+            self.wd.close(disarm=False)
+        _log("guard_fired", agents_killed=killed, destroyed=destroyed, failed=failed,
+             took_ms=round((self.clock() - started) * 1000, 1),
+             reason="no pet from any agent before the deadline")
+        self._close_socket()
+        return EXIT_FIRED
+
+    def _exit_clean(self) -> None:
+        if self.wd:
+            self.wd.close(disarm=True)
+        self._close_socket()
+        _log("guard_exit", reason="stop requested and not armed")
+
+    def _close_socket(self) -> None:
+        for c in list(self.state.clients.values()):
+            c.sock.close()
+        self.state.clients.clear()
+        self.srv.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int) -> int:
+    """The `vmha guard` daemon: runs until it fires or is stopped while disarmed."""
+    from telemetry import metrics
+
+    server = GuardServer(path, uri, watchdog, watchdog_timeout_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.request_stop())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    metrics.notify("READY=1\nSTATUS=listening")
+    return server.run()

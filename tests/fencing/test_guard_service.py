@@ -1,0 +1,131 @@
+"""The guard service (fencing.guard_server) on the fake hypervisor: it outlives the agent
+process, keeps the deadline across disconnects and accepts a new agent that re-attaches."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencing.guard_client import SocketGuardClient
+from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
+from tests.harness import wait_until
+
+XML = "<domain><name>{0}</name></domain>"
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftovers() -> Iterator[None]:
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(args, **kwargs)
+    _STARTED.append(proc)
+    return proc
+
+
+def start_service(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(tmp / "guard.sock")
+    g = _popen([sys.executable, "-m", "fencing.guard", "--socket", sock,
+                "--uri", f"fake://{tmp / 'n1'}", *extra], stderr=subprocess.PIPE)
+    wait_until(lambda: Path(sock).exists() and (tmp / "n1" / "host.pid").exists()
+               and (tmp / "n1" / "host.pid").read_text() == str(g.pid), 10, what="guard up")
+    hv = FakeHypervisor(tmp, "n1", host_pid=g.pid)
+    hv.boot("vm1", XML.format("vm1"))
+    assert fake_ground_truth(tmp) == {"vm1": ["n1"]}
+    return g, sock
+
+
+def raw_pet(s: socket.socket, deadline_in: float, timeout: float) -> None:
+    s.sendall(f"pet {time.monotonic() + deadline_in} {timeout}\n".encode())
+
+
+def test_not_reattached_in_time_the_guard_destroys_the_domains(tmp_path: Path) -> None:
+    g, sock = start_service(tmp_path)
+    client = SocketGuardClient(sock, "n1")
+    assert client.pid == g.pid and not client.was_armed
+    client.pet(time.monotonic() + 10.0, 0.6)
+    client.close()  # the agent died without disarming: the deadline stays armed
+    time.sleep(0.2)
+    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    assert g.wait(5) == 3
+    assert fake_ground_truth(tmp_path) == {}
+    err = g.stderr.read().decode() if g.stderr else ""
+    assert '"agent_disconnected"' in err and '"guard_fired"' in err and '"vm1"' in err
+
+
+def test_a_new_agent_that_reattaches_before_the_deadline_keeps_the_domains(
+        tmp_path: Path) -> None:
+    g, sock = start_service(tmp_path)
+    first = SocketGuardClient(sock, "n1")
+    first.pet(time.monotonic() + 10.0, 0.8)
+    first.close()
+    time.sleep(0.4)
+    second = SocketGuardClient(sock, "n1")  # the restarted agent process
+    assert second.was_armed  # it learns the deadline is still armed
+    for _ in range(10):  # well past the first agent's deadline
+        second.pet(time.monotonic() + 10.0, 0.8)
+        time.sleep(0.15)
+    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    second.disarm()
+    time.sleep(1.0)
+    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    g.terminate()  # disarmed: a stop ends it at once, cleanly
+    assert g.wait(5) == 0
+
+
+def test_the_deadline_carried_by_the_pet_wins_and_a_frozen_agent_is_killed(
+        tmp_path: Path) -> None:
+    g, sock = start_service(tmp_path)
+    agent = _popen([sys.executable, "-c", "import socket,sys,time\n"
+                    "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                    "s.sendall(b'hello n1\\n'); s.recv(100)\n"
+                    "s.sendall(f'pet {time.monotonic()+0.3} 30\\n'.encode())\n"
+                    "time.sleep(60)\n", sock])
+    assert g.wait(5) == 3
+    assert agent.wait(5) == -9  # still connected when the guard fired: SIGKILLed
+    assert fake_ground_truth(tmp_path) == {}
+
+
+def test_stop_while_armed_is_deferred_until_disarm(tmp_path: Path) -> None:
+    g, sock = start_service(tmp_path)
+    c = SocketGuardClient(sock, "n1")
+    c.pet(time.monotonic() + 30.0, 30.0)
+    g.terminate()
+    time.sleep(0.5)
+    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    c.disarm()
+    assert g.wait(5) == 0
+
+
+def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
+        tmp_path: Path) -> None:
+    """/dev/watchdog is absent here: a plain file stands in (the timeout ioctl fails)."""
+    dev = tmp_path / "watchdog"
+    dev.write_bytes(b"")
+    g, sock = start_service(tmp_path, "--watchdog", str(dev))
+    c = SocketGuardClient(sock, "n1")
+    c.pet(time.monotonic() + 10.0, 0.5)
+    c.close()
+    assert g.wait(5) == 3
+    data = dev.read_bytes()
+    assert data and set(data) == {0}, data  # fed, never released with "V": the host resets
+    dev.write_bytes(b"")
+    g2, sock2 = start_service(tmp_path / "b", "--watchdog", str(dev))
+    g2.terminate()  # never armed: a clean stop with the magic close
+    assert g2.wait(5) == 0
+    assert dev.read_bytes().endswith(b"V")
+    assert not pid_alive(g2.pid)
