@@ -23,6 +23,7 @@ from schemas.models import ClusterConfig
 from store.etcd import EtcdStore, PrefixWatch, StoreUnavailable
 from store.history import HistoryWriter
 from telemetry import metrics
+from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 
 __all__ = ["VERSION", "AgentOptions", "NodeAgent"]
 
@@ -40,6 +41,9 @@ class NodeAgent:
         self.execution = Execution(self.ctx, self.membership)
         self.exiting = False  # SIGTERM: drain, then exit
         self.watch = PrefixWatch(store, store.keyspace.root, self.ctx.wake)
+        self.invalid = InvalidKeyReporter(self.ctx.log)
+        self.backoff = CycleBackoff(first_s=opts.poll_interval_s, max_s=10.0)
+        self.last_revision = 0  # of the last snapshot read, for the logs of a failed cycle
 
     # What the CLI and tests drive the agent with.
     @property
@@ -83,10 +87,17 @@ class NodeAgent:
                                                        "node and exiting")
                     m.self_fence()
                     return 1
-                if self._cycle_logged():
-                    m.disarm_guard()
-                    return 0
-                ctx.wake.wait(opts.poll_interval_s)
+                try:
+                    if self._cycle_logged():
+                        m.disarm_guard()
+                        return 0
+                    self.backoff.succeeded()
+                    delay = opts.poll_interval_s
+                except Exception:  # noqa: BLE001 - a bug must never end the agent: see below
+                    delay = self._cycle_failed()
+                    ctx.stopped.wait(delay)  # not woken by the watch: back off for real
+                    continue
+                ctx.wake.wait(delay)
                 ctx.wake.clear()
             return 0
         finally:
@@ -106,6 +117,18 @@ class NodeAgent:
             self.ctx.log.warning("cycle_interrupted", error=str(exc))
         return False
 
+    def _cycle_failed(self) -> float:
+        """An unexpected error (a bug, or data no check foresaw) ended the cycle.
+
+        Exiting would stop the keepalive and let the guard destroy every VM of the node;
+        carrying on keeps the lease (renewed by its own thread, untouched here) and the
+        VMs as they are, and tries again after a bounded, jittered backoff.
+        """
+        delay = self.backoff.failed()
+        self.ctx.log.exception("cycle_failed", revision=self.last_revision,
+                               failures=self.backoff.failures, retry_in_s=round(delay, 2))
+        return delay
+
     def cycle(self) -> bool:
         """One reconcile pass.  Returns True when the agent should exit."""
         m = self.membership
@@ -115,6 +138,8 @@ class NodeAgent:
         if m.flags.fenced and not reg.keeper.valid():
             return False
         snap = self.ctx.store.snapshot()
+        self.last_revision = snap.revision
+        self.invalid.report(snap)
         self.watch.ensure(snap.revision)
         if not m.visible(snap, reg):
             return False

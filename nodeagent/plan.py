@@ -77,7 +77,9 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
     out: list[AgentAction] = []
     names = sorted(set(snap.specs) | {d for d, dom in domains.items() if dom.managed})
     for vm in names:
-        if vm in busy:
+        if vm in busy or vm in snap.invalid_vms:
+            # In flight, or a key of it did not parse (its spec may exist but be
+            # unreadable): left exactly as it is this cycle.
             continue
         dom = domains.get(vm)
         spec = snap.specs[vm].value if vm in snap.specs else None

@@ -28,6 +28,7 @@ from schemas.txn import Cmp, Put, Txn
 from store.etcd import EtcdStore, PrefixWatch, StoreUnavailable
 from store.history import HistoryWriter, prune, read_events
 from telemetry import metrics
+from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 
 log = structlog.get_logger("vmha.orchestrator")
 
@@ -60,6 +61,9 @@ class Orchestrator:
         self.recovering: dict[str, tuple[str, float, float]] = {}
         self._cycles = 0
         self.log = log.bind(orchestrator=self.ident)
+        self.invalid = InvalidKeyReporter(self.log)
+        self.backoff = CycleBackoff(first_s=poll_interval_s, max_s=10.0)
+        self.last_revision = 0  # of the last snapshot read, for the logs of a failed cycle
 
     # ---- config ------------------------------------------------------------------------
 
@@ -161,6 +165,11 @@ class Orchestrator:
                         self.leader_watch.ensure(self.store.revision())
                 except StoreUnavailable as exc:
                     self.log.warning("etcd_unavailable", error=str(exc))
+                except Exception:  # noqa: BLE001 - a bug must never end the orchestrator
+                    self.stopped.wait(self._cycle_failed())  # a real backoff: no wake-up
+                    continue
+                else:
+                    self.backoff.succeeded()
                 self.wake.wait(self.poll)
                 self.wake.clear()
         finally:
@@ -173,11 +182,23 @@ class Orchestrator:
                     self.log.warning("resign_failed", error=str(exc))
         return 0
 
+    def _cycle_failed(self) -> float:
+        """An unexpected error (a bug, or data no check foresaw) ended the cycle: log it
+        with the revision and traceback and try again after a bounded, jittered backoff.
+        A leader keeps its lease meanwhile (renewed by the keeper's own thread), so no
+        other orchestrator decides while this one is stuck, and nothing is written."""
+        delay = self.backoff.failed()
+        self.log.exception("cycle_failed", revision=self.last_revision, epoch=self.epoch,
+                           failures=self.backoff.failures, retry_in_s=round(delay, 2))
+        return delay
+
     def cycle(self) -> planner.Plan | None:
         epoch = self.epoch
         if epoch is None:
             return None
         snap = self.store.snapshot()
+        self.last_revision = snap.revision
+        self.invalid.report(snap)
         self.all_watch.ensure(snap.revision)
         if snap.leader is None or snap.leader.create_revision != epoch:
             self.step_down("leader key no longer ours")
@@ -185,11 +206,6 @@ class Orchestrator:
         self._check_config(snap)
         # Decide with the last config that validated, never with a rejected one.
         snap = dataclasses.replace(snap, config=self.cfg)
-        for err in snap.errors:
-            if str(err) not in self._reported_errors:
-                self._reported_errors.add(str(err))
-                self.log.error("invalid_key_ignored", key=err.key, field=err.field,
-                               error=err.message, revision=snap.revision)
         for name, entry in snap.nodes.items():
             self.last_leases[name] = entry.value.lease_id
             self.last_uris[name] = entry.value.libvirt_uri
@@ -214,6 +230,11 @@ class Orchestrator:
         if self._cycles % 600 == 1:
             self._prune_history()
         for action in result.actions:
+            frozen = _frozen_by_invalid_key(action, snap)
+            if frozen:
+                self.log.debug("not_writing", reason=frozen, revision=snap.revision,
+                               epoch=epoch)
+                continue
             if isinstance(action, planner.Wait):
                 self.log.debug("waiting", vm=action.vm, reason=action.reason,
                                revision=snap.revision, epoch=epoch)
@@ -380,3 +401,19 @@ class Orchestrator:
         self.history.record("fence", epoch=epoch, node=action.node,
                             reason=f"method=self outcome=success: {action.reason}")
         return True
+
+
+def _frozen_by_invalid_key(action: planner.Action, snap: ClusterSnapshot) -> str:
+    """Why `action` must not be written, or "": a VM or node with a key that did not
+    parse is left as it is.  Its spec, placement or registration may exist but be
+    unreadable, so a decision would be taken on a guess (a hostile value over a live
+    VM's spec must not stop it, one over a node's registration must not fence it)."""
+    vm = (action.placement.vm if isinstance(action, planner.WritePlacement)
+          else getattr(action, "vm", None))
+    if vm is not None and vm in snap.invalid_vms:
+        return f"VM {vm} has an invalid key: left as it is until it is fixed"
+    node = getattr(action, "node", None)
+    if isinstance(action, (planner.FenceNode, planner.ClearFence)) and (
+            node in snap.invalid_nodes):
+        return f"node {node} has an invalid key: left as it is until it is fixed"
+    return ""

@@ -12,7 +12,16 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 def valid_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))
+    return bool(NAME_RE.fullmatch(name))
+
+
+def decode_key(raw: bytes | str) -> str:
+    """A key as etcd returns it (bytes), as text that never raises: bytes that are not
+    UTF-8 become `\\xNN` escapes.  A backslash is never part of a valid name, so such a
+    key can only ever classify as an invalid key, never as another node's or VM's."""
+    if isinstance(raw, str):
+        return raw
+    return bytes(raw).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

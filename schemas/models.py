@@ -18,6 +18,11 @@ from schemas.keys import valid_name
 
 SCHEMA_VERSION = 1
 
+# The largest value vmha parses (and the CLI writes).  Every real value is a few kB (a
+# spec's domain XML is the largest); anything bigger is refused unread, so a hostile
+# value costs no parse time and no memory beyond etcd's own copy.  docs/keyspace.md.
+MAX_VALUE_BYTES = 256 * 1024
+
 M = TypeVar("M", bound="Model")
 
 
@@ -32,18 +37,26 @@ class Model(BaseModel):
 
     @classmethod
     def from_json(cls, raw: bytes | str, key: str = "<value>") -> Self:
+        size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
+        if size > MAX_VALUE_BYTES:
+            raise SchemaError(key, "", f"value of {size} bytes exceeds the limit of "
+                                       f"{MAX_VALUE_BYTES} bytes (not parsed)")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SchemaError(key, "", f"not valid JSON ({exc})") from None
+        except (ValueError, RecursionError, MemoryError) as exc:
+            # RecursionError: deep nesting; ValueError includes UnicodeDecodeError.
+            raise SchemaError(key, "", f"not valid JSON ({type(exc).__name__}: "
+                                       f"{str(exc)[:200]})") from None
         if not isinstance(data, dict):
             raise SchemaError(key, "", "expected a JSON object")
         return cls.parse_dict(data, key)
 
     @classmethod
     def parse_dict(cls, data: dict[str, Any], key: str = "<value>") -> Self:
-        if "schema" in data and data["schema"] != SCHEMA_VERSION:
-            raise SchemaError(key, "schema", f"unsupported schema version {data['schema']!r} "
+        version = data.get("schema", SCHEMA_VERSION)
+        if type(version) is not int or version != SCHEMA_VERSION:
+            shown = repr(version)[:80]
+            raise SchemaError(key, "schema", f"unsupported schema version {shown} "
                                              f"(this vmha reads version {SCHEMA_VERSION})")
         try:
             return cls.model_validate(data)

@@ -1,8 +1,14 @@
 """One immutable, parsed view of the whole keyspace at one etcd revision.
 
 Daemons read the snapshot once per cycle and decide from it alone.  Values that do
-not validate are kept out of the typed maps and listed in `errors`, so a
-hand-edited key can never cause an action.
+not validate are kept out of the typed maps and listed in `errors` (and, with the VM or
+node they belong to, in `invalid`), so a hand-edited key can never cause an action.
+
+No data can make `from_kvs` raise: each key is parsed on its own and *any* exception
+while parsing it (deep nesting, bytes that are not UTF-8, a value over
+`MAX_VALUE_BYTES`, wrong types, a bug in a validator) makes that one key invalid.  A
+key under the prefix that names no known kind, or whose name is not a valid name
+(slashes, newlines, unicode, upper case), is invalid too, without reading its value.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from schemas.errors import SchemaError
-from schemas.keys import Keyspace
+from schemas.keys import KeyRef, Keyspace, decode_key, valid_name
 from schemas.models import (
     ClusterConfig,
     CordonMarker,
@@ -36,6 +42,22 @@ class RawKV:
     create_revision: int
     mod_revision: int
     lease: int = 0
+
+
+@dataclass(frozen=True)
+class InvalidKey:
+    """A key under the prefix that did not parse: what it would have meant (kind and
+    name, empty when the key itself is not one of vmha's), and why it was refused."""
+
+    key: str
+    mod_revision: int
+    kind: str
+    name: str
+    error: SchemaError
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
 
 
 @dataclass(frozen=True)
@@ -78,28 +100,38 @@ class ClusterSnapshot:
     statuses: Mapping[str, Entry[VmStatus]] = field(default_factory=dict)
     moves: Mapping[str, Entry[MoveRequest]] = field(default_factory=dict)
     errors: tuple[SchemaError, ...] = ()
+    invalid: tuple[InvalidKey, ...] = ()
+
+    @property
+    def invalid_vms(self) -> frozenset[str]:
+        """VMs with a key that did not parse: nothing is known for sure about them, so
+        the daemons leave them as they are (no boot, stop or move) until it is fixed."""
+        return frozenset(i.name for i in self.invalid if i.kind.startswith("vm_") and i.name)
+
+    @property
+    def invalid_nodes(self) -> frozenset[str]:
+        """Nodes whose registration, cordon or fence key did not parse."""
+        return frozenset(i.name for i in self.invalid
+                         if i.kind in ("node", "cordon", "fence") and i.name)
 
     @staticmethod
     def from_kvs(keyspace: Keyspace, revision: int, kvs: Iterable[RawKV]) -> ClusterSnapshot:
         maps: dict[str, dict[str, Entry[Model]]] = {k: {} for k in _NAME_FIELD}
         singles: dict[str, Entry[Model]] = {}
-        errors: list[SchemaError] = []
+        invalid: list[InvalidKey] = []
         for kv in kvs:
-            ref = keyspace.parse(kv.key)
-            if ref is None:
+            key = decode_key(kv.key)
+            if not key.startswith(keyspace.root):
                 continue
-            model = _MODELS[ref.kind]
+            ref = keyspace.parse(key) or KeyRef("unknown")
             try:
-                value = model.from_json(kv.value, key=kv.key)
-                name_field = _NAME_FIELD.get(ref.kind)
-                if name_field and getattr(value, name_field) != ref.name:
-                    raise SchemaError(kv.key, name_field,
-                                      f"is {getattr(value, name_field)!r} but the key names "
-                                      f"{ref.name!r}")
-            except SchemaError as exc:
-                errors.append(exc)
+                value = _parse_one(ref, key, kv.value)
+            except Exception as exc:  # noqa: BLE001 - any data error is this key's, only
+                err = exc if isinstance(exc, SchemaError) else SchemaError(
+                    key, "", f"refused ({type(exc).__name__}: {str(exc)[:200]})")
+                invalid.append(InvalidKey(key, _int(kv.mod_revision), ref.kind, ref.name, err))
                 continue
-            entry: Entry[Model] = Entry(value, kv.key, kv.create_revision, kv.mod_revision,
+            entry: Entry[Model] = Entry(value, key, kv.create_revision, kv.mod_revision,
                                         kv.lease)
             if ref.kind in maps:
                 maps[ref.kind][ref.name] = entry
@@ -118,7 +150,8 @@ class ClusterSnapshot:
             placements=maps["vm_placement"],  # type: ignore[arg-type]
             statuses=maps["vm_status"],  # type: ignore[arg-type]
             moves=maps["vm_move"],  # type: ignore[arg-type]
-            errors=tuple(errors),
+            errors=tuple(i.error for i in invalid),
+            invalid=tuple(invalid),
         )
 
     def is_cordoned(self, node: str) -> bool:
@@ -126,3 +159,25 @@ class ClusterSnapshot:
 
     def schedulable(self, node: str) -> bool:
         return node in self.nodes and node not in self.cordons
+
+
+def _parse_one(ref: KeyRef, key: str, raw: bytes) -> Model:
+    """The model of one key; raises (anything) when the key or its value is refused."""
+    if ref.kind == "unknown":
+        raise SchemaError(key, "", "not a key vmha knows (unknown kind or a name with '/')")
+    if ref.kind in _NAME_FIELD and not valid_name(ref.name):
+        raise SchemaError(key, "", f"invalid name {ref.name[:80]!r} in the key (1-63 chars "
+                                   "of a-z, 0-9, '.', '_', '-')")
+    value = _MODELS[ref.kind].from_json(raw, key=key)
+    name_field = _NAME_FIELD.get(ref.kind)
+    if name_field and getattr(value, name_field) != ref.name:
+        raise SchemaError(key, name_field, f"is {str(getattr(value, name_field))[:80]!r} but "
+                                           f"the key names {ref.name!r}")
+    return value
+
+
+def _int(value: int) -> int:
+    try:
+        return int(value)
+    except Exception:  # noqa: BLE001 - a revision is etcd's, but never let it raise here
+        return 0

@@ -45,7 +45,7 @@ from tenacity import (
 )
 
 from schemas.errors import PermanentError, TemporaryError, VmhaError
-from schemas.keys import Keyspace
+from schemas.keys import Keyspace, decode_key
 from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.txn import Cmp, Delete, Put, TxnResult
 
@@ -118,6 +118,13 @@ def store_error(what: str, exc: BaseException) -> StoreError | None:
     if isinstance(exc, _CLIENT_ERRORS):
         return StoreRejected(f"etcd refused {what}: {exc!r}")
     return None
+
+
+def _raw(kv: Any) -> RawKV:
+    """A key-value from etcd; its key decoded so that it never raises (a key that is not
+    UTF-8 keeps `\\xNN` escapes and is reported as invalid by the snapshot)."""
+    return RawKV(decode_key(kv.key), bytes(kv.value), int(kv.create_revision),
+                 int(kv.mod_revision), int(kv.lease))
 
 
 @dataclass(frozen=True)
@@ -211,21 +218,18 @@ class EtcdStore:
     def snapshot(self) -> ClusterSnapshot:
         """All of vmha's keys at one revision (a single linearizable range read)."""
         resp = self._call("range", lambda: self._client.get_prefix_response(self.keyspace.root))
-        kvs = [RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
-               for kv in resp.kvs]
+        kvs = [_raw(kv) for kv in resp.kvs]
         return ClusterSnapshot.from_kvs(self.keyspace, resp.header.revision, kvs)
 
     def get(self, key: str) -> RawKV | None:
         resp = self._call("get", lambda: self._client.get_response(key))
         if not resp.kvs:
             return None
-        kv = resp.kvs[0]
-        return RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+        return _raw(resp.kvs[0])
 
     def get_prefix(self, prefix: str) -> list[RawKV]:
         resp = self._call("range", lambda: self._client.get_prefix_response(prefix))
-        return [RawKV(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.lease)
-                for kv in resp.kvs]
+        return [_raw(kv) for kv in resp.kvs]
 
     def revision(self) -> int:
         resp = self._call("range", lambda: self._client.get_response(self.keyspace.config))

@@ -61,13 +61,20 @@ class EventFilter:
 
 
 def read_events(store: EtcdStore, flt: EventFilter | None = None) -> tuple[list[Event], list[str]]:
-    """All events in time order, and the errors of the records that did not parse."""
+    """All events in time order, and the errors of the records that did not parse.
+
+    Each record is parsed on its own: a hostile one (too large, deeply nested, not
+    UTF-8) is one error in the list, never an exception for the reader (the leader
+    prunes with this, the CLI shows history with it)."""
     events, errors = [], []
     for kv in store.get_prefix(store.keyspace.history):
         try:
             ev = Event.from_json(kv.value, key=kv.key)
         except SchemaError as exc:
             errors.append(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one hostile record never ends a reader
+            errors.append(f"{kv.key}: refused ({type(exc).__name__}: {str(exc)[:200]})")
             continue
         if flt is None or flt.match(ev):
             events.append(ev)

@@ -42,6 +42,12 @@ INCIDENT_SECONDS = Histogram(
     ["phase"], buckets=_SLOW)
 BOOTS = Counter("vmha_boots_total", "Domains booted by this agent")
 SELF_FENCES = Counter("vmha_self_fences_total", "Domains destroyed by self-fencing")
+INVALID_KEYS = Gauge("vmha_invalid_keys",
+                     "Keys under the prefix that did not parse in this daemon's last snapshot "
+                     "(ignored; `vmha status` lists them)")
+CYCLE_ERRORS = Counter("vmha_cycle_errors_total",
+                       "Daemon cycles ended by an unexpected error (logged with traceback, "
+                       "retried with backoff)")
 
 
 def serve(listen: str | None) -> None:

@@ -376,8 +376,11 @@ def test_snapshot_keeps_good_entries_and_lists_bad_ones() -> None:
     assert snap.config == ClusterConfig()  # the refused config is not used
     assert snap.config_entry is None
     got = [(e.key, e.field) for e in snap.errors]
+    # A key under the prefix that is not one of vmha's is reported too (issue 11: a name
+    # with a slash must not vanish silently); a key outside the prefix is not vmha's.
     assert got == [(KS.vm_spec("broken"), ""), (KS.node("n"), "schema"),
-                   (KS.vm_placement("ok"), "kind"), (KS.config, "lease_ttl_s")]
+                   (KS.vm_placement("ok"), "kind"), (KS.config, "lease_ttl_s"),
+                   ("/vmha/vms/ok/notes", "")]
 
 
 def test_snapshot_revisions_and_lease_kept() -> None:
