@@ -11,6 +11,8 @@ from typing import Any
 from cli.common import EXIT_INPUT, CliError, _store, global_defaults
 from schemas.keys import valid_name
 
+DEFAULT_GUARD_SOCKET = "/run/vmha/guard.sock"
+
 
 def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
     """Fill options not given on the command line from a TOML file (/etc/vmha/*.toml).
@@ -40,13 +42,17 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
 _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name", "log_format",
                 "metrics_listen"}
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
-                             "migration_address"}
+                             "migration_address", "guard_socket", "drain_timeout_s"}
+GUARD_KEYS = {"socket", "libvirt_uri", "fake_root", "name", "watchdog", "watchdog_timeout",
+              "log_format"}
+DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from hypervisor.base import Hypervisor
     from nodeagent.agent import AgentOptions, NodeAgent
+    from nodeagent.lifecycle import StopControl
     from telemetry import logs, metrics
 
     load_daemon_config(args, AGENT_KEYS)
@@ -68,14 +74,37 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
-                                                     migration_address=args.migration_address))
-    signal.signal(signal.SIGTERM, lambda *_: agent.request_exit())
-    signal.signal(signal.SIGINT, lambda *_: agent.request_exit())
+                                                     migration_address=args.migration_address,
+                                                     guard_socket=args.guard_socket))
+    control = StopControl(agent, float(args.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
+                          unit=args.systemd_unit)
+    # SIGTERM: a `systemctl restart` restarts in place, anything else drains (see
+    # nodeagent.lifecycle); Ctrl-C drains; SIGUSR2 restarts in place.
+    signal.signal(signal.SIGTERM, lambda *_: control.on_sigterm())
+    signal.signal(signal.SIGINT, lambda *_: control.drain("SIGINT"))
+    signal.signal(signal.SIGUSR2, lambda *_: control.on_sigusr2())
     if args.validate_config:
         agent.load_config()
         print("config ok")
         return 0
-    return agent.run()
+    return control.finish(agent.run())
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    """The guard service (vmha-guard.service): fencing.guard_server."""
+    from fencing.guard_server import serve
+
+    load_daemon_config(args, GUARD_KEYS)
+    if args.fake_root:
+        if not args.name or not valid_name(args.name):
+            raise CliError("guard --fake-root needs a valid --name", EXIT_INPUT)
+        uri = f"fake://{Path(args.fake_root) / args.name}"
+    elif args.libvirt_uri:
+        uri = args.libvirt_uri
+    else:
+        raise CliError("guard needs --libvirt-uri (or --fake-root and --name)", EXIT_INPUT)
+    return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
+                 int(args.watchdog_timeout or 10))
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -116,7 +145,30 @@ def register(groups: dict[str, Any]) -> None:
     a.add_argument("--fake-migrate-seconds", type=float, default=0.2)
     a.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     a.add_argument("--validate-config", action="store_true")
+    a.add_argument("--guard-socket", help="attach to the guard service on this socket "
+                                          f"(e.g. {DEFAULT_GUARD_SOCKET}); without it the "
+                                          "agent starts a guard of its own")
+    a.add_argument("--drain-timeout-s", type=float,
+                   help="a drain on stop not finished after this many seconds destroys the "
+                        f"node's VMs, revokes and exits (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
+    a.add_argument("--systemd-unit", help="the unit whose restart job means 'restart in "
+                                          "place' (default: this process's own unit)")
     a.set_defaults(fn=cmd_agent)
+
+    gd = root.add_parser("guard", help="run the guard service (fences the host when no "
+                                       "agent pets it in time)")
+    gd.add_argument("--config", help="TOML file with these options (e.g. /etc/vmha/guard.toml)")
+    gd.add_argument("--socket", help=f"unix socket agents attach to (default "
+                                     f"{DEFAULT_GUARD_SOCKET})")
+    gg = gd.add_mutually_exclusive_group()
+    gg.add_argument("--libvirt-uri")
+    gg.add_argument("--fake-root", help="guard a fake hypervisor node (with --name)")
+    gd.add_argument("--name", help="the node, with --fake-root")
+    gd.add_argument("--watchdog", help="e.g. /dev/watchdog (modprobe softdog where there is "
+                                       "no hardware one): held and fed until the guard fires")
+    gd.add_argument("--watchdog-timeout", type=int, help="seconds (default 10)")
+    gd.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    gd.set_defaults(fn=cmd_guard)
 
     o = root.add_parser("orchestrator", help="run the orchestrator daemon")
     o.add_argument("--name")

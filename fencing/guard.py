@@ -252,6 +252,14 @@ class GuardClient:
     def pet(self, deadline: float, timeout_s: float) -> bool:
         return self._send(f"pet {deadline:.6f} {timeout_s:.6f}")
 
+    def close(self) -> None:
+        """EOF without disarm: the guard stays armed (it dies with the agent's cgroup
+        under systemd, so only the guard service can hand the deadline on)."""
+        try:
+            self._pipe.close()
+        except OSError as exc:
+            client_log.debug("guard_pipe_close_failed", error=str(exc))
+
     def disarm(self) -> None:
         self._send("disarm")
         try:

@@ -212,6 +212,11 @@ class FakeCluster:
     prefix: str = "/vmha"
     agents: dict[str, Daemon] = field(default_factory=dict)
     orchestrators: dict[str, Daemon] = field(default_factory=dict)
+    # Each node's guard as its own process (`vmha guard`, as vmha-guard.service runs
+    # it), started before the node's agent and outliving it; else each agent starts
+    # its own guard.
+    guard_service: bool = False
+    guards: dict[str, Daemon] = field(default_factory=dict)
 
     @property
     def fake_root(self) -> Path:
@@ -220,8 +225,28 @@ class FakeCluster:
     def common(self) -> list[str]:
         return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
 
+    def guard_socket(self, name: str) -> Path:
+        return self.workdir / f"guard-{name}.sock"
+
+    def start_guard(self, name: str) -> Daemon:
+        """Start node ``name``'s guard service unless it runs; wait for its socket."""
+        running = self.guards.get(name)
+        if running is not None and running.alive():
+            return running
+        sock = self.guard_socket(name)
+        sock.unlink(missing_ok=True)
+        d = Daemon(f"guard-{name}", ["guard", "--fake-root", str(self.fake_root), "--name",
+                                     name, "--socket", str(sock), "--log-format", "json"],
+                   self.workdir / f"guard-{name}.log")
+        self.guards[name] = d.start()
+        wait_until(lambda: sock.exists() or not d.alive(), 15, what=f"guard of {name} up")
+        return d
+
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
+        if self.guard_service:
+            self.start_guard(name)
+            extra = ("--guard-socket", str(self.guard_socket(name)), *extra)
         d = Daemon(name, [*self.common(), "agent", "--name", name, "--fake-root",
                           str(self.fake_root), "--memory-mib", str(memory_mib), "--vcpus",
                           str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
@@ -236,7 +261,7 @@ class FakeCluster:
         return d
 
     def stop(self) -> None:
-        for d in [*self.agents.values(), *self.orchestrators.values()]:
+        for d in [*self.agents.values(), *self.orchestrators.values(), *self.guards.values()]:
             d.kill()
 
 

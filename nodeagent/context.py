@@ -26,6 +26,10 @@ class AgentOptions:
     # guard SIGKILLs that process; an agent run in a test's thread must not have one).
     guard: bool | None = None
     watchdog: str | None = None  # e.g. /dev/watchdog, armed by the guard
+    # The guard service's socket (vmha guard, fencing.guard_server): attach to it instead
+    # of starting a guard of our own; a restarted agent then takes over its predecessor's
+    # registration and lease (nodeagent.membership.Membership.adopt).
+    guard_socket: str | None = None
 
 
 @dataclass

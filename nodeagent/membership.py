@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fencing.guard import GuardClient
+from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
 from fencing.policy import guard_timeout, require_safe_timing
 from hypervisor.base import HypervisorError
+from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
-from schemas.errors import ConfigError, TemporaryError
+from schemas.errors import ConfigError, SchemaError, TemporaryError
 from schemas.models import (
     AgentInfo,
     Capacity,
@@ -66,7 +68,7 @@ class Membership:
         self.cfg = ClusterConfig()
         self.reg: Registration | None = None
         self.flags = LeaseFlags()
-        self.guard: GuardClient | None = None
+        self.guard: GuardClient | SocketGuardClient | None = None
         # Keepers of leases given up: they keep the old deadline until a new lease holds.
         self._old_keepers: list[LeaseKeeper] = []
 
@@ -100,6 +102,8 @@ class Membership:
         write: a lost race, not an outage; the next cycle tries again."""
         store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
         key = ks.node(me)
+        if self.ctx.opts.guard_socket and self.adopt(key):
+            return True
         self._wait_old_registration_gone(key)
         sent = self.ctx.clock()
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
@@ -112,12 +116,54 @@ class Membership:
                           reason="another writer created this node's registration first; "
                                  "registering again once it is gone")
             return False
-        keeper = LeaseKeeper(store, self.cfg, lease_id, sent,
+        self._hold(lease_id, res.revision, sent, cordoned)
+        self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
+                      cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
+        return True
+
+    def adopt(self, key: str) -> bool:
+        """Take over the registration, and its lease, that an earlier agent process of
+        this host left behind: a crash followed by systemd's `Restart=`, or a restart in
+        place.  The node never leaves the cluster, so the leader neither fences it nor
+        moves its VMs, and the guard service, still armed with that lease's deadline, is
+        petted again.  Only a registration written from this host by an agent process
+        that is gone is taken over; otherwise the old lease must expire first."""
+        store, me = self.ctx.store, self.ctx.me
+        old = store.get(key)
+        if old is None or not old.lease:
+            return False
+        try:
+            prev = NodeRegistration.from_json(old.value, key)
+        except SchemaError as exc:
+            self.log.warning("registration_not_adoptable", error=str(exc))
+            return False
+        if (prev.agent.hostname != socket.gethostname() or prev.agent.pid == os.getpid()
+                or pid_alive(prev.agent.pid)):
+            return False
+        sent = self.ctx.clock()
+        if store.keepalive(old.lease) <= 0:
+            return False  # expired meanwhile: register anew once the key is gone
+        cordoned = store.get(self.ctx.ks.cordon(me)) is not None
+        reg = self._registration(old.lease, cordoned)
+        res = store.txn([Cmp(key, "create", "==", old.create_revision)],
+                        [Put(key, reg.to_json(), old.lease)])
+        if not res.succeeded:
+            return False
+        self._hold(old.lease, old.create_revision, sent, cordoned)
+        self.log.warning("registration_adopted", lease=f"{old.lease:x}",
+                         revision=old.create_revision, previous_pid=prev.agent.pid,
+                         cordoned=cordoned,
+                         reason="agent restarted: the node keeps its lease and its VMs")
+        return True
+
+    def _hold(self, lease_id: int, create_revision: int, sent: float, cordoned: bool) -> None:
+        """Keep the lease renewed from now on; it was last acknowledged for `sent`."""
+        keeper = LeaseKeeper(self.ctx.store, self.cfg, lease_id, sent,
                              on_gone=lambda before: self.on_lease_gone(lease_id, before),
                              on_deadline=self.self_fence, on_renewed=self._on_renewed,
                              unavailable=StoreUnavailable,
-                             clock=self.ctx.clock, name=f"agent-{me}")
-        self.reg = Registration(lease_id, res.revision, keeper, cordoned)
+                             clock=self.ctx.clock, name=f"agent-{self.ctx.me}")
+        self.reg = Registration(lease_id, create_revision, keeper, cordoned)
         keeper.start()
         self.flags.revoked = self.flags.expired = self.flags.fenced = False
         for old in self._old_keepers:
@@ -125,9 +171,6 @@ class Membership:
         self._old_keepers.clear()
         self.pet_guard()
         metrics.notify("READY=1\nSTATUS=registered, reconciling")
-        self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
-                      cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
-        return True
 
     def _wait_old_registration_gone(self, key: str) -> None:
         waited = False
@@ -245,17 +288,23 @@ class Membership:
         except HypervisorError as exc:
             self.log.error("self_fence_list_failed", error=str(exc))
             return
+        # Every destroy first, the records afterwards: a history write waits on etcd,
+        # which may be what failed, and the last domain must be gone within the fence
+        # window as surely as the first.
+        destroyed = []
         for name, dom in domains.items():
             if dom.managed and dom.active:
                 try:
                     hv.destroy(name)
-                    metrics.SELF_FENCES.inc()
-                    self.ctx.history.record("self_fence", vm=name, node=self.ctx.me,
-                                            reason="lease not renewed before the deadline")
-                    self.log.error("self_fenced_domain", vm=name,
-                                   reason="lease not renewed before the self-fencing deadline")
+                    destroyed.append(name)
                 except HypervisorError as exc:
                     self.log.error("self_fence_destroy_failed", vm=name, error=str(exc))
+        for name in destroyed:
+            metrics.SELF_FENCES.inc()
+            self.log.error("self_fenced_domain", vm=name,
+                           reason="lease not renewed before the self-fencing deadline")
+            self.ctx.history.record("self_fence", vm=name, node=self.ctx.me,
+                                    reason="lease not renewed before the deadline")
         self.ctx.wake.set()
 
     def acting_allowed(self) -> bool:
@@ -265,12 +314,17 @@ class Membership:
     # ---- guard -------------------------------------------------------------------------
 
     def start_guard(self) -> None:
-        hv = self.ctx.hv
+        hv, opts = self.ctx.hv, self.ctx.opts
         fake = hv.uri.startswith("fake://")
-        # A never-armed fake guard is the host of guests that outlive the agent (the
-        # negative control of the fault campaign): let it linger a while.
-        self.guard = GuardClient(hv.uri, linger_s=300.0 if fake else 0.0,
-                                 watchdog=self.ctx.opts.watchdog)
+        if opts.guard_socket:
+            # The guard service (vmha-guard.service): on the fake hypervisor it is the
+            # host already, and the guests it runs outlive this process.
+            self.guard = SocketGuardClient(opts.guard_socket, self.ctx.me)
+        else:
+            # A never-armed fake guard is the host of guests that outlive the agent (the
+            # negative control of the fault campaign): let it linger a while.
+            self.guard = GuardClient(hv.uri, linger_s=300.0 if fake else 0.0,
+                                     watchdog=opts.watchdog)
         adopt = getattr(hv, "adopt_host", None)
         if adopt is not None:
             adopt(self.guard.pid)
@@ -282,6 +336,14 @@ class Membership:
     def disarm_guard(self) -> None:
         if self.guard is not None:
             self.guard.disarm()
+
+    def release_for_restart(self) -> None:
+        """Restart in place: leave the lease, the registration and the armed guard to
+        the next agent process, which adopts them (`adopt`) before the guard's deadline."""
+        if self.guard is not None:
+            self.guard.close()
+        self.log.warning("restarting_in_place", reason="lease and guard left to the next "
+                                                       "agent process")
 
     # ---- cordon ------------------------------------------------------------------------
 
