@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import EXIT_INPUT, CliError, _out, _store
+from cli.vm import refuse_oversized
 from schemas import ClusterConfig, Keyspace, SchemaError
 
 
@@ -57,6 +58,7 @@ def cmd_config_apply(args: argparse.Namespace) -> int:
     if _unsafe(cfg):
         print("refused: nothing written", file=sys.stderr)
         return EXIT_INPUT
+    refuse_oversized(cfg.to_json(), args.file)
     store = _store(args)
     rev = store.put(store.keyspace.config, cfg.to_json())
     print(f"config written to {store.keyspace.config} (revision {rev}); agents read it when "

@@ -1,5 +1,9 @@
 """`vmha status`: one screen with the leader and its epoch, the nodes, the VMs and any
-invalid keys."""
+invalid keys.
+
+Invalid keys are shown as data, never interpreted: a key or message may hold newlines,
+control characters or bytes that were not UTF-8 (escaped as `\\xNN` by the store), so
+the text output escapes them and the JSON output is plain ASCII."""
 
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         "leader": ({"id": leader.value.id, "epoch": leader.create_revision,
                     "since": leader.value.elected_at} if leader else None),
         "nodes": _node_rows(snap, store),
-        "invalid_keys": [str(e) for e in snap.errors],
+        "invalid_keys": [str(i.error) for i in snap.invalid],
+        "invalid": [{"key": i.key, "key_revision": i.mod_revision, "kind": i.kind,
+                     "name": i.name or None, "error": i.error.message}
+                    for i in snap.invalid],
     }
     vms = []
     for name in sorted(snap.specs):
@@ -32,7 +39,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "reason": p.reason if p else None})
     data["vms"] = vms
     if args.output == "json":
-        _out(args, data, None)
+        _out(args, data, None)  # json.dumps escapes control and non-ASCII characters
         return 0
     print(f"leader: {leader.value.id} (epoch {leader.create_revision})" if leader
           else "leader: none")
@@ -41,8 +48,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     cmd_vm_list(args_copy)
     for e in data["invalid_keys"]:
-        print(f"invalid: {e}")
+        print(f"invalid: {_printable(e)}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters and lone surrogates escaped: one line, any
+    terminal, any output encoding."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+                   else repr(c)[1:-1] for c in text)
 
 
 def register(groups: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from cli.common import (
     default_domain_xml,
 )
 from orchestrator import simulate
-from schemas import SchemaError, VmSpec
+from schemas import MAX_VALUE_BYTES, SchemaError, VmSpec
 from schemas.models import MoveRequest
 from store.etcd import Cmp, Put
 from store.history import EventFilter, read_events
@@ -41,6 +41,15 @@ def _prefs(items: list[str]) -> dict[str, float]:
     return out
 
 
+def refuse_oversized(value: str, what: str) -> None:
+    """Exit 2 for a value the daemons would refuse to read (schemas.MAX_VALUE_BYTES)."""
+    size = len(value.encode())
+    if size > MAX_VALUE_BYTES:
+        raise CliError(f"{what}: the value is {size} bytes, over the limit of "
+                       f"{MAX_VALUE_BYTES} bytes (docs/keyspace.md); nothing written",
+                       EXIT_INPUT)
+
+
 def cmd_vm_add(args: argparse.Namespace) -> int:
     xml = Path(args.xml).read_text() if args.xml else default_domain_xml(
         args.name, args.memory_mib, args.vcpus)
@@ -54,6 +63,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
                        EXIT_INPUT) from None
+    refuse_oversized(spec.to_json(), f"vm {args.name}")
     store = _store(args)
     key = store.keyspace.vm_spec(args.name)
     snap = store.snapshot()
@@ -157,6 +167,7 @@ def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -
         new = VmSpec.parse_dict(new.model_dump(by_alias=True), key=key)  # re-validate
     except (SchemaError, ValueError) as exc:
         raise CliError(str(exc), EXIT_INPUT) from None
+    refuse_oversized(new.to_json(), f"vm {args.name}")
     res = store.txn([Cmp(key, "mod", "==", kv.mod_revision)], [Put(key, new.to_json())])
     if not res.succeeded:
         raise CliError(f"{key} changed while editing; try again", EXIT_FAIL)

@@ -8,6 +8,7 @@ key and the field instead of an exception deep inside a daemon.
 from schemas.errors import SchemaError
 from schemas.keys import Keyspace
 from schemas.models import (
+    MAX_VALUE_BYTES,
     SCHEMA_VERSION,
     Capacity,
     ClusterConfig,
@@ -22,6 +23,7 @@ from schemas.models import (
 from schemas.snapshot import ClusterSnapshot, Entry
 
 __all__ = [
+    "MAX_VALUE_BYTES",
     "SCHEMA_VERSION",
     "Capacity",
     "ClusterConfig",

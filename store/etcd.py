@@ -120,6 +120,14 @@ def store_error(what: str, exc: BaseException) -> StoreError | None:
     return None
 
 
+# gRPC refuses answers over 4 MiB by default: three values of 1.4 MiB (under etcd's
+# own 1.5 MiB request limit) would make every snapshot of the prefix fail, leaving no
+# daemon able to decide.  Oversized values are refused by the snapshot, unread; the
+# range that carries them must still arrive.  The bound is etcd's: its quota.
+MAX_RANGE_BYTES = 2 * 1024 ** 3 - 1
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RANGE_BYTES)]
+
+
 def _raw(kv: Any) -> RawKV:
     """A key-value from etcd; its key decoded so that it never raises (a key that is not
     UTF-8 keeps `\\xNN` escapes and is reported as invalid by the snapshot)."""
@@ -181,7 +189,8 @@ class EtcdStore:
 
     def _make_client(self) -> MultiEndpointEtcd3Client:
         creds = self._tls.credentials() if self._tls else None
-        eps = [Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5)
+        eps = [Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5,
+                        opts=_CHANNEL_OPTIONS)
                for h, p in self._endpoints]
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
 

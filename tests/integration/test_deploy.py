@@ -36,7 +36,8 @@ def _units_for_this_machine(tmp_path: Path) -> list[Path]:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_units_verify_and_security_exposure(tmp_path: Path) -> None:
     units = _units_for_this_machine(tmp_path)
-    assert {u.name for u in units} == {"vmha-agent.service", "vmha-orchestrator.service"}
+    assert {u.name for u in units} == {"vmha-agent.service", "vmha-guard.service",
+                                       "vmha-orchestrator.service"}
     r = subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
@@ -50,9 +51,49 @@ def test_units_verify_and_security_exposure(tmp_path: Path) -> None:
     print("exposure:", scores)
     assert scores["vmha-orchestrator.service"] <= 2.0
     assert scores["vmha-agent.service"] <= 3.0
+    assert scores["vmha-guard.service"] <= 2.0
     text = (ROOT / "deploy/systemd/vmha-agent.service").read_text()
     assert "Type=notify" in text and "TimeoutStopSec=15min" in text
     assert "After=network-online.target libvirtd.service" in text
+
+
+def _directives(unit: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_guard_unit_outlives_the_agent_unit() -> None:
+    """The guard is its own service: ordered before the agent, never stopped with it, and
+    the agent's restart timing fits within the guard's timeout."""
+    from fencing.policy import guard_timeout
+    from schemas.models import ClusterConfig
+
+    agent = _directives(ROOT / "deploy/systemd/vmha-agent.service")
+    guard = _directives(ROOT / "deploy/systemd/vmha-guard.service")
+    assert "vmha-guard.service" in agent["After"][0].split()
+    assert "vmha-guard.service" in agent["Wants"][0].split()
+    for binding in ("PartOf", "BindsTo", "Requires", "StopPropagatedFrom"):
+        assert binding not in guard, binding  # stopping the agent leaves the guard alone
+    assert "vmha guard" in guard["ExecStart"][0] and guard["Restart"] == ["always"]
+    assert guard["RuntimeDirectory"] == ["vmha"] and guard["RuntimeDirectoryPreserve"] == ["yes"]
+    assert agent["KillMode"] == ["mixed"] and agent["RestartForceExitStatus"] == ["75"]
+    restart_s = float(agent["RestartSec"][0].removesuffix("ms")) / 1000
+    assert restart_s < guard_timeout(ClusterConfig()) / 4
+    # The agent's drain gives up (destroy, revoke, exit) before systemd's SIGKILL.
+    import tomllib
+
+    agent_toml = tomllib.loads((ROOT / "deploy/etc/agent.toml").read_text())
+    assert agent_toml["drain_timeout_s"] < 15 * 60 - 60 and agent["TimeoutStopSec"] == ["15min"]
+    assert agent_toml["guard_socket"] == "/run/vmha/guard.sock"
+    guard_toml = tomllib.loads((ROOT / "deploy/etc/guard.toml").read_text())
+    assert guard_toml["socket"] == agent_toml["guard_socket"]
+    from cli.daemons import AGENT_KEYS, GUARD_KEYS
+
+    assert set(agent_toml) <= AGENT_KEYS and set(guard_toml) <= GUARD_KEYS
 
 
 def test_config_files_validate_and_apply(etcd: EtcdCluster, tmp_path: Path) -> None:
