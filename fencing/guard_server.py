@@ -21,8 +21,10 @@ leader's fence window allows, whoever holds the connection.
 
 The watchdog (/dev/watchdog; load `softdog` where there is no hardware one) is opened
 at start and fed while the guard has not fired; a clean exit while disarmed releases
-it with the magic close.  SIGTERM while armed is deferred until the agent disarms or
-the deadline passes: stopping the guard must not leave VMs running unguarded.
+it with the magic close.  SIGTERM ends the guard at once while it is disarmed or an
+agent is attached (the agent keeps its own deadline and re-attaches to the restarted
+guard on its next pet); armed with no agent attached, the stop is deferred until a new
+agent disarms it or the deadline passes: the guard is then the only fence left.
 """
 
 from __future__ import annotations
@@ -102,8 +104,16 @@ class GuardServer:
 
     def request_stop(self) -> None:
         self.stop_requested = True
-        if self.state.armed:
-            _log("guard_stop_deferred", reason="armed: exits once disarmed, or fires")
+        if not self._may_stop():
+            _log("guard_stop_deferred", reason="armed and no agent attached: exits once an "
+                                               "agent disarms it, or fires")
+
+    def _may_stop(self) -> bool:
+        """Disarmed, or an agent is attached: that agent keeps its own deadline and
+        re-attaches to the next guard (a restart of the guard itself).  Armed with no
+        agent, the guard is all that stands between the VMs and a double run."""
+        st = self.state
+        return not st.armed or any(c.node for c in st.clients.values())
 
     def run(self) -> int:
         st = self.state
@@ -113,7 +123,7 @@ class GuardServer:
             now = self.clock()
             if st.armed and now >= st.fire_at:
                 return self.fire()
-            if self.stop_requested and not st.armed:
+            if self.stop_requested and self._may_stop():
                 self._exit_clean()
                 return 0
             if self.wd and now - self._fed_at >= WATCHDOG_FEED_EVERY_S:

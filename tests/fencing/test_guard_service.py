@@ -100,15 +100,35 @@ def test_the_deadline_carried_by_the_pet_wins_and_a_frozen_agent_is_killed(
     assert fake_ground_truth(tmp_path) == {}
 
 
-def test_stop_while_armed_is_deferred_until_disarm(tmp_path: Path) -> None:
+def test_stop_while_armed_without_agent_is_deferred_until_disarm(tmp_path: Path) -> None:
+    g, sock = start_service(tmp_path)
+    c = SocketGuardClient(sock, "n1")
+    c.pet(time.monotonic() + 30.0, 30.0)
+    c.close()  # the agent is gone: the guard is the only fence left
+    time.sleep(0.2)
+    g.terminate()
+    time.sleep(0.5)
+    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    c = SocketGuardClient(sock, "n1")  # a new agent attaches, drains, disarms
+    assert c.was_armed
+    c.disarm()
+    assert g.wait(5) == 0
+
+
+def test_stop_while_an_agent_is_attached_restarts_the_guard_under_it(tmp_path: Path) -> None:
+    """`systemctl restart vmha-guard`: the attached agent keeps its own deadline and
+    re-attaches to the new guard on its next pet, which arms it again."""
     g, sock = start_service(tmp_path)
     c = SocketGuardClient(sock, "n1")
     c.pet(time.monotonic() + 30.0, 30.0)
     g.terminate()
-    time.sleep(0.5)
-    assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
-    c.disarm()
     assert g.wait(5) == 0
+    g2, _ = start_service(tmp_path / "again")  # what Restart=always does (fresh host dir)
+    c.path = str(tmp_path / "again" / "guard.sock")
+    assert c.pet(time.monotonic() + 10.0, 0.5)  # reconnects, hello, pet
+    assert c.pid == g2.pid
+    c.close()
+    assert g2.wait(5) == 3  # armed by the re-attached agent's pet
 
 
 def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
