@@ -43,8 +43,9 @@ def outages(events: list[Event], window_start: float, window_end: float) -> dict
         tuple[float, float, str]]]:
     """Per VM, the intervals it was down inside the window, from the event history.
 
-    A VM is down from the moment its node is lost (or it is self-fenced or destroyed)
-    until its next boot; a live migration counts its measured downtime."""
+    A VM is down from the moment its node is lost (or it is self-fenced or destroyed, or
+    its guest crashed under its agent) until its next boot; a live migration counts its
+    measured downtime."""
     where: dict[str, str] = {}
     down_since: dict[str, tuple[float, str]] = {}
     out: dict[str, list[tuple[float, float, str]]] = {}
@@ -65,7 +66,7 @@ def outages(events: list[Event], window_start: float, window_end: float) -> dict
             # never stopped.
             for vm in [v for v, (_, why) in down_since.items() if why == f"node {e.node} lost"]:
                 del down_since[vm]
-        if e.kind in ("self_fence", "destroy") and e.vm and e.vm not in down_since:
+        if e.kind in ("self_fence", "destroy", "crash") and e.vm and e.vm not in down_since:
             down_since[e.vm] = (e.at, e.kind)
         if e.kind == "boot" and e.vm and e.vm in down_since:
             start, why = down_since.pop(e.vm)

@@ -23,7 +23,8 @@ from cli.common import (
 )
 from orchestrator import simulate
 from schemas import MAX_VALUE_BYTES, SchemaError, VmSpec
-from schemas.models import MoveRequest
+from schemas.models import MoveRequest, Placement, VmStatus, domain_uuid
+from schemas.snapshot import ClusterSnapshot
 from store.etcd import Cmp, Put
 from store.history import EventFilter, read_events
 
@@ -39,6 +40,21 @@ def _prefs(items: list[str]) -> dict[str, float]:
         except ValueError:
             raise CliError(f"--prefer {item!r}: expected NODE=WEIGHT", EXIT_INPUT) from None
     return out
+
+
+def identity_clash(snap: ClusterSnapshot, spec: VmSpec) -> str | None:
+    """Which other VM has the same domain identity, if any.  A domain's name is its VM's
+    name (the schema requires it), so only the <uuid> can clash: libvirt refuses a second
+    domain with a UUID it knows, and the VM would never boot there.  vmha does not own
+    the UUID: an XML without one gets a fresh one from libvirt (docs/design.md)."""
+    mine = domain_uuid(spec.domain_xml)
+    if mine is None:
+        return None
+    for name, entry in sorted(snap.specs.items()):
+        if name != spec.name and domain_uuid(entry.value.domain_xml) == mine:
+            return (f"domain UUID {mine} of vm/{spec.name} is already used by vm/{name}; "
+                    "give it its own <uuid> or remove the element (libvirt then makes one)")
+    return None
 
 
 def refuse_oversized(value: str, what: str) -> None:
@@ -67,6 +83,9 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     store = _store(args)
     key = store.keyspace.vm_spec(args.name)
     snap = store.snapshot()
+    clash = identity_clash(snap, spec)
+    if clash:
+        raise CliError(clash, EXIT_INPUT)
     policy = snap.config.placement.admission
     if policy != "off" and args.name not in snap.specs:
         verdict = simulate.admission_check(snap, spec)
@@ -106,13 +125,31 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
                      "vcpus": spec.vcpus, "placed_on": p.node if p else None,
                      "placement": p.kind if p else None, "node": s.node if s else None,
                      "state": s.state if s else None, "since": s.since if s else None,
-                     "reason": p.reason if p else None})
-    table = [["NAME", "DESIRED", "MEM", "VCPU", "PLACED", "NODE", "STATE", "SINCE"]] + [
+                     "reason": p.reason if p else None, "error": _error(p, s)})
+    table = [["NAME", "DESIRED", "MEM", "VCPU", "PLACED", "NODE", "STATE", "SINCE",
+              "ERROR"]] + [
         [r["name"], r["desired"], r["memory_mib"], r["vcpus"],
          f"{r['placed_on'] or '-'}({r['placement'] or '-'})", r["node"] or "-",
-         r["state"] or "-", _ago(r["since"])] for r in rows]
+         r["state"] or "-", _ago(r["since"]), _short(r["error"])] for r in rows]
     _out(args, rows, table)
     return 0
+
+
+def _error(p: Placement | None, s: VmStatus | None) -> str | None:
+    """What an operator must see first: why vmha gave up, else the last failure."""
+    if p is not None and p.kind == "failed":
+        return f"failed: {p.reason}"
+    if s is None or not s.error:
+        return None
+    counts = ", ".join(f"{n} {what}" for n, what in ((s.boot_failures, "boot failures"),
+                                                     (s.crashes, "crashes")) if n)
+    return f"{s.error} ({counts})" if counts else s.error
+
+
+def _short(text: str | None, width: int = 160) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def cmd_vm_show(args: argparse.Namespace) -> int:
@@ -140,12 +177,16 @@ def cmd_vm_show(args: argparse.Namespace) -> int:
         st = s.value
         print(f"  runs       {st.state} on {st.node} since {_ts(st.since)}"
               + (f"  error: {st.error}" if st.error else ""))
+        if st.boot_failures or st.crashes:
+            print(f"  failures   {st.boot_failures} boot failures, {st.crashes} crashes on "
+                  f"{st.node}" + (f"; next try {_ts(st.retry_at)}" if st.retry_at else ""))
         if st.migration:
             print(f"  migrated   {st.migration.source} -> {st.migration.target}: total "
                   f"{st.migration.total_ms} ms, downtime {st.migration.downtime_ms} ms")
     if p:
         pv = p.value
-        print(f"  placement  {pv.kind} {pv.node or '-'} (epoch {pv.epoch}, id {pv.id})")
+        print(f"  placement  {pv.kind} {pv.node or '-'} (epoch {pv.epoch}, id {pv.id})"
+              + (f"; gave up on {', '.join(pv.failed_nodes)}" if pv.failed_nodes else ""))
         print(f"  why        {pv.reason}")
     for e in events[-10:]:
         print(f"  {_ts(e.at)}  {e.kind:<16} {e.node or '-':<8} {e.reason}")
@@ -167,6 +208,10 @@ def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -
         new = VmSpec.parse_dict(new.model_dump(by_alias=True), key=key)  # re-validate
     except (SchemaError, ValueError) as exc:
         raise CliError(str(exc), EXIT_INPUT) from None
+    if new.domain_xml != old.domain_xml:
+        clash = identity_clash(store.snapshot(), new)
+        if clash:
+            raise CliError(clash, EXIT_INPUT)
     refuse_oversized(new.to_json(), f"vm {args.name}")
     res = store.txn([Cmp(key, "mod", "==", kv.mod_revision)], [Put(key, new.to_json())])
     if not res.succeeded:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +126,28 @@ class FakeHypervisor:
         cur = self._read(self._path(name))
         if cur and cur["state"] == "running" and pid_alive(int(cur["host_pid"])):
             return
+        self._refuse_as_libvirt(name, xml)
         _write_json(self._path(name), {"state": "running", "xml": mark_managed(xml),
                                        "host_pid": self.host_pid, "booted_at": time.time()})
+
+    def _refuse_as_libvirt(self, name: str, xml: str) -> None:
+        """What libvirt's define refuses, refused alike (HypervisorRefused, libvirt's
+        words): an unknown domain type, and a UUID another domain on this host has."""
+        root = ET.fromstring(xml)
+        dtype = root.get("type")
+        if dtype is not None and dtype not in ("kvm", "qemu", "test"):
+            raise HypervisorRefused(f"unsupported configuration: unknown virt type "
+                                    f"'{dtype}' in domain definition")
+        text = root.findtext("uuid")
+        if text is None:
+            return
+        mine = str(uuid.UUID(text.strip()))
+        for path in sorted(self.ddir.glob("*.json")):
+            d = self._read(path)
+            other = ET.fromstring(d["xml"]).findtext("uuid") if d else None
+            if path.stem != name and other and str(uuid.UUID(other.strip())) == mine:
+                raise HypervisorRefused(f"operation failed: domain '{path.stem}' is already "
+                                        f"defined with uuid {mine}")
 
     def shutdown(self, name: str) -> None:
         self.destroy(name)

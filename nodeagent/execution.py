@@ -4,6 +4,11 @@ Decisions come from `nodeagent.plan.plan()`; this module carries them out on the
 hypervisor and writes statuses, each a compare-and-swap that also compares the
 agent's registration (its fencing token).  Live migrations run on a small pool so
 a long one does not hold up the reconcile loop.
+
+An operation the hypervisor refuses (`HypervisorRefused`) is reported, never allowed to
+end the cycle for the other VMs: a refused boot or a crash is counted in the VM's status
+with its retry time (the plan waits for it), other operations back off here; the history
+gets one event per distinct error (nodeagent/failures.py).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypervisor.base import HypervisorError
+from hypervisor.base import HypervisorError, HypervisorRefused
 from nodeagent import plan as agent_plan
 from nodeagent.context import AgentContext
+from nodeagent.failures import Failures, carried
 from nodeagent.membership import Membership
-from schemas.errors import InvariantError, TemporaryError
+from schemas.errors import InvariantError, SchemaError, TemporaryError
 from schemas.models import MigrationStats, VmStatus
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Put
@@ -30,6 +36,7 @@ from telemetry import metrics
 class ExecutionState:
     stop_requested_at: dict[str, float] = field(default_factory=dict)
     migration_backoff: dict[tuple[str, str], float] = field(default_factory=dict)
+    migration_failures: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Execution:
@@ -40,6 +47,7 @@ class Execution:
         self.busy: set[str] = set()  # VMs with a migration in flight
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.failures = Failures(ctx, membership, self._status_txn)
 
     @property
     def log(self) -> Any:
@@ -65,12 +73,19 @@ class Execution:
         for state in ("running", "paused", "shutoff", "crashed", "other"):
             metrics.NODE_VMS.labels(state=state).set(
                 sum(1 for d in domains.values() if d.managed and d.state == state))
-        for action in agent_plan.plan(self.ctx.me, snap, domains, busy):
+        for action in agent_plan.plan(self.ctx.me, snap, domains, busy, now=time.time()):
             if not self.m.acting_allowed():
                 self.log.warning("not_acting", reason="lease not certainly held",
                                  revision=snap.revision)
                 break
-            self.execute(action, snap)
+            if self.failures.backing_off(action):
+                continue
+            try:
+                self.execute(action, snap)
+            except HypervisorRefused as exc:
+                self.failures.refused(action, exc, snap)
+            else:
+                self.failures.succeeded(action)
 
     def drain_state(self) -> tuple[list[str], bool]:
         """(managed domains still active here, whether a migration is in flight)."""
@@ -88,14 +103,21 @@ class Execution:
             self._report(action, snap)
         elif isinstance(action, agent_plan.Boot):
             lg.info("boot", placement=action.placement_id, reason=action.reason)
+            try:
+                hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
+            except HypervisorRefused as exc:
+                self.failures.boot_refused(action, exc, snap, lg)
+                return
             metrics.BOOTS.inc()
+            # Recorded once it booted: a refused boot is a `boot_failed`, once per error.
             self.ctx.history.record("boot", vm=action.vm, node=self.ctx.me, reason=action.reason)
-            hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
             if not self.m.acting_allowed():
                 # The lease may have expired while we booted: undo at once.
                 hv.destroy(action.vm)
                 lg.error("boot_undone", reason="lease lost during boot")
             self.ctx.wake.set()
+        elif isinstance(action, agent_plan.Crashed):
+            self.failures.crashed(action, snap, lg)
         elif isinstance(action, agent_plan.Shutdown):
             self._shutdown(action, lg)
         elif isinstance(action, agent_plan.Destroy):
@@ -168,8 +190,11 @@ class Execution:
                 migration = MigrationStats(total_ms=stats.total_ms,
                                            downtime_ms=stats.downtime_ms,
                                            source=src or "", target=me)
+        keep = {} if a.reset_failures or prev is None else carried(prev.value, a.placement_id,
+                                                                   a.state)
         status = VmStatus(vm=a.vm, node=me, state=a.state,  # type: ignore[arg-type]
-                          placement_id=a.placement_id, since=since, migration=migration)
+                          placement_id=a.placement_id, since=since, migration=migration,
+                          **keep)
         ok = self._status_txn(a.vm, status, a.expect_mod_revision)
         self.log.info("report", vm=a.vm, state=a.state, placement=a.placement_id,
                       reason=a.reason, written=ok, revision=snap.revision,
@@ -222,17 +247,28 @@ class Execution:
             return
         lg.info("migrate_done", wall_s=round(self.ctx.clock() - started, 3))
         metrics.MIGRATIONS.labels(outcome="success").inc()
+        self.state.migration_failures.pop((a.vm, a.target), None)
 
     def _migration_failed(self, a: agent_plan.MigrateOut, exc: HypervisorError,
                           lg: Any) -> None:
-        """Back off from this target, and say in the VM's status that it still runs here."""
-        self.state.migration_backoff[(a.vm, a.target)] = (
-            self.ctx.clock() + self.ctx.opts.migration_retry_backoff_s)
-        lg.error("migrate_failed", error=str(exc))
+        """Back off from this target (exponentially, capped), and say in the VM's status
+        that it still runs here; the history gets the error once, not once per retry."""
+        pair = (a.vm, a.target)
+        n = self.state.migration_failures.get(pair, 0) + 1
+        self.state.migration_failures[pair] = n
+        base = self.ctx.opts.migration_retry_backoff_s
+        delay = min(max(base, self.m.cfg.failure_backoff_max_s), base * 2 ** min(n - 1, 16))
+        self.state.migration_backoff[pair] = self.ctx.clock() + delay
+        lg.error("migrate_failed", error=str(exc), failures=n, retry_in_s=delay)
         metrics.MIGRATIONS.labels(outcome="failed").inc()
-        self.ctx.history.record("migration_failed", vm=a.vm, node=a.target,
-                                from_node=self.ctx.me, reason=str(exc)[:300])
         cur = self.ctx.store.get(self.ctx.ks.vm_status(a.vm))
+        try:
+            old_error = VmStatus.from_json(cur.value).error if cur else None
+        except SchemaError:
+            old_error = None  # an unreadable status: the event is recorded
+        if old_error != str(exc)[:500]:
+            self.ctx.history.record("migration_failed", vm=a.vm, node=a.target,
+                                    from_node=self.ctx.me, reason=str(exc)[:300])
         still = self.ctx.hv.list_domains().get(a.vm)
         if still is None or not still.active:
             return  # not here (it may already run on the target): nothing to report

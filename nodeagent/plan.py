@@ -1,7 +1,11 @@
 """The agent's reconcile plan: a pure function from (snapshot, local domains) to actions.
 
-No I/O.  The agent acts only on what the leader wrote (placements) and reports
-what really runs (statuses); see docs/design.md for the hand-off protocol.
+No I/O and no clock: the caller passes `now` (wall time, as in the statuses).  The
+agent acts only on what the leader wrote (placements) and reports what really runs
+(statuses); see docs/design.md for the hand-off protocol and for how failures are
+bounded: a refused boot or a crash is counted in the VM's status, the next try waits
+for the status's `retry_at`, and at the limits (`schemas.models.gave_up`) the node
+stops trying and the leader relocates the VM.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 from hypervisor.base import Domain
-from schemas.models import RUNNING_STATES, Placement, VmStatus
+from schemas.models import RUNNING_STATES, ClusterConfig, Placement, VmStatus, gave_up
 from schemas.snapshot import ClusterSnapshot
 
 
@@ -56,24 +60,59 @@ class Report:
     expect_mod_revision: int
     reason: str
     with_migration_stats: bool = False
+    reset_failures: bool = False  # it ran failure_reset_s since its last failure
 
 
-AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report
+@dataclass(frozen=True)
+class Crashed:
+    """The guest died under this running agent (its QEMU killed, a guest panic): an
+    outage to record and report; it is booted again after its backoff."""
+
+    vm: str
+    placement_id: str
+    expect_mod_revision: int
+    reason: str
+
+
+AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report | Crashed
+
+
+def _counted(s: VmStatus) -> bool:
+    return s.boot_failures > 0 or s.crashes > 0
 
 
 def _report(me: str, vm: str, state: str, pid: str | None, snap: ClusterSnapshot,
-            reason: str, stats: bool = False) -> Report | None:
+            reason: str, stats: bool = False, now: float | None = None) -> Report | None:
+    """A report if the status says otherwise, or if a running VM's failure counts are
+    due to be forgotten (`now` given: an active state)."""
     se = snap.statuses.get(vm)
     if se is not None:
         cur = se.value
         if cur.node == me and cur.state == state and cur.placement_id == pid:
-            return None
+            cfg = snap.config
+            if (now is None or not _counted(cur) or cur.failed_at is None
+                    or now - cur.failed_at < cfg.failure_reset_s):
+                return None
+            return Report(vm, state, pid, se.mod_revision,
+                          f"ran {now - cur.failed_at:.0f} s since its last failure: "
+                          "failure counts reset", reset_failures=True)
     return Report(vm, state, pid, se.mod_revision if se else 0, reason, stats)
 
 
+def held_back(s: VmStatus | None, placement_id: str, cfg: ClusterConfig, now: float) -> bool:
+    """A failure under this placement holds the next boot until its retry time, and for
+    good once the node gave up (the leader relocates the VM)."""
+    if s is None or s.placement_id != placement_id or not _counted(s):
+        return False
+    if gave_up(s, cfg) is not None:
+        return True
+    return s.retry_at is not None and now < s.retry_at
+
+
 def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
-         busy: Set[str] = frozenset()) -> list[AgentAction]:
-    """`busy`: VMs with an operation in flight on this node (left alone this cycle)."""
+         busy: Set[str] = frozenset(), *, now: float) -> list[AgentAction]:
+    """`busy`: VMs with an operation in flight on this node (left alone this cycle);
+    `now`: wall time, compared with the statuses' retry and failure times."""
     out: list[AgentAction] = []
     names = sorted(set(snap.specs) | {d for d, dom in domains.items() if dom.managed})
     for vm in names:
@@ -112,7 +151,7 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                 arrived = p.kind == "migrate"
                 r = _report(me, vm, dom.state, p.id, snap,
                             "arrived by live migration" if arrived else "runs here as placed",
-                            stats=arrived)
+                            stats=arrived, now=now)
                 if r:
                     out.append(r)
             elif migrating_out:
@@ -122,7 +161,7 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                     continue  # target gone: the leader re-plans
                 out.append(MigrateOut(vm, p.id, p.node, target.value.libvirt_uri,
                                       target.value.migration_address))
-            elif p is None or p.kind == "pending":
+            elif p is None or p.kind in ("pending", "failed"):
                 # Running here with no decision (agent restart, fresh cluster): report it,
                 # the leader adopts it where it runs.
                 r = _report(me, vm, dom.state, None, snap, "found running; awaiting placement")
@@ -135,6 +174,15 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
         # Not active here.
         if placed_here and spec.state == "running":
             assert p is not None
+            if s is not None and s.node == me and s.state in RUNNING_STATES:
+                # It ran here and died under us: an outage.  For a migrate placement the
+                # source's hand-off acknowledgement then lets us boot it again.
+                out.append(Crashed(vm, p.id, snap.statuses[vm].mod_revision,
+                                   f"guest {dom.state if dom else 'gone'} while its status "
+                                   f"said {s.state}"))
+                continue
+            if held_back(s, p.id, snap.config, now):
+                continue  # waiting for its retry time, or this node gave up on it
             if p.kind == "boot":
                 out.append(Boot(vm, p.id, p.reason))
                 continue
@@ -143,12 +191,6 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                          and s.placement_id == p.id)
                 if acked:
                     out.append(Boot(vm, p.id, f"{p.from_node} handed it off without running it"))
-                elif s is not None and s.node == me and s.state in RUNNING_STATES:
-                    # It arrived and has died since: say so, and the source's hand-off
-                    # acknowledgement lets us boot it again.
-                    out.append(Report(vm, "stopped", s.placement_id,
-                                      snap.statuses[vm].mod_revision,
-                                      "status said running here, but it does not"))
                 continue
         if migrating_out:
             assert p is not None

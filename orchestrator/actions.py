@@ -36,6 +36,8 @@ class WritePlacement:
     expect_mod_revision: int  # 0: the placement key must not exist
     # Lost holders: their registration must still be absent and their fence record unchanged.
     fenced_holders: tuple[tuple[str, int], ...] = ()
+    # A decision taken on the VM's status (a node gave up on it): the status unchanged.
+    status_mod_revision: int | None = None
 
 
 @dataclass(frozen=True)

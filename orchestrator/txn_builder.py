@@ -34,6 +34,8 @@ def placement(ks: Keyspace, action: planner.WritePlacement, epoch: int) -> Txn:
             Cmp(ks.vm_placement(p.vm), "mod", "==", action.expect_mod_revision)]
     for node, fence_rev in action.fenced_holders:
         cmps += absent_and_fence_unchanged(ks, node, fence_rev)
+    if action.status_mod_revision is not None:
+        cmps.append(Cmp(ks.vm_status(p.vm), "mod", "==", action.status_mod_revision))
     return Txn(tuple(cmps), (Put(ks.vm_placement(p.vm), p.to_json()),))
 
 

@@ -16,6 +16,9 @@ from schemas.models import Model
 EventKind = Literal[
     "leader_elected", "placement", "boot", "migration", "migration_failed", "drain",
     "fence", "fence_failed", "node_lost", "node_back", "self_fence", "stop", "destroy",
+    # A guest that died under its running agent (an outage), and operations the
+    # hypervisor refused (recorded once per distinct error, not once per retry).
+    "crash", "boot_failed", "stop_failed",
 ]
 
 EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]

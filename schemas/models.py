@@ -8,6 +8,7 @@ parsed snapshot and never mutates it.
 from __future__ import annotations
 
 import json
+import uuid
 import xml.etree.ElementTree as ET
 from typing import Any, Literal, Self, TypeVar
 
@@ -129,6 +130,20 @@ class ClusterConfig(Model):
     fence_devices: dict[str, FenceDevice] = {}  # node name (or "*") -> external fence agent
     fence_retry_initial_s: float = Field(default=1.0, gt=0)
     fence_retry_max_s: float = Field(default=30.0, gt=0)
+    # Failures (docs/design.md, "Failures are bounded"): a boot the hypervisor refuses is
+    # retried on its node with exponential backoff, at most this many times; a guest that
+    # dies under its agent is restarted in place up to `max_restart` times (Proxmox's
+    # max_restart); then the leader relocates it, to at most `max_relocate` other nodes
+    # (Proxmox's max_relocate, Pacemaker's migration-threshold), then marks it failed.
+    max_boot_failures_per_node: int = Field(default=3, ge=1, le=100)
+    max_restart: int = Field(default=1, ge=0, le=100)
+    max_relocate: int = Field(default=1, ge=0, le=100)
+    failure_backoff_initial_s: float = Field(default=1.0, gt=0)
+    failure_backoff_max_s: float = Field(default=60.0, gt=0)
+    # A VM that runs this long after its last failure has its counts forgotten
+    # (Pacemaker's failure-timeout).
+    failure_reset_s: float = Field(default=600.0, gt=0)
+
 
 
 class Capacity(Model):
@@ -244,7 +259,20 @@ class VmSpec(Model):
         name = root.findtext("name")
         if name != self.name:
             raise ValueError(f"domain_xml <name> is {name!r}, expected {self.name!r}")
+        domain_uuid(self.domain_xml)  # a malformed <uuid> is refused here, not by libvirt
         return self
+
+
+def domain_uuid(domain_xml: str) -> str | None:
+    """The domain's <uuid>, canonical (lower case, dashed); None if the XML has none
+    (libvirt then mints one on each node).  Raises ValueError for a malformed one."""
+    text = ET.fromstring(domain_xml).findtext("uuid")
+    if text is None:
+        return None
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError:
+        raise ValueError(f"domain_xml <uuid> {text[:60]!r} is not a UUID") from None
 
 
 class Placement(Model):
@@ -255,23 +283,29 @@ class Placement(Model):
       migrate  from_node live-migrates the VM to node; if it does not run there,
                from_node acknowledges the hand-off and node boots it
       pending  no node can take it now; reason says why
+      failed   vmha gave up (boot refused or crashed too often on `failed_nodes`);
+               reason says why; it stays so until the spec changes (`spec_revision`)
     """
 
     id: str
     vm: str
     node: str | None
-    kind: Literal["boot", "migrate", "pending"]
+    kind: Literal["boot", "migrate", "pending", "failed"]
     from_node: str | None = None
     epoch: int
     reason: str
     scores: dict[str, float] = {}
     decided_at: float
+    # Nodes given up on for this VM (relocations so far), and for kind "failed" the
+    # spec's mod_revision when it was marked: a changed spec is tried afresh.
+    failed_nodes: list[str] = []
+    spec_revision: int | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Placement:
-        if self.kind == "pending" and self.node is not None:
-            raise ValueError("a pending placement has no node")
-        if self.kind != "pending" and self.node is None:
+        if self.kind in ("pending", "failed") and self.node is not None:
+            raise ValueError(f"a {self.kind} placement has no node")
+        if self.kind not in ("pending", "failed") and self.node is None:
             raise ValueError(f"a {self.kind} placement needs a node")
         if self.kind == "migrate" and not self.from_node:
             raise ValueError("a migrate placement needs from_node")
@@ -311,6 +345,32 @@ class VmStatus(Model):
     error: str | None = None
     failed_target: str | None = None
     migration: MigrationStats | None = None
+    # Failures of this VM under this placement (kept while `placement_id` stays, and
+    # forgotten after `failure_reset_s` of running): boots the hypervisor refused, guests
+    # that died under the agent; when it failed last and when the agent tries again.
+    boot_failures: int = Field(default=0, ge=0)
+    crashes: int = Field(default=0, ge=0)
+    failed_at: float | None = None
+    retry_at: float | None = None
 
 
 RUNNING_STATES: frozenset[str] = frozenset({"running", "paused", "migrating"})
+
+
+def failure_backoff(cfg: ClusterConfig, failures: int) -> float:
+    """Seconds before the next try after the n-th failure: exponential, capped."""
+    exp = min(max(failures, 1) - 1, 32)  # bounded exponent: no overflow on a huge count
+    return float(min(cfg.failure_backoff_max_s, cfg.failure_backoff_initial_s * 2 ** exp))
+
+
+def gave_up(status: VmStatus, cfg: ClusterConfig) -> str | None:
+    """Why the status's node gives up on the VM (None: it keeps trying).  The agent
+    stops booting it and the leader relocates it, both by this one rule."""
+    why = f": {status.error}" if status.error else ""
+    if status.boot_failures >= cfg.max_boot_failures_per_node:
+        return (f"{status.boot_failures} boot failures on {status.node} "
+                f"(max_boot_failures_per_node {cfg.max_boot_failures_per_node}){why}")
+    if status.crashes > cfg.max_restart:
+        return (f"crashed {status.crashes} times on {status.node} "
+                f"(max_restart {cfg.max_restart}){why}")
+    return None

@@ -87,7 +87,9 @@ class CycleState:
 
     def place(self, vm: str, kind: str, node: str | None, reason: str,
               scores: dict[str, float], *, from_node: str | None = None,
-              fenced: tuple[tuple[str, int], ...] = (), charge: bool = True) -> None:
+              fenced: tuple[tuple[str, int], ...] = (), charge: bool = True,
+              failed_nodes: tuple[str, ...] = (), spec_revision: int | None = None,
+              status_mod_revision: int | None = None) -> None:
         """Write a placement (unless it is the same pending note again) and charge it."""
         snap = self.inp.snap
         pe = snap.placements.get(vm)
@@ -96,8 +98,10 @@ class CycleState:
         p = Placement(id=f"e{self.inp.epoch}-r{snap.revision}-{vm}", vm=vm, node=node,
                       kind=kind,  # type: ignore[arg-type]
                       from_node=from_node, epoch=self.inp.epoch, reason=reason, scores=scores,
-                      decided_at=self.inp.wall_time)
-        self.actions.append(WritePlacement(p, pe.mod_revision if pe else 0, fenced))
+                      decided_at=self.inp.wall_time, failed_nodes=list(failed_nodes),
+                      spec_revision=spec_revision)
+        self.actions.append(WritePlacement(p, pe.mod_revision if pe else 0, fenced,
+                                           status_mod_revision))
         self.placed += 1
         # The VM was released from its old node before deciding (rules.cluster.decide_vms).
         if charge:

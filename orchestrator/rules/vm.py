@@ -12,6 +12,7 @@ from collections.abc import Callable
 from orchestrator.placement import Choice
 from orchestrator.rules.facts import VmFacts, is_fenced
 from orchestrator.rules.state import CLUSTER, CycleState
+from schemas.models import RUNNING_STATES, gave_up
 
 VmRule = Callable[[CycleState, VmFacts], bool]
 
@@ -41,6 +42,53 @@ def operator_move(st: CycleState, f: VmFacts) -> bool:
         return True
     st.wait(f.vm, f"requested move to {to} not possible now: {refusal}")
     return False
+
+
+def stay_failed(st: CycleState, f: VmFacts) -> bool:
+    """A VM marked failed stays so, unplaced, until its spec changes (`vmha vm edit`, or
+    `vmha vm start` again) or it is found running somewhere (then the usual rules adopt it)."""
+    p, spec_rev = f.p, st.inp.snap.specs[f.vm].mod_revision
+    if p is None or p.kind != "failed" or p.spec_revision != spec_rev:
+        return False
+    if f.s is not None and f.s.state in RUNNING_STATES:
+        return False
+    st.wait(f.vm, f"failed: {p.reason}; change its spec (vmha vm edit, vmha vm start) to "
+                  "try again")
+    return True
+
+
+def relocate_failing(st: CycleState, f: VmFacts) -> bool:
+    """The node of the VM's placement gave up on it (boot refused
+    `max_boot_failures_per_node` times, or crashed more than `max_restart` times): boot it
+    on another node, at most `max_relocate` times, then mark it failed with the reason.
+    Written only while the status that says so is unchanged."""
+    snap, p, s, cfg = st.inp.snap, f.p, f.s, st.inp.cfg
+    if (p is None or p.node is None or s is None or s.placement_id != p.id
+            or s.state in RUNNING_STATES or s.node not in (p.node, p.from_node)
+            or f.unfenced):
+        return False
+    why = gave_up(s, cfg)
+    if why is None:
+        return False
+    tried = tuple(dict.fromkeys([*p.failed_nodes, p.node]))
+    spec_rev = snap.specs[f.vm].mod_revision
+
+    def put(kind: str, node: str | None, reason: str, scores: dict[str, float]) -> None:
+        st.place(f.vm, kind, node, reason, scores, fenced=f.fenced_holders(snap),
+                 failed_nodes=tried, spec_revision=spec_rev if kind == "failed" else None,
+                 status_mod_revision=snap.statuses[f.vm].mod_revision)
+
+    if len(tried) > cfg.max_relocate:
+        put("failed", None, f"gave up after {len(tried)} node(s) ({', '.join(tried)}; "
+            f"max_relocate {cfg.max_relocate}): {why}", {})
+        return True
+    choice = st.placer.choose(f.spec, set(tried))
+    if choice.node is None:
+        put("failed", None, f"{why}; no other node to relocate to: {choice.reason}", {})
+        return True
+    put("boot", choice.node, f"relocated ({len(tried)} of max_relocate {cfg.max_relocate}): "
+        f"{why}; boot on {choice.node}: {choice.reason}", choice.scores)
+    return True
 
 
 def steady_boot(st: CycleState, f: VmFacts) -> bool:
@@ -176,6 +224,8 @@ def cold_boot(st: CycleState, f: VmFacts) -> bool:
 # The order matters: each rule may assume the earlier ones did not decide.
 VM_RULES: tuple[VmRule, ...] = (
     operator_move,
+    stay_failed,
+    relocate_failing,
     steady_boot,
     steady_migration,
     migration_source_lost,

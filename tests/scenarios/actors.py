@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 
 from nodeagent import plan as agent_plan
+from nodeagent.failures import carried
 from orchestrator import planner
-from schemas.models import FenceRecord, MigrationStats, VmStatus
+from schemas.models import FenceRecord, MigrationStats, VmStatus, failure_backoff, gave_up
 from schemas.snapshot import ClusterSnapshot
-from tests.scenarios.model import KS, Compare, Dom, Migration, NodeSim, World
+from tests.scenarios.model import KS, WALL0, Compare, Dom, Migration, NodeSim, World
 
 MIGRATION_RETRY_BACKOFF_S = 3.0  # nodeagent.agent.AgentOptions default
 
@@ -85,12 +86,18 @@ def apply_leader(world: World, a: planner.Action, snap: ClusterSnapshot) -> None
         cmps: list[Compare] = [token, (KS.vm_placement(p.vm), "mod", a.expect_mod_revision)]
         for node, rev in a.fenced_holders:
             cmps += [(KS.node(node), "create", 0), (KS.fence(node), "mod", rev)]
+        if a.status_mod_revision is not None:
+            cmps.append((KS.vm_status(p.vm), "mod", a.status_mod_revision))
         ok = store.txn(cmps, KS.vm_placement(p.vm), p)
         where = (f"migrate {p.from_node} -> {p.node}" if p.kind == "migrate"
-                 else f"boot on {p.node}" if p.kind == "boot" else "pending")
+                 else f"boot on {p.node}" if p.kind == "boot" else p.kind)
         fenced = "".join(f" {n}@{r}" for n, r in a.fenced_holders)
+        status = ("" if a.status_mod_revision is None
+                  else f", status cas {a.status_mod_revision}")
+        tried = f", gave up on {','.join(p.failed_nodes)}" if p.failed_nodes else ""
         world.emit("leader", "place", p.vm, f"{where} ({p.id}, cas {a.expect_mod_revision}"
-                   f"{', fenced' + fenced if fenced else ''}){_rejected(ok)}", p.reason)
+                   f"{', fenced' + fenced if fenced else ''}{status}{tried}){_rejected(ok)}",
+                   p.reason)
     else:
         raise TypeError(f"unknown action {a!r}")
 
@@ -128,7 +135,8 @@ def agent_cycle(world: World, n: NodeSim, snap: ClusterSnapshot) -> None:
         world.store.txn([(KS.node(n.name), "create", n.token)], KS.node(n.name), reg,
                         mine.lease)
         world.emit(n.name, "registered", n.name, "cordoned" if want else "uncordoned")
-    for action in agent_plan.plan(n.name, snap, n.domains_view(), frozenset(n.busy)):
+    for action in agent_plan.plan(n.name, snap, n.domains_view(), frozenset(n.busy),
+                                  now=world.wall):
         execute(world, n, action, snap)
     if n.exiting and not n.busy and not any(d.active and d.managed
                                             for d in n.domains.values()):
@@ -148,11 +156,17 @@ def execute(world: World, n: NodeSim, a: agent_plan.AgentAction,
     if isinstance(a, agent_plan.Report):
         _report(world, n, a, snap)
     elif isinstance(a, agent_plan.Boot):
+        if a.vm in n.refuse:
+            _boot_refused(world, n, a, snap)
+            return
         placed = snap.placements.get(a.vm)
         same = placed is not None and placed.value.reason == a.reason
         n.domains[a.vm] = Dom("running")
         world.emit(n.name, "boot", a.vm, f"({a.placement_id})", "as placed" if same
                    else a.reason)
+    elif isinstance(a, agent_plan.Crashed):
+        _crashed(world, n, a, snap)
+        return
     elif isinstance(a, agent_plan.Shutdown | agent_plan.Destroy):
         n.domains[a.vm].state = "shutoff"  # the fake hypervisor powers off at once
         verb = "shutdown" if isinstance(a, agent_plan.Shutdown) else "destroy"
@@ -178,12 +192,57 @@ def _report(world: World, n: NodeSim, a: agent_plan.Report, snap: ClusterSnapsho
     stats = None
     if a.with_migration_stats and dom is not None and dom.arrived_from is not None:
         stats = MigrationStats(source=dom.arrived_from, target=n.name)
+    keep = {} if a.reset_failures or prev is None else carried(prev.value, a.placement_id,
+                                                               a.state)
     st = VmStatus(vm=a.vm, node=n.name, state=a.state,  # type: ignore[arg-type]
-                  placement_id=a.placement_id, since=since, migration=stats)
+                  placement_id=a.placement_id, since=since, migration=stats, **keep)
     ok = _status_txn(world, n, st, a.expect_mod_revision)
     world.emit(n.name, "report", a.vm, f"{a.state} ({a.placement_id or 'no placement'}, "
                f"cas {a.expect_mod_revision}){' with migration stats' if stats else ''}"
                f"{_rejected(ok)}", a.reason)
+
+
+def _counts(st: VmStatus) -> str:
+    retry = f", retry at {st.retry_at - WALL0:g}" if st.retry_at else ""
+    return f"boot_failures={st.boot_failures} crashes={st.crashes}{retry}"
+
+
+def _boot_refused(world: World, n: NodeSim, a: agent_plan.Boot, snap: ClusterSnapshot) -> None:
+    """As nodeagent.failures.Failures.boot_refused: counted in the status, with backoff."""
+    se = snap.statuses.get(a.vm)
+    prev = se.value if se else None
+    kept = carried(prev, a.placement_id, "stopped") if prev else {}
+    cfg = snap.config
+    k = int(kept.get("boot_failures", 0)) + 1
+    error = n.refuse[a.vm]
+    since = prev.since if prev and prev.node == n.name and prev.state == "stopped" else world.wall
+    st = VmStatus(vm=a.vm, node=n.name, state="stopped", placement_id=a.placement_id,
+                  since=since, error=error, boot_failures=k,
+                  crashes=int(kept.get("crashes", 0)), failed_at=world.wall,
+                  retry_at=world.wall + failure_backoff(cfg, k))
+    ok = _status_txn(world, n, st, se.mod_revision if se else 0)
+    verdict = gave_up(st, cfg)
+    event = " +history" if ok and (prev is None or prev.error != error) else ""
+    world.emit(n.name, "boot-fail", a.vm, f"({a.placement_id}) {_counts(st)}{event}"
+               f"{_rejected(ok)}", error + (f"; gave up: {verdict}" if verdict else ""))
+
+
+def _crashed(world: World, n: NodeSim, a: agent_plan.Crashed, snap: ClusterSnapshot) -> None:
+    """As nodeagent.failures.Failures.crashed: a crash event, status crashed, backoff."""
+    se = snap.statuses.get(a.vm)
+    prev = se.value if se else None
+    kept = carried(prev, a.placement_id, "crashed") if prev else {}
+    cfg = snap.config
+    k = int(kept.get("crashes", 0)) + 1
+    st = VmStatus(vm=a.vm, node=n.name, state="crashed", placement_id=a.placement_id,
+                  since=world.wall, error=f"guest died: {a.reason}",
+                  boot_failures=int(kept.get("boot_failures", 0)), crashes=k,
+                  failed_at=world.wall, retry_at=world.wall + failure_backoff(cfg, k))
+    ok = _status_txn(world, n, st, a.expect_mod_revision)
+    verdict = gave_up(st, cfg)
+    world.emit(n.name, "crash", a.vm, f"({a.placement_id}, cas {a.expect_mod_revision}) "
+               f"{_counts(st)}{_rejected(ok)}",
+               a.reason + (f"; gave up: {verdict}" if verdict else ""))
 
 
 def _migrate_out(world: World, n: NodeSim, a: agent_plan.MigrateOut) -> None:

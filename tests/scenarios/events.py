@@ -230,6 +230,16 @@ def domain_crash(w: World, vm: str) -> None:
     w.changed()
 
 
+def boot_refused(w: World, vm: str, node: str, *reason: str) -> None:
+    """From now on node's hypervisor refuses to boot VM (HypervisorRefused), e.g. a
+    domain UUID another domain there has, or XML it rejects; `ok` ends it."""
+    n = w.node(node)
+    if reason == ("ok",):
+        n.refuse.pop(vm, None)
+    else:
+        n.refuse[vm] = " ".join(reason) or "refused"
+
+
 def fence_device(w: World, node: str, outcome: str, *detail: str) -> None:
     """The result of an external fence run the leader started (leader._record_external)."""
     if node not in w.leader.external:
@@ -288,7 +298,8 @@ HANDLERS: dict[str, Callable[..., None]] = {
         vm=vm, to=to, by="operator", requested_at=w.wall)),
     "status": vm_status, "migration-done": migration_done,
     "migration-failed": migration_failed, "migrations-done": migrations_done,
-    "domain-crash": domain_crash, "domain-start": lambda w, vm, node: _start_dom(w, vm, node),
+    "domain-crash": domain_crash, "boot-refused": boot_refused,
+    "domain-start": lambda w, vm, node: _start_dom(w, vm, node),
     "fence-device": fence_device, "fence-confirm": fence_confirm,
     "leader-change": leader_change, "config": config,
 }

@@ -124,6 +124,7 @@ class NodeSim:
     busy: set[str] = field(default_factory=set)  # VMs migrating out
     backoff: dict[tuple[str, str], float] = field(default_factory=dict)  # (vm, target)
     exiting: bool = False  # SIGTERM: drain, then leave
+    refuse: dict[str, str] = field(default_factory=dict)  # VM -> the error its boot gets
     deadline: float | None = None  # a stuck agent self-fences at this virtual time
 
     def domains_view(self) -> dict[str, Domain]:

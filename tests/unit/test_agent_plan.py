@@ -11,6 +11,7 @@ from hypervisor.base import Domain
 from nodeagent.plan import (
     AgentAction,
     Boot,
+    Crashed,
     Destroy,
     MigrateOut,
     Report,
@@ -25,6 +26,7 @@ B_ADDR = "192.0.2.2"
 NODES: dict[str, Any] = {"a": (8192, 8), "b": {"uri": B_URI, "address": B_ADDR}, "c": (8192, 8)}
 STOPPED_SPEC = {"vm1": (1024, 1, "stopped")}
 REASON = "placed by test"
+NOW = 1_700_000_100.0  # wall time passed to the plan
 
 # Fixed reasons of nodeagent.plan, as an operator reads them in the agent's log.
 R_HERE = "runs here as placed"
@@ -43,7 +45,7 @@ def dom(state: str = "running", name: str = "vm1", **kw: Any) -> Domain:
 def run(me: str, snap_args: dict[str, Any], domains: Iterable[Domain] = (),
         busy: frozenset[str] = frozenset()) -> list[AgentAction]:
     snap = cluster(**{"nodes": NODES, **snap_args})
-    return plan(me, snap, {d.name: d for d in domains}, busy)
+    return plan(me, snap, {d.name: d for d in domains}, busy, now=NOW)
 
 
 # More cases are scenarios now: tests/scenarios (README.md maps each old id).
@@ -236,8 +238,8 @@ def test_plan_does_not_mutate_inputs() -> None:
     snap = cluster(nodes=NODES, specs=["vm1"], placements={"vm1": boot("a")})
     domains = {"vm1": dom("shutoff")}
     before = (dict(snap.specs), dict(snap.placements), dict(domains))
-    first = plan("a", snap, domains)
-    assert plan("a", snap, domains) == first
+    first = plan("a", snap, domains, now=NOW)
+    assert plan("a", snap, domains, now=NOW) == first
     assert (dict(snap.specs), dict(snap.placements), dict(domains)) == before
 
 
@@ -282,4 +284,10 @@ def test_migration_target_reports_crash_after_arrival(domains: list[Domain]) -> 
     args = dict(specs=["vm1"], placements={"vm1": migrate("a", "b")},
                 statuses={"vm1": running("b", "p1", mod=70)})
     assert run("a", args) == []
-    assert run("b", args, domains) == [Report("vm1", "stopped", "p1", 70, R_NOT_RUNNING)]
+    # The target reports it (now as a crash: status crashed, counted; issue 11), which
+    # is not running, so the source acknowledges the hand-off again and b boots it.
+    (crash,) = run("b", args, domains)
+    assert isinstance(crash, Crashed) and (crash.vm, crash.placement_id,
+                                           crash.expect_mod_revision) == ("vm1", "p1", 70)
+    acked = dict(args, statuses={"vm1": status("b", "crashed", "p1", mod=71)})
+    assert run("a", acked) == [Report("vm1", "stopped", "p1", 71, R_HANDOFF)]
