@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-placement campaign evidence clean bless clean-caches
+        bench bench-placement campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -78,6 +78,13 @@ campaign-lab: setup-lab
 	mkdir -p results
 	$(PY) -m bench.lab_campaign --seed $(or $(SEED),1) --faults $(or $(FAULTS),30) \
 		--out results/campaign-lab.json
+
+# Hostile values (hypothesis) written to every key pattern of a running 3-node fake
+# cluster for FUZZ_MINUTES (default 10): 0 daemon exits, 0 VMs stopped or moved, every
+# bad key listed by `vmha status`; results/fuzz.json (bench/fuzz.py says what counts).
+fuzz: setup
+	mkdir -p results
+	FUZZ_MINUTES=$(or $(FUZZ_MINUTES),10) $(PY) -m bench.fuzz --out results/fuzz.json
 
 # Regenerate docs/cli/*.md from real runs against a local cluster.
 docs: setup
