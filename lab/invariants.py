@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from hypervisor.fake import fake_ground_truth
 from lab.localcluster import poll_until
 from schemas import Keyspace
+from schemas.keys import decode_key
 from store.etcd import EtcdStore, StoreUnavailable
 
 #: VM name -> the nodes it runs on, as a ground-truth source sees it.
@@ -231,7 +232,7 @@ class HistoryChecker:
         rev = int(ev.mod_revision)
         if rev <= self.last_rev:
             return
-        key = ev.key.decode()
+        key = decode_key(ev.key)  # never raises: a hostile key is just not one of ours
         deleted = type(ev).__name__ == "DeleteEvent"
         ref = self.ks.parse(key)
         self.last_rev = rev
@@ -264,7 +265,10 @@ class HistoryChecker:
     def _write(self, kind: str, key: str, rev: int, value: bytes) -> None:
         try:
             data = json.loads(value)
-        except ValueError:
+            if (not isinstance(data, dict) or not isinstance(data.get("epoch", -1), int)
+                    or not isinstance(data.get("node", ""), str)):
+                return
+        except Exception:  # noqa: BLE001 - deep nesting, not UTF-8: the daemons ignore it too
             return
         if kind == "vm_placement":
             self.checked["placement"] += 1
