@@ -93,6 +93,10 @@ class LabCluster:
     nodes: dict[str, LabNode] = field(default_factory=dict)
     agents: dict[str, Daemon] = field(default_factory=dict)
     orchestrators: dict[str, Daemon] = field(default_factory=dict)
+    #: each node's guard as its own process (`vmha guard`, as vmha-guard.service runs
+    #: it), started before the node's agent and outliving it
+    guard_service: bool = False
+    guards: dict[str, Daemon] = field(default_factory=dict)
     _conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,13 +140,35 @@ class LabCluster:
     def common(self) -> list[str]:
         return ["--etcd", self.endpoints, "--prefix", self.prefix]
 
+    def guard_socket(self, name: str) -> Path:
+        return self.workdir / f"guard-{name}.sock"
+
+    def start_guard(self, name: str) -> Daemon:
+        """Start node ``name``'s guard service unless it runs; wait for its socket."""
+        running = self.guards.get(name)
+        if running is not None and running.alive():
+            return running
+        sock = self.guard_socket(name)
+        sock.unlink(missing_ok=True)
+        d = Daemon(f"guard-{name}", ["guard", "--libvirt-uri", self.nodes[name].uri,
+                                     "--socket", str(sock), "--log-format", "json"],
+                   self.workdir / f"guard-{name}.log")
+        self.guards[name] = d.start()
+        self._changed()
+        poll_until(lambda: sock.exists() or not d.alive(), 15)
+        return d
+
     def start_agent(self, name: str) -> Daemon:
         """Start (or start again) the agent of lab node ``name``; its log is appended to."""
         node = self.nodes[name]
+        extra: list[str] = []
+        if self.guard_service:
+            self.start_guard(name)
+            extra = ["--guard-socket", str(self.guard_socket(name))]
         d = Daemon(name, [*self.common(), "agent", "--name", name, "--libvirt-uri", node.uri,
                           "--memory-mib", str(self.agent_memory_mib), "--vcpus",
                           str(self.agent_vcpus), "--migration-address", "127.0.0.1",
-                          "--log-format", "json"], self.workdir / f"agent-{name}.log")
+                          "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         self._changed()
         return d
@@ -161,8 +187,9 @@ class LabCluster:
 
     def crash_host(self, name: str) -> None:
         """A host crash: kill -9 the node's agent (and its guard), libvirtd and guests."""
-        if name in self.agents:
-            kill_with_children(self.agents[name])
+        for daemons in (self.agents, self.guards):
+            if name in daemons:
+                kill_with_children(daemons[name])
         self.crash_node(name)
 
     def kill_libvirtd(self, name: str) -> int | None:
@@ -184,7 +211,7 @@ class LabCluster:
 
     def stop(self) -> None:
         """Kill every daemon by pid, then tear the lab and etcd down."""
-        for d in [*self.agents.values(), *self.orchestrators.values()]:
+        for d in [*self.agents.values(), *self.orchestrators.values(), *self.guards.values()]:
             with contextlib.suppress(Exception):  # tear-down goes on regardless
                 kill_with_children(d)
         with self._lock:
