@@ -155,8 +155,11 @@ class LibvirtHypervisor:
                             or (state == libvirt.VIR_DOMAIN_RUNNING
                                 and reason == libvirt.VIR_DOMAIN_RUNNING_MIGRATED
                                 and _incoming_job_active(dom)))
-                out[dom.name()] = Domain(dom.name(), _STATES.get(state, "other"), managed,
-                                         incoming)
+                mapped = _STATES.get(state, "other")
+                if (state == libvirt.VIR_DOMAIN_SHUTOFF
+                        and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED):
+                    mapped = "crashed"  # QEMU died (kill -9, OOM): not a destroy or poweroff
+                out[dom.name()] = Domain(dom.name(), mapped, managed, incoming)
             return out
         return self._do("list domains", run)
 

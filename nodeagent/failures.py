@@ -89,20 +89,27 @@ class Failures:
         se = snap.statuses.get(a.vm)
         prev = se.value if se else None
         kept = carried(prev, a.placement_id, "crashed") if prev else {}
-        n = int(kept.get("crashes", 0)) + 1
         now = time.time()
-        delay = failure_backoff(cfg, n)
+        if a.counted:
+            n = int(kept.get("crashes", 0)) + 1
+            delay = failure_backoff(cfg, n)
+            extra: dict[str, Any] = {"error": f"guest died: {a.reason}"[:ERROR_CHARS],
+                                     "crashes": n, "failed_at": now, "retry_at": now + delay}
+        else:  # not held against the VM: booted again at once
+            n, delay = int(kept.get("crashes", 0)), 0.0
+            extra = {**kept, "crashes": n, "retry_at": None}
+        extra["boot_failures"] = int(kept.get("boot_failures", 0))
         status = VmStatus(vm=a.vm, node=me, state="crashed", placement_id=a.placement_id,
-                          since=now, error=f"guest died: {a.reason}"[:ERROR_CHARS],
-                          boot_failures=int(kept.get("boot_failures", 0)), crashes=n,
-                          failed_at=now, retry_at=now + delay)
+                          since=now, **extra)
         ok = self.status_txn(a.vm, status, a.expect_mod_revision)
         verdict = gave_up(status, cfg)
         lg.error("crash", placement=a.placement_id, reason=a.reason, crashes=n,
-                 retry_in_s=None if verdict else delay, gave_up=verdict, written=ok)
+                 counted=a.counted, retry_in_s=None if verdict else delay, gave_up=verdict,
+                 written=ok)
         if ok:  # each crash is an outage: recorded every time, once (the write is a CAS)
+            what = f"crash {n} on {me}" if a.counted else "not counted (not a QEMU death)"
             self.ctx.history.record("crash", vm=a.vm, node=me,
-                                    reason=f"{a.reason}; crash {n} on {me}"
+                                    reason=f"{a.reason}; {what}"
                                            + (f"; gave up: {verdict}" if verdict else ""))
         self.ctx.wake.set()
 

@@ -65,13 +65,17 @@ class Report:
 
 @dataclass(frozen=True)
 class Crashed:
-    """The guest died under this running agent (its QEMU killed, a guest panic): an
-    outage to record and report; it is booted again after its backoff."""
+    """The guest died under this running agent: an outage to record and report.
+    `counted`: its QEMU died (domain state crashed: kill -9, OOM, a panic), which counts
+    towards `max_restart` and waits for the backoff; a domain shut off (destroyed by this
+    node's own self-fence or guard, or powered off from inside) or gone is recorded but
+    not held against the VM, and booted again at once, as before."""
 
     vm: str
     placement_id: str
     expect_mod_revision: int
     reason: str
+    counted: bool = True
 
 
 AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report | Crashed
@@ -179,7 +183,8 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                 # source's hand-off acknowledgement then lets us boot it again.
                 out.append(Crashed(vm, p.id, snap.statuses[vm].mod_revision,
                                    f"guest {dom.state if dom else 'gone'} while its status "
-                                   f"said {s.state}"))
+                                   f"said {s.state}",
+                                   counted=dom is not None and dom.state == "crashed"))
                 continue
             if held_back(s, p.id, snap.config, now):
                 continue  # waiting for its retry time, or this node gave up on it

@@ -10,6 +10,7 @@ domains).  Every decision is written to the scenario's log.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from nodeagent import plan as agent_plan
 from nodeagent.failures import carried
@@ -233,15 +234,20 @@ def _crashed(world: World, n: NodeSim, a: agent_plan.Crashed, snap: ClusterSnaps
     prev = se.value if se else None
     kept = carried(prev, a.placement_id, "crashed") if prev else {}
     cfg = snap.config
-    k = int(kept.get("crashes", 0)) + 1
+    if a.counted:
+        k = int(kept.get("crashes", 0)) + 1
+        extra: dict[str, Any] = {"error": f"guest died: {a.reason}", "crashes": k,
+                                 "failed_at": world.wall,
+                                 "retry_at": world.wall + failure_backoff(cfg, k)}
+    else:
+        extra = {**kept, "crashes": int(kept.get("crashes", 0)), "retry_at": None}
+    extra["boot_failures"] = int(kept.get("boot_failures", 0))
     st = VmStatus(vm=a.vm, node=n.name, state="crashed", placement_id=a.placement_id,
-                  since=world.wall, error=f"guest died: {a.reason}",
-                  boot_failures=int(kept.get("boot_failures", 0)), crashes=k,
-                  failed_at=world.wall, retry_at=world.wall + failure_backoff(cfg, k))
+                  since=world.wall, **extra)
     ok = _status_txn(world, n, st, a.expect_mod_revision)
     verdict = gave_up(st, cfg)
     world.emit(n.name, "crash", a.vm, f"({a.placement_id}, cas {a.expect_mod_revision}) "
-               f"{_counts(st)}{_rejected(ok)}",
+               f"{_counts(st) if a.counted else 'not counted'}{_rejected(ok)}",
                a.reason + (f"; gave up: {verdict}" if verdict else ""))
 
 

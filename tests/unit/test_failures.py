@@ -89,6 +89,9 @@ def test_guest_dead_under_running_agent_is_a_crash(state: str | None) -> None:
                  doms)
     assert len(acts) == 1 and isinstance(acts[0], Crashed)
     assert (acts[0].vm, acts[0].placement_id) == ("vm1", "p1")
+    # Only a QEMU death counts towards max_restart: a domain shut off (this node's own
+    # self-fence or guard destroyed it, or the guest powered off) or gone does not.
+    assert acts[0].counted == (state == "crashed")
 
 
 def test_crash_restarted_in_place_after_backoff_then_given_up() -> None:
