@@ -105,10 +105,11 @@ class Membership:
         if self.ctx.opts.guard_socket and self.adopt(key):
             return True
         self._wait_old_registration_gone(key)
+        facts = self._host_facts()  # libvirt calls: before the lease's clock starts
         sent = self.ctx.clock()
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
         cordoned = store.get(ks.cordon(me)) is not None
-        reg = self._registration(lease_id, cordoned)
+        reg = self._registration(lease_id, cordoned, facts)
         res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id)])
         if not res.succeeded:
             store.revoke_lease(lease_id)
@@ -140,11 +141,12 @@ class Membership:
         if (prev.agent.hostname != socket.gethostname() or prev.agent.pid == os.getpid()
                 or pid_alive(prev.agent.pid)):
             return False
+        facts = self._host_facts()
         sent = self.ctx.clock()
         if store.keepalive(old.lease) <= 0:
             return False  # expired meanwhile: register anew once the key is gone
         cordoned = store.get(self.ctx.ks.cordon(me)) is not None
-        reg = self._registration(old.lease, cordoned)
+        reg = self._registration(old.lease, cordoned, facts)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
                         [Put(key, reg.to_json(), old.lease)])
         if not res.succeeded:
@@ -185,13 +187,17 @@ class Membership:
                 waited = True
             self.ctx.stopped.wait(0.2)
 
-    def _registration(self, lease_id: int, cordoned: bool) -> NodeRegistration:
+    def _host_facts(self) -> tuple[Capacity, CpuInfo]:
         hv = self.ctx.hv
         mem, vcpus = hv.capacity()
+        return Capacity(memory_mib=mem, vcpus=vcpus), CpuInfo(model=hv.cpu_model())
+
+    def _registration(self, lease_id: int, cordoned: bool,
+                      facts: tuple[Capacity, CpuInfo]) -> NodeRegistration:
         return NodeRegistration(
-            name=self.ctx.me, lease_id=f"{lease_id:x}", libvirt_uri=hv.uri,
+            name=self.ctx.me, lease_id=f"{lease_id:x}", libvirt_uri=self.ctx.hv.uri,
             migration_address=self.ctx.opts.migration_address,
-            capacity=Capacity(memory_mib=mem, vcpus=vcpus), cpu=CpuInfo(model=hv.cpu_model()),
+            capacity=facts[0], cpu=facts[1],
             cordoned=cordoned, agent=AgentInfo(pid=os.getpid(), hostname=socket.gethostname(),
                                                version=VERSION),
             registered_at=time.time())

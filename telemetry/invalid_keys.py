@@ -38,7 +38,7 @@ class CycleBackoff:
     """Delay before the next cycle after `failures` unexpected errors in a row."""
 
     def __init__(self, first_s: float, max_s: float) -> None:
-        self._wait = wait_exponential_jitter(initial=first_s, max=max_s, jitter=first_s)
+        self._wait = wait_exponential_jitter(multiplier=first_s, max=max_s, jitter=first_s)
         self._max_s = max_s
         self.failures = 0
 
