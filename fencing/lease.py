@@ -1,9 +1,16 @@
 """Lease keepalive with a self-fencing deadline on a monotonic clock.
 
 Two threads: one renews the lease, the other watches the deadline.  They are
-separate because a keepalive call can block for its whole gRPC timeout; the
+separate because a keepalive call can block for its whole RPC deadline; the
 deadline must fire on time regardless.  The deadline is counted from the *send*
 time of the last keepalive etcd acknowledged (see fencing.policy).
+
+A keepalive that fails (a member stalled, killed, partitioned, or between leaders) is
+tried again at once, on the next endpoint (the store moves on after a failure), with
+a short jittered backoff between attempts; each attempt has its own deadline
+(`keepalive_timeout_s`).  fencing.policy.renewal_gap is the longest gap this leaves
+between two acknowledged renewals, and validate_timing checks it fits before the
+guard fires.
 """
 
 from __future__ import annotations
@@ -14,6 +21,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 
 from fencing.policy import self_fence_deadline
 from schemas.errors import TemporaryError
@@ -22,9 +37,13 @@ from schemas.models import ClusterConfig
 log = structlog.get_logger("vmha.lease")
 
 
-class LeaseStore(Protocol):
-    def keepalive(self, lease_id: int) -> int: ...
+# The first retry after a failed keepalive waits at most this long (then doubling, up to
+# a quarter of the interval): "at once", without a tight loop on a refused connection.
+RETRY_FIRST_WAIT_S = 0.02
 
+
+class LeaseStore(Protocol):
+    def keepalive(self, lease_id: int, timeout: float | None = None) -> int: ...
 
 
 class LeaseKeeper:
@@ -76,38 +95,71 @@ class LeaseKeeper:
         with self._lock:
             return self.deadline - self._clock()
 
-    def _renew_loop(self) -> None:
+    def _retrying(self) -> Retrying:
+        """Attempts of one renewal: again at once after a failure (the store has moved
+        to the next endpoint), for up to one interval; then the loop starts another."""
         interval = self.cfg.keepalive_interval_s
-        while not self._stop.wait(interval if not self.deadline_passed else interval / 4):
-            sent = self._clock()
+        return Retrying(retry=retry_if_exception_type(self._unavailable),
+                        stop=stop_after_delay(interval) | stop_when_event_set(self._stop),
+                        wait=wait_random_exponential(multiplier=RETRY_FIRST_WAIT_S,
+                                                     max=interval / 4),
+                        sleep=self._pause, before_sleep=self._log_failure, reraise=True)
+
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # stop() ends the pause; the stop condition ends the retry
+
+    def _log_failure(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning("keepalive_failed", lease=f"{self.lease_id:x}", error=str(exc),
+                    attempt=state.attempt_number, remaining_s=round(self.remaining(), 3),
+                    who=self._name)
+
+    def _attempt(self) -> tuple[float, int]:
+        sent = self._clock()
+        return sent, self.store.keepalive(self.lease_id, self.cfg.keepalive_timeout_s)
+
+    def _renew_loop(self) -> None:
+        retrying = self._retrying()
+        wait = self.cfg.keepalive_interval_s
+        while not self._stop.wait(wait):
             try:
-                ttl = self.store.keepalive(self.lease_id)
+                sent, ttl = retrying(self._attempt)
             except self._unavailable as exc:
+                # A whole interval of attempts failed: go on at once (the deadline
+                # thread fences if this lasts).
                 log.warning("keepalive_failed", lease=f"{self.lease_id:x}", error=str(exc),
                             remaining_s=round(self.remaining(), 3), who=self._name)
+                wait = 0.0
                 continue
+            wait = self.cfg.keepalive_interval_s
             if self._stop.is_set():
                 return
             if ttl <= 0:
-                with self._lock:
-                    before = self._clock() < self.deadline and not self.deadline_passed
-                    self.gone = True
-                log.info("lease_gone", lease=f"{self.lease_id:x}", revoked=before, who=self._name)
-                # Renewal ends, but the deadline monitor keeps running until the owner
-                # calls stop(): a drained agent that cannot re-register in time must still
-                # fence itself by the old deadline.
-                self._on_gone(before)
+                self._gone()
                 return
-            with self._lock:
-                self.deadline = max(self.deadline, self_fence_deadline(sent, self.cfg))
-                self.last_renew_latency_s = self._clock() - sent
-                recovered = self.deadline_passed
-                self.deadline_passed = False
-            if recovered:
-                log.warning("lease_recovered_after_deadline", lease=f"{self.lease_id:x}",
-                            who=self._name)
-            if self._on_renewed:
-                self._on_renewed()
+            self._renewed(sent)
+
+    def _gone(self) -> None:
+        with self._lock:
+            before = self._clock() < self.deadline and not self.deadline_passed
+            self.gone = True
+        log.info("lease_gone", lease=f"{self.lease_id:x}", revoked=before, who=self._name)
+        # Renewal ends, but the deadline monitor keeps running until the owner calls
+        # stop(): a drained agent that cannot re-register in time must still fence
+        # itself by the old deadline.
+        self._on_gone(before)
+
+    def _renewed(self, sent: float) -> None:
+        with self._lock:
+            self.deadline = max(self.deadline, self_fence_deadline(sent, self.cfg))
+            self.last_renew_latency_s = self._clock() - sent
+            recovered = self.deadline_passed
+            self.deadline_passed = False
+        if recovered:
+            log.warning("lease_recovered_after_deadline", lease=f"{self.lease_id:x}",
+                        who=self._name)
+        if self._on_renewed:
+            self._on_renewed()
 
     def _deadline_loop(self) -> None:
         while not self._stop.is_set():

@@ -25,6 +25,9 @@ from schemas.models import ClusterConfig, FenceRecord
 
 # etcd (3.4) checks lease expiry every 500 ms; keep at least that much slack.
 ETCD_EXPIRY_GRANULARITY_S = 0.5
+# Scheduling and the pipe to the guard: an acknowledged renewal reaches the guard a
+# little after etcd answered it.
+RENEWAL_SLACK_S = 0.25
 
 
 class UnsafeConfigError(ValueError):
@@ -49,6 +52,8 @@ def validate_timing(cfg: ClusterConfig) -> list[str]:
             f"keepalive_interval_s={cfg.keepalive_interval_s} leaves fewer than two keepalive "
             f"attempts inside the {window:.2f} s before self-fencing "
             "(need keepalive_interval_s * 2 <= lease_ttl_s - self_fence_safety_s)")
+    else:
+        problems += _renewal_gap_problems(cfg, window)
     if cfg.fence_margin_s < cfg.self_fence_safety_s:
         problems.append(
             f"fence_margin_s={cfg.fence_margin_s} must be at least "
@@ -73,6 +78,43 @@ def validate_timing(cfg: ClusterConfig) -> list[str]:
     if cfg.fence_retry_max_s < cfg.fence_retry_initial_s:
         problems.append(f"fence_retry_max_s={cfg.fence_retry_max_s} is below "
                         f"fence_retry_initial_s={cfg.fence_retry_initial_s}")
+    return problems
+
+
+def renewal_gap(cfg: ClusterConfig) -> float:
+    """The longest time between two acknowledged keepalives that one etcd member's
+    fault can cause while the cluster keeps its quorum (docs/fencing.md, "Timing rules").
+
+    The next keepalive is sent one interval after the last acknowledged one; it may
+    hang on a member that does not answer (stalled, partitioned, no RST) for its whole
+    RPC deadline; the keeper then tries the next endpoint at once.  If the faulty member
+    was the raft leader, renewals fail until the others elect a new one, which raft
+    bounds by twice the election timeout, and the attempt in flight when it is elected
+    may still hang for one more RPC deadline:
+
+        interval + 2 * keepalive_timeout + 2 * election_timeout
+    """
+    return (cfg.keepalive_interval_s + 2 * cfg.keepalive_timeout_s
+            + 2 * cfg.etcd_election_timeout_s)
+
+
+def _renewal_gap_problems(cfg: ClusterConfig, window: float) -> list[str]:
+    """The member-fault rule: a renewal gap (plus slack) fits before the guard fires and
+    before the agent's own deadline."""
+    problems: list[str] = []
+    need = renewal_gap(cfg) + RENEWAL_SLACK_S
+    formula = (f"keepalive_interval_s + 2 * keepalive_timeout_s + 2 * etcd_election_timeout_s "
+               f"+ {RENEWAL_SLACK_S} = {need:.2f} s")
+    if need > window:
+        problems.append(
+            f"a stalled or partitioned etcd member can delay renewals by {formula}, more "
+            f"than lease_ttl_s - self_fence_safety_s={window:.2f} s: the node would fence "
+            "itself while etcd keeps its quorum (raise lease_ttl_s)")
+    elif cfg.guard_enabled and need > guard_timeout(cfg):
+        problems.append(
+            f"a stalled or partitioned etcd member can delay renewals by {formula}, more "
+            f"than guard_timeout_s={guard_timeout(cfg):.2f}: the guard would fire while etcd "
+            "keeps its quorum (raise lease_ttl_s or guard_timeout_s)")
     return problems
 
 

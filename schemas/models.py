@@ -114,8 +114,15 @@ class FenceDevice(Model):
 class ClusterConfig(Model):
     """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
 
-    lease_ttl_s: int = Field(default=5, ge=1, le=60)
-    keepalive_interval_s: float = Field(default=1.0, gt=0)
+    # Timing (docs/fencing.md, "Timing rules"; fencing.policy.validate_timing).
+    lease_ttl_s: int = Field(default=6, ge=1, le=60)
+    keepalive_interval_s: float = Field(default=0.5, gt=0)
+    # The deadline of one keepalive RPC: a member that does not answer within it is
+    # left for the next endpoint at once.
+    keepalive_timeout_s: float = Field(default=0.5, gt=0)
+    # etcd's --election-timeout (its default, 1000 ms): a stalled leader is replaced
+    # within twice that, and renewals wait for the new one.
+    etcd_election_timeout_s: float = Field(default=1.0, gt=0)
     self_fence_safety_s: float = Field(default=1.0, gt=0)
     fence_margin_s: float = Field(default=2.0, gt=0)
     stop_timeout_s: float = Field(default=30.0, ge=0)

@@ -14,8 +14,11 @@ Contract for callers:
   failed compare returns `succeeded=False`; it is not an error.
 * `put()`/`delete()` without compares are used only for operator intent (specs,
   cordon markers) from the CLI and for the agent's own cordon marker.
-* Keepalive is a single round-trip (`keepalive()`); looping is the caller's job
-  because the caller owns the self-fencing deadline.
+* Keepalive is a single round-trip (`keepalive()`) with its own short deadline, on
+  its own channels (`store.keepalive.KeepaliveRing`); looping is the caller's job
+  because the caller owns the self-fencing deadline.  A keepalive that fails for a
+  reason of the way to etcd moves the ring to the next endpoint, so the caller's next
+  attempt (at once) goes to another member.
 
 Known behaviour of the etcd client designed around here: its single-endpoint
 client blacklists an endpoint for 300 s after one UNAVAILABLE error, so we build a
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 from pyetcd.watch import WatchResponse
@@ -48,6 +52,7 @@ from schemas.errors import PermanentError, TemporaryError, VmhaError
 from schemas.keys import Keyspace, decode_key
 from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.txn import Cmp, Delete, Put, TxnResult
+from store.keepalive import KeepaliveRing
 
 __all__ = ["Cmp", "Delete", "EtcdStore", "PrefixWatch", "Put", "StoreCompacted", "StoreError",
            "StoreRejected", "StoreUnavailable", "TlsFiles", "TxnResult", "is_transient",
@@ -186,6 +191,8 @@ class EtcdStore:
         self._retry_budget = retry_budget
         self._lock = threading.Lock()
         self._client = self._make_client()
+        self._keepalive_ring = KeepaliveRing(
+            self._endpoints, self._tls.credentials() if self._tls else None)
 
     def _make_client(self) -> MultiEndpointEtcd3Client:
         creds = self._tls.credentials() if self._tls else None
@@ -200,6 +207,7 @@ class EtcdStore:
 
     def close(self) -> None:
         self._client.close()
+        self._keepalive_ring.close()
 
     def _call(self, what: str, fn: Callable[[], R], budget: float | None = None) -> R:
         @retry(
@@ -295,20 +303,33 @@ class EtcdStore:
     def grant_lease(self, ttl: int) -> int:
         return int(self._call("lease grant", lambda: self._client.lease(ttl)).id)
 
-    def keepalive(self, lease_id: int) -> int:
-        """One keepalive round-trip; returns the TTL etcd granted, 0 if the lease is gone.
+    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
+        """One keepalive round-trip to the keepalive ring's current endpoint, within
+        `timeout` seconds (default: the store's timeout); returns the TTL etcd granted,
+        0 if the lease is gone.
 
-        Raises StoreUnavailable at once (no retry): the caller owns the deadline.
+        Raises StoreUnavailable at once (no retry), after making the next endpoint
+        current: the caller owns the deadline and tries again at once.
         """
+        index, target, stub = self._keepalive_ring.current()
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+        call = stub.LeaseKeepAlive(iter([request]), self._timeout if timeout is None
+                                   else timeout, credentials=self._client.call_credentials,
+                                   metadata=self._client.metadata)
         try:
-            for resp in self._client.refresh_lease(lease_id):
+            for resp in call:
                 return int(resp.TTL)
-        except _CALL_ERRORS as exc:
-            err = store_error("keepalive", exc)
-            if err is None:
+        except grpc.RpcError as exc:
+            err = store_error(f"keepalive via {target}", exc)
+            if isinstance(err, StoreUnavailable):
+                self._keepalive_ring.failed(index)
+            if err is None:  # pragma: no cover - every RpcError maps to a StoreError
                 raise
             raise err from exc
-        raise StoreUnavailable("etcd keepalive returned no response")
+        finally:
+            call.cancel()
+        self._keepalive_ring.failed(index)
+        raise StoreUnavailable(f"etcd keepalive via {target} returned no response")
 
     def revoke_lease(self, lease_id: int) -> None:
         def revoke() -> None:

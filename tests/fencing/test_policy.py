@@ -20,24 +20,24 @@ DEV = {"*": FenceDevice(agent=["/bin/true"])}
 
 
 def test_default_guard_timeout_is_one_keepalive_before_the_deadline() -> None:
-    assert guard_timeout(CFG) == pytest.approx(2 - 0.5 - 0.4)
-    assert guard_timeout(ClusterConfig()) == 5 - 1 - 1
+    assert guard_timeout(CFG) == pytest.approx(3 - 0.5 - 0.3)
+    assert guard_timeout(ClusterConfig()) == 6 - 1 - 0.5
     assert validate_timing(CFG) == [] and validate_timing(ClusterConfig()) == []
 
 
 def test_unsafe_guard_timing_is_refused() -> None:
-    too_long = CFG.model_copy(update={"guard_timeout_s": 1.5})
-    assert any("guard_timeout_s=1.50 must be below" in p for p in validate_timing(too_long))
+    too_long = CFG.model_copy(update={"guard_timeout_s": 2.5})
+    assert any("guard_timeout_s=2.50 must be below" in p for p in validate_timing(too_long))
     too_short = CFG.model_copy(update={"guard_timeout_s": 0.3})
     assert any("must exceed keepalive_interval_s" in p for p in validate_timing(too_short))
     # Disabled guard: its timeout is not checked and not part of the window.
     off = too_long.model_copy(update={"guard_enabled": False})
     assert validate_timing(off) == []
-    assert fence_window(off) == 2 + 1.0
+    assert fence_window(off) == 3 + 1.0
 
 
 def test_fence_window_covers_ttl_guard_timeout_and_margin() -> None:
-    assert fence_window(CFG) == 2 + guard_timeout(CFG) + 1.0
+    assert fence_window(CFG) == 3 + guard_timeout(CFG) + 1.0
 
 
 def test_guard_fires_at_the_earlier_of_timeout_and_deadline() -> None:

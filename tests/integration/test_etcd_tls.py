@@ -61,6 +61,8 @@ def test_store_and_cli_over_tls_with_client_certs(tmp_path: Path) -> None:
                 if time.monotonic() > deadline:
                     raise
         assert store.get("/vmha/tls-check").value == b"ok"  # type: ignore[union-attr]
+        # The keepalive's own channels (store.keepalive) use the same TLS files.
+        assert store.keepalive(store.grant_lease(30)) > 0
         # Without a client certificate etcd refuses us.
         no_client = EtcdStore(ep, tls=TlsFiles(str(tmp_path / "ca.pem")), retry_budget=0.5)
         with pytest.raises(StoreUnavailable):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hypervisor.fake import fake_ground_truth
-from tests.conftest import vmha
+from tests.conftest import TEST_CONFIG, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.test_cluster import boot_cluster, vms_on
 
@@ -110,6 +110,6 @@ def test_every_listing_parses_as_json(etcd: EtcdCluster, fake_cluster: FakeClust
     assert all(v["state"] == "running" for v in vms)
     status = j(etcd, "status")
     assert status["leader"]["epoch"] > 0 and len(status["vms"]) == 2
-    assert j(etcd, "config", "show")["lease_ttl_s"] == 2
+    assert j(etcd, "config", "show")["lease_ttl_s"] == TEST_CONFIG.lease_ttl_s
     assert j(etcd, "fence", "list") == []  # no node was ever lost here
     assert isinstance(j(etcd, "history"), list)

@@ -92,6 +92,13 @@ class _Keys:
         return rec
 
 
+# The timing the scenarios' waits were written for (a TTL of 5 s, a 10 s fence window):
+# the defaults before issue 11 raised them, with RPC and election timeouts that keep them
+# valid under the member-fault rule (docs/fencing.md).  A scenario's "config" overrides it.
+SCENARIO_TIMING = {"lease_ttl_s": 5, "keepalive_interval_s": 1.0, "keepalive_timeout_s": 0.25,
+                   "etcd_election_timeout_s": 0.5}
+
+
 def load_world(data: dict[str, Any]) -> World:
     unknown = set(data) - TOP_KEYS
     if unknown:
@@ -102,7 +109,9 @@ def load_world(data: dict[str, Any]) -> World:
     keys.put(KS.leader, {"schema": 1, "id": "leader-1", "host": "h1", "pid": 99,
                          "lease_id": "ff", "elected_at": WALL0, "mod_revision": epoch})
     if "config" in data:
-        keys.put(KS.config, {"schema": 1, **data["config"]})
+        keys.put(KS.config, {"schema": 1, **SCENARIO_TIMING, **data["config"]})
+    else:
+        keys.put(KS.config, {"schema": 1, **SCENARIO_TIMING, "mod_revision": 5})
     nodes = _load_nodes(data, keys)
     _load_keys(data, keys)
     top = max((r.mod_revision for r in store.kv.values()), default=0)

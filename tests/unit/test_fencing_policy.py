@@ -11,6 +11,8 @@ from fencing.policy import (
     FenceVerdict,
     UnsafeConfigError,
     fence_window,
+    guard_timeout,
+    renewal_gap,
     require_safe_timing,
     self_fence_deadline,
     self_fence_verdict,
@@ -18,7 +20,8 @@ from fencing.policy import (
 )
 from schemas.models import ClusterConfig
 
-TEST = dict(lease_ttl_s=2, keepalive_interval_s=0.4, self_fence_safety_s=0.5, fence_margin_s=1.0)
+TEST = dict(lease_ttl_s=3, keepalive_interval_s=0.3, keepalive_timeout_s=0.25,
+            etcd_election_timeout_s=0.5, self_fence_safety_s=0.5, fence_margin_s=1.0)
 TEST_CFG = ClusterConfig(**TEST)  # type: ignore[arg-type]
 
 
@@ -27,8 +30,12 @@ TEST_CFG = ClusterConfig(**TEST)  # type: ignore[arg-type]
     [
         pytest.param(ClusterConfig(), id="defaults"),
         pytest.param(TEST_CFG, id="short-test-config"),
-        pytest.param(ClusterConfig(lease_ttl_s=1, keepalive_interval_s=0.25,
-                                   self_fence_safety_s=0.5, fence_margin_s=0.5),
+        # A member fault's renewal gap plus slack (0.25 + 0.5 + 1.0 + 0.25 = 2.0 s) is
+        # exactly the guard timeout.
+        pytest.param(ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.25,
+                                   keepalive_timeout_s=0.25, etcd_election_timeout_s=0.5,
+                                   self_fence_safety_s=0.5, fence_margin_s=0.5,
+                                   guard_timeout_s=2.0),
                      id="tightest-edges"),
         pytest.param(ClusterConfig(lease_ttl_s=60, keepalive_interval_s=20,
                                    self_fence_safety_s=10, fence_margin_s=10), id="slow"),
@@ -49,18 +56,29 @@ UNSAFE: list[Any] = [
     pytest.param(dict(lease_ttl_s=1, self_fence_safety_s=1.5, fence_margin_s=2.0),
                  ["self_fence_safety_s=1.5", "smaller than lease_ttl_s=1"],
                  id="safety-exceeds-ttl"),
-    pytest.param(dict(keepalive_interval_s=0.8),
-                 ["keepalive_interval_s=0.8", "fewer than two keepalive attempts",
-                  "1.50 s"], id="keepalive-too-slow"),
+    pytest.param(dict(keepalive_interval_s=1.3),
+                 ["keepalive_interval_s=1.3", "fewer than two keepalive attempts",
+                  "2.50 s"], id="keepalive-too-slow"),
     pytest.param(dict(lease_ttl_s=5, keepalive_interval_s=5.0, self_fence_safety_s=1.0,
                       fence_margin_s=2.0),
                  ["keepalive_interval_s=5.0", "4.00 s"], id="keepalive-equals-ttl"),
-    pytest.param(dict(fence_margin_s=0.6, self_fence_safety_s=0.8),
-                 ["fence_margin_s=0.6", "at least self_fence_safety_s=0.8"],
+    pytest.param(dict(fence_margin_s=0.55, self_fence_safety_s=0.6),
+                 ["fence_margin_s=0.55", "at least self_fence_safety_s=0.6"],
                  id="margin-below-safety"),
     pytest.param(dict(fence_margin_s=0.4, self_fence_safety_s=0.3),
                  ["fence_margin_s=0.4", "lease-expiry granularity"],
                  id="margin-below-etcd-granularity"),
+    # A stalled member: 0.3 + 2 * 1.0 + 2 * 0.5 + 0.25 = 3.55 s between renewals.
+    pytest.param(dict(keepalive_timeout_s=1.0),
+                 ["keepalive_timeout_s", "= 3.55 s", "lease_ttl_s - self_fence_safety_s=2.50",
+                  "raise lease_ttl_s"], id="keepalive-timeout-beyond-deadline"),
+    # A stalled leader: 0.3 + 2 * 0.25 + 2 * 1.0 + 0.25 = 3.05 s between renewals.
+    pytest.param(dict(etcd_election_timeout_s=1.0),
+                 ["etcd_election_timeout_s", "= 3.05 s", "fence itself"],
+                 id="election-beyond-deadline"),
+    pytest.param(dict(guard_timeout_s=1.8),
+                 ["= 2.05 s", "guard_timeout_s=1.80", "the guard would fire"],
+                 id="member-fault-beyond-guard"),
 ]
 
 
@@ -97,8 +115,8 @@ def test_granularity_constant() -> None:
 @pytest.mark.parametrize(
     ("sent", "cfg", "deadline"),
     [
-        pytest.param(100.0, ClusterConfig(), 104.0, id="defaults"),
-        pytest.param(100.0, TEST_CFG, 101.5, id="test-config"),
+        pytest.param(100.0, ClusterConfig(), 105.0, id="defaults"),
+        pytest.param(100.0, TEST_CFG, 102.5, id="test-config"),
         pytest.param(0.0, ClusterConfig(lease_ttl_s=10, self_fence_safety_s=2.5), 7.5,
                      id="from-zero"),
     ],
@@ -113,10 +131,10 @@ def test_self_fence_deadline(sent: float, cfg: ClusterConfig, deadline: float) -
 def test_fence_window_is_a_ttl_plus_the_margin() -> None:
     # A full TTL: the leader cannot tell a revoked lease from an expired one.  With the
     # guard enabled (the default) the guard timeout is added (ttl + guard + margin).
-    assert fence_window(ClusterConfig()) == 5 + 3 + 2 == 10.0
-    assert fence_window(TEST_CFG) == pytest.approx(2 + 1.1 + 1.0)
-    assert fence_window(ClusterConfig(guard_enabled=False)) == 7.0
-    assert fence_window(TEST_CFG.model_copy(update={"guard_enabled": False})) == 3.0
+    assert fence_window(ClusterConfig()) == 6 + 4.5 + 2 == 12.5
+    assert fence_window(TEST_CFG) == pytest.approx(3 + 2.2 + 1.0)
+    assert fence_window(ClusterConfig(guard_enabled=False)) == 8.0
+    assert fence_window(TEST_CFG.model_copy(update={"guard_enabled": False})) == 4.0
 
 
 NOGUARD = ClusterConfig(guard_enabled=False)
@@ -126,22 +144,22 @@ TEST_NOGUARD = TEST_CFG.model_copy(update={"guard_enabled": False})
 @pytest.mark.parametrize(
     ("lost_at", "now", "cfg", "fenced", "remaining", "words"),
     [
-        pytest.param(10.0, 10.0, NOGUARD, False, 7.0,
-                     "lease gone for 0.00 s, waiting for the fence window (7.00 s)",
+        pytest.param(10.0, 10.0, NOGUARD, False, 8.0,
+                     "lease gone for 0.00 s, waiting for the fence window (8.00 s)",
                      id="just-lost"),
-        pytest.param(10.0, 11.5, NOGUARD, False, 5.5,
+        pytest.param(10.0, 11.5, NOGUARD, False, 6.5,
                      "lease gone for 1.50 s, waiting", id="inside-window"),
-        pytest.param(10.0, 17.0, NOGUARD, True, 0.0,
-                     "lease gone for 7.00 s >= fence window 7.00 s", id="window-edge"),
+        pytest.param(10.0, 18.0, NOGUARD, True, 0.0,
+                     "lease gone for 8.00 s >= fence window 8.00 s", id="window-edge"),
         pytest.param(10.0, 30.0, NOGUARD, True, 0.0,
-                     "lease gone for 20.00 s >= fence window 7.00 s", id="long-after"),
-        pytest.param(10.0, 12.9, TEST_NOGUARD, False, 0.1, "fence window (3.00 s)",
+                     "lease gone for 20.00 s >= fence window 8.00 s", id="long-after"),
+        pytest.param(10.0, 13.9, TEST_NOGUARD, False, 0.1, "fence window (4.00 s)",
                      id="test-config-before"),
-        pytest.param(10.0, 13.0, TEST_NOGUARD, True, 0.0, "the agent self-fenced",
+        pytest.param(10.0, 14.0, TEST_NOGUARD, True, 0.0, "the agent self-fenced",
                      id="test-config-after"),
-        pytest.param(10.0, 19.9, ClusterConfig(), False, 0.1, "fence window (10.00 s)",
+        pytest.param(10.0, 22.4, ClusterConfig(), False, 0.1, "fence window (12.50 s)",
                      id="guard-before"),
-        pytest.param(10.0, 20.0, ClusterConfig(), True, 0.0, "the agent self-fenced",
+        pytest.param(10.0, 22.5, ClusterConfig(), True, 0.0, "the agent self-fenced",
                      id="guard-after"),
     ],
 )
@@ -152,3 +170,11 @@ def test_self_fence_verdict(lost_at: float, now: float, cfg: ClusterConfig, fenc
     assert v.fenced is fenced
     assert v.remaining_s == pytest.approx(remaining)
     assert words in v.reason
+
+
+def test_renewal_gap_counts_interval_rpc_timeouts_and_election() -> None:
+    # docs/fencing.md, "Timing rules": interval + 2 * RPC deadline + 2 * election timeout.
+    assert renewal_gap(ClusterConfig()) == 0.5 + 2 * 0.5 + 2 * 1.0 == 3.5
+    assert renewal_gap(TEST_CFG) == pytest.approx(0.3 + 2 * 0.25 + 2 * 0.5)
+    # The defaults leave a second between a member fault's gap (plus slack) and the guard.
+    assert guard_timeout(ClusterConfig()) - renewal_gap(ClusterConfig()) == 1.0

@@ -97,7 +97,8 @@ def test_config_defaults() -> None:
     cfg = ClusterConfig()
     assert (cfg.lease_ttl_s, cfg.keepalive_interval_s, cfg.self_fence_safety_s,
             cfg.fence_margin_s, cfg.stop_timeout_s, cfg.max_migrations_per_node) == (
-        5, 1.0, 1.0, 2.0, 30.0, 2)
+        6, 0.5, 1.0, 2.0, 30.0, 2)
+    assert (cfg.keepalive_timeout_s, cfg.etcd_election_timeout_s) == (0.5, 1.0)
 
 
 def test_models_are_frozen() -> None:
