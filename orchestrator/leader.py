@@ -53,7 +53,9 @@ class Orchestrator:
         self.last_leases: dict[str, str] = {}
         self.last_uris: dict[str, str] = {}
         self.fencer = ExternalFencer(wake=self.wake)
-        self._reported_errors: set[str] = set()
+        # The config error logged last: each new one is logged once, and hostile writes
+        # of ever-different configs cannot grow a set of them without bound.
+        self._config_error = ""
         self.leader_watch = PrefixWatch(store, self.ks.leader, self.wake)
         self.all_watch = PrefixWatch(store, self.ks.root, self.wake)
         self.history = HistoryWriter(store, f"leader:{self.ident}")
@@ -84,12 +86,13 @@ class Orchestrator:
         except (ConfigError, ValueError) as exc:
             if starting:
                 raise ConfigError(str(exc)) from exc
-            if str(exc) not in self._reported_errors:
-                self._reported_errors.add(str(exc))
+            if str(exc) != self._config_error:
+                self._config_error = str(exc)
                 self.log.error("config_rejected", error=str(exc),
                                reason="keeping the last valid config")
             return
         self.cfg = snap.config
+        self._config_error = ""
 
     # ---- election ----------------------------------------------------------------------
 

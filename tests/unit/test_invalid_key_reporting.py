@@ -49,3 +49,23 @@ def test_cycle_backoff_grows_bounded_and_resets() -> None:
     assert b.failures == 12
     b.succeeded()
     assert b.failures == 0 and b.failed() <= 1.0
+
+
+def test_leader_logs_each_config_error_once_until_the_config_is_valid_again() -> None:
+    from structlog.testing import capture_logs
+
+    from orchestrator.leader import Orchestrator
+
+    class _Store:
+        keyspace = KS
+
+    orch = Orchestrator(_Store(), ident="t")  # type: ignore[arg-type]
+
+    def cfg(value: bytes) -> ClusterSnapshot:
+        return ClusterSnapshot.from_kvs(KS, 1, [RawKV(KS.config, value, 1, 1)])
+
+    bad_a, bad_b, good = cfg(b"[" * 50_000), cfg(b'{"lease_ttl_s": "x"}'), cfg(b"{}")
+    with capture_logs() as logs:
+        for snap in (bad_a, bad_a, bad_b, bad_b, good, bad_a):
+            orch._check_config(snap)
+    assert [e["event"] for e in logs] == ["config_rejected"] * 3
