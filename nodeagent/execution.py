@@ -122,9 +122,10 @@ class Execution:
             self._shutdown(action, lg)
         elif isinstance(action, agent_plan.Destroy):
             lg.warning("destroy", reason=action.reason)
+            hv.destroy(action.vm)
+            # After it: a refused destroy is retried with backoff, recorded once as such.
             self.ctx.history.record("destroy", vm=action.vm, node=self.ctx.me,
                                     reason=action.reason)
-            hv.destroy(action.vm)
             self.ctx.wake.set()
         elif isinstance(action, agent_plan.Undefine):
             lg.info("undefine", reason=action.reason)

@@ -8,12 +8,17 @@ guest that dies under its agent is a crash event, restarted in place, and an out
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cli.common import default_domain_xml
+from hypervisor.base import HypervisorRefused
+from hypervisor.fake import FakeHypervisor
+from nodeagent.agent import AgentOptions, NodeAgent
 from schemas import Keyspace, Placement, VmSpec, VmStatus
 from schemas.events import Event
 from store.etcd import EtcdStore
@@ -191,4 +196,51 @@ def test_guest_killed_under_running_agent_is_a_crash_and_an_outage(
         assert len(events(store, "g", "crash")) == 2 and moved.crashes == 0
     finally:
         fc.stop()
+        store.close()
+
+
+class _LockedFake(FakeHypervisor):
+    """A fake host whose hypervisor refuses to destroy one domain (as libvirt refuses
+    while a domain's job lock is held)."""
+
+    def __init__(self, root: Path, node: str, locked: str) -> None:
+        super().__init__(root, node)
+        self.locked = locked
+        self.destroy_calls: list[float] = []
+
+    def destroy(self, name: str) -> None:
+        if name == self.locked:
+            self.destroy_calls.append(time.monotonic())
+            raise HypervisorRefused(f"Timed out during operation: cannot acquire state "
+                                    f"change lock for {name}")
+        super().destroy(name)
+
+
+def test_refused_destroy_backs_off_is_reported_once_and_blocks_no_other_vm(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, CONFIG.to_json())
+    hv = _LockedFake(tmp_path, "n1", locked="old")
+    xml = default_domain_xml("old", 64, 1)
+    hv.boot("old", xml)  # runs here; its spec is then removed: the agent must destroy it
+    store.put(KS.vm_spec("new"), spec("new", default_domain_xml("new", 64, 1)).to_json())
+    store.put(KS.vm_placement("new"), Placement(id="p1", vm="new", node="n1", kind="boot",
+                                                epoch=1, reason="test",
+                                                decided_at=time.time()).to_json())
+    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.1))
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        # A refusal must not end the cycle for the other VMs: "new" boots.
+        status_when(store, "new", lambda s: s.state == "running", 20, "new running")
+        wait_until(lambda: len(hv.destroy_calls) >= 4, 20, what="four destroy attempts")
+        gaps = [b - a for a, b in zip(hv.destroy_calls, hv.destroy_calls[1:], strict=False)]
+        # backoff 0.3, 0.6, 1.0 s (capped) between attempts, at a 0.1 s poll
+        assert gaps[0] >= 0.25 and gaps[1] >= 0.55 and gaps[2] >= 0.95, gaps
+        assert len(events(store, "old", "stop_failed")) == 1
+        assert hv.list_domains()["old"].state == "running"  # refused, still there
+    finally:
+        agent.stopped.set()
+        agent.wake.set()
+        t.join(5)
         store.close()
