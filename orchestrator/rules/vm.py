@@ -67,7 +67,9 @@ def relocate_failing(st: CycleState, f: VmFacts) -> bool:
             or s.state in RUNNING_STATES or s.node not in (p.node, p.from_node)
             or f.unfenced):
         return False
-    why = gave_up(s, cfg)
+    # Counted on the placement's node, even when the status is the migration source's
+    # hand-off acknowledgement (it carries the target's counts).
+    why = gave_up(s.model_copy(update={"node": p.node}), cfg)
     if why is None:
         return False
     tried = tuple(dict.fromkeys([*p.failed_nodes, p.node]))

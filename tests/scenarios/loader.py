@@ -28,7 +28,7 @@ from tests.scenarios.model import (
 DEFAULT_REVISION = 100
 TOP_KEYS = {"comment", "revision", "epoch", "tick_s", "auto_migrate", "leader", "agents",
             "config", "nodes", "cordons", "fences", "vms", "placements", "statuses", "moves",
-            "domains"}
+            "domains", "refuse"}
 
 
 def domain_xml(name: str) -> str:
@@ -123,6 +123,8 @@ def load_world(data: dict[str, Any]) -> World:
                   auto_migrate=bool(data.get("auto_migrate", False)))
     _load_domains(world, data)
     _select_agents(world, data.get("agents"))
+    for node, refused in data.get("refuse", {}).items():  # as `boot-refused` events at 0
+        world.node(node).refuse.update(refused)
     store.snapshot()  # every value must validate
     return world
 
