@@ -62,6 +62,7 @@ from schemas.models import VmSpec
 from store.etcd import EtcdStore
 
 MAX_BIG = 2 * 1024 * 1024
+_TWO_MIB = b'{"schema": 1, "x": "' + b"x" * MAX_BIG + b'"}'
 FOREIGN_TTL_S = 4.0  # a foreign key is deleted this long after its write
 STATUS_EVERY_S = 4.0
 COMPACT_EVERY_S = 30.0
@@ -79,6 +80,8 @@ class Fuzz:
     writes: Counter[str] = field(default_factory=Counter)
     live_writes: Counter[str] = field(default_factory=Counter)
     shapes: Counter[str] = field(default_factory=Counter)
+    names: Counter[str] = field(default_factory=Counter)
+    sizes: Counter[str] = field(default_factory=Counter)
     exits: dict[str, int | None] = field(default_factory=dict)
     stopped: set[str] = field(default_factory=set)
     moved: set[str] = field(default_factory=set)
@@ -139,6 +142,8 @@ class Fuzz:
         self.foreign[key] = time.monotonic()
         self.writes[pattern] += 1
         self.shapes[shape] += 1
+        self.names[name_kind(name)] += 1
+        self.sizes[size_kind(value)] += 1
 
     def overwrite_live(self, pattern: str, shape: str, value: bytes, hold: float) -> None:
         key = live_key(self.ks, pattern, self.rng.choice(
@@ -155,6 +160,7 @@ class Fuzz:
         self.writes[pattern] += 1
         self.live_writes[pattern] += 1
         self.shapes[shape] += 1
+        self.sizes[size_kind(value)] += 1
         end = time.monotonic() + hold
         while time.monotonic() < end:
             self.check()
@@ -195,6 +201,27 @@ class Fuzz:
         self.check()
 
 
+def name_kind(name: bytes) -> str:
+    """What is hostile about a name (for the counts of results/fuzz.json)."""
+    try:
+        text = name.decode()
+    except UnicodeDecodeError:
+        return "not_utf8"
+    if "/" in text:
+        return "slash"
+    if any(not c.isprintable() for c in text):
+        return "newline_or_control"
+    if not text.isascii():
+        return "unicode"
+    return "valid_or_other"
+
+
+def size_kind(value: bytes) -> str:
+    if len(value) >= 2 * 1024 * 1024:
+        return "2MiB"
+    return "over_256KiB" if len(value) > 256 * 1024 else "small"
+
+
 def _vmha(fc: FakeCluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vmha", *fc.common(), "-o", "json", *args],
                           capture_output=True, text=True, timeout=60)
@@ -222,8 +249,9 @@ def fuzz(z: Fuzz) -> None:
         if time.monotonic() > z.deadline:
             return
         for pattern, live, name, (shape, value), hold in writes:
-            if shape == "oversized" and z.rng.random() > 0.1:
-                value = value[:300 * 1024] + b'"}'  # most oversized writes: just over
+            if shape == "oversized":  # one in ten: 2 MiB, the others just over the limit
+                value = (_TWO_MIB if z.rng.random() < 0.1
+                         else value[:min(len(value) - 2, 300 * 1024)] + b'"}')
             # One live overwrite in five; the rest go to keys of other names.
             if live and z.rng.random() < 0.2 and pattern != "history":
                 z.overwrite_live(pattern, shape, value, hold)
@@ -277,6 +305,8 @@ def run(minutes: float, vms: int = 6, seed: int = 1,
             "writes": sum(z.writes.values()), "writes_per_pattern": dict(sorted(z.writes.items())),
             "live_overwrites_per_pattern": dict(sorted(z.live_writes.items())),
             "writes_per_shape": dict(sorted(z.shapes.items())),
+            "foreign_writes_per_name_kind": dict(sorted(z.names.items())),
+            "writes_per_size": dict(sorted(z.sizes.items())),
             "live_writes_skipped_by_cas": z.restores_skipped,
             "daemon_exits": len(z.exits), "daemons_exited": z.exits,
             "vms_stopped": len(z.stopped), "vms_moved": len(z.moved),
