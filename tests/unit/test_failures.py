@@ -45,12 +45,12 @@ def agent(snap_kw: dict[str, Any], domains: list[Domain], now: float = NOW) -> l
 
 
 def test_backoff_is_exponential_and_capped() -> None:
-    cfg = ClusterConfig(**CFG)
+    cfg = ClusterConfig.model_validate(CFG)
     assert [failure_backoff(cfg, n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 8, 8, 8]
 
 
 def test_gave_up_says_why_and_where() -> None:
-    cfg = ClusterConfig(**CFG)
+    cfg = ClusterConfig.model_validate(CFG)
     st = VmStatus(vm="vm1", node="a", state="stopped", since=1.0, boot_failures=3,
                   error="domain 'vm1' is already defined with uuid x")
     why = gave_up(st, cfg)
@@ -191,3 +191,31 @@ def test_crash_is_an_outage_until_the_next_boot() -> None:
               ev(2, 50.0, "crash", vm="vm1", node="a", reason="guest died"),
               ev(3, 52.5, "boot", vm="vm1", node="a")]
     assert outages(events, 0.0, 100.0) == {"vm1": [(50.0, 52.5, "crash")]}
+
+
+# ---- the CLI: domain identity and the error column --------------------------------------
+
+
+def test_identity_clash_names_the_other_vm_and_ignores_itself() -> None:
+    from cli.vm import _error, identity_clash
+    from tests.unit.builders import KS, raw, spec_value
+
+    u = "6b1f2c4d-1111-4222-8333-444455556666"
+
+    def with_uuid(name: str, uid: str) -> dict[str, Any]:
+        v = spec_value(name)
+        v["domain_xml"] = v["domain_xml"].replace("</name>", f"</name><uuid>{uid}</uuid>")
+        return v
+
+    snap = cluster(extra=[raw(KS.vm_spec("web1"), with_uuid("web1", u), 20)])
+    web2 = VmSpec.model_validate(with_uuid("web2", u.upper()))
+    assert "already used by vm/web1" in (identity_clash(snap, web2) or "")
+    web1 = VmSpec.model_validate(with_uuid("web1", u))
+    assert identity_clash(snap, web1) is None  # its own UUID
+    assert identity_clash(snap, VmSpec.model_validate(spec_value("web3"))) is None  # none
+    st = VmStatus(vm="v", node="a", state="stopped", since=1.0, error="refused",
+                  boot_failures=2)
+    assert _error(None, st) == "refused (2 boot failures)"
+    failed = Placement(id="x", vm="v", node=None, kind="failed", epoch=1, reason="gave up",
+                       decided_at=1)
+    assert _error(failed, st) == "failed: gave up"
