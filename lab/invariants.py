@@ -7,7 +7,8 @@ I1  at most one running instance per VM: :class:`DoubleRunChecker` samples a
     vmha's own view;
 I3  no write from a stale leader epoch or a stale agent was accepted:
     :class:`HistoryChecker` replays etcd's history (a watch from revision 1);
-I4  a VM that cannot run has a visible ``pending`` placement with a reason
+I4  a VM that cannot run has a visible ``pending`` (waiting for capacity) or ``failed``
+    (given up after its restart and relocation limits) placement with a reason
     (:func:`visibly_pending`).
 
 (I2, "everything runs again after a fault", is a property of a whole campaign step:
@@ -193,13 +194,13 @@ class DoubleRunChecker:
 
 
 def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | None = None) -> bool:
-    """I4: the VM's placement says ``pending``, with a reason."""
+    """I4: the VM's placement says ``pending`` or ``failed``, with a reason."""
     try:
         kv = store.get((ks or Keyspace()).vm_placement(vm))
     except StoreUnavailable:
         return False
     p = json.loads(kv.value) if kv else None
-    return bool(p and p.get("kind") == "pending" and p.get("reason"))
+    return bool(p and p.get("kind") in ("pending", "failed") and p.get("reason"))
 
 
 class HistoryChecker:
