@@ -18,11 +18,26 @@ Faults: kill -9 of an agent / the leader / an etcd member; SIGSTOP of an agent o
 leader past the lease TTL, then SIGCONT; an agent cut off from etcd by a TCP proxy
 that turns into a black hole while its VMs keep running; a fence agent that hangs or
 fails (fence_policy=both); quorum loss (2 of 3 members) and return; etcd compaction;
-capacity exhaustion (a VM that fits nowhere).  Dead agents are restarted the way
-systemd would (Restart=always, 0.5 s), unless the fault holds them down.
+capacity exhaustion (a VM that fits nowhere); and (issue 11, :mod:`bench.campaign_faults`)
+an etcd member stalled (SIGSTOP) or black-holed (packets dropped, no RST), a rolling etcd
+restart, an agent SIGKILLed and restarted within the TTL next to its guard service, and
+hostile keys and values.  Dead agents are restarted the way systemd would
+(Restart=always, 0.5 s), unless the fault holds them down.
+
+The last node (``svc_node``) runs its guard as its own service (``vmha guard``, as
+vmha-guard.service does): the agent restart hits it, the other agent faults hit the
+other nodes (their guards are the agents' children, so a killed agent is fenced).
+Clients reach each member through a :class:`bench.etcd_faults.DropProxy` (the
+black hole); each agent through its own :class:`bench.tcpproxy.Proxy` in front of those
+(its partition).
+
+Self-fences are counted per step and node, and each one that happened while etcd
+quorum was reachable from the node is a *needless* self-fence (the definition is in
+:mod:`bench.campaign_core`); a run with any violation or needless self-fence exits 1.
 
     python -m bench.campaign --seeds 1 2 3 --steps 100 --out results/campaign.json
     python -m bench.campaign --negative-control   # guard off: must report a double run
+    python -m bench.campaign --needless-control   # guard timeout too short: needless fences
 """
 
 from __future__ import annotations
@@ -41,7 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.campaign_core import KS, CampaignCore, StepResult
+from bench.campaign_faults import NEW_FAULTS, NewFaults
 from bench.common import pct
+from bench.etcd_faults import DropProxy
 from bench.tcpproxy import Proxy
 from lab.configs import FAST_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker, visibly_pending
@@ -52,10 +69,11 @@ from store.etcd import EtcdStore
 
 ALL_FAULTS = ("kill_agent", "kill_leader", "kill_etcd", "stop_agent", "stop_leader",
               "partition_agent", "fence_hang", "fence_fail", "quorum_loss", "compact",
-              "capacity")
+              "capacity", *NEW_FAULTS)
 AGENT_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail")
 
-__all__ = ["ALL_FAULTS", "Campaign", "StepResult", "main", "negative_control", "run_campaign"]
+__all__ = ["ALL_FAULTS", "Campaign", "StepResult", "main", "needless_control",
+           "negative_control", "run_campaign"]
 
 
 def xml(name: str, mem: int) -> str:
@@ -63,12 +81,13 @@ def xml(name: str, mem: int) -> str:
             "<vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>")
 
 
-class Campaign(CampaignCore):
+class Campaign(CampaignCore, NewFaults):
     def __init__(self, seed: int, workdir: Path, *, nodes: int = 3, vms: int = 6,
                  guard: bool = True, fence_policy: str = "self",
                  faults: tuple[str, ...] = ALL_FAULTS, converge_s: float = 40.0,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, config: ClusterConfig = FAST_CONFIG) -> None:
         super().__init__(seed, vms, converge_s, verbose, FakeTruth(workdir / "hv"))
+        self.base_config = config
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
@@ -81,6 +100,9 @@ class Campaign(CampaignCore):
         self.agents: dict[str, Daemon] = {}
         self.orchs: dict[str, Daemon] = {}
         self.proxies: dict[str, list[Proxy]] = {}
+        self.drops: list[DropProxy] = []
+        self.svc_node = self.nodes[-1]
+        self.guards: dict[str, Daemon] = {}
         self.compacted = 0
         self.guard_kills = 0
         self.etcd: EtcdCluster | None = None
@@ -94,7 +116,7 @@ class Campaign(CampaignCore):
                 agent=[sys.executable, "-m", "bench.fence_fault"],
                 params={"uri": f"fake://{self.fake_root}/{{node}}",
                         "mode_file": str(self.mode_file)}, timeout_s=2.0)
-        return FAST_CONFIG.model_copy(update={
+        return self.base_config.model_copy(update={
             "guard_enabled": self.guard, "fence_policy": self.fence_policy,
             "fence_devices": devices, "fence_retry_initial_s": 0.5, "fence_retry_max_s": 2.0})
 
@@ -107,8 +129,9 @@ class Campaign(CampaignCore):
                                                 timeout=1.0))
         self.history.ensure()
         self.store.put(KS.config, self.config().to_json())
+        self.drops = [DropProxy(m.client_port) for m in self.etcd.members]
         for n in self.nodes:
-            self.proxies[n] = [Proxy(m.client_port) for m in self.etcd.members]
+            self.proxies[n] = [Proxy(d.port) for d in self.drops]
             self.start_agent(n)
         for o in ("o1", "o2"):
             self.start_orch(o)
@@ -124,14 +147,36 @@ class Campaign(CampaignCore):
 
     def start_agent(self, n: str) -> None:
         eps = ",".join(p.endpoint for p in self.proxies[n])
+        extra = []
+        if n == self.svc_node:
+            extra = ["--guard-socket", str(self.start_guard(n))]
         d = Daemon(n, ["--etcd", eps, "agent", "--name", n, "--fake-root", str(self.fake_root),
-                       "--memory-mib", "4096", "--vcpus", "8", "--log-format", "json"],
+                       "--memory-mib", "4096", "--vcpus", "8", "--log-format", "json", *extra],
                    self.workdir / f"agent-{n}.log")
         self.agents[n] = d.start()
 
+    def start_guard(self, n: str) -> Path:
+        """Node ``n``'s guard service unless it runs (it exits when it fires); its socket."""
+        sock = self.workdir / f"guard-{n}.sock"
+        running = self.guards.get(n)
+        if running is not None and running.alive():
+            return sock
+        sock.unlink(missing_ok=True)
+        d = Daemon(f"guard-{n}", ["guard", "--fake-root", str(self.fake_root), "--name", n,
+                                  "--socket", str(sock), "--log-format", "json"],
+                   self.workdir / f"guard-{n}.log")
+        self.guards[n] = d.start()
+        poll_until(lambda: sock.exists() or not d.alive(), 15)
+        return sock
+
+    def fence_logs(self) -> dict[str, list[Path]]:
+        return {n: [self.workdir / f"agent-{n}.log", self.workdir / f"guard-{n}.log"]
+                for n in self.nodes}
+
     def start_orch(self, o: str) -> None:
         assert self.etcd is not None
-        d = Daemon(o, ["--etcd", self.etcd.endpoints, "orchestrator", "--name", o,
+        d = Daemon(o, ["--etcd", ",".join(p.endpoint for p in self.drops), "orchestrator",
+                       "--name", o,
                        "--log-format", "json"], self.workdir / f"orch-{o}.log")
         self.orchs[o] = d.start()
 
@@ -149,7 +194,7 @@ class Campaign(CampaignCore):
 
     def stop(self) -> None:
         self.stop_checks()
-        for d in [*self.agents.values(), *self.orchs.values()]:
+        for d in [*self.agents.values(), *self.orchs.values(), *self.guards.values()]:
             d.kill()
         # Guards outlive their agents by design: end them by the pid they wrote.
         time.sleep(0.2)
@@ -159,6 +204,8 @@ class Campaign(CampaignCore):
         for ps in self.proxies.values():
             for p in ps:
                 p.close()
+        for dp in self.drops:
+            dp.close()
         if self.store:
             self.store.close()
         if self.etcd:
@@ -173,8 +220,11 @@ class Campaign(CampaignCore):
             kind = self.rng.choice(self.faults)
         # Agent faults hit a node that runs VMs (else they prove nothing).
         if node is None:
-            node = self.rng.choice(self.busy_nodes() or self.nodes)
+            # The guard-service node takes the agent restart, the others the rest.
+            pool = self.nodes[:-1] if kind in AGENT_FAULTS else self.nodes
+            node = self.rng.choice([n for n in self.busy_nodes() if n in pool] or pool)
         rec = StepResult(i, kind, node, time.time())
+        marks = self.log_marks()
         t0 = time.monotonic()
         watch = sorted(self.truth())  # recovery is timed for every VM that goes down
         replaced: dict[str, int] = {}
@@ -183,8 +233,15 @@ class Campaign(CampaignCore):
             if reg is not None:
                 replaced[node] = reg
         getattr(self, f"_fault_{kind}")(rec, node, i)
+        # An adopted registration shows its worth only past the old lease's TTL and the
+        # leader's fence window.
+        cfg = self.base_config
+        wait = cfg.lease_ttl_s + cfg.fence_margin_s + 1.0 if kind == "agent_restart" else 0.0
         rec.converged = self.wait_settled(self.converge_s, t0=t0, rec=rec, watch=watch,
-                                          replaced=replaced)
+                                          replaced=replaced, min_wait=wait)
+        if kind == "agent_restart":
+            self.check_agent_restart(rec)
+        self.count_fences(rec, marks)
         rec.duration_s = round(time.monotonic() - t0, 3)
         if not rec.converged:
             rec.notes.append(f"I2: not converged within {self.converge_s} s: {self.truth()}")
@@ -204,7 +261,7 @@ class Campaign(CampaignCore):
         self.agents[node].signal(signal.SIGSTOP)
         self._down_for(1.0, 2.0)
         self.agents[node].signal(signal.SIGCONT)
-        self.held.discard(node)
+        self.release(node)
         if not self.agents[node].alive():
             rec.notes.append("agent killed by its guard while stopped")
 
@@ -227,7 +284,7 @@ class Campaign(CampaignCore):
         self.agents[node].kill()
         self._down_for(2.0, 4.0)
         self.mode_file.write_text("ok")
-        self.held.discard(node)
+        self.release(node)
 
     def _fault_kill_leader(self, rec: StepResult, node: str, i: int) -> None:
         rec.target = self.leader() or "-"
@@ -242,7 +299,7 @@ class Campaign(CampaignCore):
             d.signal(signal.SIGSTOP)
             self._down_for(0.5, 2.0)
             d.signal(signal.SIGCONT)
-            self.held.discard(rec.target)
+            self.release(rec.target)
 
     def _fault_kill_etcd(self, rec: StepResult, node: str, i: int) -> None:
         assert self.etcd is not None
@@ -292,6 +349,8 @@ class Campaign(CampaignCore):
     def report_step(self, r: StepResult) -> None:
         self.log(f"step {r.step} {r.kind} {r.target}: {r.duration_s:.1f}s converged="
                  f"{r.converged} violations={len(self.violations())} "
+                 f"self_fenced={','.join(r.self_fenced) or '-'} "
+                 f"needless={len(self.needless_fences())} "
                  f"{' '.join(r.notes)[:200]}")
 
     def summary(self) -> dict[str, Any]:
@@ -300,7 +359,9 @@ class Campaign(CampaignCore):
         return {
             "seed": self.seed, "guard": self.guard, "fence_policy": self.fence_policy,
             **{k: checks[k] for k in ("faults", "by_kind", "violations",
-                                      "violation_samples", "i1_samples", "i3_checked")},
+                                      "violation_samples", "self_fences",
+                                      "self_fences_by_node", "needless_self_fences",
+                                      "needless_samples", "i1_samples", "i3_checked")},
             "recovery_s": {**self.spread(rec),
                            "mean": round(statistics.mean(rec), 3) if rec else None},
             "agent_restarts": self.restarts["agent"], "guard_kills": self.guard_kills,
@@ -344,6 +405,21 @@ def negative_control(seed: int = 1, workdir: Path | None = None) -> dict[str, An
         c.stop()
 
 
+def needless_control(seed: int = 1, workdir: Path | None = None) -> dict[str, Any]:
+    """A member stall during which an agent freezes past its guard timeout: the campaign
+    must count a needless self-fence (quorum stayed reachable)."""
+    wd = workdir or Path(tempfile.mkdtemp(prefix="vmha-campaign-needless-"))
+    c = Campaign(seed, wd, faults=("stall_etcd",), converge_s=30.0)
+    try:
+        c.start()
+        node = max(c.nodes[:-1], key=lambda n: len(c.vms_on(n)))
+        c.results.append(c.step(0, "stall_frozen_agent", node))
+        return {"needless_self_fences": len(c.needless_fences()),
+                "samples": c.needless_fences(), "violations": len(c.violations())}
+    finally:
+        c.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.campaign")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
@@ -352,32 +428,59 @@ def main(argv: list[str] | None = None) -> int:
                     help="mixed: odd seeds self, even seeds both")
     ap.add_argument("--minutes", type=float, help="stop starting new steps after this long")
     ap.add_argument("--negative-control", action="store_true")
+    ap.add_argument("--needless-control", action="store_true",
+                    help="an agent frozen during a member stall: must count a needless fence")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    if a.needless_control:
+        res = needless_control(a.seeds[0])
+        print(json.dumps(res, indent=2))
+        return 0 if res["needless_self_fences"] else 1
     if a.negative_control:
         res = negative_control(a.seeds[0])
         print(json.dumps(res, indent=2))
         return 0 if res["double_runs_seen"] else 1
     started = time.monotonic()
     deadline = started + a.minutes * 60 if a.minutes else None
-    runs = []
+    runs: list[dict[str, Any]] = []
+    total: dict[str, Any] = {}
     for seed in a.seeds:
         if deadline is not None and time.monotonic() > deadline:
             break
         policy = a.policy if a.policy != "mixed" else ("self" if seed % 2 else "both")
         runs.append(run_campaign(seed, a.steps, fence_policy=policy, deadline=deadline))
+        total = totals(runs, time.monotonic() - started, argv if argv is not None
+                       else sys.argv[1:])
+        if a.out:  # after every seed: a cut-short run still leaves its results
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(total, indent=2))
+    print(json.dumps({k: v for k, v in total.items() if k != "runs"}, indent=2))
+    return 0 if total and total["violations"] == 0 and total["needless_self_fences"] == 0 \
+        else 1
+
+
+def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[str, Any]:
+    """The seeds' results added up (faults by kind, violations, self-fences, recovery)."""
     rec = [s for r in runs for st in r["steps"] for s in st["recovery_s"].values()]
-    total = {"seeds": [r["seed"] for r in runs], "faults": sum(r["faults"] for r in runs),
-             "violations": sum(r["violations"] for r in runs),
-             "wall_s": round(time.monotonic() - started, 1),
-             "recovery_s": {"n": len(rec), "p50": pct(rec, 50), "p95": pct(rec, 95)},
-             "runs": runs}
-    summary = {k: v for k, v in total.items() if k != "runs"}
-    print(json.dumps(summary, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(total, indent=2))
-    return 0 if total["violations"] == 0 else 1
+    by_kind: dict[str, int] = {}
+    fenced: dict[str, int] = {}
+    for r in runs:
+        for k, n in r["by_kind"].items():
+            by_kind[k] = by_kind.get(k, 0) + n
+        for st in r["steps"]:
+            for n in st["self_fenced"]:
+                key = "needed" if n not in st["needless"] else "needless"
+                fenced[f"{st['kind']}:{key}"] = fenced.get(f"{st['kind']}:{key}", 0) + 1
+    return {"args": argv, "seeds": [r["seed"] for r in runs],
+            "faults": sum(r["faults"] for r in runs), "by_kind": dict(sorted(by_kind.items())),
+            "violations": sum(r["violations"] for r in runs),
+            "self_fences": sum(r["self_fences"] for r in runs),
+            "self_fences_by_fault": dict(sorted(fenced.items())),
+            "needless_self_fences": sum(r["needless_self_fences"] for r in runs),
+            "wall_s": round(wall_s, 1),
+            "recovery_s": {"n": len(rec), "p50": pct(rec, 50), "p95": pct(rec, 95),
+                           "max": max(rec) if rec else None},
+            "runs": runs}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,20 @@ I1 (never two running copies), I3 (no stale write accepted) and I4 (visibly pend
 are checked by :mod:`lab.invariants`; I2 is here: after each fault, every declared VM
 runs again (exactly once), every agent is alive and registered (the faulted ones with
 a new registration), and there is a leader (a new one after the leader was killed).
+
+Self-fences are counted per step and node: a node self-fenced in a step when its agent's
+or its guard's log gained ``self_fence_deadline``, ``self_fenced_domain`` or
+``guard_fired`` between the step's start and the end of its settling.  Such a
+self-fence is *needed* only when etcd quorum was not reachable from the node (by its
+agent) during the fault, which the fault schedule defines: the fault took 2 of the 3
+members away (``quorum_loss``), or it cut that node's agent off from etcd, the node
+being the fault's target: the agent killed with nothing to adopt its lease
+(``kill_agent``, ``fence_hang``, ``fence_fail``: its guard is its own child), frozen
+past the TTL (``stop_agent``) or its connections black-holed (``partition_agent``).
+Every other self-fence is *needless*: with all members on loopback, one member stalled,
+black-holed, killed or restarted, an etcd compaction, a leader fault, hostile values or
+an agent restarted within the TTL next to its guard service leave quorum reachable
+from every node.  Needless self-fences fail a run like violations.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.common import pct
@@ -39,6 +54,39 @@ class StepResult:
     recovery_s: dict[str, float] = field(default_factory=dict)
     affected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    self_fenced: list[str] = field(default_factory=list)
+    needless: list[str] = field(default_factory=list)
+
+
+#: Faults that cut their target node's agent off from etcd quorum.
+CUT_OFF_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail")
+#: Faults that take etcd quorum away from every node.
+NO_QUORUM_FAULTS = ("quorum_loss",)
+#: Log events of a self-fence (the agent's deadline, its destroys, a guard firing).
+FENCE_EVENTS = ("self_fence_deadline", "self_fenced_domain", "guard_fired")
+
+
+def needless(kind: str, target: str, node: str) -> bool:
+    """Whether ``node``'s self-fence during a ``kind`` fault on ``target`` was needless:
+    etcd quorum was reachable from it (see the module docstring)."""
+    if kind in NO_QUORUM_FAULTS:
+        return False
+    return not (kind in CUT_OFF_FAULTS and target == node)
+
+
+def fence_events(text: str) -> int:
+    """How many self-fence events a stretch of JSON log lines holds."""
+    n = 0
+    for line in text.splitlines():
+        if not any(e in line for e in FENCE_EVENTS):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") in FENCE_EVENTS:
+            n += 1
+    return n
 
 
 class CampaignCore:
@@ -66,6 +114,7 @@ class CampaignCore:
         self.held: set[str] = set()  # daemons the supervisor must not restart now
         self.results: list[StepResult] = []
         self.i4: list[dict[str, Any]] = []
+        self.flagged: list[dict[str, Any]] = []  # a fault's own check failed
         self.restarts = {"agent": 0, "orchestrator": 0}
         self._sup_stop = threading.Event()
         self._sup_lock = threading.Lock()
@@ -86,6 +135,33 @@ class CampaignCore:
     def report_step(self, r: StepResult) -> None:
         raise NotImplementedError
 
+    def fence_logs(self) -> dict[str, list[Path]]:
+        """Node -> the logs its self-fences show in (agent, guard); none by default."""
+        return {}
+
+    # ---- self-fences -----------------------------------------------------------------
+
+    def log_marks(self) -> dict[Path, int]:
+        """Where each fence log ends now (a step's self-fences are after it)."""
+        return {p: (p.stat().st_size if p.exists() else 0)
+                for ps in self.fence_logs().values() for p in ps}
+
+    def count_fences(self, rec: StepResult, marks: dict[Path, int]) -> None:
+        """Into ``rec``: the nodes that self-fenced since ``marks``, and which needlessly."""
+        for node, paths in self.fence_logs().items():
+            n = 0
+            for p in paths:
+                if not p.exists():
+                    continue
+                with p.open("rb") as f:
+                    f.seek(marks.get(p, 0))
+                    n += fence_events(f.read().decode(errors="replace"))
+            if n:
+                rec.self_fenced.append(node)
+                if needless(rec.kind, rec.target, node):
+                    rec.needless.append(node)
+                    rec.notes.append(f"needless self-fence of {node}")
+
     # ---- supervision -----------------------------------------------------------------
 
     def log(self, msg: str) -> None:
@@ -100,6 +176,11 @@ class CampaignCore:
         """Keep the supervisor from restarting ``name`` (it may be mid-round)."""
         with self._sup_lock:
             self.held.add(name)
+
+    def release(self, name: str) -> None:
+        """Let the supervisor restart ``name`` again."""
+        with self._sup_lock:
+            self.held.discard(name)
 
     def _supervise(self) -> None:
         """systemd's Restart=always with RestartSec=0.5, for agents and orchestrators."""
@@ -228,7 +309,12 @@ class CampaignCore:
         out += [{"invariant": "I2", "step": r.step, "kind": r.kind}
                 for r in self.results if not r.converged]
         out += self.i4
+        out += self.flagged
         return out
+
+    def needless_fences(self) -> list[dict[str, Any]]:
+        return [{"step": r.step, "kind": r.kind, "target": r.target, "node": n}
+                for r in self.results for n in r.needless]
 
     def recovery_times(self) -> list[float]:
         return [s for r in self.results for s in r.recovery_s.values()]
@@ -242,7 +328,14 @@ class CampaignCore:
         by_kind: dict[str, int] = {}
         for r in self.results:
             by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
+        fenced: dict[str, int] = {}
+        for r in self.results:
+            for n in r.self_fenced:
+                fenced[n] = fenced.get(n, 0) + 1
         return {"faults": len(self.results), "by_kind": by_kind,
+                "self_fences": sum(fenced.values()), "self_fences_by_node": fenced,
+                "needless_self_fences": len(self.needless_fences()),
+                "needless_samples": self.needless_fences()[:20],
                 "violations": len(viol), "violations_by_invariant": per_inv,
                 "violation_samples": viol[:20],
                 "i1_samples": self.sampler.samples if self.sampler else 0,
@@ -255,4 +348,5 @@ class CampaignCore:
                 "max": max(xs) if xs else None}
 
 
-__all__ = ["KS", "CampaignCore", "StepResult"]
+__all__ = ["CUT_OFF_FAULTS", "KS", "NO_QUORUM_FAULTS", "CampaignCore", "StepResult",
+           "fence_events", "needless"]

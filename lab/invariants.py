@@ -30,6 +30,7 @@ from hypervisor.fake import fake_ground_truth
 from lab.localcluster import poll_until
 from schemas import Keyspace
 from schemas.keys import decode_key
+from schemas.models import FenceRecord, Model, Placement, VmStatus
 from store.etcd import EtcdStore, StoreUnavailable
 
 #: VM name -> the nodes it runs on, as a ground-truth source sees it.
@@ -203,6 +204,10 @@ def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | None = None) -> bo
     return bool(p and p.get("kind") in ("pending", "failed") and p.get("reason"))
 
 
+_MODELS: dict[str, type[Model]] = {"vm_placement": Placement, "fence": FenceRecord,
+                                   "vm_status": VmStatus}
+
+
 class HistoryChecker:
     """I3 over etcd's history, from a watch that starts at revision 1: every placement
     and leader-written fence record carries the epoch of the leader key that existed
@@ -264,7 +269,11 @@ class HistoryChecker:
             ivs.append([created, None])
 
     def _write(self, kind: str, key: str, rev: int, value: bytes) -> None:
+        model = _MODELS.get(kind)
         try:
+            # A value its model refuses is data the daemons skip, never a decision.
+            if model is not None:
+                model.from_json(value, key)
             data = json.loads(value)
             if (not isinstance(data, dict) or not isinstance(data.get("epoch", -1), int)
                     or not isinstance(data.get("node", ""), str)):

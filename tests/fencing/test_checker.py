@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from bench.campaign_core import fence_events, needless
 from lab.invariants import DoubleRunChecker, HistoryChecker, Truth
 from schemas import Keyspace
+from schemas.models import FenceRecord, Placement, VmStatus
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster
 
@@ -16,21 +18,41 @@ pytestmark = pytest.mark.integration
 KS = Keyspace()
 
 
+def placement(epoch: int) -> str:
+    return Placement(id="p", vm="v", node="n1", kind="boot", epoch=epoch, reason="t",
+                     decided_at=0.0).to_json()
+
+
+def status(node: str) -> str:
+    return VmStatus(vm="v", node=node, state="running", since=0.0).to_json()
+
+
+def fence(epoch: int, method: str) -> str:
+    return json.dumps(json.loads(FenceRecord(
+        node="n9", lease_id="1", method="self", outcome="success", reason="t", epoch=epoch,
+        duration_s=0.0, fenced_at=0.0).to_json()) | {"method": method})
+
+
 def test_stale_epoch_and_unregistered_status_writes_are_flagged(etcd: EtcdCluster) -> None:
     store = EtcdStore(etcd.endpoints)
     hc = HistoryChecker(EtcdStore(etcd.endpoints))
     hc.ensure()
     epoch = store.put(KS.leader, json.dumps({"id": "a"}))
-    store.put(KS.vm_placement("v"), json.dumps({"epoch": epoch}))          # fine
+    store.put(KS.vm_placement("v"), placement(epoch))                       # fine
     reg = store.put(KS.node("n1"), json.dumps({"name": "n1"}))
-    store.put(KS.vm_status("v"), json.dumps({"node": "n1"}))                # fine
+    store.put(KS.vm_status("v"), status("n1"))                              # fine
     assert hc.caught_up() and hc.violations == [], hc.violations
     store.delete(KS.leader)
-    store.put(KS.vm_placement("v"), json.dumps({"epoch": epoch}))          # stale epoch
-    store.put(KS.fence("n9"), json.dumps({"epoch": epoch, "method": "self"}))  # stale too
+    store.put(KS.vm_placement("v"), placement(epoch))                       # stale epoch
+    store.put(KS.fence("n9"), fence(epoch, "self"))                         # stale too
     store.delete(KS.node("n1"))
-    store.put(KS.vm_status("v"), json.dumps({"node": "n1"}))                # stale agent
-    store.put(KS.fence("n8"), json.dumps({"epoch": 0, "method": "manual"}))  # operator: ok
+    store.put(KS.vm_status("v"), status("n1"))                              # stale agent
+    store.put(KS.fence("n8"), fence(0, "manual"))                           # operator: ok
+    # Hostile values no model accepts are skipped, as the daemons skip them.
+    store.put(KS.vm_placement("w"), json.dumps({"epoch": epoch}))
+    store.put(KS.vm_placement("x"), json.dumps({"schema": 99, "name": "fz"}))
+    store.put(KS.vm_status("w"), json.dumps({"node": "n1"}))
+    store.client.put(KS.vm_placement("y"), b"[" * 5000 + b"]" * 5000)
     assert hc.caught_up()
     whys = sorted(v["why"] for v in hc.violations)
     assert len(whys) == 3, hc.violations
@@ -38,6 +60,29 @@ def test_stale_epoch_and_unregistered_status_writes_are_flagged(etcd: EtcdCluste
     assert any("status from n1 while not registered" in w for w in whys)
     assert reg > epoch
     store.close()
+
+
+@pytest.mark.parametrize(("kind", "target", "node", "is_needless"), [
+    ("quorum_loss", "n1", "n2", False),          # no quorum anywhere: needed
+    ("kill_agent", "n1", "n1", False),           # its agent is gone: needed
+    ("partition_agent", "n2", "n2", False),      # cut off: needed
+    ("partition_agent", "n2", "n1", True),       # another node was cut off
+    ("stall_etcd", "m0", "n1", True),            # one member away: quorum holds
+    ("blackhole_etcd", "m1", "n3", True),
+    ("rolling_etcd", "all", "n2", True),
+    ("agent_restart", "n3", "n3", True),         # back within the TTL: must adopt
+    ("hostile", "4 keys", "n1", True),
+])
+def test_needless_self_fence_is_defined_by_the_fault(kind: str, target: str, node: str,
+                                                     is_needless: bool) -> None:
+    assert needless(kind, target, node) is is_needless
+
+
+def test_fence_events_are_counted_from_json_log_lines() -> None:
+    lines = [{"event": "guard_fired"}, {"event": "self_fenced_domain"}, {"event": "boot"},
+             {"event": "self_fence_deadline"}]
+    text = "\n".join(json.dumps(x) for x in lines) + "\nnot json guard_fired\n"
+    assert fence_events(text) == 3
 
 
 class Scripted:

@@ -4,7 +4,8 @@ plus a short random campaign and the negative control.
 Real etcd (3 members), agents on the fake hypervisor with their guards, two
 orchestrators.  After every fault: I1 (never two running copies, sampled from ground
 truth), I2 (everything runs again), I3 (no stale-epoch/stale-agent write in etcd's
-history), I4 (an unplaceable VM is visibly pending)."""
+history), I4 (an unplaceable VM is visibly pending); and no needless self-fence (a
+node that self-fenced while etcd quorum was reachable from it)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.campaign import Campaign, StepResult, negative_control
+from bench.campaign import Campaign, StepResult, needless_control, negative_control
 from tests.integration.helpers import log_events
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,7 @@ def run(c: Campaign, kind: str) -> StepResult:
     c.results.append(r)
     assert r.converged, r.notes
     assert c.violations() == [], c.violations()
+    assert c.needless_fences() == [], c.needless_fences()
     return r
 
 
@@ -99,6 +101,33 @@ def test_capacity_exhaustion_is_visibly_pending(selfc: Campaign) -> None:
     run(selfc, "capacity")
 
 
+def test_etcd_member_stall_fences_nothing(selfc: Campaign) -> None:
+    r = run(selfc, "stall_etcd")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_etcd_member_blackhole_fences_nothing(selfc: Campaign) -> None:
+    r = run(selfc, "blackhole_etcd")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_rolling_etcd_restart_fences_nothing(selfc: Campaign) -> None:
+    r = run(selfc, "rolling_etcd")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_agent_restart_within_the_ttl_adopts_and_keeps_its_vms(selfc: Campaign) -> None:
+    r = run(selfc, "agent_restart")
+    assert r.target == selfc.svc_node and r.self_fenced == [], r
+    assert r.recovery_s == {}, "no VM went down"
+    assert agent_log(selfc, r.target, "registration_adopted")
+
+
+def test_hostile_values_change_nothing(selfc: Campaign) -> None:
+    r = run(selfc, "hostile")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
 def test_short_random_campaign(selfc: Campaign) -> None:
     for _ in range(6):
         run(selfc, selfc.rng.choice(selfc.faults))
@@ -134,3 +163,10 @@ def test_negative_control_guard_disabled_reports_a_double_run(tmp_path: Path) ->
     assert res["double_runs_seen"] > 0, res
     # Even then etcd accepted no write from the stale agent: the damage is in the hypervisor.
     assert res["stale_writes_accepted"] == 0, res
+
+
+def test_needless_control_an_agent_frozen_during_a_member_stall_is_counted(
+        tmp_path: Path) -> None:
+    res = needless_control(4, tmp_path)
+    assert res["needless_self_fences"] == 1, res
+    assert res["violations"] == 0, res

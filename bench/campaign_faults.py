@@ -1,0 +1,217 @@
+"""The fault campaign's etcd member faults, agent restart and hostile values (issue 11),
+as a mixin of :class:`bench.campaign.Campaign`.
+
+* ``stall_etcd``: SIGSTOP of one member for 1-6 s, then SIGCONT (a hung process or disk);
+* ``blackhole_etcd``: every client's traffic to one member silently dropped for 1-6 s
+  (no FIN, no RST: :class:`bench.etcd_faults.DropProxy`, a vanished host);
+* ``rolling_etcd``: SIGTERM and restart of each member in turn, each back in the raft
+  before the next goes (an upgrade);
+* ``agent_restart``: SIGKILL of the agent of the node whose guard runs as its own
+  service, started again at once (systemd's ``Restart=``): it must adopt its
+  registration, keep its VMs where they are, and no fence record may appear;
+* ``hostile``: hostile keys and values (not UTF-8, deep nesting, over 256 KiB, wrong
+  types, names with slashes and newlines) under every key pattern for a moment, then
+  deleted: no daemon may exit and no VM may stop or move.
+
+All keep etcd's quorum: a self-fence during one of them is needless
+(:func:`bench.campaign_core.needless`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+from bench.campaign_core import KS, StepResult
+from bench.etcd_faults import DropProxy
+from bench.fuzz_values import PATTERNS, key_for
+from lab.configs import FAST_CONFIG
+from lab.localcluster import Daemon, EtcdCluster, EtcdMember, poll_until
+from store.etcd import EtcdStore, StoreUnavailable
+
+MEMBER_FAULTS = ("stall_etcd", "blackhole_etcd", "rolling_etcd")
+NEW_FAULTS = (*MEMBER_FAULTS, "agent_restart", "hostile")
+
+_NAMES = (b"\xff\xfe", b"fz/a/b", b"fz\nx", "fz-\u00e9t\u00e9".encode(), b"fz\x00",
+          b"fz" + b"x" * 300, "\U0001f4a5".encode())
+
+
+def _hostile_value(rng: random.Random) -> bytes:
+    depth = rng.randint(1_000, 20_000)
+    return rng.choice([
+        b"[" * depth + b"]" * depth,
+        b'{"a":' * depth + b"1" + b"}" * depth,
+        b'{"schema": 1, "x": "' + b"x" * (256 * 1024 + rng.randint(1, 4096)) + b'"}',
+        b"\xff\xfe{}",
+        b'{"schema": 99, "name": "fz"}',
+        b'{"schema": 1, "name": 7, "memory_mib": "lots"}',
+        b"[1, 2, 3]", b"",
+    ])
+
+
+class NewFaults:
+    """Needs the campaign's etcd, drop proxies, store, rng, agents and observers."""
+
+    etcd: EtcdCluster | None
+    store: EtcdStore | None
+    rng: random.Random
+    drops: list[DropProxy]
+    agents: dict[str, Daemon]
+    orchs: dict[str, Daemon]
+    svc_node: str
+    flagged: list[dict[str, object]]
+    fake_root: Path
+
+    def start_agent(self, n: str) -> None:
+        raise NotImplementedError
+
+    def hold(self, name: str) -> None:
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        raise NotImplementedError
+
+    def registrations(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def truth(self) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def wait_member(self, m: EtcdMember, timeout: float = 30.0) -> bool:
+        """Until ``m`` answers a linearizable read itself (it is back in the raft)."""
+        s = EtcdStore(m.endpoint, retry_budget=0.5, timeout=1.0)
+
+        def ok() -> bool:
+            try:
+                s.revision()
+                return True
+            except StoreUnavailable:
+                return False
+
+        try:
+            return poll_until(ok, timeout, 0.1) is not None
+        finally:
+            s.close()
+
+    def _fault_stall_etcd(self, rec: StepResult, node: str, i: int) -> None:
+        assert self.etcd is not None
+        m = self.rng.choice(self.etcd.members)
+        rec.target = m.name
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(self.rng.uniform(1.0, 6.0))
+        finally:
+            m.proc.send_signal(signal.SIGCONT)
+        if not self.wait_member(m):
+            rec.notes.append(f"member {m.name} not back after its stall")
+
+    def _fault_stall_frozen_agent(self, rec: StepResult, node: str, i: int) -> None:
+        """The negative control of the needless-self-fence count (never drawn at random):
+        a member stall during which ``node``'s agent freezes past its guard's timeout,
+        as an agent whose keepalive waits on the stalled member without a deadline of
+        its own would.  Quorum stays reachable, so its guard's fire is needless."""
+        assert self.etcd is not None
+        m = self.rng.choice(self.etcd.members)
+        self.hold(node)
+        self.agents[node].signal(signal.SIGSTOP)
+        m.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            time.sleep(FAST_CONFIG.lease_ttl_s + 1.0)
+        finally:
+            m.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            self.agents[node].signal(signal.SIGCONT)
+            self.release(node)
+        self.wait_member(m)
+
+    def _fault_blackhole_etcd(self, rec: StepResult, node: str, i: int) -> None:
+        assert self.etcd is not None
+        j = self.rng.randrange(len(self.drops))
+        rec.target = self.etcd.members[j].name
+        self.drops[j].drop()
+        try:
+            time.sleep(self.rng.uniform(1.0, 6.0))
+        finally:
+            self.drops[j].restore()
+
+    def _fault_rolling_etcd(self, rec: StepResult, node: str, i: int) -> None:
+        assert self.etcd is not None
+        rec.target = "all"
+        for m in self.etcd.members:
+            self.etcd.kill_member(m, signal.SIGTERM)
+            self.etcd.start_member(m)
+            if not self.wait_member(m):
+                rec.notes.append(f"member {m.name} not back in the rolling restart")
+
+    def _fault_agent_restart(self, rec: StepResult, node: str, i: int) -> None:
+        """SIGKILL + restart at once; checked after the old lease's TTL and the fence
+        window have passed (by :meth:`Campaign.step`'s ``min_wait``)."""
+        rec.target = node = self.svc_node
+        self.hold(node)
+        self._restart_before = (self.registrations().get(node), self._on(node))
+        self.agents[node].kill()
+        self.start_agent(node)
+        self.release(node)
+
+    def check_agent_restart(self, rec: StepResult) -> None:
+        """After the settle: same registration, same VMs, no fence record."""
+        assert self.store is not None
+        node = rec.target
+        reg, before = self._restart_before
+        after_reg, after = self.registrations().get(node), self._on(node)
+        bad = []
+        if reg is None or after_reg != reg:
+            bad.append(f"registration {reg} -> {after_reg} (not adopted)")
+        if after != before:
+            bad.append(f"VMs on {node} {before} -> {after}")
+        if self.store.get(KS.fence(node)) is not None:
+            bad.append(f"fence record for {node}")
+        if bad:
+            rec.notes.append("agent restart: " + "; ".join(bad))
+            self.flagged.append({"invariant": "R", "step": rec.step, "detail": bad})
+
+    def _on(self, node: str) -> dict[str, float]:
+        """VM -> boot time of the VMs running on ``node`` (a reboot changes it)."""
+        out: dict[str, float] = {}
+        for vm, ns in self.truth().items():
+            if node in ns:
+                p = self.fake_root / node / "domains" / f"{vm}.json"
+                try:
+                    out[vm] = float(json.loads(p.read_text()).get("booted_at", 0.0))
+                except (OSError, ValueError):
+                    out[vm] = -1.0  # read mid-write: compared as a change
+        return out
+
+    def _fault_hostile(self, rec: StepResult, node: str, i: int) -> None:
+        assert self.store is not None
+        before = {vm: sorted(ns) for vm, ns in self.truth().items()}
+        pids = {n: d.pid for n, d in [*self.agents.items(), *self.orchs.items()]}
+        keys = []
+        for pattern in self.rng.sample(PATTERNS, 4):
+            key = key_for(KS, pattern, self.rng.choice(_NAMES) + str(i).encode())
+            self.store.client.put(key, _hostile_value(self.rng))
+            keys.append(key)
+        rec.target = f"{len(keys)} keys"
+        time.sleep(self.rng.uniform(1.0, 2.0) + FAST_CONFIG.keepalive_interval_s)
+        for key in keys:
+            self.store.client.delete(key)
+        bad = []
+        after = {vm: sorted(ns) for vm, ns in self.truth().items()}
+        if after != before:
+            bad.append(f"VMs changed {before} -> {after}")
+        now = {n: d.pid for n, d in [*self.agents.items(), *self.orchs.items()]
+               if d.alive()}
+        if now != pids:
+            gone = sorted(set(pids.items()) - set(now.items()))
+            bad.append(f"daemons exited or restarted: {gone}")
+        if bad:
+            rec.notes.append("hostile: " + "; ".join(bad))
+            self.flagged.append({"invariant": "H", "step": rec.step, "detail": bad})
+
+    _restart_before: tuple[int | None, dict[str, float]]
+
+
+__all__ = ["MEMBER_FAULTS", "NEW_FAULTS", "NewFaults"]
