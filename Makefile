@@ -76,11 +76,12 @@ bench-placement: setup
 	$(PY) -m bench.placement --out results/bench-placement.json
 
 # Fault campaign (fencing): seeded random faults on a 3-member etcd + fake hypervisor
-# cluster; exit 1 on any invariant violation.  SEEDS/STEPS/MINUTES to taste.
+# cluster; exit 1 on any invariant violation or needless self-fence.
+# SEEDS/STEPS/MINUTES/JOBS (seeds run in parallel) to taste.
 campaign: setup
 	mkdir -p results
 	$(PY) -m bench.campaign --seeds $(or $(SEEDS),1 2 3 4 5 6 7 8) --steps $(or $(STEPS),125) \
-		--minutes $(or $(MINUTES),90) --out results/campaign.json
+		--minutes $(or $(MINUTES),90) --jobs $(or $(JOBS),1) --out results/campaign.json
 
 # The same on the lab (root; real QEMU, tiny guests; ~5 min): SEED, FAULTS to taste.
 campaign-lab: setup-lab

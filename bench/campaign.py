@@ -52,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", choices=["self", "external", "both", "mixed"], default="mixed",
                     help="mixed: odd seeds self, even seeds both")
     ap.add_argument("--minutes", type=float, help="stop starting new steps after this long")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel")
     ap.add_argument("--negative-control", action="store_true")
     ap.add_argument("--needless-control", action="store_true",
                     help="an agent frozen during a member stall: must count a needless fence")
@@ -440,23 +442,38 @@ def main(argv: list[str] | None = None) -> int:
         res = negative_control(a.seeds[0])
         print(json.dumps(res, indent=2))
         return 0 if res["double_runs_seen"] else 1
-    started = time.monotonic()
-    deadline = started + a.minutes * 60 if a.minutes else None
+    started, started_wall = time.monotonic(), time.time()
     runs: list[dict[str, Any]] = []
     total: dict[str, Any] = {}
-    for seed in a.seeds:
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        policy = a.policy if a.policy != "mixed" else ("self" if seed % 2 else "both")
-        runs.append(run_campaign(seed, a.steps, fence_policy=policy, deadline=deadline))
-        total = totals(runs, time.monotonic() - started, argv if argv is not None
-                       else sys.argv[1:])
-        if a.out:  # after every seed: a cut-short run still leaves its results
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(total, indent=2))
+    # Seeds in parallel, each its own cluster (a fault campaign mostly waits).
+    with ProcessPoolExecutor(max_workers=a.jobs) as pool:
+        futs = [pool.submit(run_seed, seed, a.steps, a.policy, a.minutes, started_wall)
+                for seed in a.seeds]
+        for fut in as_completed(futs):
+            got = fut.result()
+            if got is None:
+                continue  # started past the time budget
+            runs.append(got)
+            total = totals(sorted(runs, key=lambda r: int(r["seed"])),
+                           time.monotonic() - started,
+                           argv if argv is not None else sys.argv[1:])
+            if a.out:  # after every seed: a cut-short run still leaves its results
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(json.dumps(total, indent=2))
     print(json.dumps({k: v for k, v in total.items() if k != "runs"}, indent=2))
     return 0 if total and total["violations"] == 0 and total["needless_self_fences"] == 0 \
         else 1
+
+
+def run_seed(seed: int, steps: int, policy: str, minutes: float | None,
+             started_wall: float) -> dict[str, Any] | None:
+    """One seed's campaign in a worker process; the budget counts from ``started_wall``."""
+    left = None if minutes is None else started_wall + minutes * 60 - time.time()
+    if left is not None and left <= 0:
+        return None
+    deadline = None if left is None else time.monotonic() + left
+    policy = policy if policy != "mixed" else ("self" if seed % 2 else "both")
+    return run_campaign(seed, steps, fence_policy=policy, deadline=deadline)
 
 
 def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[str, Any]:
