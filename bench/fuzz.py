@@ -316,7 +316,6 @@ def run(minutes: float, vms: int = 6, seed: int = 1,
             "missing_examples": [repr(k) for k in z.missing[:20]],
             "invalid_key_events": _log_counts(fc, "invalid_key_ignored"),
             "cycle_failed_events": _log_counts(fc, "cycle_failed"),
-            "workdir": str(workdir),
         }
 
 
@@ -328,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/fuzz.json")
     args = ap.parse_args(argv)
-    res = run(args.minutes, args.vms, args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="vmha-fuzz-"))
+    print(f"daemon logs in {workdir}", file=sys.stderr)
+    res = run(args.minutes, args.vms, args.seed, workdir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     print(json.dumps({k: res[k] for k in ("minutes", "writes", "daemon_exits", "vms_stopped",
