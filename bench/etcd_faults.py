@@ -324,6 +324,7 @@ def outcome(rig: Rig) -> dict[str, Any]:
     truth = fake_ground_truth(fc.fake_root)
     moved = sorted(vm for vm, nodes in rig.placement.items() if truth.get(vm) != nodes)
     fences = [n for n in NODES if rig.store.get(KS.fence(n)) is not None]
+    failed = [e for t in logs.values() for e in events(t, "keepalive_failed")]
     return {
         "guard_fires": sum(len(events(t, "guard_fired")) for t in logs.values()),
         "self_fences": sum(len(events(t, "self_fence_deadline", "self_fenced_domain"))
@@ -333,7 +334,9 @@ def outcome(rig: Rig) -> dict[str, Any]:
         "daemons_exited": sorted(d.name for d in [*fc.agents.values(),
                                                   *fc.orchestrators.values()]
                                  if not d.alive()),
-        "keepalive_failures": sum(len(events(t, "keepalive_failed")) for t in logs.values()),
+        "keepalive_failures": len(failed),
+        # The closest a failed keepalive came to the self-fence deadline (None: none failed).
+        "min_remaining_s": min((float(e["remaining_s"]) for e in failed), default=None),
     }
 
 
