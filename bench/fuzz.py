@@ -37,6 +37,7 @@ hostile key present under the prefix (history records are outside the prefix: `v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,12 +277,27 @@ def _log_counts(fc: FakeCluster, event: str) -> dict[str, int]:
     return out
 
 
+@contextlib.contextmanager
+def _etcd_request_limit(limit: int) -> Iterator[None]:
+    """etcd's request limit for the etcd started inside (read from its environment at
+    start); the caller's environment is left as it was (the short form runs in tests)."""
+    old = os.environ.get("ETCD_MAX_REQUEST_BYTES")
+    os.environ["ETCD_MAX_REQUEST_BYTES"] = str(limit)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["ETCD_MAX_REQUEST_BYTES"]
+        else:
+            os.environ["ETCD_MAX_REQUEST_BYTES"] = old
+
+
 def run(minutes: float, vms: int = 6, seed: int = 1,
         workdir: Path | None = None) -> dict[str, Any]:
-    # Let etcd take the 2 MiB values (its default request limit is 1.5 MiB).
-    os.environ["ETCD_MAX_REQUEST_BYTES"] = str(8 * 1024 * 1024)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="vmha-fuzz-"))
-    with running_fake_cluster(FAST_CONFIG.to_json(), workdir) as (fc, store):
+    # Let etcd take the 2 MiB values (its default request limit is 1.5 MiB).
+    with _etcd_request_limit(8 * 1024 * 1024), \
+            running_fake_cluster(FAST_CONFIG.to_json(), workdir) as (fc, store):
         for i in range(vms):
             spec = VmSpec(name=f"vm{i}", domain_xml=default_domain_xml(f"vm{i}", 256, 1),
                           memory_mib=256, vcpus=1)
