@@ -185,10 +185,16 @@ class NewFaults:
                     out[vm] = -1.0  # read mid-write: compared as a change
         return out
 
+    def _daemon_list(self) -> dict[str, Daemon]:
+        return {**self.agents, **self.orchs}
+
     def _fault_hostile(self, rec: StepResult, node: str, i: int) -> None:
         assert self.store is not None
+        # Only exits during the writes count: a daemon an earlier fault killed (the
+        # leader, say) is restarted by the supervisor first.
+        poll_until(lambda: all(d.alive() for d in self._daemon_list().values()), 10)
+        running = {n: d for n, d in self._daemon_list().items() if d.alive()}
         before = {vm: sorted(ns) for vm, ns in self.truth().items()}
-        pids = {n: d.pid for n, d in [*self.agents.items(), *self.orchs.items()]}
         keys = []
         for pattern in self.rng.sample(PATTERNS, 4):
             key = key_for(KS, pattern, self.rng.choice(_NAMES) + str(i).encode())
@@ -202,11 +208,10 @@ class NewFaults:
         after = {vm: sorted(ns) for vm, ns in self.truth().items()}
         if after != before:
             bad.append(f"VMs changed {before} -> {after}")
-        now = {n: d.pid for n, d in [*self.agents.items(), *self.orchs.items()]
-               if d.alive()}
-        if now != pids:
-            gone = sorted(set(pids.items()) - set(now.items()))
-            bad.append(f"daemons exited or restarted: {gone}")
+        now = self._daemon_list()
+        gone = sorted(n for n, d in running.items() if not d.alive() or now.get(n) is not d)
+        if gone:
+            bad.append(f"daemons exited during the writes: {gone}")
         if bad:
             rec.notes.append("hostile: " + "; ".join(bad))
             self.flagged.append({"invariant": "H", "step": rec.step, "detail": bad})
