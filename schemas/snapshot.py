@@ -86,6 +86,11 @@ _NAME_FIELD = {"node": "name", "cordon": "node", "fence": "node", "vm_spec": "na
                "vm_placement": "vm", "vm_status": "vm", "vm_move": "vm"}
 
 
+# The keys a VM's or a node's fate is decided on (the others are operator requests).
+_STATE_OF_VM = frozenset({"vm_spec", "vm_placement", "vm_status"})
+_STATE_OF_NODE = frozenset({"node", "fence"})
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     revision: int
@@ -104,15 +109,16 @@ class ClusterSnapshot:
 
     @property
     def invalid_vms(self) -> frozenset[str]:
-        """VMs with a key that did not parse: nothing is known for sure about them, so
-        the daemons leave them as they are (no boot, stop or move) until it is fixed."""
-        return frozenset(i.name for i in self.invalid if i.kind.startswith("vm_") and i.name)
+        """VMs whose spec, placement or status did not parse: nothing is known for sure
+        about them, so the daemons leave them as they are (no boot, stop or move) until
+        it is fixed.  A bad `move` key is only a move request that is not made."""
+        return frozenset(i.name for i in self.invalid if i.name and i.kind in _STATE_OF_VM)
 
     @property
     def invalid_nodes(self) -> frozenset[str]:
-        """Nodes whose registration, cordon or fence key did not parse."""
-        return frozenset(i.name for i in self.invalid
-                         if i.kind in ("node", "cordon", "fence") and i.name)
+        """Nodes whose registration or fence record did not parse (a bad cordon marker
+        is only a cordon that is not set)."""
+        return frozenset(i.name for i in self.invalid if i.name and i.kind in _STATE_OF_NODE)
 
     @staticmethod
     def from_kvs(keyspace: Keyspace, revision: int, kvs: Iterable[RawKV]) -> ClusterSnapshot:

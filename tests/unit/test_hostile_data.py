@@ -152,3 +152,11 @@ def test_prefix_keyspace_other_than_default() -> None:
 
 def test_snapshot_from_builders_still_clean() -> None:
     assert snapshot([raw(KS.vm_spec("a"), spec_value("a"))]).errors == ()
+
+
+def test_a_bad_move_or_cordon_key_is_only_a_request_not_made() -> None:
+    snap = _from([RawKV(KS.vm_move("v1"), DEEP, 3, 3), RawKV(KS.cordon("n1"), b"[]", 4, 4),
+                  RawKV(KS.vm_status("v2"), b"[]", 5, 5), RawKV(KS.fence("n2"), b"[]", 6, 6)])
+    assert len(snap.errors) == 4
+    assert snap.invalid_vms == frozenset({"v2"})
+    assert snap.invalid_nodes == frozenset({"n2"})
