@@ -131,6 +131,14 @@ class LeaseKeeper:
                             remaining_s=round(self.remaining(), 3), who=self._name)
                 wait = 0.0
                 continue
+            except Exception:  # noqa: BLE001 - see below
+                # An error nobody foresaw (a refused request, a closed channel, a bug):
+                # ending this thread would leave a healthy node to self-fence at its
+                # deadline.  Only the deadline may fence; renewal goes on, a little later.
+                log.exception("keepalive_error", lease=f"{self.lease_id:x}",
+                              remaining_s=round(self.remaining(), 3), who=self._name)
+                wait = self.cfg.keepalive_interval_s / 4
+                continue
             wait = self.cfg.keepalive_interval_s
             if self._stop.is_set():
                 return
@@ -159,7 +167,12 @@ class LeaseKeeper:
             log.warning("lease_recovered_after_deadline", lease=f"{self.lease_id:x}",
                         who=self._name)
         if self._on_renewed:
-            self._on_renewed()
+            try:
+                self._on_renewed()
+            except Exception:  # noqa: BLE001 - the lease is renewed; the callback's
+                # failure (e.g. petting a guard that is restarting) must not end renewal.
+                log.exception("renewed_callback_failed", lease=f"{self.lease_id:x}",
+                              who=self._name)
 
     def _deadline_loop(self) -> None:
         while not self._stop.is_set():

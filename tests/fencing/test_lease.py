@@ -5,6 +5,7 @@ deadline counts from the send time of the attempt etcd acknowledged."""
 from __future__ import annotations
 
 import threading
+import time
 
 from fencing.lease import LeaseKeeper
 from fencing.policy import self_fence_deadline
@@ -54,3 +55,60 @@ def test_failed_keepalive_is_retried_at_once_with_its_own_deadline() -> None:
     assert all(t == cfg.keepalive_timeout_s for _, t in store.calls)
     # Counted from the send of the acknowledged (4th) attempt, not of the first.
     assert keeper.deadline == self_fence_deadline(103.0, cfg)
+
+
+class OddStore:
+    """Raises an error no one foresaw (not "unavailable") on the first keepalives."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("Channel closed")
+        return 6
+
+
+def test_unforeseen_keepalive_error_does_not_end_renewal() -> None:
+    # A keepalive thread that died on such an error would leave a healthy node to
+    # self-fence at its deadline: renewal must go on, and only the deadline may fence.
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.2, keepalive_timeout_s=0.1,
+                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    store = OddStore(failures=2)
+    renewed = threading.Event()
+    fenced = threading.Event()
+    keeper = LeaseKeeper(store, cfg, 1, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=fenced.set, on_renewed=renewed.set, unavailable=Down)
+    keeper.start()
+    try:
+        assert renewed.wait(5.0), "renewal stopped after an unforeseen error"
+    finally:
+        keeper.stop()
+    assert store.calls >= 3
+    assert not fenced.is_set()
+
+
+def test_failing_renewed_callback_does_not_end_renewal() -> None:
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.2, keepalive_timeout_s=0.1,
+                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    store = OddStore(failures=0)
+    calls: list[int] = []
+    enough = threading.Event()
+
+    def on_renewed() -> None:
+        calls.append(1)
+        if len(calls) >= 3:
+            enough.set()
+        raise RuntimeError("guard socket gone")
+
+    keeper = LeaseKeeper(store, cfg, 1, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=lambda: None, on_renewed=on_renewed, unavailable=Down)
+    keeper.start()
+    try:
+        assert enough.wait(5.0), "renewal stopped after its callback failed"
+    finally:
+        keeper.stop()
