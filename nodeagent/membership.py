@@ -35,7 +35,7 @@ from schemas.models import (
 )
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Put
-from store.etcd import StoreUnavailable
+from store.etcd import LeaseNotFound, StoreUnavailable
 from telemetry import metrics
 
 VERSION = "0.1.0"
@@ -110,7 +110,14 @@ class Membership:
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
         cordoned = store.get(ks.cordon(me)) is not None
         reg = self._registration(lease_id, cordoned, facts)
-        res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id)])
+        try:
+            res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id)])
+        except LeaseNotFound:
+            # Granting and writing took longer than the TTL (etcd slow, or this host
+            # overloaded): not an outage and not a bug; the next cycle starts afresh.
+            self.log.warning("registration_lease_expired", lease=f"{lease_id:x}",
+                             took_s=round(self.ctx.clock() - sent, 3))
+            return False
         if not res.succeeded:
             store.revoke_lease(lease_id)
             self.log.info("registration_race_lost", revision=res.revision,

@@ -54,9 +54,9 @@ from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.txn import Cmp, Delete, Put, TxnResult
 from store.keepalive import KeepaliveRing
 
-__all__ = ["Cmp", "Delete", "EtcdStore", "PrefixWatch", "Put", "StoreCompacted", "StoreError",
-           "StoreRejected", "StoreUnavailable", "TlsFiles", "TxnResult", "is_transient",
-           "parse_endpoints"]
+__all__ = ["Cmp", "Delete", "EtcdStore", "LeaseNotFound", "PrefixWatch", "Put", "StoreCompacted",
+           "StoreError", "StoreRejected", "StoreUnavailable", "TlsFiles", "TxnResult",
+           "is_transient", "parse_endpoints"]
 
 log = structlog.get_logger("vmha.store")
 
@@ -78,6 +78,11 @@ class StoreCompacted(StoreError, TemporaryError):
 class StoreRejected(StoreError, PermanentError):
     """etcd answered and refused the request (invalid argument, permission...): sending
     it again gets the same answer."""
+
+
+class LeaseNotFound(StoreRejected):
+    """The request names a lease etcd no longer has (expired or revoked): the same
+    request fails again, a new lease may succeed."""
 
 
 # What the client raises when etcd (or the way to it) is down, slow or changing leader.
@@ -114,12 +119,19 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and str(exc) == _FAILED_NODE
 
 
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else None
+
+
 def store_error(what: str, exc: BaseException) -> StoreError | None:
     """The StoreError for an exception from the etcd client; None for anything else."""
     if is_transient(exc):
         return StoreUnavailable(f"etcd {what} failed: {exc!r}")
     if isinstance(exc, etcd_exc.RevisionCompactedError):
         return StoreCompacted(f"etcd {what}: revision compacted: {exc!r}")
+    if isinstance(exc, grpc.RpcError) and _code(exc) == grpc.StatusCode.NOT_FOUND:
+        return LeaseNotFound(f"etcd refused {what}: lease not found: {exc!r}")
     if isinstance(exc, _CLIENT_ERRORS):
         return StoreRejected(f"etcd refused {what}: {exc!r}")
     return None

@@ -137,3 +137,16 @@ def test_history_event_etcd_refuses_is_logged_as_rejected_and_never_raises(
         assert writer.record("drain", node="n1", reason="x" * 1_700_000) is None
     assert [(e["event"], e["log_level"]) for e in logs] == [("event_rejected", "error")]
     assert writer.record("drain", node="n1", reason="fits") is not None
+
+
+def test_write_with_an_expired_lease_is_lease_not_found(store: EtcdStore) -> None:
+    # An agent whose grant + write outlasted the TTL must see "lease gone", so it can
+    # register afresh, not a generic refusal that ends its cycle as a bug would.
+    from store.etcd import LeaseNotFound
+
+    lease = store.grant_lease(5)
+    store.revoke_lease(lease)
+    with pytest.raises(LeaseNotFound):
+        store.txn([Cmp("/vmha/nodes/x", "create", "==", 0)],
+                  [Put("/vmha/nodes/x", "{}", lease)])
+    assert store.get("/vmha/nodes/x") is None
