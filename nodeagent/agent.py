@@ -20,8 +20,9 @@ from nodeagent.execution import Execution
 from nodeagent.membership import VERSION, Membership, Registration
 from schemas.errors import TemporaryError
 from schemas.models import ClusterConfig
-from store.etcd import EtcdStore, PrefixWatch, StoreUnavailable
+from store.etcd import EtcdStore, StoreUnavailable
 from store.history import HistoryWriter
+from store.watch import PrefixWatch
 from telemetry import metrics
 from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 

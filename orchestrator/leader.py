@@ -25,8 +25,9 @@ from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Put, Txn
-from store.etcd import EtcdStore, PrefixWatch, StoreUnavailable
+from store.etcd import EtcdStore, StoreUnavailable
 from store.history import HistoryWriter, prune, read_events
+from store.watch import PrefixWatch
 from telemetry import metrics
 from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 

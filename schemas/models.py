@@ -152,7 +152,6 @@ class ClusterConfig(Model):
     failure_reset_s: float = Field(default=600.0, gt=0)
 
 
-
 class Capacity(Model):
     memory_mib: int = Field(ge=1)
     vcpus: int = Field(ge=1)

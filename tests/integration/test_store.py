@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from store.etcd import Cmp, Delete, EtcdStore, PrefixWatch, Put, StoreUnavailable
+from store.etcd import Cmp, Delete, EtcdStore, Put, StoreUnavailable
+from store.watch import PrefixWatch
 from tests.harness import EtcdCluster, wait_until
 
 pytestmark = pytest.mark.integration
