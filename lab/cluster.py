@@ -31,7 +31,14 @@ from lab import (
     start_node,
 )
 from lab.configs import LAB_CONFIG
-from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
+from lab.localcluster import (
+    Daemon,
+    EtcdCluster,
+    guard_socket,
+    poll_until,
+    start_etcd,
+    start_guard_service,
+)
 
 __all__ = ["LAB_CONFIG", "LabCluster", "child_pids", "kill_with_children"]
 
@@ -141,21 +148,13 @@ class LabCluster:
         return ["--etcd", self.endpoints, "--prefix", self.prefix]
 
     def guard_socket(self, name: str) -> Path:
-        return self.workdir / f"guard-{name}.sock"
+        return guard_socket(self.workdir, name)
 
     def start_guard(self, name: str) -> Daemon:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
-        running = self.guards.get(name)
-        if running is not None and running.alive():
-            return running
-        sock = self.guard_socket(name)
-        sock.unlink(missing_ok=True)
-        d = Daemon(f"guard-{name}", ["guard", "--libvirt-uri", self.nodes[name].uri,
-                                     "--socket", str(sock), "--log-format", "json"],
-                   self.workdir / f"guard-{name}.log")
-        self.guards[name] = d.start()
+        d = start_guard_service(self.guards, self.workdir, name,
+                                ["--libvirt-uri", self.nodes[name].uri])
         self._changed()
-        poll_until(lambda: sock.exists() or not d.alive(), 15)
         return d
 
     def start_agent(self, name: str) -> Daemon:

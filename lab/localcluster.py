@@ -203,6 +203,26 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def guard_socket(workdir: Path, name: str) -> Path:
+    return workdir / f"guard-{name}.sock"
+
+
+def start_guard_service(guards: dict[str, Daemon], workdir: Path, name: str,
+                        hypervisor_args: list[str]) -> Daemon:
+    """Start node ``name``'s guard as its own process (`vmha guard`, as the
+    vmha-guard unit runs it) unless it runs; wait for its socket."""
+    running = guards.get(name)
+    if running is not None and running.alive():
+        return running
+    sock = guard_socket(workdir, name)
+    sock.unlink(missing_ok=True)
+    d = Daemon(f"guard-{name}", ["guard", *hypervisor_args, "--socket", str(sock),
+                                 "--log-format", "json"], workdir / f"guard-{name}.log")
+    guards[name] = d.start()
+    wait_until(lambda: sock.exists() or not d.alive(), 15, what=f"guard of {name} up")
+    return d
+
+
 @dataclass
 class FakeCluster:
     """etcd + agents on the fake hypervisor + orchestrators, as separate processes."""
@@ -226,21 +246,12 @@ class FakeCluster:
         return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
 
     def guard_socket(self, name: str) -> Path:
-        return self.workdir / f"guard-{name}.sock"
+        return guard_socket(self.workdir, name)
 
     def start_guard(self, name: str) -> Daemon:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
-        running = self.guards.get(name)
-        if running is not None and running.alive():
-            return running
-        sock = self.guard_socket(name)
-        sock.unlink(missing_ok=True)
-        d = Daemon(f"guard-{name}", ["guard", "--fake-root", str(self.fake_root), "--name",
-                                     name, "--socket", str(sock), "--log-format", "json"],
-                   self.workdir / f"guard-{name}.log")
-        self.guards[name] = d.start()
-        wait_until(lambda: sock.exists() or not d.alive(), 15, what=f"guard of {name} up")
-        return d
+        return start_guard_service(self.guards, self.workdir, name,
+                                   ["--fake-root", str(self.fake_root), "--name", name])
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
