@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from bench.campaign_core import KS, StepResult
-from bench.etcd_faults import DropProxy
+from bench.etcd_faults import DropProxy, member_answers
 from bench.fuzz_values import PATTERNS, key_for
 from lab.configs import FAST_CONFIG
 from lab.localcluster import Daemon, EtcdCluster, EtcdMember, poll_until
-from store.etcd import EtcdStore, StoreUnavailable
+from store.etcd import EtcdStore
 
 MEMBER_FAULTS = ("stall_etcd", "blackhole_etcd", "rolling_etcd")
 NEW_FAULTS = (*MEMBER_FAULTS, "agent_restart", "hostile")
@@ -82,19 +82,7 @@ class NewFaults:
 
     def wait_member(self, m: EtcdMember, timeout: float = 30.0) -> bool:
         """Until ``m`` answers a linearizable read itself (it is back in the raft)."""
-        s = EtcdStore(m.endpoint, retry_budget=0.5, timeout=1.0)
-
-        def ok() -> bool:
-            try:
-                s.revision()
-                return True
-            except StoreUnavailable:
-                return False
-
-        try:
-            return poll_until(ok, timeout, 0.1) is not None
-        finally:
-            s.close()
+        return member_answers(m, timeout)
 
     def _fault_stall_etcd(self, rec: StepResult, node: str, i: int) -> None:
         assert self.etcd is not None

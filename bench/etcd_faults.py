@@ -40,7 +40,14 @@ from typing import Any
 
 from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
-from lab.localcluster import EtcdCluster, EtcdMember, FakeCluster, start_etcd, wait_until
+from lab.localcluster import (
+    EtcdCluster,
+    EtcdMember,
+    FakeCluster,
+    poll_until,
+    start_etcd,
+    wait_until,
+)
 from schemas import ClusterConfig, Keyspace, VmSpec
 from store.etcd import EtcdStore, StoreUnavailable
 
@@ -196,8 +203,9 @@ def fault_rig(config: ClusterConfig, workdir: Path) -> Iterator[Rig]:
 # ---- faults -------------------------------------------------------------------------------
 
 
-def wait_member_healthy(rig: Rig, m: EtcdMember, timeout: float = 30.0) -> None:
-    """Until the member answers a linearizable read itself (it has rejoined the raft)."""
+def member_answers(m: EtcdMember, timeout: float = 30.0) -> bool:
+    """Whether ``m`` answers a linearizable read itself (it is back in the raft) within
+    ``timeout``."""
     s = EtcdStore(m.endpoint, retry_budget=0.5, timeout=1.0)
 
     def ok() -> bool:
@@ -208,9 +216,16 @@ def wait_member_healthy(rig: Rig, m: EtcdMember, timeout: float = 30.0) -> None:
             return False
 
     try:
-        wait_until(ok, timeout, 0.1, f"etcd member {m.name} healthy")
+        return poll_until(ok, timeout, 0.1) is not None
     finally:
         s.close()
+
+
+def wait_member_healthy(rig: Rig, m: EtcdMember, timeout: float = 30.0) -> None:
+    """Until the member answers a linearizable read itself (it has rejoined the raft)."""
+    if not member_answers(m, timeout):
+        raise TimeoutError(f"timed out after {timeout} s waiting for etcd member {m.name} "
+                           "healthy")
 
 
 def stall(rig: Rig, i: int, seconds: float) -> None:
