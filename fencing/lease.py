@@ -56,8 +56,8 @@ class LeaseKeeper:
         before the deadline that can only be a revoke (a drain); after it, an expiry.
         `on_deadline()` fires once when the deadline passes without a renewal.
         `unavailable`: the error a keepalive raises when etcd does not answer; it is
-        logged and retried.  Anything else ends renewal loudly (a bug), and the deadline
-        monitor still fences on time."""
+        logged and retried at once on the next member.  Anything else is logged with its
+        traceback and retried a little later: only the deadline monitor may fence."""
         self.store = store
         self.cfg = cfg
         self.lease_id = lease_id

@@ -5,35 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
+from tests.fencing.procs import popen as _popen
 from tests.harness import wait_until
 
 XML = "<domain><name>{0}</name></domain>"
-_STARTED: list[subprocess.Popen[bytes]] = []
-
-
-@pytest.fixture(autouse=True)
-def _stop_leftovers() -> Iterator[None]:
-    """What a test started (its stand-in agent, the guard) is killed when it ends, also
-    when it fails before the guard did that."""
-    yield
-    while _STARTED:
-        proc = _STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, **kwargs)
-    _STARTED.append(proc)
-    return proc
 
 
 def start_guard(tmp: Path, agent_pid: int, linger: float = 0.0) -> subprocess.Popen[bytes]:
