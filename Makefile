@@ -81,7 +81,8 @@ bench-placement: setup
 campaign: setup
 	mkdir -p results
 	$(PY) -m bench.campaign --seeds $(or $(SEEDS),1 2 3 4 5 6 7 8) --steps $(or $(STEPS),125) \
-		--minutes $(or $(MINUTES),90) --jobs $(or $(JOBS),1) --out results/campaign.json
+		--minutes $(or $(MINUTES),90) --jobs $(or $(JOBS),1) --timing $(or $(TIMING),default) \
+		--out results/campaign.json
 
 # The same on the lab (root; real QEMU, tiny guests; ~5 min): SEED, FAULTS to taste.
 campaign-lab: setup-lab

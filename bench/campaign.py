@@ -62,7 +62,7 @@ from bench.campaign_faults import NEW_FAULTS, NewFaults
 from bench.common import pct
 from bench.etcd_faults import DropProxy
 from bench.tcpproxy import Proxy
-from lab.configs import FAST_CONFIG
+from lab.configs import FAST_CONFIG, LAB_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker
 from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
 from schemas import ClusterConfig, VmSpec
@@ -72,6 +72,11 @@ from store.etcd import EtcdStore
 ALL_FAULTS = ("kill_agent", "kill_leader", "kill_etcd", "stop_agent", "stop_leader",
               "partition_agent", "fence_hang", "fence_fail", "quorum_loss", "compact",
               "capacity", *NEW_FAULTS)
+#: ``--timing``: the tests' short timing (a fault costs seconds), the lab's, or the
+#: shipped defaults (what operators run; guard timeout 4.5 s, docs/fencing.md).
+TIMINGS: dict[str, ClusterConfig] = {"fast": FAST_CONFIG, "lab": LAB_CONFIG,
+                                     "default": ClusterConfig()}
+
 AGENT_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail")
 
 __all__ = ["ALL_FAULTS", "Campaign", "StepResult", "main", "needless_control",
@@ -267,17 +272,36 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
             "recovery_s": {**self.spread(rec),
                            "mean": round(statistics.mean(rec), 3) if rec else None},
             "agent_restarts": self.restarts["agent"], "guard_kills": self.guard_kills,
+            "reattach": self.reattach_times(),
             "duration_s": round(sum(r.duration_s for r in self.results), 1),
             "steps": [r.__dict__ for r in self.results],
         }
 
 
+    def reattach_times(self) -> dict[str, list[float]]:
+        """From the guard service's log: how long the node went without an agent
+        (SIGKILL → the new process's first pet) and the guard's deadline left then."""
+        out: dict[str, list[float]] = {"unattended_s": [], "margin_s": []}
+        path = self.workdir / f"guard-{self.svc_node}.log"
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if '"agent_reattached"' not in line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            out["unattended_s"].append(float(ev["unattended_s"]))
+            out["margin_s"].append(float(ev["margin_s"]))
+        return out
+
+
 def run_campaign(seed: int, steps: int, *, workdir: Path | None = None, guard: bool = True,
                  fence_policy: str = "self", faults: tuple[str, ...] = ALL_FAULTS,
-                 deadline: float | None = None, verbose: bool = True) -> dict[str, Any]:
+                 deadline: float | None = None, verbose: bool = True,
+                 timing: str = "fast") -> dict[str, Any]:
     wd = workdir or Path(tempfile.mkdtemp(prefix=f"vmha-campaign-{seed}-"))
     c = Campaign(seed, wd, guard=guard, fence_policy=fence_policy, faults=faults,
-                 verbose=verbose)
+                 verbose=verbose, config=TIMINGS[timing])
     try:
         c.start()
         c.run(steps, deadline)
@@ -333,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negative-control", action="store_true")
     ap.add_argument("--needless-control", action="store_true",
                     help="an agent frozen during a member stall: must count a needless fence")
+    ap.add_argument("--timing", choices=sorted(TIMINGS), default="fast",
+                    help="cluster timing: the tests' (fast), the lab's, or the shipped "
+                         "defaults")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     if a.needless_control:
@@ -348,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     total: dict[str, Any] = {}
     # Seeds in parallel, each its own cluster (a fault campaign mostly waits).
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
-        futs = [pool.submit(run_seed, seed, a.steps, a.policy, a.minutes, started_wall)
-                for seed in a.seeds]
+        futs = [pool.submit(run_seed, seed, a.steps, a.policy, a.minutes, started_wall,
+                            a.timing) for seed in a.seeds]
         for fut in as_completed(futs):
             got = fut.result()
             if got is None:
@@ -367,14 +394,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_seed(seed: int, steps: int, policy: str, minutes: float | None,
-             started_wall: float) -> dict[str, Any] | None:
+             started_wall: float, timing: str = "fast") -> dict[str, Any] | None:
     """One seed's campaign in a worker process; the budget counts from ``started_wall``."""
     left = None if minutes is None else started_wall + minutes * 60 - time.time()
     if left is not None and left <= 0:
         return None
     deadline = None if left is None else time.monotonic() + left
     policy = policy if policy != "mixed" else ("self" if seed % 2 else "both")
-    return run_campaign(seed, steps, fence_policy=policy, deadline=deadline)
+    return run_campaign(seed, steps, fence_policy=policy, deadline=deadline, timing=timing)
 
 
 def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[str, Any]:
@@ -396,6 +423,11 @@ def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[s
             "self_fences_by_fault": dict(sorted(fenced.items())),
             "needless_self_fences": sum(r["needless_self_fences"] for r in runs),
             "wall_s": round(wall_s, 1),
+            "reattach": {k: {"n": len(v), "p50": pct(v, 50), "p95": pct(v, 95),
+                             "min" if k == "margin_s" else "max":
+                             (min(v) if k == "margin_s" else max(v)) if v else None}
+                         for k in ("unattended_s", "margin_s")
+                         for v in [[x for r in runs for x in r.get("reattach", {}).get(k, [])]]},
             "recovery_s": {"n": len(rec), "p50": pct(rec, 50), "p95": pct(rec, 95),
                            "max": max(rec) if rec else None},
             "runs": runs}

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from bench.campaign_core import KS, StepResult
 from bench.tcpproxy import Proxy
-from lab.configs import FAST_CONFIG
 from lab.invariants import HistoryChecker, visibly_pending
 from lab.localcluster import Daemon, EtcdCluster, poll_until
-from schemas import VmSpec
+from schemas import ClusterConfig, VmSpec
 from store.etcd import EtcdStore
 
 
@@ -35,6 +34,7 @@ class ClassicFaults:
     proxies: dict[str, list[Proxy]]
     mode_file: Path
     compacted: int
+    base_config: ClusterConfig
     i4: list[dict[str, object]]
 
     def hold(self, name: str) -> None:
@@ -48,7 +48,7 @@ class ClassicFaults:
 
     def _down_for(self, low: float, high: float) -> None:
         """Hold a fault for the lease TTL plus a random extra."""
-        time.sleep(FAST_CONFIG.lease_ttl_s + self.rng.uniform(low, high))
+        time.sleep(self.base_config.lease_ttl_s + self.rng.uniform(low, high))
 
     def _fault_kill_agent(self, rec: StepResult, node: str, i: int) -> None:
         self.agents[node].kill()

@@ -28,8 +28,8 @@ from pathlib import Path
 from bench.campaign_core import KS, StepResult
 from bench.etcd_faults import DropProxy, member_answers
 from bench.fuzz_values import PATTERNS, key_for
-from lab.configs import FAST_CONFIG
 from lab.localcluster import Daemon, EtcdCluster, EtcdMember, poll_until
+from schemas import ClusterConfig
 from store.etcd import EtcdStore
 
 MEMBER_FAULTS = ("stall_etcd", "blackhole_etcd", "rolling_etcd")
@@ -64,6 +64,7 @@ class NewFaults:
     svc_node: str
     flagged: list[dict[str, object]]
     fake_root: Path
+    base_config: ClusterConfig
 
     def start_agent(self, n: str) -> None:
         raise NotImplementedError
@@ -108,7 +109,7 @@ class NewFaults:
         self.agents[node].signal(signal.SIGSTOP)
         m.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
         try:
-            time.sleep(FAST_CONFIG.lease_ttl_s + 1.0)
+            time.sleep(self.base_config.lease_ttl_s + 1.0)
         finally:
             m.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
             self.agents[node].signal(signal.SIGCONT)
@@ -189,7 +190,7 @@ class NewFaults:
             self.store.client.put(key, _hostile_value(self.rng))
             keys.append(key)
         rec.target = f"{len(keys)} keys"
-        time.sleep(self.rng.uniform(1.0, 2.0) + FAST_CONFIG.keepalive_interval_s)
+        time.sleep(self.rng.uniform(1.0, 2.0) + self.base_config.keepalive_interval_s)
         for key in keys:
             self.store.client.delete(key)
         bad = []

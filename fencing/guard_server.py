@@ -59,6 +59,9 @@ class GuardState:
 
     armed: bool = False
     fire_at: float = float("inf")
+    # Since when an armed guard has had no agent attached (the agent died or is being
+    # restarted): the re-attach that ends it is logged with the time it took.
+    orphaned_at: float | None = None
     clients: dict[int, _Client] = field(default_factory=dict)  # by fileno
 
     def pet(self, now: float, deadline: float, timeout: float) -> None:
@@ -67,6 +70,7 @@ class GuardState:
 
     def disarm(self) -> None:
         self.armed = False
+        self.orphaned_at = None
         self.fire_at = float("inf")
 
 
@@ -153,6 +157,8 @@ class GuardServer:
         self.state.clients.pop(c.sock.fileno(), None)
         c.sock.close()
         st = self.state
+        if st.armed and not any(o.node for o in st.clients.values()):
+            st.orphaned_at = self.clock()
         _log("agent_disconnected", agent_pid=c.pid, node=c.node, reason=why, armed=st.armed,
              fires_in_s=round(st.fire_at - self.clock(), 3) if st.armed else None)
 
@@ -192,7 +198,15 @@ class GuardServer:
                 _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100])
                 return
             was = st.armed
-            st.pet(self.clock(), deadline, timeout)
+            now = self.clock()
+            if st.orphaned_at is not None:
+                # The restart budget: how long the node went without an agent, and how
+                # much of the guard's deadline was left when the new one petted.
+                _log("agent_reattached", agent_pid=c.pid, node=c.node,
+                     unattended_s=round(now - st.orphaned_at, 3),
+                     margin_s=round(st.fire_at - now, 3))
+                st.orphaned_at = None
+            st.pet(now, deadline, timeout)
             if not was:
                 _log("guard_armed", agent_pid=c.pid, fires_in_s=round(st.fire_at - self.clock(), 3))
         elif parts[0] == "disarm":

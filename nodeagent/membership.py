@@ -20,7 +20,7 @@ from typing import Any
 from fencing.guard import GuardClient
 from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
-from fencing.policy import guard_timeout, require_safe_timing
+from fencing.policy import guard_timeout, require_safe_timing, self_fence_deadline
 from hypervisor.base import HypervisorError
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
@@ -148,10 +148,17 @@ class Membership:
         if (prev.agent.hostname != socket.gethostname() or prev.agent.pid == os.getpid()
                 or pid_alive(prev.agent.pid)):
             return False
-        facts = self._host_facts()
         sent = self.ctx.clock()
         if store.keepalive(old.lease) <= 0:
             return False  # expired meanwhile: register anew once the key is gone
+        # Pet first: the guard fires at its timeout after the previous process's last
+        # pet, and everything below (libvirt, two reads, a write) can take seconds on
+        # a loaded host.
+        self._pet_renewed(sent)
+        facts = self._host_facts()
+        sent = self.ctx.clock()  # the held lease counts from a renewal after the facts
+        if store.keepalive(old.lease) <= 0:
+            return False
         cordoned = store.get(self.ctx.ks.cordon(me)) is not None
         reg = self._registration(old.lease, cordoned, facts)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
@@ -164,6 +171,14 @@ class Membership:
                          cordoned=cordoned,
                          reason="agent restarted: the node keeps its lease and its VMs")
         return True
+
+    def _pet_renewed(self, sent: float) -> None:
+        """Pet the guard for a renewal etcd acknowledged for `sent`, before the
+        registration is held again (adopt)."""
+        if self.guard is None or not self.cfg.guard_enabled:
+            return
+        if not self.guard.pet(self_fence_deadline(sent, self.cfg), guard_timeout(self.cfg)):
+            self.log.error("guard_lost", reason="cannot reach the guard process")
 
     def _hold(self, lease_id: int, create_revision: int, sent: float, cordoned: bool) -> None:
         """Keep the lease renewed from now on; it was last acknowledged for `sent`."""

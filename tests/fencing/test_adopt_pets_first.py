@@ -1,0 +1,113 @@
+"""A restarted agent pets the guard service as soon as etcd has renewed its lease, before
+the slower parts of adopting the registration (libvirt's host facts, two reads, a
+write): on a loaded host those can take longer than what is left of the guard's
+timeout, and the guard then destroys every VM of a node whose lease never lapsed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fencing.guard_client import SocketGuardClient
+from fencing.policy import guard_timeout, self_fence_deadline
+from hypervisor.fake import FakeHypervisor, fake_ground_truth
+from nodeagent.agent import AgentOptions, NodeAgent
+from schemas import Keyspace, NodeRegistration, Placement, VmSpec
+from schemas.models import AgentInfo, Capacity
+from store.etcd import EtcdStore
+from tests.conftest import TEST_CONFIG
+from tests.fencing.procs import popen
+from tests.harness import EtcdCluster, wait_until
+
+pytestmark = pytest.mark.integration
+KS = Keyspace()
+XML = "<domain><name>{0}</name></domain>"
+
+
+class SlowFactsHypervisor(FakeHypervisor):
+    """libvirt answering the host-facts calls slowly (a loaded host, a busy libvirtd)."""
+
+    slow_s = 0.0
+
+    def capacity(self) -> tuple[int, int]:
+        time.sleep(self.slow_s)
+        return super().capacity()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_path: Path) -> None:
+    cfg = TEST_CONFIG
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, cfg.to_json())
+    sock = str(tmp_path / "guard.sock")
+    guard = popen([sys.executable, "-m", "fencing.guard", "--socket", sock,
+                   "--uri", f"fake://{tmp_path / 'n1'}"], stderr=subprocess.PIPE)
+    host_pid = tmp_path / "n1" / "host.pid"
+    wait_until(lambda: Path(sock).exists() and host_pid.exists()
+               and host_pid.read_text() == str(guard.pid), 10, what="guard up")
+    hv = SlowFactsHypervisor(tmp_path, "n1", host_pid=guard.pid)
+    hv.boot("vm1", XML.format("vm1"))
+    store.put(KS.vm_spec("vm1"), VmSpec(name="vm1", domain_xml=XML.format("vm1"),
+                                        memory_mib=64, vcpus=1).to_json())
+    store.put(KS.vm_placement("vm1"), Placement(id="p1", vm="vm1", node="n1", kind="boot",
+                                                epoch=1, reason="test",
+                                                decided_at=time.time()).to_json())
+
+    # The previous agent process: its leased registration, and its last pet.
+    sent = time.monotonic()
+    lease = store.grant_lease(cfg.lease_ttl_s)
+    prev = NodeRegistration(name="n1", lease_id=f"{lease:x}", libvirt_uri=hv.uri,
+                            migration_address="127.0.0.1",
+                            capacity=Capacity(memory_mib=4096, vcpus=8),
+                            agent=AgentInfo(hostname=socket.gethostname(), pid=dead_pid(),
+                                            version="test"),
+                            registered_at=time.time())
+    store.put(KS.node("n1"), prev.to_json(), lease=lease)
+    old = SocketGuardClient(sock, "n1")
+    old.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
+    old.close()  # SIGKILLed: the guard stays armed
+
+    # The new process starts 0.4 timeouts after the last pet, and its host facts take
+    # 0.7 timeouts: together longer than the guard waits, each alone shorter.  It runs
+    # in a child process: a guard that fires SIGKILLs the agents attached to it.
+    g = guard_timeout(cfg)
+    time.sleep(0.4 * g)
+    child = mp.get_context("fork").Process(
+        target=run_agent, args=(etcd.endpoints, tmp_path, guard.pid, sock, 0.7 * g), daemon=True)
+    child.start()
+    try:
+        def adopted() -> bool:
+            kv = store.get(KS.node("n1"))
+            return kv is not None and NodeRegistration.from_json(kv.value).agent.pid == child.pid
+
+        wait_until(lambda: adopted() or not child.is_alive(), 15, what="registration adopted")
+        time.sleep(g)  # the old pet's timeout is long past
+        assert guard.poll() is None, "the guard fired while the lease was renewed"
+        assert child.is_alive() and adopted()
+        assert fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+    finally:
+        child.kill()
+        child.join(5)
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait(5)
+        store.close()
+
+
+def run_agent(endpoints: str, root: Path, host_pid: int, sock: str, slow_s: float) -> None:
+    hv = SlowFactsHypervisor(root, "n1", host_pid=host_pid)
+    hv.slow_s = slow_s
+    agent = NodeAgent(EtcdStore(endpoints), hv, AgentOptions(name="n1", poll_interval_s=0.2,
+                                                             guard=True, guard_socket=sock))
+    agent.run()
