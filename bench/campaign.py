@@ -164,8 +164,11 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
         if running is not None and running.alive():
             return sock
         sock.unlink(missing_ok=True)
-        d = Daemon(f"guard-{n}", ["guard", "--fake-root", str(self.fake_root), "--name", n,
-                                  "--socket", str(sock), "--log-format", "json"],
+        # Through the node's own proxies, as its agent reaches etcd.
+        eps = ",".join(p.endpoint for p in self.proxies[n])
+        d = Daemon(f"guard-{n}", ["--etcd", eps, "guard", "--fake-root", str(self.fake_root),
+                                  "--name", n, "--socket", str(sock), "--hold-lease",
+                                  "--log-format", "json"],
                    self.workdir / f"guard-{n}.log")
         self.guards[n] = d.start()
         poll_until(lambda: sock.exists() or not d.alive(), 15)

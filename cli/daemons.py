@@ -44,7 +44,11 @@ _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name"
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
                              "migration_address", "guard_socket", "drain_timeout_s"}
 GUARD_KEYS = {"socket", "libvirt_uri", "fake_root", "name", "watchdog", "watchdog_timeout",
-              "log_format"}
+              "log_format", "hold_lease", "restart_grace_s", "etcd", "prefix", "etcd_cacert",
+              "etcd_cert", "etcd_key"}
+# How long the guard service renews a lease for an agent that is restarting
+# (fencing.lease_hold): systemd's RestartSec plus a slow start, several times over.
+DEFAULT_RESTART_GRACE_S = 20.0
 DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
 
@@ -103,8 +107,11 @@ def cmd_guard(args: argparse.Namespace) -> int:
         uri = args.libvirt_uri
     else:
         raise CliError("guard needs --libvirt-uri (or --fake-root and --name)", EXIT_INPUT)
+    grace = DEFAULT_RESTART_GRACE_S if args.restart_grace_s is None else float(
+        args.restart_grace_s)
+    hold = _store(args) if args.hold_lease and grace > 0 else None
     return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
-                 int(args.watchdog_timeout or 10))
+                 int(args.watchdog_timeout or 10), hold_store=hold, restart_grace_s=grace)
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -167,6 +174,13 @@ def register(groups: dict[str, Any]) -> None:
     gd.add_argument("--watchdog", help="e.g. /dev/watchdog (modprobe softdog where there is "
                                        "no hardware one): held and fed until the guard fires")
     gd.add_argument("--watchdog-timeout", type=int, help="seconds (default 10)")
+    gd.add_argument("--hold-lease", action="store_true",
+                    help="while no agent is attached, renew the agent's lease in etcd (the "
+                         "global --etcd options) for up to --restart-grace-s, so a slow "
+                         "agent restart keeps the VMs")
+    gd.add_argument("--restart-grace-s", type=float,
+                    help=f"seconds a lease is held for a restarting agent (default "
+                         f"{DEFAULT_RESTART_GRACE_S:g}; 0: never)")
     gd.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     gd.set_defaults(fn=cmd_guard)
 

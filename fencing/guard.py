@@ -50,6 +50,7 @@ from typing import IO, Any
 
 import structlog
 
+from fencing.lease_hold import LeaseTerms
 from hypervisor.base import Hypervisor, HypervisorError
 from schemas.errors import InvariantError
 
@@ -251,6 +252,10 @@ class GuardClient:
 
     def pet(self, deadline: float, timeout_s: float) -> bool:
         return self._send(f"pet {deadline:.6f} {timeout_s:.6f}")
+
+    def announce(self, terms: LeaseTerms) -> bool:
+        """A guard of the agent's own dies with it: it never holds the lease."""
+        return True
 
     def close(self) -> None:
         """EOF without disarm: the guard stays armed (it dies with the agent's cgroup

@@ -13,6 +13,7 @@ import socket
 import structlog
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
+from fencing.lease_hold import LeaseTerms
 from schemas.errors import TemporaryError
 
 log = structlog.get_logger("vmha.guard_client")
@@ -29,6 +30,7 @@ class SocketGuardClient:
         self.sock: socket.socket | None = None
         self.pid = 0
         self.was_armed = False
+        self._terms: str | None = None  # the lease line, sent again to a restarted guard
         self._connect_retrying(connect_within_s)
 
     def _connect_retrying(self, within_s: float) -> None:
@@ -70,17 +72,20 @@ class SocketGuardClient:
 
     def _send(self, line: str) -> bool:
         for attempt in range(2):
+            payload = line
             if self.sock is None:
                 try:
                     self._connect()
                 except GuardUnreachable as exc:
                     log.error("guard_unreachable", error=str(exc))
                     return False
+                if self._terms is not None and line != self._terms:
+                    payload = f"{self._terms}\n{line}"  # a restarted guard learns the lease
             sock = self.sock
             if sock is None:
                 return False
             try:
-                sock.sendall(line.encode() + b"\n")
+                sock.sendall(payload.encode() + b"\n")
                 return True
             except OSError as exc:
                 log.warning("guard_connection_lost", error=str(exc), retrying=attempt == 0)
@@ -90,6 +95,12 @@ class SocketGuardClient:
 
     def pet(self, deadline: float, timeout_s: float) -> bool:
         return self._send(f"pet {deadline:.6f} {timeout_s:.6f}")
+
+    def announce(self, terms: LeaseTerms) -> bool:
+        """Tell the guard which lease it may hold while no agent is attached
+        (fencing.lease_hold)."""
+        self._terms = terms.line()
+        return self._send(self._terms)
 
     def disarm(self) -> None:
         if self._send("disarm"):

@@ -34,12 +34,15 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fencing.guard import EXIT_FIRED, Watchdog, _log, destroy_managed, open_hypervisor
+from fencing.lease import LeaseStore
+from fencing.lease_hold import LeaseHold, LeaseTerms
 from hypervisor.base import HypervisorError
 
 WATCHDOG_FEED_EVERY_S = 1.0
@@ -62,16 +65,26 @@ class GuardState:
     # Since when an armed guard has had no agent attached (the agent died or is being
     # restarted): the re-attach that ends it is logged with the time it took.
     orphaned_at: float | None = None
+    timeout: float = 0.0  # carried by the last pet; a lease hold's renewals reuse it
     clients: dict[int, _Client] = field(default_factory=dict)  # by fileno
+    # A lease hold pets from its own thread.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def pet(self, now: float, deadline: float, timeout: float) -> None:
-        self.fire_at = min(now + timeout, deadline)  # fencing.policy.guard_fire_at
-        self.armed = True
+        with self.lock:
+            self.fire_at = min(now + timeout, deadline)  # fencing.policy.guard_fire_at
+            self.timeout = timeout
+            self.armed = True
 
     def disarm(self) -> None:
-        self.armed = False
-        self.orphaned_at = None
-        self.fire_at = float("inf")
+        with self.lock:
+            self.armed = False
+            self.orphaned_at = None
+            self.fire_at = float("inf")
+
+    def due(self, now: float) -> bool:
+        with self.lock:
+            return self.armed and now >= self.fire_at
 
 
 def _peer_pid(sock: socket.socket) -> int:
@@ -96,7 +109,8 @@ def listen(path: str) -> socket.socket:
 class GuardServer:
     def __init__(self, path: str, uri: str, watchdog: str | None = None,
                  watchdog_timeout_s: int = 10,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0) -> None:
         self.hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
         self.path = path
         self.srv = listen(path)
@@ -105,6 +119,12 @@ class GuardServer:
         self.clock = clock
         self.stop_requested = False
         self._fed_at = float("-inf")
+        # fencing.lease_hold: with an etcd client, the lease is renewed while no agent
+        # is attached, for at most restart_grace_s.
+        self.hold_store = hold_store
+        self.restart_grace_s = restart_grace_s
+        self.terms: LeaseTerms | None = None
+        self.hold: LeaseHold | None = None
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -125,8 +145,12 @@ class GuardServer:
              watchdog=self.wd is not None)
         while True:
             now = self.clock()
-            if st.armed and now >= st.fire_at:
+            if st.due(now):
                 return self.fire()
+            if (self.hold is not None and st.orphaned_at is not None
+                    and now - st.orphaned_at >= self.restart_grace_s):
+                self._end_hold("restart grace over: no agent attached; the guard fires at "
+                               "its time after the last renewal")
             if self.stop_requested and self._may_stop():
                 self._exit_clean()
                 return 0
@@ -159,6 +183,7 @@ class GuardServer:
         st = self.state
         if st.armed and not any(o.node for o in st.clients.values()):
             st.orphaned_at = self.clock()
+            self._start_hold()
         _log("agent_disconnected", agent_pid=c.pid, node=c.node, reason=why, armed=st.armed,
              fires_in_s=round(st.fire_at - self.clock(), 3) if st.armed else None)
 
@@ -197,6 +222,7 @@ class GuardServer:
             except ValueError:
                 _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100])
                 return
+            self._end_hold("an agent petted")
             was = st.armed
             now = self.clock()
             if st.orphaned_at is not None:
@@ -209,13 +235,56 @@ class GuardServer:
             st.pet(now, deadline, timeout)
             if not was:
                 _log("guard_armed", agent_pid=c.pid, fires_in_s=round(st.fire_at - self.clock(), 3))
+        elif parts[0] == "lease":
+            try:
+                self.terms = LeaseTerms.parse(parts[1:])
+            except ValueError as exc:
+                _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100],
+                     error=str(exc))
         elif parts[0] == "disarm":
+            self._end_hold("agent disarmed")
+            self.terms = None
             st.disarm()
             _log("guard_disarmed", agent_pid=c.pid, reason="agent exiting cleanly")
         else:
             _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100])
 
+    # ---- the lease hold (fencing.lease_hold) ---------------------------------------------
+
+    def _start_hold(self) -> None:
+        st, terms = self.state, self.terms
+        if self.hold_store is None or terms is None or self.restart_grace_s <= 0:
+            return
+        self._end_hold("restarted")
+        with st.lock:
+            deadline = st.fire_at
+        self.hold = LeaseHold(self.hold_store, terms, deadline, self._held, self._hold_gone,
+                              clock=self.clock).start()
+        _log("lease_hold_started", lease=f"{terms.lease_id:x}", grace_s=self.restart_grace_s,
+             fires_in_s=round(deadline - self.clock(), 3),
+             reason="no agent attached: renewing the lease until one pets again")
+
+    def _held(self, deadline: float) -> None:
+        """A renewal etcd acknowledged while holding: it counts as a pet."""
+        st, hold = self.state, self.hold
+        if hold is None or not st.armed:
+            return
+        st.pet(self.clock(), deadline, st.timeout)
+
+    def _hold_gone(self) -> None:
+        _log("lease_hold_gone", reason="etcd says the lease no longer exists: nothing left "
+                                       "to hold; the guard fires at its time")
+
+    def _end_hold(self, why: str) -> None:
+        hold, self.hold = self.hold, None
+        if hold is None:
+            return
+        hold.stop()
+        _log("lease_hold_ended", lease=f"{hold.terms.lease_id:x}", renewals=hold.renewals,
+             reason=why)
+
     def fire(self) -> int:
+        self._end_hold("firing")
         started = self.clock()
         killed = []
         for c in list(self.state.clients.values()):
@@ -250,11 +319,13 @@ class GuardServer:
         Path(self.path).unlink(missing_ok=True)
 
 
-def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int) -> int:
+def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int,
+          hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0) -> int:
     """The `vmha guard` daemon: runs until it fires or is stopped while disarmed."""
     from telemetry import metrics
 
-    server = GuardServer(path, uri, watchdog, watchdog_timeout_s)
+    server = GuardServer(path, uri, watchdog, watchdog_timeout_s,
+                         hold_store=hold_store, restart_grace_s=restart_grace_s)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.request_stop())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

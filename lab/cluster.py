@@ -153,7 +153,7 @@ class LabCluster:
     def start_guard(self, name: str) -> Daemon:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         d = start_guard_service(self.guards, self.workdir, name,
-                                ["--libvirt-uri", self.nodes[name].uri])
+                                ["--libvirt-uri", self.nodes[name].uri], tuple(self.common()))
         self._changed()
         return d
 

@@ -212,7 +212,7 @@ def guard_socket(workdir: Path, name: str) -> Path:
 
 
 def start_guard_service(guards: dict[str, Daemon], workdir: Path, name: str,
-                        hypervisor_args: list[str]) -> Daemon:
+                        hypervisor_args: list[str], etcd_args: tuple[str, ...] = ()) -> Daemon:
     """Start node ``name``'s guard as its own process (`vmha guard`, as the
     vmha-guard unit runs it) unless it runs; wait for its socket."""
     running = guards.get(name)
@@ -220,8 +220,11 @@ def start_guard_service(guards: dict[str, Daemon], workdir: Path, name: str,
         return running
     sock = guard_socket(workdir, name)
     sock.unlink(missing_ok=True)
-    d = Daemon(f"guard-{name}", ["guard", *hypervisor_args, "--socket", str(sock),
-                                 "--log-format", "json"], workdir / f"guard-{name}.log")
+    # With etcd options (as vmha-guard.service has them) it holds the lease for a
+    # restarting agent (fencing.lease_hold).
+    hold = ["--hold-lease"] if etcd_args else []
+    d = Daemon(f"guard-{name}", [*etcd_args, "guard", *hypervisor_args, "--socket", str(sock),
+                                 *hold, "--log-format", "json"], workdir / f"guard-{name}.log")
     guards[name] = d.start()
     wait_until(lambda: sock.exists() or not d.alive(), 15, what=f"guard of {name} up")
     return d
@@ -255,7 +258,8 @@ class FakeCluster:
     def start_guard(self, name: str) -> Daemon:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         return start_guard_service(self.guards, self.workdir, name,
-                                   ["--fake-root", str(self.fake_root), "--name", name])
+                                   ["--fake-root", str(self.fake_root), "--name", name],
+                                   tuple(self.common()))
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:

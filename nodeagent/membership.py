@@ -20,6 +20,7 @@ from typing import Any
 from fencing.guard import GuardClient
 from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
+from fencing.lease_hold import LeaseTerms
 from fencing.policy import guard_timeout, require_safe_timing, self_fence_deadline
 from hypervisor.base import HypervisorError
 from hypervisor.fake import pid_alive
@@ -193,6 +194,8 @@ class Membership:
         for old in self._old_keepers:
             old.stop()
         self._old_keepers.clear()
+        if self.guard is not None and self.cfg.guard_enabled:
+            self.guard.announce(LeaseTerms.of(lease_id, self.cfg))
         self.pet_guard()
         metrics.notify("READY=1\nSTATUS=registered, reconciling")
 

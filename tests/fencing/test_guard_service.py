@@ -10,17 +10,28 @@ import time
 from pathlib import Path
 
 from fencing.guard_client import SocketGuardClient
+from fencing.lease_hold import LeaseTerms
+from fencing.policy import guard_timeout, self_fence_deadline
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
+from lab.configs import FAST_CONFIG
+from store.etcd import EtcdStore
 from tests.fencing.procs import popen as _popen
-from tests.harness import wait_until
+from tests.harness import EtcdCluster, wait_until
 
 XML = "<domain><name>{0}</name></domain>"
 
 
-def start_service(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_service(tmp: Path, *extra: str, etcd_endpoints: str | None = None,
+                  grace_s: float = 20.0) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(tmp / "guard.sock")
-    g = _popen([sys.executable, "-m", "fencing.guard", "--socket", sock,
-                "--uri", f"fake://{tmp / 'n1'}", *extra], stderr=subprocess.PIPE)
+    if etcd_endpoints is None:
+        args = [sys.executable, "-m", "fencing.guard", "--socket", sock,
+                "--uri", f"fake://{tmp / 'n1'}", *extra]
+    else:  # as vmha-guard.service runs it, holding the lease for a restarting agent
+        args = [sys.executable, "-m", "vmha", "--etcd", etcd_endpoints, "guard",
+                "--fake-root", str(tmp), "--name", "n1", "--socket", sock, "--hold-lease",
+                "--restart-grace-s", str(grace_s), "--log-format", "json", *extra]
+    g = _popen(args, stderr=subprocess.PIPE)
     wait_until(lambda: Path(sock).exists() and (tmp / "n1" / "host.pid").exists()
                and (tmp / "n1" / "host.pid").read_text() == str(g.pid), 10, what="guard up")
     hv = FakeHypervisor(tmp, "n1", host_pid=g.pid)
@@ -129,3 +140,61 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     assert g2.wait(5) == 0
     assert dev.read_bytes().endswith(b"V")
     assert not pid_alive(g2.pid)
+
+
+def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """An agent process gone longer than the guard's timeout (a slow restart on a loaded
+    host): the guard service renews its lease meanwhile, so the VMs stay; once the grace
+    is over with no agent back, it fires after the last renewal's timeout, and the lease
+    then expires in etcd."""
+    store = EtcdStore(etcd.endpoints)
+    cfg = FAST_CONFIG
+    g, sock = start_service(tmp_path, etcd_endpoints=etcd.endpoints, grace_s=4.0)
+    try:
+        sent = time.monotonic()
+        lease = store.grant_lease(cfg.lease_ttl_s)
+        agent = SocketGuardClient(sock, "n1")
+        agent.announce(LeaseTerms.of(lease, cfg))
+        agent.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
+        agent.close()  # SIGKILLed; no new process yet
+        time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout
+        assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
+        assert store.lease_ttl(lease) > 0
+        assert g.wait(10) == 3  # the grace (4 s) ran out with no agent: fired
+        assert fake_ground_truth(tmp_path) == {}
+        err = g.stderr.read().decode() if g.stderr else ""
+        assert '"lease_hold_started"' in err and '"lease_hold_ended"' in err
+        wait_until(lambda: store.lease_ttl(lease) <= 0, cfg.lease_ttl_s + 3,
+                   what="the lease expired after the guard stopped renewing")
+    finally:
+        store.close()
+
+
+def test_an_agent_that_pets_again_ends_the_hold(etcd: EtcdCluster, tmp_path: Path) -> None:
+    store = EtcdStore(etcd.endpoints)
+    cfg = FAST_CONFIG
+    g, sock = start_service(tmp_path, etcd_endpoints=etcd.endpoints, grace_s=30.0)
+    try:
+        sent = time.monotonic()
+        lease = store.grant_lease(cfg.lease_ttl_s)
+        first = SocketGuardClient(sock, "n1")
+        first.announce(LeaseTerms.of(lease, cfg))
+        first.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
+        first.close()
+        time.sleep(guard_timeout(cfg) + 0.5)
+        # The restarted agent, late, pets once and then freezes (its own process: the
+        # guard SIGKILLs the agents attached when it fires).
+        second = _popen([sys.executable, "-c", "import socket,sys,time\n"
+                         "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                         "s.sendall(b'hello n1\\n'); s.recv(100)\n"
+                         "s.sendall(f'pet {time.monotonic()+1.0} 0.8\\n'.encode())\n"
+                         "time.sleep(60)\n", sock])
+        # An agent is attached again: the hold is over, so the new pet's deadline rules.
+        assert g.wait(5) == 3
+        assert second.wait(5) == -9
+        err = g.stderr.read().decode() if g.stderr else ""
+        assert '"lease_hold_ended"' in err and "an agent petted" in err
+        assert '"agent_reattached"' in err
+    finally:
+        store.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fencing.policy import guard_timeout
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
 from schemas import ClusterConfig, Keyspace
@@ -86,6 +87,28 @@ def test_agent_sigkilled_and_restarted_within_the_ttl_keeps_its_vms(
             stays_in_place(fc, store, "n2", before, checker)
         reg = json.loads(store.get(KS.node("n2")).value)  # type: ignore[union-attr]
         assert reg["lease_id"] == lease and reg["agent"]["pid"] == fc.agents["n2"].pid
+    finally:
+        fc.stop()
+        store.close()
+
+
+def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A loaded host: the new agent process comes up after the guard's timeout (4.5 s)
+    has run out since the old one's last pet.  The guard service holds the lease
+    meanwhile (fencing.lease_hold), so it does not fire and nothing moves."""
+    fc = cluster(etcd, tmp_path)
+    store = EtcdStore(etcd.endpoints)
+    try:
+        before = on(fc, "n2")
+        assert before
+        with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
+            fc.agents["n2"].kill()
+            time.sleep(guard_timeout(CFG) + 1.5)  # the restart is slow
+            assert on(fc, "n2") == before
+            fc.start_agent("n2")
+            stays_in_place(fc, store, "n2", before, checker)
+        assert '"lease_hold_ended"' in fc.guards["n2"].log_text()
     finally:
         fc.stop()
         store.close()
@@ -172,7 +195,8 @@ def test_not_restarted_the_guard_destroys_the_vms_before_the_fence_window_ends(
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             fc.agents["n2"].kill()
             guard = fc.guards["n2"]
-            assert guard.proc is not None and guard.proc.wait(30) == 3
+            # After the restart grace (the guard holds the lease for 20 s) and its timeout.
+            assert guard.proc is not None and guard.proc.wait(60) == 3
             assert '"guard_fired"' in guard.log_text()
             wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in victims),
                        30, what="victims running elsewhere")
