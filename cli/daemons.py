@@ -25,7 +25,7 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
     try:
         with open(args.config, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, bytes not UTF-8
         raise CliError(f"{args.config}: {exc}", EXIT_INPUT) from None
     unknown = sorted(set(data) - allowed)
     if unknown:

@@ -69,3 +69,12 @@ def test_out_of_bound_value_in_etcd_is_listed_by_status(etcd: EtcdCluster) -> No
     data = json.loads(out.stdout)
     assert [i["key"] for i in data["invalid"]] == [KS.vm_spec("huge")]
     assert "memory_mib" in data["invalid_keys"][0]
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe = 1\n", b"name = \n"])
+def test_daemon_config_file_missing_unreadable_or_malformed(etcd: EtcdCluster, tmp_path: Path,
+                                                            content: bytes | None) -> None:
+    f = tmp_path / "agent.toml"
+    if content is not None:
+        f.write_bytes(content)
+    _refused(vmha(etcd, "agent", "--config", str(f), "--name", "n1"), str(f))
