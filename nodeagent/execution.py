@@ -105,7 +105,7 @@ class Execution:
         elif isinstance(action, agent_plan.Boot):
             lg.info("boot", placement=action.placement_id, reason=action.reason)
             try:
-                refuse_by_policy(action.vm, snap, self.m.cfg, lg)
+                refuse_by_policy(action.vm, snap, lg)
                 hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
             except HypervisorRefused as exc:
                 self.failures.boot_refused(action, exc, snap, lg)

@@ -3,8 +3,9 @@ domain is defined, so a spec written into etcd past `vmha vm add` defines nothin
 
 A refusal is a refused boot (nodeagent.failures): the error in the VM's status, retried
 with backoff, given up after `max_boot_failures_per_node`, one `boot_failed` event per
-distinct error.  The config may change meanwhile (an operator adds an allowance), which
-is why it is retried at all.
+distinct error.  The policy is the one in each snapshot's config, not the config the
+agent started with: an allowance an operator adds applies at the next retry, without a
+restart (a config that does not parse is read as the defaults).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 from hypervisor.base import HypervisorRefused
 from nodeagent.failures import ERROR_CHARS
 from schemas.domain_policy import DomainPolicyError, check_domain_xml
-from schemas.models import ClusterConfig
 from schemas.snapshot import ClusterSnapshot
 
 
@@ -22,13 +22,13 @@ class PolicyRefused(HypervisorRefused):
     """The domain XML policy refused the spec before the hypervisor saw it."""
 
 
-def refuse_by_policy(vm: str, snap: ClusterSnapshot, cfg: ClusterConfig, lg: Any) -> None:
+def refuse_by_policy(vm: str, snap: ClusterSnapshot, lg: Any) -> None:
     """Raise PolicyRefused (a HypervisorRefused: handled as a refused boot) when the
     cluster's policy refuses the VM's domain XML.  Logged once per distinct refusal: a
     retry whose status already shows the same error logs only its `boot_refused`."""
     spec = snap.specs[vm].value
     try:
-        check_domain_xml(spec.domain_xml, spec.name, cfg)
+        check_domain_xml(spec.domain_xml, spec.name, snap.config)
     except DomainPolicyError as exc:
         error = str(exc)
         st = snap.statuses.get(vm)

@@ -109,6 +109,15 @@ def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: P
         assert domain_record(fc.fake_root, "n1", "gpu") is not None
         st_gpu = status(store, "gpu")
         assert st_gpu is not None and not st_gpu.error
+        # The operator allows it: the running agent applies the new config (no restart);
+        # `vm start` re-arms a VM its node had given up on.
+        vm = _vm("pci-hostdev")
+        allow = {**CONFIG.domain_policy_allow, vm: ["hostdev"]}
+        store.put(KS.config, CONFIG.model_copy(update={"domain_policy_allow": allow})
+                  .to_json())
+        assert vmha(etcd, "vm", "start", vm).returncode == 0
+        status_when(store, vm, lambda s: s.state == "running", 30, f"{vm} allowed, running")
+        assert domain_record(fc.fake_root, "n1", vm) is not None
     finally:
         fc.stop()
         store.close()
