@@ -56,8 +56,9 @@ REFUSED: dict[str, tuple[str, str, str]] = {
                          "qemu:commandline", "qemu:commandline"),
     "qemu-capabilities": (with_devices("v", top=CAPABILITIES[1], root_attrs=CAPABILITIES[0]),
                           "qemu:capabilities", "qemu:capabilities"),
-    "dotdot-escape": (with_devices("v", disk("/var/lib/libvirt/images/../../../etc/shadow")),
-                      "host-path", "/etc/shadow"),
+    "dotdot-escape": (
+        with_devices("v", disk("/var/lib/libvirt/images/../../../../etc/shadow")),
+        "host-path", "(= '/etc/shadow')"),
     "backing-store": (
         with_devices("v", "<disk type='file' device='disk'><source file="
                           "'/var/lib/libvirt/images/v.qcow2'/><backingStore type='file'>"
