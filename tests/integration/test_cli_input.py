@@ -78,3 +78,11 @@ def test_daemon_config_file_missing_unreadable_or_malformed(etcd: EtcdCluster, t
     if content is not None:
         f.write_bytes(content)
     _refused(vmha(etcd, "agent", "--config", str(f), "--name", "n1"), str(f))
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--memory-mib", str(10**30)),
+                                             ("--vcpus", "4097")])
+def test_agent_refuses_a_capacity_past_the_bounds(etcd: EtcdCluster, tmp_path: Path,
+                                                  flag: str, value: str) -> None:
+    _refused(vmha(etcd, "agent", "--name", "n1", "--fake-root", str(tmp_path), flag, value),
+             flag[2:].replace("-", "_"))

@@ -5,6 +5,8 @@ escape), and XML with a DTD is refused before anything reads it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cli.common import default_domain_xml
@@ -154,3 +156,16 @@ def test_config_validates_the_policy_fields() -> None:
             ClusterConfig.parse_dict(bad)
     cfg = ClusterConfig.parse_dict({"storage_paths": ["/srv/vm/../images/", "/data//vm"]})
     assert cfg.storage_paths == ["/srv/images", "/data/vm"]
+
+
+def test_lab_guests_pass_the_default_policy_and_its_raw_qemu_guest_does_not(
+        tmp_path: Path) -> None:
+    from lab.guests import disk_guest_xml, tiny_guest_xml
+
+    assert policy_violations(tiny_guest_xml("t"), "t", POLICY) == []
+    xml = disk_guest_xml("d", tmp_path / "d.img", share_rw=True)
+    refused = policy_violations(xml, "d", POLICY)
+    assert [p.split(" ")[0] for p in refused] == ["<disk", "<qemu:commandline>"]
+    lab = POLICY.model_copy(update={"storage_paths": [str(tmp_path.resolve())],
+                                    "domain_policy_allow": {"d": ["qemu:commandline"]}})
+    assert policy_violations(xml, "d", lab) == []
