@@ -121,3 +121,53 @@ def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: P
     finally:
         fc.stop()
         store.close()
+
+
+NODE_XML = """<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads>
+       <active>4</active><mhz>2000</mhz><model>x86_64</model></cpu>
+  <memory>8388608</memory>
+</node>"""
+
+
+def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
+        etcd: EtcdCluster, tmp_path: Path) -> None:
+    """libvirt's test driver defines and starts a PCI <hostdev> or a disk on /etc/shadow
+    without complaint: only the agent's gate keeps them out."""
+    import threading
+    import time
+
+    from hypervisor.libvirt_adapter import LibvirtHypervisor
+    from nodeagent.agent import AgentOptions, NodeAgent
+    from schemas import Placement
+    from tests.unit.test_domain_policy import disk
+
+    node = tmp_path / "node.xml"
+    node.write_text(NODE_XML)
+    hv = LibvirtHypervisor(f"test://{node}")
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, CONFIG.to_json())
+    xmls = {"gpu": with_devices("gpu", PCI_HOSTDEV), "gpu2": with_devices("gpu2", PCI_HOSTDEV),
+            "shadow": with_devices("shadow", disk("/etc/shadow"))}
+    for i, (vm, xml) in enumerate(sorted(xmls.items())):
+        store.put(KS.vm_spec(vm), spec(vm, xml).to_json())
+        store.put(KS.vm_placement(vm), Placement(id=f"p{i}", vm=vm, node="n1", kind="boot",
+                                                 epoch=1, reason="test",
+                                                 decided_at=time.time()).to_json())
+    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2))
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        status_when(store, "gpu", lambda s: s.state == "running", 20, "allowed gpu running")
+        for vm, named in (("gpu2", "<hostdev>"), ("shadow", "'/etc/shadow'")):
+            st = status_when(store, vm, lambda s: bool(s.error), 20, f"{vm} refused")
+            assert "domain policy refuses vm " + vm in (st.error or "")
+            assert named in (st.error or "") and st.state == "stopped"
+        status_when(store, "gpu2", lambda s: s.boot_failures >= 2, 20, "gpu2 retried")
+        domains = hv.list_domains()
+        assert domains["gpu"].active and "gpu2" not in domains and "shadow" not in domains
+    finally:
+        agent.stopped.set()
+        agent.wake.set()
+        t.join(5)
+        store.close()
