@@ -21,6 +21,7 @@ from cli.common import (
     _ts,
     default_domain_xml,
 )
+from cli.policy import add_parser as add_check_parser
 from orchestrator import simulate
 from schemas import MAX_VALUE_BYTES, SchemaError, VmSpec
 from schemas.domain_policy import DomainPolicyError, check_domain_xml
@@ -362,3 +363,4 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--vcpus", type=int)
     p.add_argument("--xml")
     p.set_defaults(fn=cmd_vm_edit)
+    add_check_parser(vm)

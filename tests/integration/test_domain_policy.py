@@ -171,3 +171,28 @@ def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
         agent.wake.set()
         t.join(5)
         store.close()
+
+
+def test_vm_check_lists_specs_the_policy_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Before an upgrade or a stricter config: which declared VMs would be refused."""
+    import json
+
+    from tests.unit.test_domain_policy import disk
+
+    store = EtcdStore(etcd.endpoints)
+    try:
+        store.put(KS.config, CONFIG.to_json())
+        store.put(KS.vm_spec("srv"), spec("srv", with_devices("srv", disk("/srv/vm/a.img")))
+                  .to_json())
+        store.put(KS.vm_spec("plain"), spec("plain", with_devices("plain")).to_json())
+    finally:
+        store.close()
+    out = vmha(etcd, "--output", "json", "vm", "check")
+    assert out.returncode == 2, out.stderr
+    rows = {r["vm"]: r for r in json.loads(out.stdout)}
+    assert rows["plain"]["allowed"] and not rows["srv"]["allowed"]
+    assert "'/srv/vm/a.img'" in rows["srv"]["refused"][0]
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('storage_paths = ["/var/lib/libvirt/images", "/srv/vm"]\n')
+    ok = vmha(etcd, "vm", "check", "--file", str(cfg))
+    assert ok.returncode == 0 and "srv" in ok.stdout and "ok" in ok.stdout, ok.stderr
