@@ -76,7 +76,8 @@ def _under(path: str, prefixes: list[str]) -> bool:
 def _host_path(where: str, path: str, cfg: ClusterConfig) -> Iterator[tuple[str, str]]:
     """A host path outside the configured storage directories (after normalisation, so
     `..` cannot climb out of one)."""
-    norm = os.path.normpath(path) if os.path.isabs(path) else path
+    # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux reads it as "/"
+    norm = "/" + os.path.normpath(path).lstrip("/") if os.path.isabs(path) else path
     if not os.path.isabs(norm) or not _under(norm, cfg.storage_paths):
         shown = f"'{path}'" + (f" (= '{norm}')" if norm != path else "")
         allowed = ", ".join(cfg.storage_paths) or "none configured"

@@ -122,6 +122,8 @@ def test_allowed_storage_and_plain_guests_pass() -> None:
     assert policy_violations(ok, "v", POLICY) == []
     shared = POLICY.model_copy(update={"storage_paths": ["/srv/vm"]})
     assert policy_violations(with_devices("v", disk("/srv/vm/a/b.img")), "v", shared) == []
+    assert policy_violations(with_devices("v", disk("//srv/vm//a/./b.img")), "v", shared) == []
+    assert policy_violations(with_devices("v", disk("//etc/shadow")), "v", shared) != []
     # a prefix is a directory, not a string prefix
     assert policy_violations(with_devices("v", disk("/srv/vmx/b.img")), "v", shared) != []
 
