@@ -29,6 +29,13 @@ PolicyElement = Literal["hostdev", "host-path", "qemu:commandline", "qemu:capabi
                         "qemu:override", "seclabel", "emulator"]
 POLICY_ELEMENTS: tuple[str, ...] = get_args(PolicyElement)
 
+# The default storage directory: libvirt's own default pool (`virsh pool-dumpxml default`).
+DEFAULT_STORAGE_PATHS = ["/var/lib/libvirt/images"]
+# QEMU and virtiofsd where distributions install them (Debian/Ubuntu, Fedora/RHEL).
+DEFAULT_EMULATORS = ["/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-aarch64",
+                     "/usr/bin/qemu-kvm", "/usr/libexec/qemu-kvm", "/usr/bin/kvm",
+                     "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+
 # Attributes of a <source> (and <mirror>) that name a file, directory, device or socket
 # on the host.
 _PATH_ATTRS = ("file", "dev", "dir", "path", "socket")
@@ -41,6 +48,24 @@ class DomainPolicyError(ValueError):
 def _refuse_dtd(*_: object) -> None:
     raise DomainPolicyError("domain XML with a DTD (<!DOCTYPE>) or an entity declaration "
                             "is refused")
+
+
+def _canonical(path: str) -> str:
+    # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux reads it as "/"
+    return "/" + os.path.normpath(path).lstrip("/")
+
+
+def normalised_paths(paths: list[str]) -> list[str]:
+    """Config paths (`storage_paths`, `emulators`): absolute, normalised, never `/`."""
+    out = []
+    for p in paths:
+        if not p.startswith("/"):
+            raise ValueError(f"{p!r} is not an absolute path")
+        if _canonical(p) == "/":
+            raise ValueError("'/' would allow every host path; allow a VM 'host-path' "
+                             "in domain_policy_allow instead")
+        out.append(_canonical(p))
+    return out
 
 
 def parse_domain_xml(xml: str) -> ET.Element:
@@ -76,8 +101,7 @@ def _under(path: str, prefixes: list[str]) -> bool:
 def _host_path(where: str, path: str, cfg: ClusterConfig) -> Iterator[tuple[str, str]]:
     """A host path outside the configured storage directories (after normalisation, so
     `..` cannot climb out of one)."""
-    # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux reads it as "/"
-    norm = "/" + os.path.normpath(path).lstrip("/") if os.path.isabs(path) else path
+    norm = _canonical(path) if os.path.isabs(path) else path
     if not os.path.isabs(norm) or not _under(norm, cfg.storage_paths):
         shown = f"'{path}'" + (f" (= '{norm}')" if norm != path else "")
         allowed = ", ".join(cfg.storage_paths) or "none configured"
@@ -129,11 +153,11 @@ def _findings(root: ET.Element, cfg: ClusterConfig) -> Iterator[tuple[str, str]]
             binary = elem.find("binary")
             if binary is not None and binary.get("path") is not None:
                 path = binary.get("path", "")
-                if os.path.normpath(path) not in cfg.emulators:
+                if not os.path.isabs(path) or _canonical(path) not in cfg.emulators:
                     yield "emulator", f"<filesystem> <binary path='{path}'>"
         elif local == "emulator":
             path = (elem.text or "").strip()
-            if os.path.normpath(path) not in cfg.emulators:
+            if not os.path.isabs(path) or _canonical(path) not in cfg.emulators:
                 yield "emulator", f"<emulator>{path}</emulator> (not among the emulators)"
 
 

@@ -8,13 +8,18 @@ parsed snapshot and never mutates it.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.domain_policy import PolicyElement, parse_domain_xml
+from schemas.domain_policy import (
+    DEFAULT_EMULATORS,
+    DEFAULT_STORAGE_PATHS,
+    PolicyElement,
+    normalised_paths,
+    parse_domain_xml,
+)
 from schemas.errors import SchemaError
 from schemas.keys import valid_name
 
@@ -92,13 +97,6 @@ def _check_names(values: Any, what: str) -> Any:
         _check_name(v, what)
     return values
 
-
-# The default storage directory: libvirt's own default pool (`virsh pool-dumpxml default`).
-DEFAULT_STORAGE_PATHS = ["/var/lib/libvirt/images"]
-# QEMU and virtiofsd where distributions install them (Debian/Ubuntu, Fedora/RHEL).
-DEFAULT_EMULATORS = ["/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-aarch64",
-                     "/usr/bin/qemu-kvm", "/usr/libexec/qemu-kvm", "/usr/bin/kvm",
-                     "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
 
 
 class RebalancePolicy(Model):
@@ -188,16 +186,7 @@ class ClusterConfig(Model):
     @field_validator("storage_paths", "emulators")
     @classmethod
     def _abs_paths(cls, v: list[str]) -> list[str]:
-        out = []
-        for p in v:
-            if not p.startswith("/"):
-                raise ValueError(f"{p!r} is not an absolute path")
-            norm = "/" + os.path.normpath(p).lstrip("/")
-            if norm == "/":
-                raise ValueError("'/' would allow every host path; allow a VM 'host-path' "
-                                 "in domain_policy_allow instead")
-            out.append(norm)
-        return out
+        return normalised_paths(v)
 
     @field_validator("domain_policy_allow")
     @classmethod

@@ -70,6 +70,11 @@ REFUSED: dict[str, tuple[str, str, str]] = {
     "relative-path": (with_devices("v", disk("images/v.img")), "host-path", "images/v.img"),
     "custom-emulator": (with_devices("v", "<emulator>/tmp/evil</emulator>"), "emulator",
                         "/tmp/evil"),
+    "virtiofs-binary": (
+        with_devices("v", "<filesystem type='mount'><driver type='virtiofs'/><binary "
+                          "path='/tmp/evil'/><source dir='/var/lib/libvirt/images/share'/>"
+                          "<target dir='share'/></filesystem>"),
+        "emulator", "<binary path='/tmp/evil'>"),
     "hostdev-interface": (with_devices("v", "<interface type='hostdev'><source><address "
                                             "type='pci' domain='0' bus='4' slot='0' "
                                             "function='1'/></source></interface>"),
