@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_INPUT, CliError, _store, global_defaults
+from cli.common import EXIT_INPUT, CliError, _first_error, _store, global_defaults
 from schemas.keys import valid_name
+from schemas.models import Capacity
 
 DEFAULT_GUARD_SOCKET = "/run/vmha/guard.sock"
 
@@ -25,7 +26,7 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
     try:
         with open(args.config, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, bytes not UTF-8
         raise CliError(f"{args.config}: {exc}", EXIT_INPUT) from None
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -67,6 +68,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     metrics.serve(args.metrics_listen)
     if not valid_name(args.name):
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
+    if args.memory_mib is not None or args.vcpus is not None:
+        try:  # the bounds every reader applies (docs/keyspace.md): refused here, not in etcd
+            Capacity(memory_mib=args.memory_mib or 1, vcpus=args.vcpus or 1)
+        except ValueError as exc:
+            raise CliError(f"agent capacity: {_first_error(exc)}", EXIT_INPUT) from None
     hv: Hypervisor
     if args.fake_root:
         from hypervisor.fake import FakeHypervisor

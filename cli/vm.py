@@ -21,8 +21,10 @@ from cli.common import (
     _ts,
     default_domain_xml,
 )
+from cli.policy import add_parser as add_check_parser
 from orchestrator import simulate
 from schemas import MAX_VALUE_BYTES, SchemaError, VmSpec
+from schemas.domain_policy import DomainPolicyError, check_domain_xml
 from schemas.models import MoveRequest, Placement, VmStatus, domain_uuid
 from schemas.snapshot import ClusterSnapshot
 from store.etcd import Cmp, Put
@@ -66,8 +68,26 @@ def refuse_oversized(value: str, what: str) -> None:
                        EXIT_INPUT)
 
 
+def read_xml_file(path: str) -> str:
+    """A domain XML file's text; exit 2 naming the file when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CliError(f"cannot read domain XML file {path!r}: {why}", EXIT_INPUT) from None
+
+
+def refuse_by_policy(snap: ClusterSnapshot, spec: VmSpec) -> None:
+    """Exit 2 naming what the cluster's domain XML policy refuses (docs/domain-policy.md);
+    the agents apply the same rule before they define the domain."""
+    try:
+        check_domain_xml(spec.domain_xml, spec.name, snap.config)
+    except DomainPolicyError as exc:
+        raise CliError(f"{exc}; nothing written", EXIT_INPUT) from None
+
+
 def cmd_vm_add(args: argparse.Namespace) -> int:
-    xml = Path(args.xml).read_text() if args.xml else default_domain_xml(
+    xml = read_xml_file(args.xml) if args.xml else default_domain_xml(
         args.name, args.memory_mib, args.vcpus)
     try:
         spec = VmSpec(name=args.name, domain_xml=xml, memory_mib=args.memory_mib,
@@ -83,6 +103,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     store = _store(args)
     key = store.keyspace.vm_spec(args.name)
     snap = store.snapshot()
+    refuse_by_policy(snap, spec)
     clash = identity_clash(snap, spec)
     if clash:
         raise CliError(clash, EXIT_INPUT)
@@ -209,7 +230,9 @@ def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -
     except (SchemaError, ValueError) as exc:
         raise CliError(str(exc), EXIT_INPUT) from None
     if new.domain_xml != old.domain_xml:
-        clash = identity_clash(store.snapshot(), new)
+        snap = store.snapshot()
+        refuse_by_policy(snap, new)
+        clash = identity_clash(snap, new)
         if clash:
             raise CliError(clash, EXIT_INPUT)
     refuse_oversized(new.to_json(), f"vm {args.name}")
@@ -239,7 +262,7 @@ def cmd_vm_edit(args: argparse.Namespace) -> int:
     if args.vcpus is not None:
         upd["vcpus"] = args.vcpus
     if args.xml:
-        upd["domain_xml"] = Path(args.xml).read_text()
+        upd["domain_xml"] = read_xml_file(args.xml)
     if not upd:
         raise CliError("nothing to change (give --memory-mib, --vcpus or --xml)", EXIT_INPUT)
     new = _update_spec(args, lambda s: s.model_copy(update=upd))
@@ -340,3 +363,4 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--vcpus", type=int)
     p.add_argument("--xml")
     p.set_defaults(fn=cmd_vm_edit)
+    add_check_parser(vm)

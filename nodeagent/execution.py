@@ -24,6 +24,7 @@ from nodeagent import plan as agent_plan
 from nodeagent.context import AgentContext
 from nodeagent.failures import Failures, carried
 from nodeagent.membership import Membership
+from nodeagent.policy import refuse_by_policy
 from schemas.errors import InvariantError, SchemaError, TemporaryError
 from schemas.models import MigrationStats, VmStatus
 from schemas.snapshot import ClusterSnapshot
@@ -104,6 +105,7 @@ class Execution:
         elif isinstance(action, agent_plan.Boot):
             lg.info("boot", placement=action.placement_id, reason=action.reason)
             try:
+                refuse_by_policy(action.vm, snap, lg)
                 hv.boot(action.vm, snap.specs[action.vm].value.domain_xml)
             except HypervisorRefused as exc:
                 self.failures.boot_refused(action, exc, snap, lg)

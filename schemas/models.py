@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import uuid
-import xml.etree.ElementTree as ET
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.domain_policy import (
+    DEFAULT_EMULATORS,
+    DEFAULT_STORAGE_PATHS,
+    PolicyElement,
+    normalised_paths,
+    parse_domain_xml,
+)
 from schemas.errors import SchemaError
 from schemas.keys import valid_name
 
@@ -23,6 +29,14 @@ SCHEMA_VERSION = 1
 # spec's domain XML is the largest); anything bigger is refused unread, so a hostile
 # value costs no parse time and no memory beyond etcd's own copy.  docs/keyspace.md.
 MAX_VALUE_BYTES = 256 * 1024
+
+# Upper bounds on sizes (docs/keyspace.md): far above any real host or guest (QEMU's
+# x86 limit is 4096 vCPUs; the largest hosts have a few TiB), low enough that one value
+# cannot dominate placement arithmetic (a 10^30 MiB node would attract every VM).
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+MAX_VCPUS = 4096
+MIN_PRIORITY, MAX_PRIORITY = -1_000_000, 1_000_000
+MAX_PREFERENCE_WEIGHT = 1_000_000.0
 
 M = TypeVar("M", bound="Model")
 
@@ -75,6 +89,14 @@ def _check_name(value: str, what: str) -> str:
         raise ValueError(f"{what} name {value!r} must be 1-63 chars of a-z, 0-9, '.', '_', '-' "
                          "and start and end with a letter or digit")
     return value
+
+
+def _check_names(values: Any, what: str) -> Any:
+    """Every name in a list (or every key of a dict), as `_check_name`."""
+    for v in values:
+        _check_name(v, what)
+    return values
+
 
 
 class RebalancePolicy(Model):
@@ -150,11 +172,31 @@ class ClusterConfig(Model):
     # A VM that runs this long after its last failure has its counts forgotten
     # (Pacemaker's failure-timeout).
     failure_reset_s: float = Field(default=600.0, gt=0)
+    # Domain XML policy (schemas.domain_policy, docs/domain-policy.md): the directories
+    # and libvirt pools disks and filesystems may come from (empty: only disks without a
+    # host path, e.g. network disks), the emulator binaries a domain may name, and what
+    # each VM is explicitly allowed beyond that.
+    storage_paths: list[str] = Field(default_factory=lambda: list(DEFAULT_STORAGE_PATHS),
+                                     max_length=256)
+    storage_pools: list[str] = Field(default=[], max_length=256)
+    emulators: list[str] = Field(default_factory=lambda: list(DEFAULT_EMULATORS),
+                                 max_length=256)
+    domain_policy_allow: dict[str, list[PolicyElement]] = {}
+
+    @field_validator("storage_paths", "emulators")
+    @classmethod
+    def _abs_paths(cls, v: list[str]) -> list[str]:
+        return normalised_paths(v)
+
+    @field_validator("domain_policy_allow")
+    @classmethod
+    def _allow_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _check_names(v, "VM")  # type: ignore[no-any-return]
 
 
 class Capacity(Model):
-    memory_mib: int = Field(ge=1)
-    vcpus: int = Field(ge=1)
+    memory_mib: int = Field(ge=1, le=MAX_MEMORY_MIB)
+    vcpus: int = Field(ge=1, le=MAX_VCPUS)
 
 
 class CpuInfo(Model):
@@ -237,16 +279,17 @@ class VmSpec(Model):
 
     name: str
     domain_xml: str
-    memory_mib: int = Field(ge=1)
-    vcpus: int = Field(ge=1)
+    memory_mib: int = Field(ge=1, le=MAX_MEMORY_MIB)
+    vcpus: int = Field(ge=1, le=MAX_VCPUS)
     state: Literal["running", "stopped"] = "running"
     # Placement constraints (orchestrator.placement); all optional.
-    priority: int = 0  # higher is placed (and restarted) first
+    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY)  # higher: first
     anti_affinity: list[str] = []  # hard: never on a node with another VM of these groups
     soft_anti_affinity: list[str] = []  # preferred apart
     affinity: list[str] = []  # hard: on the node that holds the other VMs of these groups
     soft_affinity: list[str] = []  # preferred together
-    node_preferences: dict[str, float] = {}  # node -> weight (negative: avoid)
+    node_preferences: dict[str, Annotated[float, Field(
+        ge=-MAX_PREFERENCE_WEIGHT, le=MAX_PREFERENCE_WEIGHT, allow_inf_nan=False)]] = {}
     allowed_nodes: list[str] = []  # hard restriction; empty: any node
 
     @field_validator("name")
@@ -254,12 +297,19 @@ class VmSpec(Model):
     def _name(cls, v: str) -> str:
         return _check_name(v, "VM")
 
+    @field_validator("allowed_nodes", "node_preferences")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        return _check_names(v, "node")
+
+    @field_validator("anti_affinity", "soft_anti_affinity", "affinity", "soft_affinity")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        return _check_names(v, "group")  # type: ignore[no-any-return]
+
     @model_validator(mode="after")
     def _xml(self) -> VmSpec:
-        try:
-            root = ET.fromstring(self.domain_xml)
-        except ET.ParseError as exc:
-            raise ValueError(f"domain_xml is not well-formed XML: {exc}") from None
+        root = parse_domain_xml(self.domain_xml)
         if root.tag != "domain":
             raise ValueError(f"domain_xml root element is <{root.tag}>, expected <domain>")
         name = root.findtext("name")
@@ -272,7 +322,7 @@ class VmSpec(Model):
 def domain_uuid(domain_xml: str) -> str | None:
     """The domain's <uuid>, canonical (lower case, dashed); None if the XML has none
     (libvirt then mints one on each node).  Raises ValueError for a malformed one."""
-    text = ET.fromstring(domain_xml).findtext("uuid")
+    text = parse_domain_xml(domain_xml).findtext("uuid")
     if text is None:
         return None
     try:
@@ -338,6 +388,16 @@ class MoveRequest(Model):
     to: str
     by: str
     requested_at: float
+
+    @field_validator("vm")
+    @classmethod
+    def _vm(cls, v: str) -> str:
+        return _check_name(v, "VM")
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        return _check_name(v, "node")
 
 
 class VmStatus(Model):

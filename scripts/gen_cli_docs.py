@@ -29,6 +29,8 @@ PAGES: list[tuple[str, str, list[list[str]]]] = [
     ("vm-add", "Declare a VM (its spec).", [["vm", "add", "web1", "--memory-mib", "512"],
                                            ["vm", "add", "Bad_Name", "--memory-mib", "512"]]),
     ("vm-list", "Desired state, placement and reported state of every VM.", [["vm", "list"]]),
+    ("vm-check", "Which VMs the domain XML policy refuses (docs/domain-policy.md).",
+     [["vm", "check"]]),
     ("status", "One screen: leader and epoch, nodes, VMs, invalid keys.", [["status"]]),
     ("node-list", "Nodes with state, lease, TTL left and free capacity.", [["node", "list"]]),
     ("node-show", "One node in detail.", [["node", "show", "n1"]]),
