@@ -150,6 +150,12 @@ class ClusterConfig(Model):
     # A VM that runs this long after its last failure has its counts forgotten
     # (Pacemaker's failure-timeout).
     failure_reset_s: float = Field(default=600.0, gt=0)
+    # Encrypted migration (docs/operator-guide.md, "Encrypted migration"): live migrations
+    # use QEMU's native TLS for the guest's memory (VIR_MIGRATE_TLS) and reach the
+    # destination's libvirtd over qemu+tls://<migration address>/system, both ends
+    # checking certificates.  Off by default: it needs a PKI on every node first; a
+    # cluster without it must keep the migration network private.
+    migration_tls: bool = False
 
 
 class Capacity(Model):
