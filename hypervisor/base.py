@@ -67,9 +67,12 @@ class Hypervisor(Protocol):
     def undefine(self, name: str) -> None:
         """Remove the definition.  No error if it does not exist."""
 
-    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str,
+                tls: bool = False) -> MigrationStats:
         """Live-migrate to the target (peer-to-peer), persisting it there and
-        undefining it here.  On error the domain still runs here."""
+        undefining it here.  On error the domain still runs here.  `tls`: the peer
+        connection and the migration stream are encrypted and both ends' certificates
+        checked (cluster option `migration_tls`)."""
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         """Statistics of the last completed incoming migration of `name`, if known."""

@@ -161,7 +161,9 @@ class FakeHypervisor:
     def undefine(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
 
-    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str,
+                tls: bool = False) -> MigrationStats:
+        # `tls` changes nothing here: the fake moves a file, no stream crosses a network.
         if not target_uri.startswith(SCHEME):
             raise HypervisorRefused(f"fake hypervisor cannot migrate to {target_uri!r}")
         cur = self._read(self._path(name))

@@ -53,6 +53,17 @@ MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
 
+def peer_uri(target_uri: str, target_address: str, tls: bool) -> str:
+    """The URI the source libvirtd dials for a peer-to-peer migration.  With TLS it is
+    the destination's libvirtd over `qemu+tls`, named by the address its certificate
+    carries (docs/operator-guide.md, "Encrypted migration"), unless the destination
+    registered a `qemu+tls` URI itself."""
+    if not tls or target_uri.startswith("qemu+tls://"):
+        return target_uri
+    host = f"[{target_address}]" if ":" in target_address else target_address
+    return f"qemu+tls://{host}/system"
+
+
 def _quiet(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr unless a handler is set; we raise them instead."""
 
@@ -203,7 +214,13 @@ class LibvirtHypervisor:
             dom.undefine()
         self._do(f"undefine {name}", run)
 
-    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str,
+                tls: bool = False) -> MigrationStats:
+        dconnuri = peer_uri(target_uri, target_address, tls)
+        # TLS: QEMU encrypts the stream and checks the peer's certificate against the
+        # host of the migration URI (the target address).
+        flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_TLS if tls else 0)
+
         def run(conn: libvirt.virConnect) -> MigrationStats:
             dom = self._lookup(conn, name)
             if dom is None or not dom.isActive():
@@ -214,7 +231,7 @@ class LibvirtHypervisor:
                 libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target_address}",
                 libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: target_address,
             }
-            dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS)
+            dom.migrateToURI3(dconnuri, params, flags)
             return MigrationStats(None, None)
         # Never retried here: a half-done migration must be re-planned, not replayed.
         conn = self._connect()
@@ -222,7 +239,7 @@ class LibvirtHypervisor:
             return run(conn)
         except libvirt.libvirtError as exc:
             kind = HypervisorUnavailable if _is_transient(exc) else HypervisorRefused
-            raise kind(f"migrate {name} to {target_uri}: {exc}") from exc
+            raise kind(f"migrate {name} to {dconnuri}: {exc}") from exc
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         def run(conn: libvirt.virConnect) -> MigrationStats | None:

@@ -104,6 +104,12 @@ class LabCluster:
     #: it), started before the node's agent and outliving it
     guard_service: bool = False
     guards: dict[str, Daemon] = field(default_factory=dict)
+    #: TLS variant (lab.pki): every node gets certificates of the lab's CA ("lab"), a
+    #: libvirtd TLS listener and QEMU migration TLS on its own loopback address; give
+    #: the cluster config `migration_tls` to use it.  `tls_ca_of` signs some nodes by
+    #: another CA instead (name -> CA name): the others do not trust them.
+    tls: bool = False
+    tls_ca_of: dict[str, str] = field(default_factory=dict)
     _conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,7 +122,8 @@ class LabCluster:
             self.etcd = start_etcd(self.etcd_members, self.etcd_dir)
             self._changed()
             for index, name in enumerate(self.node_names):
-                self.nodes[name] = start_node(self.root, name, index)
+                self.nodes[name] = start_node(self.root, name, index,
+                                              tls_ca=self.tls_ca(name))
                 self._changed()
             if config_json is not None:
                 from store.etcd import EtcdStore
@@ -134,6 +141,10 @@ class LabCluster:
             self.stop()
             raise
         return self
+
+    def tls_ca(self, name: str) -> str | None:
+        """The CA that signs node ``name`` (None: the plain, TLS-less variant)."""
+        return self.tls_ca_of.get(name, "lab") if self.tls else None
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -166,7 +177,7 @@ class LabCluster:
             extra = ["--guard-socket", str(self.guard_socket(name))]
         d = Daemon(name, [*self.common(), "agent", "--name", name, "--libvirt-uri", node.uri,
                           "--memory-mib", str(self.agent_memory_mib), "--vcpus",
-                          str(self.agent_vcpus), "--migration-address", "127.0.0.1",
+                          str(self.agent_vcpus), "--migration-address", node.address,
                           "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         self._changed()
@@ -200,7 +211,7 @@ class LabCluster:
         """Start the node's libvirtd again after :meth:`kill_libvirtd` (guests kept)."""
         self._drop_conn(name)
         node = self.nodes[name]
-        self.nodes[name] = start_node(node.root, node.name, node.index)
+        self.nodes[name] = start_node(node.root, node.name, node.index, tls_ca=node.tls_ca)
         return self.nodes[name]
 
     def restart_node(self, name: str) -> LabNode:

@@ -74,6 +74,9 @@ def register(groups: dict[str, Any]) -> None:
     up.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)
     up.add_argument("--nodes", type=int, help="libvirt nodes (default 3)")
     up.add_argument("--etcd-members", type=int, choices=[1, 3], help="default 1")
+    up.add_argument("--tls", action="store_true",
+                    help="encrypted migration: a lab CA, node certificates, libvirtd TLS "
+                         "listeners and migration_tls in the cluster config")
     up.set_defaults(fn=cmd_lab_up)
     down = sub.add_parser("down", help="stop every lab process and remove the lab directory")
     down.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)

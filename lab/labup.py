@@ -76,7 +76,8 @@ def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
     node = state["nodes"][0]["name"]
     say(f"\nlab up in {lab_dir}: {len(state['nodes'])} libvirt nodes "
         f"({', '.join(n['name'] for n in state['nodes'])}), etcd {ep} "
-        f"({len(etcd_recs(state))} member(s)), one agent per node, 2 orchestrators")
+        f"({len(etcd_recs(state))} member(s)), one agent per node, 2 orchestrators"
+        + ("; migrations over TLS (lab CA in nodes/pki-ca-lab)" if state.get("tls") else ""))
     say(f"  state: {lab_dir / STATE_FILE}    logs: {lab_dir / 'logs'}")
     say("\nTry (or `source " + str(lab_dir / ENV_FILE) + "` first and drop the flags):")
     say(f"  vmha --etcd {ep} status")
@@ -115,10 +116,14 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     if dead_etcd or not names:
         raise CliError(f"the lab in {lab_dir} is broken (etcd {', '.join(dead_etcd)} not "
                        f"running); `vmha lab down --dir {lab_dir}`, then up again")
+    if getattr(args, "tls", False) and not state.get("tls"):
+        raise CliError(f"the lab in {lab_dir} runs without TLS; `vmha lab down --dir "
+                       f"{lab_dir}` first", EXIT_INPUT)
     restarted = []
     for n in state["nodes"]:
         before = n.get("libvirtd_pid")
-        node = start_node(lab_dir / "nodes", n["name"], n["index"])
+        node = start_node(lab_dir / "nodes", n["name"], n["index"],
+                          tls_ca="lab" if state.get("tls") else None)
         if node.pid != before:
             restarted.append(f"libvirtd of {n['name']}")
         n["libvirtd_pid"] = node.pid
@@ -185,7 +190,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         (lab_dir / DIR_MARKER).touch()
     names = tuple(f"n{i}" for i in range(1, args.nodes + 1))
     base = {"version": 1, "dir": str(lab_dir), "created_dir": created,
-            "node_names": list(names), "started_at": time.time(), "prefix": args.prefix}
+            "node_names": list(names), "started_at": time.time(), "prefix": args.prefix,
+            "tls": bool(getattr(args, "tls", False))}
     started = time.monotonic()
     with interrupts():
         try:
@@ -194,7 +200,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             save_state(lab_dir, base)
             lc = LabCluster(lab_dir / "nodes", lab_dir / "logs", node_names=names,
                             prefix=args.prefix, etcd_members=args.etcd_members,
-                            etcd_dir=lab_dir / "etcd")
+                            etcd_dir=lab_dir / "etcd", tls=base["tls"])
             def changed() -> None:
                 save_state(lab_dir, cluster_state(lc, base))
                 phase = start_phase(lc, len(names))
@@ -202,7 +208,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
                     hold_at(phase)
 
             lc.on_change = changed
-            lc.start(LAB_CONFIG.to_json())
+            config = LAB_CONFIG.model_copy(update={"migration_tls": base["tls"]})
+            lc.start(config.to_json())
             hold_at("started")
             state = cluster_state(lc, base)
             for n in state["nodes"]:

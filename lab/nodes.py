@@ -33,6 +33,7 @@ from lab.nodeconf import (
     MAX_SOCKET_PATH,
     NODE_MARKER,
     NODE_MOUNTS,
+    PKI_ROOT,
     REAPER,
     ROOT_MARKER,
     UNSHARE,
@@ -47,6 +48,7 @@ from lab.nodeconf import (
     running_pid,
     virtlockd_pid,
 )
+from lab.pki import lab_ca_dirs
 from lab.procs import pid_alive, pid_cmdline, pid_matches, read_pid, send_signal, wait_dead
 
 _START_TIMEOUT_S = 20.0
@@ -132,6 +134,7 @@ def start_node(
     *,
     caps_cache: Path | None = DEFAULT_CAPS_CACHE,
     lockd: bool = False,
+    tls_ca: str | None = None,
 ) -> LabNode:
     """Start (or find already running) lab node ``name`` under ``root``.
 
@@ -143,7 +146,11 @@ def start_node(
     nodes (``None``: every node probes QEMU itself, ~8 s each under TCG).
     ``lockd=True`` turns on libvirt's lockd lock manager: a ``virtlockd``
     per node (in its namespace) with automatic disk leases in the indirect
-    lockspace ``<root>/lockspace`` shared by all nodes.
+    lockspace ``<root>/lockspace`` shared by all nodes.  ``tls_ca`` names a CA of
+    the lab (created under ``root`` on first use, :mod:`lab.pki`): the node gets
+    certificates it signs, listens for libvirt peers over TLS on its own loopback
+    address (:attr:`LabNode.address`) and its QEMU migrates over TLS; nodes of
+    different CAs refuse each other.
     """
     if os.geteuid() != 0:
         raise LabError("lab nodes need root")
@@ -157,13 +164,13 @@ def start_node(
 
     running = running_pid(node_dir)
     if running is not None and _socket_ready(node_dir / "run" / "libvirt-sock"):
-        return make_node(root, name, index, running)
+        return make_node(root, name, index, running, tls_ca)
     if running is not None:
         # alive but not answering: give it a moment (e.g. still starting)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline and pid_alive(running):
             if _socket_ready(node_dir / "run" / "libvirt-sock"):
-                return make_node(root, name, index, running)
+                return make_node(root, name, index, running, tls_ca)
             time.sleep(0.05)
         raise LabError(f"libvirtd {running} of node {name} does not answer")
 
@@ -173,7 +180,9 @@ def start_node(
     ensure_qemu_user()
     for _, target in NODE_MOUNTS:
         Path(target).mkdir(parents=True, exist_ok=True)
-    prepare_node_dir(node_dir, name, index, root, lockd)
+    prepare_node_dir(node_dir, name, index, root, lockd, tls_ca)
+    if tls_ca is not None:
+        Path(PKI_ROOT).mkdir(parents=True, exist_ok=True)  # the mount point
     if caps_cache is not None:
         _seed_caps(node_dir, Path(caps_cache))
     pid_file = node_dir / "libvirtd.pid"
@@ -184,7 +193,7 @@ def start_node(
         wait_dead([old_vl], _STOP_TIMEOUT_S)
     (node_dir / "virtlockd.pid").unlink(missing_ok=True)
 
-    script = namespace_script(node_dir, name, pid_file, lockd)
+    script = namespace_script(node_dir, name, pid_file, lockd, tls=tls_ca is not None)
     start_log = node_dir / "log" / "start.log"
     with open(start_log, "ab") as log:
         proc = subprocess.run(
@@ -210,7 +219,7 @@ def start_node(
         if pid is None and time.monotonic() > started + _PID_FILE_TIMEOUT_S:
             break
         if pid is not None and _socket_ready(node_dir / "run" / "libvirt-sock"):
-            node = make_node(root, name, index, pid)
+            node = make_node(root, name, index, pid, tls_ca)
             _settle(node_dir, node.uri)
             if caps_cache is not None:
                 _publish_caps(node_dir, node.uri, Path(caps_cache))
@@ -333,7 +342,8 @@ def restart_node(
     """Start ``node`` again (after :func:`stop_node` or :func:`crash_node`)."""
     if running_pid(node.dir) is not None:
         stop_node(node)
-    fresh = start_node(node.root, node.name, node.index, caps_cache=caps_cache, lockd=lockd)
+    fresh = start_node(node.root, node.name, node.index, caps_cache=caps_cache, lockd=lockd,
+                       tls_ca=node.tls_ca)
     node.pid = fresh.pid
     return fresh
 
@@ -375,6 +385,9 @@ def destroy_lab(root: Path) -> None:
     lockspace = root / LOCKSPACE_DIR
     if lockspace.is_dir() and not any(node_pids(n) for n in lab_nodes(root)):
         shutil.rmtree(lockspace, ignore_errors=True)
+    if not any(node_pids(n) for n in lab_nodes(root)):
+        for ca in lab_ca_dirs(root):
+            shutil.rmtree(ca, ignore_errors=True)
     marker = root / ROOT_MARKER
     if marker.exists():
         marker.unlink()

@@ -241,10 +241,12 @@ class Execution:
         if not self.m.acting_allowed():
             lg.warning("migration_skipped", reason="lease not certainly held")
             return
-        lg.info("migrate_start", reason="placement moves the VM away (live migration)")
+        tls = self.m.cfg.migration_tls
+        lg.info("migrate_start", reason="placement moves the VM away (live migration)",
+                tls=tls)
         started = self.ctx.clock()
         try:
-            self.ctx.hv.migrate(a.vm, a.target_uri, a.target_address)
+            self.ctx.hv.migrate(a.vm, a.target_uri, a.target_address, tls=tls)
         except HypervisorError as exc:
             self._migration_failed(a, exc, lg)
             return

@@ -183,6 +183,13 @@ class ClusterConfig(Model):
                                  max_length=256)
     domain_policy_allow: dict[str, list[PolicyElement]] = {}
 
+    # Encrypted migration (docs/operator-guide.md, "Encrypted migration"): live migrations
+    # use QEMU's native TLS for the guest's memory (VIR_MIGRATE_TLS) and reach the
+    # destination's libvirtd over qemu+tls://<migration address>/system, both ends
+    # checking certificates.  Off by default: it needs a PKI on every node first; a
+    # cluster without it must keep the migration network private.
+    migration_tls: bool = False
+
     @field_validator("storage_paths", "emulators")
     @classmethod
     def _abs_paths(cls, v: list[str]) -> list[str]:

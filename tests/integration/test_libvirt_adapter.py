@@ -60,3 +60,14 @@ def test_shutdown_capacity_and_errors(hv: LibvirtHypervisor) -> None:
     with pytest.raises(HypervisorError):
         hv.migrate("nope", "test:///default", "127.0.0.1")
     hv.close()
+
+
+def test_peer_uri_with_tls_dials_the_target_address_over_qemu_tls() -> None:
+    from hypervisor.libvirt_adapter import peer_uri
+
+    unix = "qemu+unix:///system?socket=/run/n2/libvirt-sock"
+    assert peer_uri(unix, "10.0.1.12", False) == unix  # plain: the registered URI
+    assert peer_uri(unix, "10.0.1.12", True) == "qemu+tls://10.0.1.12/system"
+    assert peer_uri("qemu:///system", "fd00::12", True) == "qemu+tls://[fd00::12]/system"
+    own = "qemu+tls://n2.example.net:16515/system"
+    assert peer_uri(own, "10.0.1.12", True) == own  # a registered qemu+tls URI wins
