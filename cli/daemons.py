@@ -12,6 +12,7 @@ from cli.common import EXIT_INPUT, CliError, _store, global_defaults
 from schemas.keys import valid_name
 
 DEFAULT_GUARD_SOCKET = "/run/vmha/guard.sock"
+DEFAULT_MIGRATION_ADDRESS = "127.0.0.1"
 
 
 def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
@@ -49,6 +50,20 @@ DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves tim
 ORCH_KEYS = _COMMON_KEYS
 
 
+def agent_migration_address(args: argparse.Namespace) -> str:
+    """The flag, else agent.toml's `migration_address`, else loopback.  The default is
+    applied only here, after the TOML file: a parser default would look like a flag."""
+    return str(args.migration_address or DEFAULT_MIGRATION_ADDRESS)
+
+
+def _refuse_control(what: str, value: str | None) -> None:
+    from schemas.secrets import control_char
+
+    bad = control_char(value or "")
+    if bad:
+        raise CliError(f"{what} contains a control character ({bad})", EXIT_INPUT)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from hypervisor.base import Hypervisor
     from nodeagent.agent import AgentOptions, NodeAgent
@@ -63,6 +78,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     metrics.serve(args.metrics_listen)
     if not valid_name(args.name):
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
+    migration_address = agent_migration_address(args)
+    # Both are registered for every node to read (and "{uri}" goes to fence agents).
+    _refuse_control("--libvirt-uri", args.libvirt_uri)
+    _refuse_control("--migration-address", migration_address)
     hv: Hypervisor
     if args.fake_root:
         from hypervisor.fake import FakeHypervisor
@@ -74,7 +93,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
-                                                     migration_address=args.migration_address,
+                                                     migration_address=migration_address,
                                                      guard_socket=args.guard_socket))
     control = StopControl(agent, float(args.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
                           unit=args.systemd_unit)
@@ -141,7 +160,8 @@ def register(groups: dict[str, Any]) -> None:
     g.add_argument("--fake-root", help="use the fake hypervisor with state in this directory")
     a.add_argument("--memory-mib", type=int)
     a.add_argument("--vcpus", type=int)
-    a.add_argument("--migration-address", default="127.0.0.1")
+    a.add_argument("--migration-address", help="this node's address on the migration "
+                                                f"network (default {DEFAULT_MIGRATION_ADDRESS})")
     a.add_argument("--fake-migrate-seconds", type=float, default=0.2)
     a.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     a.add_argument("--validate-config", action="store_true")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import SchemaError
 from schemas.keys import valid_name
+from schemas.secrets import CredentialRef, check_param_key, refuse_control
 
 SCHEMA_VERSION = 1
 
@@ -106,9 +107,25 @@ class FenceDevice(Model):
     and "{uri}" are replaced by the node's name and its registered libvirt URI."""
 
     agent: list[str] = Field(min_length=1)
-    params: dict[str, str] = {}
+    # A value is text, or {"credential": NAME}: a secret read from the orchestrator's
+    # credentials directory when the agent runs, never stored here (schemas.secrets).
+    params: dict[str, str | CredentialRef] = {}
     timeout_s: float = Field(default=30.0, gt=0)
     verify: bool = True  # run action=status after a successful off and require "off"
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: list[str]) -> list[str]:
+        return [refuse_control(a, "fence agent argument") for a in v]
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, str | CredentialRef]) -> dict[str, str | CredentialRef]:
+        for key, value in v.items():
+            check_param_key(key)
+            if isinstance(value, str):
+                refuse_control(value, f"fence parameter {key!r}")
+        return v
 
 
 class ClusterConfig(Model):
@@ -152,6 +169,15 @@ class ClusterConfig(Model):
     failure_reset_s: float = Field(default=600.0, gt=0)
 
 
+    @field_validator("fence_devices")
+    @classmethod
+    def _fence_keys(cls, v: dict[str, FenceDevice]) -> dict[str, FenceDevice]:
+        for key in v:
+            if key != "*":
+                _check_name(refuse_control(key, "fence_devices key"), "fence_devices node")
+        return v
+
+
 class Capacity(Model):
     memory_mib: int = Field(ge=1)
     vcpus: int = Field(ge=1)
@@ -193,6 +219,13 @@ class NodeRegistration(Model):
     def _lease(cls, v: str) -> str:
         int(v, 16)
         return v
+
+    # Both are the node's own strings: a line break in the URI would add lines to a
+    # fence agent's stdin where "{uri}" is substituted.
+    @field_validator("libvirt_uri", "migration_address")
+    @classmethod
+    def _no_control(cls, v: str) -> str:
+        return refuse_control(v, "registered URI or address")
 
 
 class CordonMarker(Model):
