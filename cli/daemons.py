@@ -44,8 +44,8 @@ _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name"
                 "metrics_listen"}
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
                              "migration_address", "guard_socket", "drain_timeout_s"}
-GUARD_KEYS = {"socket", "libvirt_uri", "fake_root", "name", "watchdog", "watchdog_timeout",
-              "log_format"}
+GUARD_KEYS = {"socket", "socket_group", "libvirt_uri", "fake_root", "name", "watchdog",
+              "watchdog_timeout", "log_format"}
 DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
 
@@ -122,8 +122,16 @@ def cmd_guard(args: argparse.Namespace) -> int:
         uri = args.libvirt_uri
     else:
         raise CliError("guard needs --libvirt-uri (or --fake-root and --name)", EXIT_INPUT)
+    if args.socket_group:
+        import grp
+
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            raise CliError(f"socket_group {args.socket_group!r}: no such group",
+                           EXIT_INPUT) from None
     return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
-                 int(args.watchdog_timeout or 10))
+                 int(args.watchdog_timeout or 10), socket_group=args.socket_group)
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -180,6 +188,8 @@ def register(groups: dict[str, Any]) -> None:
     gd.add_argument("--config", help="TOML file with these options (e.g. /etc/vmha/guard.toml)")
     gd.add_argument("--socket", help=f"unix socket agents attach to (default "
                                      f"{DEFAULT_GUARD_SOCKET})")
+    gd.add_argument("--socket-group", help="the agent's group, also allowed to attach "
+                                           "(socket mode 0660; default: 0600, this user only)")
     gg = gd.add_mutually_exclusive_group()
     gg.add_argument("--libvirt-uri")
     gg.add_argument("--fake-root", help="guard a fake hypervisor node (with --name)")
