@@ -12,6 +12,7 @@ import pytest
 from fencing.agents import fence_off
 from schemas import SchemaError
 from schemas.models import ClusterConfig, FenceDevice, NodeRegistration
+from schemas.secrets import CredentialRef
 
 SECRET = "s3cret-Pw_91"
 # An agent that logs the stdin it gets, then answers like a fence agent: off succeeds,
@@ -156,3 +157,17 @@ def test_missing_credentials_are_named(tmp_path: Path, monkeypatch: pytest.Monke
         "*": {"agent": ["x"], "params": {"password": {"credential": "here"}}},
         "n2": {"agent": ["x"], "params": {"password": {"credential": "gone"}}}}})
     assert missing_credentials(cfg) == ["gone"]
+
+
+def test_shipped_cluster_toml_fence_example_parses(tmp_path: Path) -> None:
+    from cli.config import read_cluster_config
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "deploy/etc/cluster.toml").read_text()
+    block = text[text.index("#fence_policy"):]
+    uncommented = text.replace(block, "\n".join(line.removeprefix("#")
+                                                 for line in block.splitlines()))
+    (tmp_path / "cluster.toml").write_text(uncommented)
+    cfg = read_cluster_config(str(tmp_path / "cluster.toml"))
+    assert cfg.fence_devices["hv1"].params["password"] == CredentialRef(
+        credential="ipmi-hv1-password")
