@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import uuid
 import xml.etree.ElementTree as ET
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
 
 from schemas.errors import SchemaError
 from schemas.keys import valid_name
@@ -128,6 +129,14 @@ class FenceDevice(Model):
         return v
 
 
+def _fence_key(key: str) -> str:
+    return key if key == "*" else _check_name(refuse_control(key, "fence_devices key"),
+                                              "fence_devices node")
+
+
+FenceKey = Annotated[str, AfterValidator(_fence_key)]
+
+
 class ClusterConfig(Model):
     """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
 
@@ -151,7 +160,7 @@ class ClusterConfig(Model):
     guard_enabled: bool = True
     guard_timeout_s: float | None = Field(default=None, gt=0)  # None: ttl - safety - keepalive
     fence_policy: Literal["self", "external", "both"] = "self"
-    fence_devices: dict[str, FenceDevice] = {}  # node name (or "*") -> external fence agent
+    fence_devices: dict[FenceKey, FenceDevice] = {}  # node name (or "*") -> external fence agent
     fence_retry_initial_s: float = Field(default=1.0, gt=0)
     fence_retry_max_s: float = Field(default=30.0, gt=0)
     # Failures (docs/design.md, "Failures are bounded"): a boot the hypervisor refuses is
@@ -167,15 +176,6 @@ class ClusterConfig(Model):
     # A VM that runs this long after its last failure has its counts forgotten
     # (Pacemaker's failure-timeout).
     failure_reset_s: float = Field(default=600.0, gt=0)
-
-
-    @field_validator("fence_devices")
-    @classmethod
-    def _fence_keys(cls, v: dict[str, FenceDevice]) -> dict[str, FenceDevice]:
-        for key in v:
-            if key != "*":
-                _check_name(refuse_control(key, "fence_devices key"), "fence_devices node")
-        return v
 
 
 class Capacity(Model):
