@@ -11,6 +11,7 @@ from typing import Any
 from cli.common import EXIT_INPUT, CliError, _out, _store
 from cli.vm import refuse_oversized
 from schemas import ClusterConfig, Keyspace, SchemaError
+from schemas.secrets import plain_secrets, redact_config
 
 
 def read_cluster_config(path: str) -> ClusterConfig:
@@ -29,9 +30,14 @@ def read_cluster_config(path: str) -> ClusterConfig:
 
 
 def _unsafe(cfg: ClusterConfig) -> list[str]:
-    """The timing rules `cfg` breaks, each printed to stderr."""
+    """The timing rules `cfg` breaks, each printed to stderr (with a warning for each
+    secret kept in clear: etcd is readable by every node)."""
     from fencing.policy import validate_timing
 
+    for where in plain_secrets(cfg.model_dump(by_alias=True, mode="json")):
+        print(f"warning: {where} is stored in etcd in clear, readable by every node; give "
+              'it as {"credential": "NAME"} (a file in the orchestrator\'s '
+              "$CREDENTIALS_DIRECTORY, systemd LoadCredential=)", file=sys.stderr)
     problems = validate_timing(cfg)
     for p in problems:
         print(f"unsafe: {p}", file=sys.stderr)
@@ -68,7 +74,8 @@ def cmd_config_apply(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     snap = _store(args).snapshot()
-    _out(args, snap.config.model_dump(by_alias=True, mode="json"), None)
+    # Secrets are never printed; credential references (file names) are.
+    _out(args, redact_config(snap.config.model_dump(by_alias=True, mode="json")), None)
     return 0
 
 

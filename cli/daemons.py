@@ -13,6 +13,7 @@ from schemas.keys import valid_name
 from schemas.models import Capacity
 
 DEFAULT_GUARD_SOCKET = "/run/vmha/guard.sock"
+DEFAULT_MIGRATION_ADDRESS = "127.0.0.1"
 
 
 def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
@@ -44,14 +45,28 @@ _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name"
                 "metrics_listen"}
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
                              "migration_address", "guard_socket", "drain_timeout_s"}
-GUARD_KEYS = {"socket", "libvirt_uri", "fake_root", "name", "watchdog", "watchdog_timeout",
-              "log_format", "hold_lease", "restart_grace_s", "etcd", "prefix", "etcd_cacert",
-              "etcd_cert", "etcd_key"}
+GUARD_KEYS = {"socket", "socket_group", "libvirt_uri", "fake_root", "name", "watchdog",
+              "watchdog_timeout", "log_format", "hold_lease", "restart_grace_s", "etcd",
+              "prefix", "etcd_cacert", "etcd_cert", "etcd_key"}
 # How long the guard service renews a lease for an agent that is restarting
 # (fencing.lease_hold): systemd's RestartSec plus a slow start, several times over.
 DEFAULT_RESTART_GRACE_S = 20.0
 DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
+
+
+def agent_migration_address(args: argparse.Namespace) -> str:
+    """The flag, else agent.toml's `migration_address`, else loopback.  The default is
+    applied only here, after the TOML file: a parser default would look like a flag."""
+    return str(args.migration_address or DEFAULT_MIGRATION_ADDRESS)
+
+
+def _refuse_control(what: str, value: str | None) -> None:
+    from schemas.secrets import control_char
+
+    bad = control_char(value or "")
+    if bad:
+        raise CliError(f"{what} contains a control character ({bad})", EXIT_INPUT)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -73,6 +88,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
             Capacity(memory_mib=args.memory_mib or 1, vcpus=args.vcpus or 1)
         except ValueError as exc:
             raise CliError(f"agent capacity: {_first_error(exc)}", EXIT_INPUT) from None
+    migration_address = agent_migration_address(args)
+    # Both are registered for every node to read (and "{uri}" goes to fence agents).
+    _refuse_control("--libvirt-uri", args.libvirt_uri)
+    _refuse_control("--migration-address", migration_address)
     hv: Hypervisor
     if args.fake_root:
         from hypervisor.fake import FakeHypervisor
@@ -84,7 +103,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
-                                                     migration_address=args.migration_address,
+                                                     migration_address=migration_address,
                                                      guard_socket=args.guard_socket))
     control = StopControl(agent, float(args.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
                           unit=args.systemd_unit)
@@ -113,11 +132,20 @@ def cmd_guard(args: argparse.Namespace) -> int:
         uri = args.libvirt_uri
     else:
         raise CliError("guard needs --libvirt-uri (or --fake-root and --name)", EXIT_INPUT)
+    if args.socket_group:
+        import grp
+
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            raise CliError(f"socket_group {args.socket_group!r}: no such group",
+                           EXIT_INPUT) from None
     grace = DEFAULT_RESTART_GRACE_S if args.restart_grace_s is None else float(
         args.restart_grace_s)
     hold = _store(args) if args.hold_lease and grace > 0 else None
     return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
-                 int(args.watchdog_timeout or 10), hold_store=hold, restart_grace_s=grace)
+                 int(args.watchdog_timeout or 10), hold_store=hold, restart_grace_s=grace,
+                 socket_group=args.socket_group)
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -154,7 +182,8 @@ def register(groups: dict[str, Any]) -> None:
     g.add_argument("--fake-root", help="use the fake hypervisor with state in this directory")
     a.add_argument("--memory-mib", type=int)
     a.add_argument("--vcpus", type=int)
-    a.add_argument("--migration-address", default="127.0.0.1")
+    a.add_argument("--migration-address", help="this node's address on the migration "
+                                                f"network (default {DEFAULT_MIGRATION_ADDRESS})")
     a.add_argument("--fake-migrate-seconds", type=float, default=0.2)
     a.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     a.add_argument("--validate-config", action="store_true")
@@ -173,6 +202,8 @@ def register(groups: dict[str, Any]) -> None:
     gd.add_argument("--config", help="TOML file with these options (e.g. /etc/vmha/guard.toml)")
     gd.add_argument("--socket", help=f"unix socket agents attach to (default "
                                      f"{DEFAULT_GUARD_SOCKET})")
+    gd.add_argument("--socket-group", help="the agent's group, also allowed to attach "
+                                           "(socket mode 0660; default: 0600, this user only)")
     gg = gd.add_mutually_exclusive_group()
     gg.add_argument("--libvirt-uri")
     gg.add_argument("--fake-root", help="guard a fake hypervisor node (with --name)")

@@ -93,14 +93,23 @@ def _peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
-def listen(path: str) -> socket.socket:
+def listen(path: str, group: str | None = None) -> socket.socket:
+    """The guard's socket: only its own user (0600), or also `group` (0660), may attach:
+    a pet keeps VMs alive, a disarm ends that.  The agent runs as a user of its own
+    (deploy/systemd/vmha-agent.service), so the guard shares a group with it."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.is_socket():
         p.unlink()  # left by a guard that was killed; we own the path now
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
-    os.chmod(path, 0o600)  # root's agent only: a pet keeps VMs alive, a disarm ends that
+    if group:
+        import grp
+
+        gid = grp.getgrnam(group).gr_gid
+        if os.stat(path).st_gid != gid:  # the unit's Group= makes it so without a chown
+            os.chown(path, -1, gid)
+    os.chmod(path, 0o660 if group else 0o600)
     srv.listen(8)
     srv.setblocking(False)
     return srv
@@ -110,10 +119,11 @@ class GuardServer:
     def __init__(self, path: str, uri: str, watchdog: str | None = None,
                  watchdog_timeout_s: int = 10,
                  clock: Callable[[], float] = time.monotonic,
-                 hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0) -> None:
+                 hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0,
+                 socket_group: str | None = None) -> None:
         self.hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
         self.path = path
-        self.srv = listen(path)
+        self.srv = listen(path, socket_group)
         self.wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
         self.state = GuardState()
         self.clock = clock
@@ -320,12 +330,13 @@ class GuardServer:
 
 
 def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int,
-          hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0) -> int:
+          hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0,
+          socket_group: str | None = None) -> int:
     """The `vmha guard` daemon: runs until it fires or is stopped while disarmed."""
     from telemetry import metrics
 
-    server = GuardServer(path, uri, watchdog, watchdog_timeout_s,
-                         hold_store=hold_store, restart_grace_s=restart_grace_s)
+    server = GuardServer(path, uri, watchdog, watchdog_timeout_s, hold_store=hold_store,
+                         restart_grace_s=restart_grace_s, socket_group=socket_group)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.request_stop())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

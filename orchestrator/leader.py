@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-from fencing.agents import ExternalFencer, FenceResult
+from fencing.agents import ExternalFencer, FenceResult, missing_credentials
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
 from orchestrator import planner, txn_builder
@@ -92,6 +92,12 @@ class Orchestrator:
                 self.log.error("config_rejected", error=str(exc),
                                reason="keeping the last valid config")
             return
+        if starting or snap.config != self.cfg:
+            for name in missing_credentials(snap.config):
+                # Only the name: the device fails (and says so) when it is needed.
+                self.log.warning("fence_credential_missing", credential=name,
+                                 reason="not readable in $CREDENTIALS_DIRECTORY; a fence "
+                                        "device that needs it will fail")
         self.cfg = snap.config
         self._config_error = ""
 

@@ -26,6 +26,7 @@ from schemas.models import (
     VmSpec,
     VmStatus,
 )
+from schemas.secrets import redact_config
 from schemas.snapshot import ClusterSnapshot, Entry, RawKV
 
 FORMAT = "vmha-snapshot"
@@ -44,8 +45,14 @@ def _entries(snap: ClusterSnapshot) -> Iterable[Entry[Any]]:
         yield from m.values()
 
 
+def _dump(e: Entry[Any]) -> dict[str, Any]:
+    value: dict[str, Any] = e.value.model_dump(by_alias=True, mode="json")
+    # A snapshot file is shared (bug reports, `vmha simulate` elsewhere): no secrets.
+    return redact_config(value) if isinstance(e.value, ClusterConfig) else value
+
+
 def export_snapshot(snap: ClusterSnapshot, prefix: str = "/vmha") -> dict[str, Any]:
-    keys = [{"key": e.key, "value": e.value.model_dump(by_alias=True, mode="json"),
+    keys = [{"key": e.key, "value": _dump(e),
              "create_revision": e.create_revision, "mod_revision": e.mod_revision,
              "lease": e.lease}
             for e in sorted(_entries(snap), key=lambda e: e.key)]

@@ -12,6 +12,7 @@ import uuid
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
 
 from schemas.domain_policy import (
     DEFAULT_EMULATORS,
@@ -22,6 +23,7 @@ from schemas.domain_policy import (
 )
 from schemas.errors import SchemaError
 from schemas.keys import valid_name
+from schemas.secrets import CredentialRef, check_param_key, refuse_control
 
 SCHEMA_VERSION = 1
 
@@ -128,9 +130,33 @@ class FenceDevice(Model):
     and "{uri}" are replaced by the node's name and its registered libvirt URI."""
 
     agent: list[str] = Field(min_length=1)
-    params: dict[str, str] = {}
+    # A value is text, or {"credential": NAME}: a secret read from the orchestrator's
+    # credentials directory when the agent runs, never stored here (schemas.secrets).
+    params: dict[str, str | CredentialRef] = {}
     timeout_s: float = Field(default=30.0, gt=0)
     verify: bool = True  # run action=status after a successful off and require "off"
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: list[str]) -> list[str]:
+        return [refuse_control(a, "fence agent argument") for a in v]
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, str | CredentialRef]) -> dict[str, str | CredentialRef]:
+        for key, value in v.items():
+            check_param_key(key)
+            if isinstance(value, str):
+                refuse_control(value, f"fence parameter {key!r}")
+        return v
+
+
+def _fence_key(key: str) -> str:
+    return key if key == "*" else _check_name(refuse_control(key, "fence_devices key"),
+                                              "fence_devices node")
+
+
+FenceKey = Annotated[str, AfterValidator(_fence_key)]
 
 
 class ClusterConfig(Model):
@@ -156,7 +182,7 @@ class ClusterConfig(Model):
     guard_enabled: bool = True
     guard_timeout_s: float | None = Field(default=None, gt=0)  # None: ttl - safety - keepalive
     fence_policy: Literal["self", "external", "both"] = "self"
-    fence_devices: dict[str, FenceDevice] = {}  # node name (or "*") -> external fence agent
+    fence_devices: dict[FenceKey, FenceDevice] = {}  # node name (or "*") -> external fence agent
     fence_retry_initial_s: float = Field(default=1.0, gt=0)
     fence_retry_max_s: float = Field(default=30.0, gt=0)
     # Failures (docs/design.md, "Failures are bounded"): a boot the hypervisor refuses is
@@ -242,6 +268,13 @@ class NodeRegistration(Model):
     def _lease(cls, v: str) -> str:
         int(v, 16)
         return v
+
+    # Both are the node's own strings: a line break in the URI would add lines to a
+    # fence agent's stdin where "{uri}" is substituted.
+    @field_validator("libvirt_uri", "migration_address")
+    @classmethod
+    def _no_control(cls, v: str) -> str:
+        return refuse_control(v, "registered URI or address")
 
 
 class CordonMarker(Model):

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install what vmha needs on Debian 12 (run as root): apt packages and a venv in .venv.
-# Idempotent: a second run only checks.
+# Install what vmha's tests, lab and demos need on Debian 12 (run as root): apt packages
+# and a venv in .venv with the test extras.  Idempotent: a second run only checks.
+# A production host needs much less and no compiler or browser: docs/operator-guide.md,
+# "Install vmha" (checked by scripts/check-production-install.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # prometheus: the package that ships promtool on Debian 12 (tests check vmha's /metrics
 # with `promtool check metrics`); the server it also carries is not used.
+# Development and tests only: gcc, python3-dev, pkg-config and libvirt-dev build
+# libvirt-python from source in .venv (production uses Debian's python3-libvirt);
+# chromium drives the web UI tests; etcd runs in the tests and the demo.
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
               libvirt-dev git chromium chromium-driver openssl prometheus)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f lab/APT_PACKAGES.txt ]; then

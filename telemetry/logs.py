@@ -7,6 +7,17 @@ import sys
 
 import structlog
 
+from schemas.secrets import REDACTED, is_secret_key
+
+
+def redact_secrets(_logger: object, _method: str,
+                   event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """A field named like a secret (password, passwd, secret, token) is never written."""
+    for key in event:
+        if is_secret_key(key):
+            event[key] = REDACTED
+    return event
+
 
 def setup(fmt: str = "auto", level: str = "info") -> None:
     if fmt == "auto":
@@ -18,6 +29,7 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            redact_secrets,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
