@@ -142,6 +142,19 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     assert not pid_alive(g2.pid)
 
 
+def agent_gone(store: EtcdStore, sock: str) -> int:
+    """An agent that registered a lease, told the guard about it, petted and was then
+    SIGKILLed; its lease."""
+    cfg = FAST_CONFIG
+    sent = time.monotonic()
+    lease = store.grant_lease(cfg.lease_ttl_s)
+    agent = SocketGuardClient(sock, "n1")
+    agent.announce(LeaseTerms.of(lease, cfg))
+    agent.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
+    agent.close()
+    return lease
+
+
 def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     """An agent process gone longer than the guard's timeout (a slow restart on a loaded
@@ -152,12 +165,7 @@ def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
     cfg = FAST_CONFIG
     g, sock = start_service(tmp_path, etcd_endpoints=etcd.endpoints, grace_s=4.0)
     try:
-        sent = time.monotonic()
-        lease = store.grant_lease(cfg.lease_ttl_s)
-        agent = SocketGuardClient(sock, "n1")
-        agent.announce(LeaseTerms.of(lease, cfg))
-        agent.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
-        agent.close()  # SIGKILLed; no new process yet
+        lease = agent_gone(store, sock)  # no new process yet
         time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout
         assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
         assert store.lease_ttl(lease) > 0
@@ -176,12 +184,7 @@ def test_an_agent_that_pets_again_ends_the_hold(etcd: EtcdCluster, tmp_path: Pat
     cfg = FAST_CONFIG
     g, sock = start_service(tmp_path, etcd_endpoints=etcd.endpoints, grace_s=30.0)
     try:
-        sent = time.monotonic()
-        lease = store.grant_lease(cfg.lease_ttl_s)
-        first = SocketGuardClient(sock, "n1")
-        first.announce(LeaseTerms.of(lease, cfg))
-        first.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
-        first.close()
+        agent_gone(store, sock)
         time.sleep(guard_timeout(cfg) + 0.5)
         # The restarted agent, late, pets once and then freezes (its own process: the
         # guard SIGKILLs the agents attached when it fires).
