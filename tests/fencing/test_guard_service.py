@@ -169,7 +169,7 @@ def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
         time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout
         assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
         assert store.lease_ttl(lease) > 0
-        assert g.wait(10) == 3  # the grace (4 s) ran out with no agent: fired
+        assert g.wait(30) == 3  # the grace (4 s) ran out with no agent: fired
         assert fake_ground_truth(tmp_path) == {}
         err = g.stderr.read().decode() if g.stderr else ""
         assert '"lease_hold_started"' in err and '"lease_hold_ended"' in err
@@ -194,8 +194,8 @@ def test_an_agent_that_pets_again_ends_the_hold(etcd: EtcdCluster, tmp_path: Pat
                          "s.sendall(f'pet {time.monotonic()+1.0} 0.8\\n'.encode())\n"
                          "time.sleep(60)\n", sock])
         # An agent is attached again: the hold is over, so the new pet's deadline rules.
-        assert g.wait(5) == 3
-        assert second.wait(5) == -9
+        assert g.wait(30) == 3  # (generous: the second process's start on a loaded host)
+        assert second.wait(10) == -9
         err = g.stderr.read().decode() if g.stderr else ""
         assert '"lease_hold_ended"' in err and "an agent petted" in err
         assert '"agent_reattached"' in err
