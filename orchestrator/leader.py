@@ -374,12 +374,25 @@ class Orchestrator:
                                 from_node=p.from_node, reason=f"{p.kind}: {p.reason}")
         return ok
 
+    def _registered_again(self, node: str, snap: ClusterSnapshot) -> bool:
+        """A fence device cannot be undone: read the registration once more just before
+        it runs.  The decision saw the node unregistered at `snap`; an agent that came
+        back since (a restart) must not have its host switched off."""
+        if self.store.get(self.ks.node(node)) is None:
+            return False
+        self.log.warning("fence_skipped", node=node, revision=snap.revision,
+                         reason="the node registered again after the snapshot the decision "
+                                "came from")
+        return True
+
     def _apply_fence(self, action: planner.FenceNode, snap: ClusterSnapshot,
                      epoch: int) -> bool:
         lease = self.last_leases.get(action.node, "unknown")
         since = self.lost_since.get(action.node, self.clock())
         if action.method == "external":
             device = self.cfg.fence_devices.get(action.device)
+            if device is not None and self._registered_again(action.node, snap):
+                return False
             if device is not None and self.fencer.start(
                     action.node, device, self.last_uris.get(action.node, ""),
                     tag=(epoch, self.lost_since.get(action.node))):
