@@ -16,6 +16,12 @@ import time
 from collections.abc import Callable
 
 import structlog
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 
 from fencing.agents import ExternalFencer, FenceResult, missing_credentials
 from fencing.lease import LeaseKeeper
@@ -77,6 +83,17 @@ class Orchestrator:
         snap = self.store.snapshot()
         self._check_config(snap, starting=True)
         return self.cfg
+
+    def _start_config(self) -> None:
+        """ensure_config at start, for as long as etcd does not answer: a member down
+        while the orchestrator starts must not end it.  A config it refuses ends it."""
+        Retrying(retry=retry_if_exception_type(StoreUnavailable),
+                 stop=stop_when_event_set(self.stopped),
+                 wait=wait_random_exponential(multiplier=0.2, max=5.0),
+                 before_sleep=lambda st: self.log.warning(
+                     "etcd_unavailable", at="start", attempt=st.attempt_number,
+                     error=str(st.outcome.exception() if st.outcome else "")),
+                 reraise=True)(self.ensure_config)
 
     def _check_config(self, snap: ClusterSnapshot, starting: bool = False) -> None:
         bad = [e for e in snap.errors if e.key == self.ks.config]
@@ -162,7 +179,10 @@ class Orchestrator:
     # ---- loop --------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.ensure_config()
+        try:
+            self._start_config()
+        except StoreUnavailable:
+            return 0  # stopped before etcd ever answered
         metrics.notify("READY=1\nSTATUS=campaigning")
         try:
             while not self.stopped.is_set():
