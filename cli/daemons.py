@@ -42,11 +42,16 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
 _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name", "log_format",
                 "metrics_listen"}
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
-                             "migration_address", "guard_socket", "drain_timeout_s"}
+                             "migration_address", "guard_socket", "drain_timeout_s",
+                             "fenced_marker"}
 GUARD_KEYS = {"socket", "libvirt_uri", "fake_root", "name", "watchdog", "watchdog_timeout",
-              "log_format"}
+              "log_format", "fenced_marker"}
 DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
+FENCED_MARKER_HELP = ("the file that says this host is fenced: written before the first "
+                      "destroy, removed when the agent registers again; the libvirt qemu hook "
+                      "refuses new domains while it exists (default /run/vmha/fenced; "
+                      "<fake root>/<name>/fenced on the fake hypervisor)")
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -75,7 +80,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
                                                      migration_address=args.migration_address,
-                                                     guard_socket=args.guard_socket))
+                                                     guard_socket=args.guard_socket,
+                                                     fenced_marker=args.fenced_marker))
     control = StopControl(agent, float(args.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
                           unit=args.systemd_unit)
     # SIGTERM: a `systemctl restart` restarts in place, anything else drains (see
@@ -104,7 +110,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
     else:
         raise CliError("guard needs --libvirt-uri (or --fake-root and --name)", EXIT_INPUT)
     return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
-                 int(args.watchdog_timeout or 10))
+                 int(args.watchdog_timeout or 10), args.fenced_marker)
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -151,6 +157,7 @@ def register(groups: dict[str, Any]) -> None:
     a.add_argument("--drain-timeout-s", type=float,
                    help="a drain on stop not finished after this many seconds destroys the "
                         f"node's VMs, revokes and exits (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
+    a.add_argument("--fenced-marker", help=FENCED_MARKER_HELP)
     a.add_argument("--systemd-unit", help="the unit whose restart job means 'restart in "
                                           "place' (default: this process's own unit)")
     a.set_defaults(fn=cmd_agent)
@@ -167,6 +174,7 @@ def register(groups: dict[str, Any]) -> None:
     gd.add_argument("--watchdog", help="e.g. /dev/watchdog (modprobe softdog where there is "
                                        "no hardware one): held and fed until the guard fires")
     gd.add_argument("--watchdog-timeout", type=int, help="seconds (default 10)")
+    gd.add_argument("--fenced-marker", help=FENCED_MARKER_HELP)
     gd.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     gd.set_defaults(fn=cmd_guard)
 

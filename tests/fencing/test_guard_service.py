@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fencing.guard_client import SocketGuardClient
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
+from tests.fencing.procs import fired_then_released
 from tests.fencing.procs import popen as _popen
 from tests.harness import wait_until
 
@@ -41,7 +42,7 @@ def test_not_reattached_in_time_the_guard_destroys_the_domains(tmp_path: Path) -
     client.close()  # the agent died without disarming: the deadline stays armed
     time.sleep(0.2)
     assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     assert fake_ground_truth(tmp_path) == {}
     err = g.stderr.read().decode() if g.stderr else ""
     assert '"agent_disconnected"' in err and '"guard_fired"' in err and '"vm1"' in err
@@ -75,7 +76,7 @@ def test_the_deadline_carried_by_the_pet_wins_and_a_frozen_agent_is_killed(
                     "s.sendall(b'hello n1\\n'); s.recv(100)\n"
                     "s.sendall(f'pet {time.monotonic()+0.3} 30\\n'.encode())\n"
                     "time.sleep(60)\n", sock])
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     assert agent.wait(5) == -9  # still connected when the guard fired: SIGKILLed
     assert fake_ground_truth(tmp_path) == {}
 
@@ -108,7 +109,8 @@ def test_stop_while_an_agent_is_attached_restarts_the_guard_under_it(tmp_path: P
     assert c.pet(time.monotonic() + 10.0, 0.5)  # reconnects, hello, pet
     assert c.pid == g2.pid
     c.close()
-    assert g2.wait(5) == 3  # armed by the re-attached agent's pet
+    # armed by the re-attached agent's pet
+    assert fired_then_released(g2, tmp_path / "again" / "n1") == 3
 
 
 def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
@@ -120,7 +122,7 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     c = SocketGuardClient(sock, "n1")
     c.pet(time.monotonic() + 10.0, 0.5)
     c.close()
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     data = dev.read_bytes()
     assert data and set(data) == {0}, data  # fed, never released with "V": the host resets
     dev.write_bytes(b"")
