@@ -17,9 +17,10 @@ SIGKILL every agent still connected (a frozen agent must never resume and act),
 write the fenced marker (fencing.marker: the libvirt hook refuses new work from then
 on), destroy every active vmha-managed domain, stop feeding the watchdog (the host then
 resets when its timer runs out), and destroy again every fraction of a second until the
-node's agent holds a registration again and removes the marker; then exit with status
-3.  The deadline carried by a pet is the agent's own self-fence deadline, so the guard
-never fires later than the leader's fence window allows, whoever holds the connection.
+node's agent holds a registration again and removes the marker; then serve on, unarmed,
+as a guard just started would.  The deadline carried by a pet is the agent's own
+self-fence deadline, so the guard never fires later than the leader's fence window
+allows, whoever holds the connection.
 
 The watchdog (/dev/watchdog; load `softdog` where there is no hardware one) is opened
 at start and fed while the guard has not fired; a clean exit while disarmed releases
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fencing.guard import EXIT_FIRED, Watchdog, _log, first_pass, log_pass, open_hypervisor
+from fencing.guard import Watchdog, _log, first_pass, log_pass, open_hypervisor
 from fencing.marker import FencedMarker, default_marker_path, destroy_pass, pass_pause
 
 WATCHDOG_FEED_EVERY_S = 1.0
@@ -103,6 +104,7 @@ class GuardServer:
         self._next_pass = float("inf")
         self.path = path
         self.srv = listen(path)
+        self._watchdog = (watchdog, watchdog_timeout_s)
         self.wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
         self.state = GuardState()
         self.clock = clock
@@ -132,11 +134,8 @@ class GuardServer:
             now = self.clock()
             if self.fenced:
                 if not self.marker.exists():
-                    _log("guard_exit", reason="fenced marker removed: the node's agent "
-                                              "registered again")
-                    self._close_socket()
-                    return EXIT_FIRED
-                if now >= self._next_pass:
+                    self._unfence()
+                elif now >= self._next_pass:
                     self.fence_pass()
             elif st.armed and now >= st.fire_at:
                 self.fire()
@@ -232,16 +231,31 @@ class GuardServer:
         res = first_pass(self.hv, self.marker)
         if self.wd:
             self.wd.close(disarm=False)
+            self.wd = None
         _log("guard_fired", agents_killed=killed, destroyed=res.destroyed, failed=res.failed,
              took_ms=round((self.clock() - started) * 1000, 1), marker=str(self.marker.path),
              reason="no pet from any agent before the deadline")
         # libvirtd still accepts work the first pass missed: destroy again until the
-        # node's agent holds a registration again (it removes the marker; run() then
-        # exits 3) or the watchdog resets the host.  The socket stays open meanwhile: the
-        # restarted agent attaches before it registers.
+        # node's agent holds a registration again (it removes the marker; the guard then
+        # serves on, unarmed) or the watchdog resets the host.  The socket stays open
+        # meanwhile: the restarted agent attaches before it registers.
         self.state.disarm()
         self.fenced = True
         self._next_pass = self.clock() + pass_pause()
+
+    def _unfence(self) -> None:
+        """The node's agent holds a registration again and removed the marker: serve on
+        as a guard that has just started (unarmed until that agent's next pet, the
+        watchdog held again).  Staying, rather than exiting for Restart=, keeps the
+        connection the agent already has."""
+        self.fenced = False
+        self._next_pass = float("inf")
+        self.state.disarm()
+        path, timeout = self._watchdog
+        if path and self.wd is None:
+            self.wd = Watchdog(path, timeout)
+        _log("guard_unfenced", reason="fenced marker removed: the node's agent registered "
+                                      "again", agents=len(self.state.clients))
 
     def fence_pass(self) -> None:
         res = destroy_pass(self.hv, self.marker.exists)
@@ -265,8 +279,8 @@ class GuardServer:
 
 def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int,
           fenced_marker: str | None = None) -> int:
-    """The `vmha guard` daemon: runs until it fired and the node's agent registered
-    again (exit 3), or is stopped while disarmed."""
+    """The `vmha guard` daemon: runs until it is stopped while disarmed (or with an agent
+    attached); after firing it serves on once the node's agent registered again."""
     from telemetry import metrics
 
     server = GuardServer(path, uri, watchdog, watchdog_timeout_s,

@@ -93,10 +93,13 @@ def test_guard_service_destroys_again_until_the_node_registers_again(tmp_path: P
         assert flaky.failed == ["list", "destroy vm2"]
         assert marker.exists() and flaky.marker_at_destroy and all(flaky.marker_at_destroy)
         assert t.is_alive(), "the guard stays while the node is fenced"
+        server.request_stop()
+        assert t.is_alive(), "a stop waits while the node is fenced"
     finally:
         marker.unlink(missing_ok=True)  # what the agent does once it registered again
         t.join(10)
-    assert result == [3]
+    # unfenced: serving on, unarmed, so the stop requested above ends it cleanly
+    assert result == [0] and not server.fenced
 
 
 def start_pipe_guard(tmp: Path, agent_pid: int) -> subprocess.Popen[bytes]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from fencing.guard_client import SocketGuardClient
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
-from tests.fencing.procs import fired_then_released
 from tests.fencing.procs import popen as _popen
+from tests.fencing.procs import service_fired, service_released_and_stopped
 from tests.harness import wait_until
 
 XML = "<domain><name>{0}</name></domain>"
@@ -42,10 +42,12 @@ def test_not_reattached_in_time_the_guard_destroys_the_domains(tmp_path: Path) -
     client.close()  # the agent died without disarming: the deadline stays armed
     time.sleep(0.2)
     assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
-    assert fired_then_released(g, tmp_path / "n1") == 3
+    service_fired(g, tmp_path / "n1")
+    assert service_released_and_stopped(g, tmp_path / "n1") == 0
     assert fake_ground_truth(tmp_path) == {}
     err = g.stderr.read().decode() if g.stderr else ""
     assert '"agent_disconnected"' in err and '"guard_fired"' in err and '"vm1"' in err
+    assert '"guard_unfenced"' in err
 
 
 def test_a_new_agent_that_reattaches_before_the_deadline_keeps_the_domains(
@@ -76,9 +78,9 @@ def test_the_deadline_carried_by_the_pet_wins_and_a_frozen_agent_is_killed(
                     "s.sendall(b'hello n1\\n'); s.recv(100)\n"
                     "s.sendall(f'pet {time.monotonic()+0.3} 30\\n'.encode())\n"
                     "time.sleep(60)\n", sock])
-    assert fired_then_released(g, tmp_path / "n1") == 3
+    service_fired(g, tmp_path / "n1")
     assert agent.wait(5) == -9  # still connected when the guard fired: SIGKILLed
-    assert fake_ground_truth(tmp_path) == {}
+    wait_until(lambda: fake_ground_truth(tmp_path) == {}, 5, what="domains destroyed")
 
 
 def test_stop_while_armed_without_agent_is_deferred_until_disarm(tmp_path: Path) -> None:
@@ -110,7 +112,7 @@ def test_stop_while_an_agent_is_attached_restarts_the_guard_under_it(tmp_path: P
     assert c.pid == g2.pid
     c.close()
     # armed by the re-attached agent's pet
-    assert fired_then_released(g2, tmp_path / "again" / "n1") == 3
+    service_fired(g2, tmp_path / "again" / "n1")
 
 
 def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
@@ -122,9 +124,13 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     c = SocketGuardClient(sock, "n1")
     c.pet(time.monotonic() + 10.0, 0.5)
     c.close()
-    assert fired_then_released(g, tmp_path / "n1") == 3
+    service_fired(g, tmp_path / "n1")
     data = dev.read_bytes()
     assert data and set(data) == {0}, data  # fed, never released with "V": the host resets
+    # The node's agent registered again: the guard holds the watchdog again (a fresh
+    # open), and a stop while disarmed releases it.
+    assert service_released_and_stopped(g, tmp_path / "n1") == 0
+    assert dev.read_bytes().endswith(b"V")
     dev.write_bytes(b"")
     g2, sock2 = start_service(tmp_path / "b", "--watchdog", str(dev))
     g2.terminate()  # never armed: a clean stop with the magic close
