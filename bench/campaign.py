@@ -65,6 +65,7 @@ from bench.tcpproxy import Proxy
 from lab.configs import FAST_CONFIG, LAB_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker
 from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
+from lab.procs import kill_guards_under
 from schemas import ClusterConfig, VmSpec
 from schemas.models import FenceDevice
 from store.etcd import EtcdStore
@@ -206,6 +207,8 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
         for n in self.nodes:
             with contextlib.suppress(OSError, ValueError):  # no guard, or gone already
                 os.kill(int((self.fake_root / n / "host.pid").read_text()), signal.SIGKILL)
+        # A guard that fired earlier destroys until its node registers again: end it too.
+        kill_guards_under(self.fake_root)
         for ps in self.proxies.values():
             for p in ps:
                 p.close()

@@ -44,15 +44,20 @@ def load_daemon_config(args: argparse.Namespace, allowed: set[str]) -> None:
 _COMMON_KEYS = {"etcd", "etcd_cacert", "etcd_cert", "etcd_key", "prefix", "name", "log_format",
                 "metrics_listen"}
 AGENT_KEYS = _COMMON_KEYS | {"libvirt_uri", "fake_root", "memory_mib", "vcpus",
-                             "migration_address", "guard_socket", "drain_timeout_s"}
+                             "migration_address", "guard_socket", "drain_timeout_s",
+                             "fenced_marker"}
 GUARD_KEYS = {"socket", "socket_group", "libvirt_uri", "fake_root", "name", "watchdog",
               "watchdog_timeout", "log_format", "hold_lease", "restart_grace_s", "etcd",
-              "prefix", "etcd_cacert", "etcd_cert", "etcd_key"}
+              "prefix", "etcd_cacert", "etcd_cert", "etcd_key", "fenced_marker"}
 # How long the guard service renews a lease for an agent that is restarting
 # (fencing.lease_hold): systemd's RestartSec plus a slow start, several times over.
 DEFAULT_RESTART_GRACE_S = 20.0
 DEFAULT_DRAIN_TIMEOUT_S = 600.0  # the unit's TimeoutStopSec (15 min) leaves time to fence
 ORCH_KEYS = _COMMON_KEYS
+FENCED_MARKER_HELP = ("the file that says this host is fenced: written before the first "
+                      "destroy, removed when the agent registers again; the libvirt qemu hook "
+                      "refuses new domains while it exists (default /run/vmha/fenced; "
+                      "<fake root>/<name>/fenced on the fake hypervisor)")
 
 
 def agent_migration_address(args: argparse.Namespace) -> str:
@@ -104,7 +109,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         hv = LibvirtHypervisor(args.libvirt_uri, args.memory_mib, args.vcpus)
     agent = NodeAgent(_store(args), hv, AgentOptions(name=args.name,
                                                      migration_address=migration_address,
-                                                     guard_socket=args.guard_socket))
+                                                     guard_socket=args.guard_socket,
+                                                     fenced_marker=args.fenced_marker))
     control = StopControl(agent, float(args.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S),
                           unit=args.systemd_unit)
     # SIGTERM: a `systemctl restart` restarts in place, anything else drains (see
@@ -144,8 +150,8 @@ def cmd_guard(args: argparse.Namespace) -> int:
         args.restart_grace_s)
     hold = _store(args) if args.hold_lease and grace > 0 else None
     return serve(args.socket or DEFAULT_GUARD_SOCKET, uri, args.watchdog,
-                 int(args.watchdog_timeout or 10), hold_store=hold, restart_grace_s=grace,
-                 socket_group=args.socket_group)
+                 int(args.watchdog_timeout or 10), args.fenced_marker, hold_store=hold,
+                 restart_grace_s=grace, socket_group=args.socket_group)
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -193,6 +199,7 @@ def register(groups: dict[str, Any]) -> None:
     a.add_argument("--drain-timeout-s", type=float,
                    help="a drain on stop not finished after this many seconds destroys the "
                         f"node's VMs, revokes and exits (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
+    a.add_argument("--fenced-marker", help=FENCED_MARKER_HELP)
     a.add_argument("--systemd-unit", help="the unit whose restart job means 'restart in "
                                           "place' (default: this process's own unit)")
     a.set_defaults(fn=cmd_agent)
@@ -218,6 +225,7 @@ def register(groups: dict[str, Any]) -> None:
     gd.add_argument("--restart-grace-s", type=float,
                     help=f"seconds a lease is held for a restarting agent (default "
                          f"{DEFAULT_RESTART_GRACE_S:g}; 0: never)")
+    gd.add_argument("--fenced-marker", help=FENCED_MARKER_HELP)
     gd.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     gd.set_defaults(fn=cmd_guard)
 

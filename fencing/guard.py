@@ -17,9 +17,12 @@ Once armed by the first pet, the guard fires at
 
 (`fencing.policy.guard_fire_at`), which is never later than the agent's own
 deadline.  Firing means, in this order: SIGKILL the agent (a stopped process dies
-too, so a frozen agent can never resume and act), destroy every active vmha-managed
-domain through the hypervisor URI, stop feeding /dev/watchdog (if one was given:
-the host then resets when the hardware timer runs out), and exit with status 3.
+too, so a frozen agent can never resume and act), write the fenced marker
+(fencing.marker: the libvirt hook refuses new work from then on), destroy every active
+vmha-managed domain through the hypervisor URI, stop feeding /dev/watchdog (if one was
+given: the host then resets when the hardware timer runs out), then destroy again every
+fraction of a second (a failed list is tried again) until the node's agent holds a
+registration again and removes the marker, and exit with status 3.
 
 EOF on stdin without `disarm` means the agent died: the guard stays armed and
 fires at the same time it would have anyway.  A guard that was never armed (guard
@@ -45,13 +48,21 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import IO, Any
 
 import structlog
 
 from fencing.lease_hold import LeaseTerms
-from hypervisor.base import Hypervisor, HypervisorError
+from fencing.marker import (
+    FencedMarker,
+    PassResult,
+    default_marker_path,
+    destroy_pass,
+    repeat_passes,
+)
+from hypervisor.base import Hypervisor, HypervisorUnavailable
 from schemas.errors import InvariantError
 
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
@@ -82,17 +93,12 @@ def open_hypervisor(uri: str, adopt_host: bool = False) -> Hypervisor:
 
 
 def destroy_managed(hv: Hypervisor) -> tuple[list[str], list[str]]:
-    """Destroy every active managed domain; (destroyed, failed)."""
-    done: list[str] = []
-    failed: list[str] = []
-    for name, dom in hv.list_domains().items():
-        if dom.managed and dom.active:
-            try:
-                hv.destroy(name)
-                done.append(name)
-            except HypervisorError as exc:
-                failed.append(f"{name}: {exc}")
-    return done, failed
+    """One pass over every active managed domain; (destroyed, failed).  A failed list
+    raises HypervisorError (fence_vmha reports it to the fence daemon, which retries)."""
+    res = destroy_pass(hv, lambda: True)
+    if res.failed and res.failed[0].startswith("list: "):
+        raise HypervisorUnavailable(res.failed[0])
+    return res.destroyed, res.failed
 
 
 class Watchdog:
@@ -118,8 +124,9 @@ class Watchdog:
 
 
 def run(agent_pid: int, uri: str, linger_s: float, watchdog: str | None,
-        watchdog_timeout_s: int, stdin: IO[bytes]) -> int:
+        watchdog_timeout_s: int, stdin: IO[bytes], fenced_marker: str | None = None) -> int:
     hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
+    marker = FencedMarker(fenced_marker or default_marker_path(uri))
     # A signal meant for the agent (Ctrl-C, `systemctl stop` with KillMode=control-group,
     # a kill of its process group) must not end the guard: the agent drains, disarms it
     # and the guard exits on EOF.  Only SIGKILL ends it otherwise.
@@ -186,16 +193,33 @@ def run(agent_pid: int, uri: str, linger_s: float, watchdog: str | None,
         killed = True
     except ProcessLookupError:
         killed = False
-    try:
-        destroyed, failed = destroy_managed(hv)
-    except HypervisorError as exc:
-        destroyed, failed = [], [f"list: {exc}"]
+    res = first_pass(hv, marker)
     if wd:
         wd.close(disarm=False)
-    _log("guard_fired", agent_pid=agent_pid, agent_killed=killed, destroyed=destroyed,
-         failed=failed, took_ms=round((time.monotonic() - started) * 1000, 1),
-         reason="no pet from the agent before its deadline")
+    _log("guard_fired", agent_pid=agent_pid, agent_killed=killed, destroyed=res.destroyed,
+         failed=res.failed, took_ms=round((time.monotonic() - started) * 1000, 1),
+         marker=str(marker.path), reason="no pet from the agent before its deadline")
+    # libvirtd still accepts work the first pass missed: destroy again until the agent
+    # holds a registration again (it removes the marker) or the watchdog resets the host.
+    repeat_passes(hv, marker.exists, threading.Event(), log_pass)
+    _log("guard_exit", reason="fenced marker removed: the node's agent registered again")
     return EXIT_FIRED
+
+
+def first_pass(hv: Hypervisor, marker: FencedMarker) -> PassResult:
+    """Marker first (the hook refuses new work from then on), then one destroy pass."""
+    try:
+        marker.write("guard", "no pet from the agent before its deadline")
+    except OSError as exc:
+        _log("fenced_marker_not_written", marker=str(marker.path), error=str(exc))
+    # Destroy even if the marker could not be written (this pass must not wait on it);
+    # the repeated passes then stop at once: without a marker nothing says "fenced".
+    return destroy_pass(hv, lambda: True)
+
+
+def log_pass(res: PassResult) -> None:
+    _log("guard_fence_pass", destroyed=res.destroyed, failed=res.failed,
+         reason="work that started after the first pass, or a failed list or destroy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,24 +232,31 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a never-armed guard stays after the agent is gone")
     ap.add_argument("--watchdog", help="e.g. /dev/watchdog: fed only while armed and in time")
     ap.add_argument("--watchdog-timeout", type=int, default=10)
+    ap.add_argument("--fenced-marker", help="the file that says this host is fenced, written "
+                                            "before the first destroy (default: "
+                                            "/run/vmha/fenced; <fake dir>/fenced)")
     a = ap.parse_args(argv)
     if a.socket:
         from fencing.guard_server import serve
 
-        return serve(a.socket, a.uri, a.watchdog, a.watchdog_timeout)
+        return serve(a.socket, a.uri, a.watchdog, a.watchdog_timeout, a.fenced_marker)
     if a.agent_pid is None:
         ap.error("--agent-pid or --socket is required")
-    return run(a.agent_pid, a.uri, a.linger, a.watchdog, a.watchdog_timeout, sys.stdin.buffer)
+    return run(a.agent_pid, a.uri, a.linger, a.watchdog, a.watchdog_timeout, sys.stdin.buffer,
+               a.fenced_marker)
 
 
 class GuardClient:
     """The agent's handle on its guard process."""
 
-    def __init__(self, uri: str, *, linger_s: float = 0.0, watchdog: str | None = None) -> None:
+    def __init__(self, uri: str, *, linger_s: float = 0.0, watchdog: str | None = None,
+                 fenced_marker: str | None = None) -> None:
         args = [sys.executable, "-m", "fencing.guard", "--agent-pid", str(os.getpid()),
                 "--uri", uri, "--linger", str(linger_s)]
         if watchdog:
             args += ["--watchdog", watchdog]
+        if fenced_marker:
+            args += ["--fenced-marker", fenced_marker]
         # Own session: a Ctrl-C or a signal to the agent's process group leaves it alone.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, start_new_session=True)
         if self.proc.stdin is None:

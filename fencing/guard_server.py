@@ -14,10 +14,13 @@ A connection that ends without `disarm` (the agent crashed, was SIGKILLed, or is
 being restarted in place) leaves the deadline armed: a new agent process that
 connects and pets before it keeps the node's VMs; if none does, the guard fires:
 SIGKILL every agent still connected (a frozen agent must never resume and act),
-destroy every active vmha-managed domain, stop feeding the watchdog (the host then
-resets when its timer runs out) and exit with status 3.  The deadline carried by a
-pet is the agent's own self-fence deadline, so the guard never fires later than the
-leader's fence window allows, whoever holds the connection.
+write the fenced marker (fencing.marker: the libvirt hook refuses new work from then
+on), destroy every active vmha-managed domain, stop feeding the watchdog (the host then
+resets when its timer runs out), and destroy again every fraction of a second until the
+node's agent holds a registration again and removes the marker; then serve on, unarmed,
+as a guard just started would.  The deadline carried by a pet is the agent's own
+self-fence deadline, so the guard never fires later than the leader's fence window
+allows, whoever holds the connection.
 
 The watchdog (/dev/watchdog; load `softdog` where there is no hardware one) is opened
 at start and fed while the guard has not fired; a clean exit while disarmed releases
@@ -40,10 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fencing.guard import EXIT_FIRED, Watchdog, _log, destroy_managed, open_hypervisor
+from fencing.guard import Watchdog, _log, first_pass, log_pass, open_hypervisor
 from fencing.lease import LeaseStore
 from fencing.lease_hold import LeaseHold, LeaseTerms
-from hypervisor.base import HypervisorError
+from fencing.marker import FencedMarker, default_marker_path, destroy_pass, pass_pause
 
 WATCHDOG_FEED_EVERY_S = 1.0
 
@@ -120,10 +123,15 @@ class GuardServer:
                  watchdog_timeout_s: int = 10,
                  clock: Callable[[], float] = time.monotonic,
                  hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0,
-                 socket_group: str | None = None) -> None:
+                 socket_group: str | None = None, fenced_marker: str | None = None) -> None:
         self.hv = open_hypervisor(uri, adopt_host=uri.startswith("fake://"))
+        self.marker = FencedMarker(fenced_marker or default_marker_path(uri))
+        # Fired and the marker still there: destroy again at `_next_pass` (see fire()).
+        self.fenced = False
+        self._next_pass = float("inf")
         self.path = path
         self.srv = listen(path, socket_group)
+        self._watchdog = (watchdog, watchdog_timeout_s)
         self.wd = Watchdog(watchdog, watchdog_timeout_s) if watchdog else None
         self.state = GuardState()
         self.clock = clock
@@ -147,6 +155,8 @@ class GuardServer:
         re-attaches to the next guard (a restart of the guard itself).  Armed with no
         agent, the guard is all that stands between the VMs and a double run."""
         st = self.state
+        if self.fenced:
+            return False  # the repeated passes are all that destroys late work
         return not st.armed or any(c.node for c in st.clients.values())
 
     def run(self) -> int:
@@ -155,8 +165,14 @@ class GuardServer:
              watchdog=self.wd is not None)
         while True:
             now = self.clock()
-            if st.due(now):
-                return self.fire()
+            if self.fenced:
+                if not self.marker.exists():
+                    self._unfence()
+                elif now >= self._next_pass:
+                    self.fence_pass()
+            elif st.due(now):
+                self.fire()
+                continue
             if (self.hold is not None and st.orphaned_at is not None
                     and now - st.orphaned_at >= self.restart_grace_s):
                 self._end_hold("restart grace over: no agent attached; the guard fires at "
@@ -167,7 +183,8 @@ class GuardServer:
             if self.wd and now - self._fed_at >= WATCHDOG_FEED_EVERY_S:
                 self.wd.feed()
                 self._fed_at = now
-            wait = max(0.0, min(0.05, st.fire_at - now))
+            due = self._next_pass if self.fenced else st.fire_at
+            wait = max(0.0, min(0.05, due - now))
             socks = [self.srv, *(c.sock for c in st.clients.values())]
             try:
                 readable, _, _ = select.select(socks, [], [], wait)
@@ -293,7 +310,7 @@ class GuardServer:
         _log("lease_hold_ended", lease=f"{hold.terms.lease_id:x}", renewals=hold.renewals,
              reason=why)
 
-    def fire(self) -> int:
+    def fire(self) -> None:
         self._end_hold("firing")
         started = self.clock()
         killed = []
@@ -303,17 +320,40 @@ class GuardServer:
                 killed.append(c.pid)
             except ProcessLookupError:
                 _log("agent_already_gone", agent_pid=c.pid)
-        try:
-            destroyed, failed = destroy_managed(self.hv)
-        except HypervisorError as exc:
-            destroyed, failed = [], [f"list: {exc}"]
+        res = first_pass(self.hv, self.marker)
         if self.wd:
             self.wd.close(disarm=False)
-        _log("guard_fired", agents_killed=killed, destroyed=destroyed, failed=failed,
-             took_ms=round((self.clock() - started) * 1000, 1),
+            self.wd = None
+        _log("guard_fired", agents_killed=killed, destroyed=res.destroyed, failed=res.failed,
+             took_ms=round((self.clock() - started) * 1000, 1), marker=str(self.marker.path),
              reason="no pet from any agent before the deadline")
-        self._close_socket()
-        return EXIT_FIRED
+        # libvirtd still accepts work the first pass missed: destroy again until the
+        # node's agent holds a registration again (it removes the marker; the guard then
+        # serves on, unarmed) or the watchdog resets the host.  The socket stays open
+        # meanwhile: the restarted agent attaches before it registers.
+        self.state.disarm()
+        self.fenced = True
+        self._next_pass = self.clock() + pass_pause()
+
+    def _unfence(self) -> None:
+        """The node's agent holds a registration again and removed the marker: serve on
+        as a guard that has just started (unarmed until that agent's next pet, the
+        watchdog held again).  Staying, rather than exiting for Restart=, keeps the
+        connection the agent already has."""
+        self.fenced = False
+        self._next_pass = float("inf")
+        self.state.disarm()
+        path, timeout = self._watchdog
+        if path and self.wd is None:
+            self.wd = Watchdog(path, timeout)
+        _log("guard_unfenced", reason="fenced marker removed: the node's agent registered "
+                                      "again", agents=len(self.state.clients))
+
+    def fence_pass(self) -> None:
+        res = destroy_pass(self.hv, self.marker.exists)
+        if res.destroyed or res.failed:
+            log_pass(res)
+        self._next_pass = self.clock() + pass_pause()
 
     def _exit_clean(self) -> None:
         if self.wd:
@@ -330,13 +370,15 @@ class GuardServer:
 
 
 def serve(path: str, uri: str, watchdog: str | None, watchdog_timeout_s: int,
-          hold_store: LeaseStore | None = None, restart_grace_s: float = 0.0,
-          socket_group: str | None = None) -> int:
-    """The `vmha guard` daemon: runs until it fires or is stopped while disarmed."""
+          fenced_marker: str | None = None, hold_store: LeaseStore | None = None,
+          restart_grace_s: float = 0.0, socket_group: str | None = None) -> int:
+    """The `vmha guard` daemon: runs until it is stopped while disarmed (or with an agent
+    attached); after firing it serves on once the node's agent registered again."""
     from telemetry import metrics
 
     server = GuardServer(path, uri, watchdog, watchdog_timeout_s, hold_store=hold_store,
-                         restart_grace_s=restart_grace_s, socket_group=socket_group)
+                         restart_grace_s=restart_grace_s, socket_group=socket_group,
+                         fenced_marker=fenced_marker)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.request_stop())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -39,6 +39,7 @@ from lab.localcluster import (
     start_etcd,
     start_guard_service,
 )
+from lab.procs import kill_guards_under
 
 __all__ = ["LAB_CONFIG", "LabCluster", "child_pids", "kill_with_children"]
 
@@ -163,8 +164,11 @@ class LabCluster:
 
     def start_guard(self, name: str) -> Daemon:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
+        node = self.nodes[name]
         d = start_guard_service(self.guards, self.workdir, name,
-                                ["--libvirt-uri", self.nodes[name].uri], tuple(self.common()))
+                                ["--libvirt-uri", node.uri,
+                                 "--fenced-marker", str(node.fenced_marker)],
+                                tuple(self.common()))
         self._changed()
         return d
 
@@ -178,6 +182,7 @@ class LabCluster:
         d = Daemon(name, [*self.common(), "agent", "--name", name, "--libvirt-uri", node.uri,
                           "--memory-mib", str(self.agent_memory_mib), "--vcpus",
                           str(self.agent_vcpus), "--migration-address", node.address,
+                          "--fenced-marker", str(node.fenced_marker),
                           "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         self._changed()
@@ -224,6 +229,9 @@ class LabCluster:
         for d in [*self.agents.values(), *self.orchestrators.values(), *self.guards.values()]:
             with contextlib.suppress(Exception):  # tear-down goes on regardless
                 kill_with_children(d)
+        # A guard that fired destroys until its node registers again: one whose agent
+        # was killed earlier outlives it.
+        kill_guards_under(self.root)
         with self._lock:
             for conn in self._conns.values():
                 with contextlib.suppress(libvirt.libvirtError):

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from lab.procs import kill_guards_under
+
 if TYPE_CHECKING:
     from store.etcd import EtcdStore
 
@@ -282,6 +284,9 @@ class FakeCluster:
     def stop(self) -> None:
         for d in [*self.agents.values(), *self.orchestrators.values(), *self.guards.values()]:
             d.kill()
+        # The agents' own guards: armed ones would fire and destroy until a registration
+        # that never comes.
+        kill_guards_under(self.fake_root)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,10 @@ TLS_NET = "127.77.0."
 #: Where libvirt and QEMU look for certificates (the node's ``pki`` dir is mounted there).
 PKI_ROOT = "/etc/pki"
 QEMU_PKI_DIR = "/etc/pki/qemu"
+#: vmha's libvirt qemu hook, installed into every node's /etc/libvirt/hooks: it
+#: refuses to start or receive domains while the node's fenced marker exists.
+HOOK_SOURCE = Path(__file__).resolve().parents[1] / "deploy" / "libvirt" / "hooks" / "qemu"
+FENCED_MARKER = "fenced"
 
 #: Longest AF_UNIX path (sun_path is 108 bytes including the NUL).
 MAX_SOCKET_PATH = 107
@@ -111,6 +115,13 @@ class LabNode:
     @property
     def virtlockd_pid_file(self) -> Path:
         return self.dir / "virtlockd.pid"
+
+    @property
+    def fenced_marker(self) -> Path:
+        """The node's fenced marker (fencing.marker), as its agent, its guard and its
+        libvirtd's qemu hook see it (the node directory is the same path inside and
+        outside the node's namespace)."""
+        return self.dir / FENCED_MARKER
 
     @property
     def log_file(self) -> Path:
@@ -299,11 +310,27 @@ def prepare_node_dir(
         ca = pki.ca_dir(root, tls_ca)
         pki.ensure_ca(ca, f"vmha lab CA {tls_ca}")
         pki.install_node_pki(node_dir / "pki", ca, name, address, node_hostname(name))
+    install_hook(etc, node_dir / FENCED_MARKER)
     if lockd:
         lockspace = root / LOCKSPACE_DIR
         lockspace.mkdir(exist_ok=True)
         (etc / "qemu-lockd.conf").write_text(_qemu_lockd_conf(lockspace))
         (etc / "virtlockd.conf").write_text(_virtlockd_conf())
+
+
+def install_hook(etc: Path, marker: Path) -> None:
+    """The operator guide's install step, for one node: the hook as
+    ``/etc/libvirt/hooks/qemu`` (libvirtd looks for hooks only when it starts) and
+    ``vmha-hook.conf`` naming the node's own marker (/run is the host's, shared by
+    every lab node)."""
+    if not HOOK_SOURCE.is_file():
+        raise LabError(f"libvirt hook {HOOK_SOURCE} is missing (the lab runs from a "
+                       "source checkout)")
+    hooks = etc / "hooks"
+    hooks.mkdir(exist_ok=True)
+    shutil.copyfile(HOOK_SOURCE, hooks / "qemu")
+    (hooks / "qemu").chmod(0o755)
+    (hooks / "vmha-hook.conf").write_text(f"fenced_marker={marker}\n")
 
 
 #: Runs inside the node's namespaces: detaches, becomes a child subreaper,

@@ -133,7 +133,7 @@ def start_node(
     index: int,
     *,
     caps_cache: Path | None = DEFAULT_CAPS_CACHE,
-    lockd: bool = False,
+    lockd: bool = True,
     tls_ca: str | None = None,
 ) -> LabNode:
     """Start (or find already running) lab node ``name`` under ``root``.
@@ -144,9 +144,11 @@ def start_node(
     its socket and has settled the state of guests it remembers (after a
     crash: shut off).  ``caps_cache`` shares QEMU capability probes between
     nodes (``None``: every node probes QEMU itself, ~8 s each under TCG).
-    ``lockd=True`` turns on libvirt's lockd lock manager: a ``virtlockd``
-    per node (in its namespace) with automatic disk leases in the indirect
-    lockspace ``<root>/lockspace`` shared by all nodes.  ``tls_ca`` names a CA of
+    ``lockd`` (on by default: the second line below fencing, docs/fencing.md)
+    turns on libvirt's lockd lock manager: a ``virtlockd`` per node (in its
+    namespace) with automatic disk leases in the indirect lockspace
+    ``<root>/lockspace`` shared by all nodes.  Every node also gets vmha's
+    libvirt qemu hook, watching the marker ``<node dir>/fenced``.  ``tls_ca`` names a CA of
     the lab (created under ``root`` on first use, :mod:`lab.pki`): the node gets
     certificates it signs, listens for libvirt peers over TLS on its own loopback
     address (:attr:`LabNode.address`) and its QEMU migrates over TLS; nodes of
@@ -337,7 +339,7 @@ def kill_libvirtd(node: LabNode) -> int | None:
 
 
 def restart_node(
-    node: LabNode, *, caps_cache: Path | None = DEFAULT_CAPS_CACHE, lockd: bool = False
+    node: LabNode, *, caps_cache: Path | None = DEFAULT_CAPS_CACHE, lockd: bool = True
 ) -> LabNode:
     """Start ``node`` again (after :func:`stop_node` or :func:`crash_node`)."""
     if running_pid(node.dir) is not None:

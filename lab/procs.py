@@ -69,3 +69,28 @@ def wait_dead(pids: list[int], timeout: float) -> list[int]:
         time.sleep(0.05)
         alive = [p for p in alive if pid_alive(p)]
     return alive
+
+
+def guard_pids_under(root: Path) -> list[int]:
+    """Live guard processes (``python -m fencing.guard``, started by an agent) that guard
+    a host under ``root``: their ``--uri`` names a path below it.  A guard that fired
+    destroys again until its node's agent registers again, so a cluster torn down with
+    an agent killed and never restarted leaves one looping; its own stop ends it."""
+    needle = str(root)
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        argv = pid_cmdline(int(proc.name))
+        if "fencing.guard" in argv and any(needle in a for a in argv) and pid_alive(
+                int(proc.name)):
+            out.append(int(proc.name))
+    return out
+
+
+def kill_guards_under(root: Path, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every guard of a host under ``root`` (guard_pids_under); the survivors."""
+    pids = guard_pids_under(root)
+    for pid in pids:
+        send_signal(pid, 9)
+    return wait_dead(pids, timeout)

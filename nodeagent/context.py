@@ -30,6 +30,10 @@ class AgentOptions:
     # of starting a guard of our own; a restarted agent then takes over its predecessor's
     # registration and lease (nodeagent.membership.Membership.adopt).
     guard_socket: str | None = None
+    # The fenced marker (fencing.marker): written before a self-fence's first destroy,
+    # removed once the agent holds a registration again; the libvirt hook refuses new
+    # domains while it exists.  None: /run/vmha/fenced (fake hosts: <fake dir>/fenced).
+    fenced_marker: str | None = None
 
 
 @dataclass

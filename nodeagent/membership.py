@@ -22,9 +22,9 @@ from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
 from fencing.lease_hold import LeaseTerms
 from fencing.policy import guard_timeout, require_safe_timing, self_fence_deadline
-from hypervisor.base import HypervisorError
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
+from nodeagent.selffence import LeaseFlags, SelfFence
 from schemas.errors import ConfigError, SchemaError, TemporaryError
 from schemas.models import (
     AgentInfo,
@@ -54,15 +54,6 @@ class Registration:
     cordoned: bool
 
 
-@dataclass
-class LeaseFlags:
-    """Set by the lease keeper's threads, read by the agent's cycle."""
-
-    revoked: bool = False          # lease revoked while we were alive: drain
-    expired: bool = False          # lease expired: we self-fenced, register again
-    fenced: bool = False           # self-fenced; cleared when the lease turns out valid
-
-
 class Membership:
     def __init__(self, ctx: AgentContext) -> None:
         self.ctx = ctx
@@ -72,6 +63,7 @@ class Membership:
         self.guard: GuardClient | SocketGuardClient | None = None
         # Keepers of leases given up: they keep the old deadline until a new lease holds.
         self._old_keepers: list[LeaseKeeper] = []
+        self.fence = SelfFence(ctx, self.flags)
 
     @property
     def log(self) -> Any:
@@ -190,7 +182,8 @@ class Membership:
                              clock=self.ctx.clock, name=f"agent-{self.ctx.me}")
         self.reg = Registration(lease_id, create_revision, keeper, cordoned)
         keeper.start()
-        self.flags.revoked = self.flags.expired = self.flags.fenced = False
+        self.flags.revoked = self.flags.expired = False
+        self.fence.end("registered")
         for old in self._old_keepers:
             old.stop()
         self._old_keepers.clear()
@@ -304,38 +297,17 @@ class Membership:
             metrics.LEASE_RENEW_SECONDS.labels(who="agent").observe(
                 reg.keeper.last_renew_latency_s)
         # etcd answered and the lease still exists after we self-fenced (an etcd
-        # leader change reset its TTL): nobody can have fenced this node, resume.
+        # leader change reset its TTL): nobody can have fenced this node, resume.  The
+        # registration is the same one, still held: as good as a new one for the marker.
         if self.flags.fenced:
-            self.flags.fenced = False
+            self.fence.end("lease still valid in etcd")
             self.log.warning("resumed_after_self_fence", reason="lease still valid in etcd")
             self.ctx.wake.set()
 
     def self_fence(self) -> None:
-        """Destroy every managed domain: the lease may be about to expire on the server."""
-        self.flags.fenced = True
-        hv = self.ctx.hv
-        try:
-            domains = hv.list_domains()
-        except HypervisorError as exc:
-            self.log.error("self_fence_list_failed", error=str(exc))
-            return
-        # Every destroy first, the records afterwards: a history write waits on etcd,
-        # which may be what failed, and the last domain must be gone within the fence
-        # window as surely as the first.
-        destroyed = []
-        for name, dom in domains.items():
-            if dom.managed and dom.active:
-                try:
-                    hv.destroy(name)
-                    destroyed.append(name)
-                except HypervisorError as exc:
-                    self.log.error("self_fence_destroy_failed", vm=name, error=str(exc))
-        for name in destroyed:
-            metrics.SELF_FENCES.inc()
-            self.log.error("self_fenced_domain", vm=name,
-                           reason="lease not renewed before the self-fencing deadline")
-            self.ctx.history.record("self_fence", vm=name, node=self.ctx.me,
-                                    reason="lease not renewed before the deadline")
+        """Destroy every managed domain: the lease may be about to expire on the server
+        (the marker first, then passes until a registration is held: nodeagent.selffence)."""
+        self.fence.start()
         self.ctx.wake.set()
 
     def acting_allowed(self) -> bool:
@@ -355,7 +327,8 @@ class Membership:
             # A never-armed fake guard is the host of guests that outlive the agent (the
             # negative control of the fault campaign): let it linger a while.
             self.guard = GuardClient(hv.uri, linger_s=300.0 if fake else 0.0,
-                                     watchdog=opts.watchdog)
+                                     watchdog=opts.watchdog,
+                                     fenced_marker=str(self.fence.marker.path))
         adopt = getattr(hv, "adopt_host", None)
         if adopt is not None:
             adopt(self.guard.pid)

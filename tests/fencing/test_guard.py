@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
+from tests.fencing.procs import fired_then_released
 from tests.fencing.procs import popen as _popen
 from tests.harness import wait_until
 
@@ -45,7 +46,7 @@ def test_guard_outlives_a_stopped_agent_then_kills_it_and_destroys_domains(
     agent.send_signal(19)  # SIGSTOP: a frozen agent
     pet(g, 10.0, 0.5)
     t0 = time.monotonic()
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     took = time.monotonic() - t0
     assert 0.4 <= took < 2.0, took
     assert agent.wait(5) == -9  # SIGKILLed even though stopped: it can never resume
@@ -58,7 +59,7 @@ def test_guard_fires_at_the_deadline_carried_by_the_pet(tmp_path: Path) -> None:
     agent, g, _ = setup(tmp_path)
     pet(g, 0.3, 30.0)
     t0 = time.monotonic()
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     assert time.monotonic() - t0 < 1.5
     assert agent.wait(5) == -9
 
@@ -71,7 +72,7 @@ def test_regular_pets_keep_it_quiet_and_eof_keeps_it_armed(tmp_path: Path) -> No
     assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
     assert g.stdin is not None
     g.stdin.close()  # the agent died (kill -9): the pipe closes, the guard still fires
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     assert fake_ground_truth(tmp_path) == {}
     agent.wait(5)
 
@@ -128,7 +129,7 @@ def test_guard_feeds_the_watchdog_then_stops_when_it_fires(tmp_path: Path) -> No
                          stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(0.5)
     pet(g, 10.0, 0.5)
-    assert g.wait(5) == 3
+    assert fired_then_released(g, tmp_path / "n1") == 3
     data = dev.read_bytes()
     assert data and set(data) == {0}, data  # fed while armed, never released with "V"
     assert agent.wait(5) == -9

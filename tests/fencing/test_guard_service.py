@@ -16,6 +16,7 @@ from hypervisor.fake import FakeHypervisor, fake_ground_truth, pid_alive
 from lab.configs import FAST_CONFIG
 from store.etcd import EtcdStore
 from tests.fencing.procs import popen as _popen
+from tests.fencing.procs import service_fired, service_released_and_stopped
 from tests.harness import EtcdCluster, wait_until
 
 XML = "<domain><name>{0}</name></domain>"
@@ -52,10 +53,12 @@ def test_not_reattached_in_time_the_guard_destroys_the_domains(tmp_path: Path) -
     client.close()  # the agent died without disarming: the deadline stays armed
     time.sleep(0.2)
     assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
-    assert g.wait(5) == 3
+    service_fired(g, tmp_path / "n1")
+    assert service_released_and_stopped(g, tmp_path / "n1") == 0
     assert fake_ground_truth(tmp_path) == {}
     err = g.stderr.read().decode() if g.stderr else ""
     assert '"agent_disconnected"' in err and '"guard_fired"' in err and '"vm1"' in err
+    assert '"guard_unfenced"' in err
 
 
 def test_a_new_agent_that_reattaches_before_the_deadline_keeps_the_domains(
@@ -86,9 +89,9 @@ def test_the_deadline_carried_by_the_pet_wins_and_a_frozen_agent_is_killed(
                     "s.sendall(b'hello n1\\n'); s.recv(100)\n"
                     "s.sendall(f'pet {time.monotonic()+0.3} 30\\n'.encode())\n"
                     "time.sleep(60)\n", sock])
-    assert g.wait(5) == 3
+    service_fired(g, tmp_path / "n1")
     assert agent.wait(5) == -9  # still connected when the guard fired: SIGKILLed
-    assert fake_ground_truth(tmp_path) == {}
+    wait_until(lambda: fake_ground_truth(tmp_path) == {}, 5, what="domains destroyed")
 
 
 def test_stop_while_armed_without_agent_is_deferred_until_disarm(tmp_path: Path) -> None:
@@ -119,7 +122,8 @@ def test_stop_while_an_agent_is_attached_restarts_the_guard_under_it(tmp_path: P
     assert c.pet(time.monotonic() + 10.0, 0.5)  # reconnects, hello, pet
     assert c.pid == g2.pid
     c.close()
-    assert g2.wait(5) == 3  # armed by the re-attached agent's pet
+    # armed by the re-attached agent's pet
+    service_fired(g2, tmp_path / "again" / "n1")
 
 
 def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
@@ -131,9 +135,13 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     c = SocketGuardClient(sock, "n1")
     c.pet(time.monotonic() + 10.0, 0.5)
     c.close()
-    assert g.wait(5) == 3
+    service_fired(g, tmp_path / "n1")
     data = dev.read_bytes()
     assert data and set(data) == {0}, data  # fed, never released with "V": the host resets
+    # The node's agent registered again: the guard holds the watchdog again (a fresh
+    # open), and a stop while disarmed releases it.
+    assert service_released_and_stopped(g, tmp_path / "n1") == 0
+    assert dev.read_bytes().endswith(b"V")
     dev.write_bytes(b"")
     g2, sock2 = start_service(tmp_path / "b", "--watchdog", str(dev))
     g2.terminate()  # never armed: a clean stop with the magic close
@@ -169,12 +177,13 @@ def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
         time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout
         assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
         assert store.lease_ttl(lease) > 0
-        assert g.wait(30) == 3  # the grace (4 s) ran out with no agent: fired
+        service_fired(g, tmp_path / "n1", within=30)  # the grace (4 s) ran out: fired
         assert fake_ground_truth(tmp_path) == {}
-        err = g.stderr.read().decode() if g.stderr else ""
-        assert '"lease_hold_started"' in err and '"lease_hold_ended"' in err
         wait_until(lambda: store.lease_ttl(lease) <= 0, cfg.lease_ttl_s + 3,
                    what="the lease expired after the guard stopped renewing")
+        assert service_released_and_stopped(g, tmp_path / "n1") == 0
+        err = g.stderr.read().decode() if g.stderr else ""
+        assert '"lease_hold_started"' in err and '"lease_hold_ended"' in err
     finally:
         store.close()
 
@@ -194,8 +203,10 @@ def test_an_agent_that_pets_again_ends_the_hold(etcd: EtcdCluster, tmp_path: Pat
                          "s.sendall(f'pet {time.monotonic()+1.0} 0.8\\n'.encode())\n"
                          "time.sleep(60)\n", sock])
         # An agent is attached again: the hold is over, so the new pet's deadline rules.
-        assert g.wait(30) == 3  # (generous: the second process's start on a loaded host)
+        # (generous: the second process's start on a loaded host)
+        service_fired(g, tmp_path / "n1", within=30)
         assert second.wait(10) == -9
+        assert service_released_and_stopped(g, tmp_path / "n1") == 0
         err = g.stderr.read().decode() if g.stderr else ""
         assert '"lease_hold_ended"' in err and "an agent petted" in err
         assert '"agent_reattached"' in err

@@ -278,7 +278,7 @@ def test_stop_and_restart_node(lab: Lab) -> None:
         conn.close()
     lab.record()
     pids = node_pids(node)
-    assert len(pids) == 3  # libvirtd, qemu, reaper
+    assert len(pids) == 4  # libvirtd, qemu, reaper, virtlockd (lockd is on by default)
     stop_node(node)
     assert not any(pid_alive(p) for p in pids)
     assert node.dir.is_dir()

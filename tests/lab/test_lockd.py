@@ -2,8 +2,8 @@
 
 A second line of defence below fencing: with lockd on, a disk that a guest
 on node A holds cannot be opened by a guest on node B (both nodes' QEMU
-drivers lease it in the lockspace ``<lab root>/lockspace``).  With lockd off
-(the default) the lab behaves as before.  Needs root, ``unshare``,
+drivers lease it in the lockspace ``<lab root>/lockspace``).  On by default;
+with ``lockd=False`` only QEMU's own image locking remains.  Needs root, ``unshare``,
 ``libvirtd``, ``virtlockd`` and ``qemu-system-x86_64``; skipped otherwise.
 """
 
@@ -119,12 +119,14 @@ def test_lockd_refuses_second_writer_of_a_disk(lab_root: Path) -> None:
         conn_b.close()
 
 
-def test_lockd_off_by_default(lab_root: Path) -> None:
-    node = start_node(lab_root, "plain", 0)
+def test_lockd_on_by_default_and_off_on_request(lab_root: Path) -> None:
+    on = start_node(lab_root, "default", 1)
+    assert 'lock_manager = "lockd"' in (on.dir / "etc" / "qemu.conf").read_text()
+    assert pid_alive(int(on.virtlockd_pid_file.read_text().strip()))
+    node = start_node(lab_root, "plain", 0, lockd=False)
     assert 'lock_manager = "nop"' in (node.dir / "etc" / "qemu.conf").read_text()
     assert not (node.dir / "etc" / "qemu-lockd.conf").exists()
     assert not node.virtlockd_pid_file.exists()
-    assert not (lab_root / LOCKSPACE_DIR).exists()
     disk = lab_root / "shared" / "disk-g2.img"
     dom = _start(node.uri, disk_guest_xml("g2", disk))
     assert dom.isActive()
