@@ -178,7 +178,7 @@ def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
         assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
         assert store.lease_ttl(lease) > 0
         service_fired(g, tmp_path / "n1", within=30)  # the grace (4 s) ran out: fired
-        assert fake_ground_truth(tmp_path) == {}
+        wait_until(lambda: fake_ground_truth(tmp_path) == {}, 5, what="domains destroyed")
         wait_until(lambda: store.lease_ttl(lease) <= 0, cfg.lease_ttl_s + 3,
                    what="the lease expired after the guard stopped renewing")
         assert service_released_and_stopped(g, tmp_path / "n1") == 0

@@ -54,5 +54,9 @@ def test_self_fence_destroys_every_domain_before_recording_any(tmp_path: Path) -
                        stopped=threading.Event(), history=hist,  # type: ignore[arg-type]
                        log=__import__("structlog").get_logger("test"))
     Membership(ctx).self_fence()
+    # The records are written off the fencing thread (nodeagent.selffence).
+    deadline = time.monotonic() + 10
+    while len(hist.seen) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(hist.seen) == 4
     assert hist.seen == [[]] * 4  # every event written after the last destroy
