@@ -83,6 +83,26 @@ def _incoming_job_active(dom: libvirt.virDomain) -> bool:
     return False
 
 
+def _start_fresh(dom: libvirt.virDomain, name: str, uri: str) -> None:
+    """Start `dom` from scratch, never from a managed-save image: libvirt-guests saves
+    guests that way on host shutdown, and a plain create() restores that RAM over a disk
+    that another node may have written since.  The image is removed first (and said so),
+    then the start asks for a fresh boot as well.  A driver that does not know the flag
+    (libvirt's test driver) gets a plain create(), which has nothing left to restore."""
+    if dom.hasManagedSaveImage(0):
+        dom.managedSaveRemove(0)
+        log.warning("managed_save_removed", vm=name, uri=uri,
+                    reason="boot from scratch, never from a saved memory image")
+    try:
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_FORCE_BOOT)
+    except libvirt.libvirtError as exc:
+        if (exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG,
+                                         libvirt.VIR_ERR_NO_SUPPORT)
+                or dom.hasManagedSaveImage(0)):
+            raise
+        dom.create()
+
+
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
         libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
@@ -170,7 +190,7 @@ class LibvirtHypervisor:
                 return
             xml_ = _with_uuid(xml, dom.UUIDString()) if dom is not None else xml
             dom = conn.defineXML(mark_managed(xml_))
-            dom.create()
+            _start_fresh(dom, name, self.uri)
         self._do(f"boot {name}", run)
 
     def shutdown(self, name: str) -> None:
