@@ -223,7 +223,8 @@ class LibvirtHypervisor:
             dom.undefine()
         self._do(f"undefine {name}", run)
 
-    def migrate(self, name: str, target_uri: str, target_address: str) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str, *,
+                postcopy: bool = False) -> MigrationStats:
         def run(conn: libvirt.virConnect) -> MigrationStats:
             dom = self._lookup(conn, name)
             if dom is None or not dom.isActive():
@@ -234,7 +235,8 @@ class LibvirtHypervisor:
                 libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target_address}",
                 libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: target_address,
             }
-            dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS)
+            extra = libvirt.VIR_MIGRATE_POSTCOPY if postcopy else 0
+            dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS | extra)
             return MigrationStats(None, None)
         # Never retried here: a half-done migration must be re-planned, not replayed.
         conn = self._connect()
@@ -243,6 +245,28 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             kind = HypervisorUnavailable if _is_transient(exc) else HypervisorRefused
             raise kind(f"migrate {name} to {target_uri}: {exc}") from exc
+
+    def abort_migration(self, name: str) -> bool:
+        def run(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return False
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # "no job is active on the domain": it already ended
+                raise
+            return True
+        return self._do(f"abort migration of {name}", run)
+
+    def start_postcopy(self, name: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                raise HypervisorRefused(f"domain {name} is not on {self.uri}")
+            dom.migrateStartPostCopy(0)
+        self._do(f"post-copy of {name}", run)
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         def run(conn: libvirt.virConnect) -> MigrationStats | None:

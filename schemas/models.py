@@ -150,6 +150,14 @@ class ClusterConfig(Model):
     # A VM that runs this long after its last failure has its counts forgotten
     # (Pacemaker's failure-timeout).
     failure_reset_s: float = Field(default=600.0, gt=0)
+    # Live migrations (docs/fencing.md, "Migrations in flight").  The source aborts a
+    # migration still running after `migration_timeout_s` (a 64 GiB guest needs about a
+    # minute at 10 Gb/s; five times that stays under the agent's 600 s drain deadline,
+    # so a stuck migration is retried elsewhere before a drain gives up), or, if the
+    # operator allows it, switches it to post-copy (the guest then runs on the target
+    # and a loss of either host during the copy loses the guest).
+    migration_timeout_s: float = Field(default=300.0, gt=0)
+    migration_postcopy_on_timeout: bool = False
 
 
 class Capacity(Model):

@@ -66,12 +66,24 @@ def placement_and_status(snap: ClusterSnapshot,
     return (pe.value if pe else None), (se.value if se else None)
 
 
+def migration_job_running(p: Placement, s: VmStatus | None) -> bool:
+    """The source's status says the live migration of this placement runs: its job has
+    not ended (the source reports the end as `running` with `failed_target`, or its
+    hand-off `stopped`, or the target reports the VM arrived)."""
+    return (s is not None and p.kind == "migrate" and s.placement_id == p.id
+            and s.node == p.from_node and s.state == "migrating")
+
+
 def migration_in_flight(snap: ClusterSnapshot, p: Placement, s: VmStatus | None) -> bool:
-    """A migrate placement whose VM has not arrived, not failed, both ends registered."""
+    """A migrate placement whose VM has not arrived, not failed, both ends registered;
+    or whose job still runs on a registered source although the target is lost (it holds
+    its slot until the source aborts it or its time limit ends it)."""
     if p.kind != "migrate" or migration_failed(p, s):
         return False
     if s is not None and s.node == p.node and s.state in RUNNING_STATES:
         return False
+    if p.from_node in snap.nodes and migration_job_running(p, s):
+        return True
     return p.node in snap.nodes and p.from_node in snap.nodes
 
 

@@ -68,8 +68,8 @@ def test_boot_discards_a_managed_save_image() -> None:
     would restore that stale RAM over a disk that has moved on.  A boot removes the
     image first, says so in a structured event, and boots the guest fresh.  (The test
     driver refuses VIR_DOMAIN_START_FORCE_BOOT and never restores on create: the event
-    and the image are what it can show.)  test:///default is one driver instance per process, so a second connection sees
-    the adapter's domains."""
+    and the image are what it can show.)  test:///default is one driver instance per
+    process, so a second connection sees the adapter's domains."""
     hv = LibvirtHypervisor("test:///default")
     hv.boot("saved", default_domain_xml("saved", 64, 1))
     conn = libvirt.open("test:///default")

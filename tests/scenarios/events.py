@@ -90,8 +90,9 @@ def _end_migrations(w: World, name: str) -> None:
             w.nodes[m.target].domains.pop(m.vm, None)
 
 
-def _self_fence(w: World, n: NodeSim, why: str) -> None:
-    gone = sorted(vm for vm, d in n.domains.items() if d.active and d.managed)
+def _self_fence(w: World, n: NodeSim, why: str, keep_incoming: bool = False) -> None:
+    gone = sorted(vm for vm, d in n.domains.items() if d.active and d.managed
+                  and not (keep_incoming and d.incoming))
     for vm in gone:
         n.domains[vm].state = "shutoff"
     n.busy.clear()
@@ -110,11 +111,17 @@ def node_crash(w: World, name: str) -> None:
     w.changed()
 
 
-def node_partition(w: World, name: str) -> None:
-    """Cut off from etcd: the agent self-fenced at its deadline, its lease expires (now)."""
+def node_partition(w: World, name: str, *how: str) -> None:
+    """Cut off from etcd: the agent self-fenced at its deadline, its lease expires (now).
+    `keep-migrations`: the live migrations towards it go on (their streams use another
+    network, and their incoming domains escaped the self-fence): each ends only by an
+    event or by its source's abort."""
     n = w.node(name)
-    _end_migrations(w, name)
-    _self_fence(w, n, "lease not renewed before the deadline (etcd unreachable)")
+    keep = "keep-migrations" in how
+    if not keep:
+        _end_migrations(w, name)
+    _self_fence(w, n, "lease not renewed before the deadline (etcd unreachable)",
+                keep_incoming=keep)
     n.agent = "down"
     w.lease_gone(name)
 
@@ -211,7 +218,11 @@ def vm_status(w: World, vm: str, node: str, state: str, pid: str = "", *rest: st
 
 
 def migration_done(w: World, vm: str) -> None:
-    finish_migration(w, _migration(w, vm), ok=True)
+    m = _migration(w, vm)
+    if m.aborting:  # the source's abort wins: the job ends aborted, the VM stays there
+        finish_migration(w, m, ok=False, error=f"{m.aborting}: migration aborted")
+        return
+    finish_migration(w, m, ok=True)
 
 
 def migration_failed(w: World, vm: str, *why: str) -> None:

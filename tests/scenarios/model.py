@@ -109,6 +109,10 @@ class Migration:
     source: str
     target: str
     placement_id: str
+    started: float = 0.0  # virtual time (the source's clock for migration_timeout_s)
+    # The source asked libvirt to abort it (the reason): the job ends, aborted, at its
+    # next event (`migration-done` then means the abort won the race).
+    aborting: str = ""
 
 
 @dataclass
