@@ -124,8 +124,8 @@ def migration_verdicts(me: str, snap: ClusterSnapshot, inflight: Mapping[str, In
         pe = snap.placements.get(vm)
         p = pe.value if pe else None
         why = None
-        if spec is None or spec.value.state != "running":
-            why = "VM spec removed" if spec is None else "desired state is stopped"
+        if spec is None:
+            why = "VM spec removed"  # then destroyed here; a stop lets the target stop it
         elif p is None or p.id != m.placement_id:
             why = (f"placement changed to {p.kind} on {p.node or 'no node'} ({p.id})"
                    if p else "placement removed")
