@@ -15,11 +15,21 @@ from schemas.models import RUNNING_STATES, Placement, VmSpec, VmStatus
 from schemas.snapshot import ClusterSnapshot, Entry
 
 
+def migration_arrived(p: Placement, s: VmStatus | None) -> bool:
+    """The target reports the VM of this migrate placement running: the source holds
+    nothing of it any more (libvirt undefines it there on success)."""
+    return (p.kind == "migrate" and s is not None and s.placement_id == p.id
+            and s.node == p.node and s.state in ("running", "paused"))
+
+
 def referenced_nodes(snap: ClusterSnapshot) -> set[str]:
-    """Nodes that may hold a VM according to placements and statuses."""
+    """Nodes that may hold a VM according to placements and statuses (the source of a
+    migration that arrived holds nothing: a drained node that left is not lost)."""
     out: set[str] = set()
-    for pe in snap.placements.values():
-        for n in (pe.value.node, pe.value.from_node):
+    for vm, pe in snap.placements.items():
+        se = snap.statuses.get(vm)
+        arrived = migration_arrived(pe.value, se.value if se else None)
+        for n in (pe.value.node, None if arrived else pe.value.from_node):
             if n:
                 out.add(n)
     for se in snap.statuses.values():

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from orchestrator.placement import Choice
-from orchestrator.rules.facts import VmFacts, is_fenced, migration_job_running
+from orchestrator.rules.facts import (
+    VmFacts,
+    is_fenced,
+    migration_arrived,
+    migration_job_running,
+)
 from orchestrator.rules.state import CLUSTER, CycleState
 from schemas.models import RUNNING_STATES, gave_up
 
@@ -90,6 +95,18 @@ def relocate_failing(st: CycleState, f: VmFacts) -> bool:
         return True
     put("boot", choice.node, f"relocated ({len(tried)} of max_relocate {cfg.max_relocate}): "
         f"{why}; boot on {choice.node}: {choice.reason}", choice.scores)
+    return True
+
+
+def release_arrived_source(st: CycleState, f: VmFacts) -> bool:
+    """1. A live migration arrived (its target reports it running): the placement drops
+    its source, so a drained node that leaves or restarts is no longer a holder that
+    could be fenced (docs/fencing.md, "Drains never call a fence device")."""
+    p, s, snap = f.p, f.s, st.inp.snap
+    if (p is None or s is None or p.node not in snap.nodes
+            or not migration_arrived(p, s)):
+        return False
+    st.release_source(f.vm, p, snap.statuses[f.vm].mod_revision)
     return True
 
 
@@ -245,6 +262,7 @@ VM_RULES: tuple[VmRule, ...] = (
     operator_move,
     stay_failed,
     relocate_failing,
+    release_arrived_source,
     steady_boot,
     steady_migration,
     migration_source_lost,

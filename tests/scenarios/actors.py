@@ -15,7 +15,14 @@ from typing import Any
 from nodeagent import plan as agent_plan
 from nodeagent.failures import carried
 from orchestrator import planner
-from schemas.models import FenceRecord, MigrationStats, VmStatus, failure_backoff, gave_up
+from schemas.models import (
+    FenceRecord,
+    LeaveMarker,
+    MigrationStats,
+    VmStatus,
+    failure_backoff,
+    gave_up,
+)
 from schemas.snapshot import ClusterSnapshot
 from tests.scenarios.model import KS, WALL0, Compare, Dom, Migration, NodeSim, World
 
@@ -142,6 +149,10 @@ def agent_cycle(world: World, n: NodeSim, snap: ClusterSnapshot) -> None:
         execute(world, n, action, snap)
     if n.exiting and not n.busy and not any(d.active and d.managed
                                             for d in n.domains.values()):
+        # The leave marker first, then the revoke (nodeagent.membership.leave).
+        world.store.put(KS.leaving(n.name), LeaveMarker(
+            node=n.name, lease_id=mine.value.lease_id, reason="drained (SIGTERM)",
+            at=world.wall))
         world.lease_gone(n.name)
         n.agent = "down"
         world.emit(n.name, "exit", n.name, reason="drained; lease revoked, agent exits")

@@ -137,12 +137,17 @@ def agent_kill(w: World, name: str) -> None:
 
 def lease_revoked(w: World, name: str, *how: str) -> None:
     """`etcdctl lease revoke`: the agent drains (cordon, register again); `stuck`: it
-    never registers again and self-fences at its old deadline."""
+    never registers again and self-fences at its old deadline; `late S`: its cycle is
+    busy, it registers again (cordoned) S seconds later."""
     n = w.node(name)
     w.lease_gone(name)
+    cfg = w.store.snapshot().config
     if "stuck" in how:
-        cfg = w.store.snapshot().config
         n.agent, n.deadline = "stuck", w.t + cfg.lease_ttl_s - cfg.self_fence_safety_s
+        return
+    if "late" in how:
+        n.agent, n.deadline = "stuck", w.t + cfg.lease_ttl_s - cfg.self_fence_safety_s
+        n.back_at = w.t + float(how[how.index("late") + 1])
         return
     _cordon(w, name, "lease revoked (drain)", f"agent:{name}")
     w.register(name)
@@ -187,8 +192,14 @@ def uncordon(w: World, name: str) -> None:
 
 
 def tick_timers(w: World) -> None:
-    """Per tick: a stuck agent self-fences at its old lease's deadline."""
+    """Per tick: a late agent registers again; a stuck one self-fences at its old
+    lease's deadline."""
     for n in w.nodes.values():
+        if n.agent == "stuck" and n.back_at is not None and w.t >= n.back_at:
+            n.back_at = None
+            _cordon(w, n.name, "lease revoked (drain)", f"agent:{n.name}")
+            w.register(n.name)
+            continue
         if n.agent == "stuck" and n.deadline is not None and w.t >= n.deadline:
             n.deadline = None
             _self_fence(w, n, "stuck agent: its old lease's deadline passed")
