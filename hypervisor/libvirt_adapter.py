@@ -239,12 +239,22 @@ class LibvirtHypervisor:
             dom.migrateToURI3(target_uri, params, MIGRATE_FLAGS | extra)
             return MigrationStats(None, None)
         # Never retried here: a half-done migration must be re-planned, not replayed.
-        conn = self._connect()
+        # Its own connection: while migrateToURI3 blocks on a shared one, other calls on
+        # it (the agent's domain list, abortJob) can hang until the migration ends.
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
         try:
             return run(conn)
         except libvirt.libvirtError as exc:
             kind = HypervisorUnavailable if _is_transient(exc) else HypervisorRefused
             raise kind(f"migrate {name} to {target_uri}: {exc}") from exc
+        finally:
+            try:
+                conn.close()
+            except libvirt.libvirtError as exc:
+                log.debug("close_failed", error=str(exc))
 
     def abort_migration(self, name: str) -> bool:
         def run(conn: libvirt.virConnect) -> bool:

@@ -58,7 +58,7 @@ def holders(spec: VmSpec, p: Placement | None, s: VmStatus | None) -> list[str]:
     out: list[str] = []
     cands = [s.node if s and s.state in RUNNING_STATES else None,
              p.node if p else None,
-             p.from_node if p and p.kind == "migrate" else None]
+             p.from_node if p and p.kind == "migrate" and not migration_arrived(p, s) else None]
     for c in cands:
         if c and c not in out:
             out.append(c)
