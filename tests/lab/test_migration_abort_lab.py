@@ -4,7 +4,8 @@ copy of the guest runs, on the source and then on a third node.
 
 The destination's agent is SIGKILLed with the guard disabled (`lab_noguard`), so
 nothing on that node destroys the incoming domain: only the source's abort stops the
-copy from landing there.  Before issue 12 the leader re-placed the VM once the
+copy from landing there.  (Its other VMs then run twice, the documented gap of a
+disabled guard; the test checks the migrating guest only.)  Before issue 12 the leader re-placed the VM once the
 destination was fenced while the copy still ran, and the copy then landed."""
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def test_destination_lost_mid_copy_source_aborts_one_copy_runs(
             time.sleep(1.0)
     finally:
         conn.close()
-    assert poller.violations == [], poller.violations
+    # Only k0 is under test: the destination's other VMs do run twice once its node is
+    # "fenced" (its agent killed with the guard disabled: the known gap of
+    # docs/fencing.md, scenarios/guard-disabled-agent-killed).
+    assert [v for v in poller.violations if v["vm"] == KERNEL_VM] == []
     assert poller.seen(KERNEL_VM) <= {src, final}, poller.seen(KERNEL_VM)
     assert lc.ground_truth()[KERNEL_VM] == [final]
     assert KERNEL_VM not in qemu_pids(lc.nodes[dst])
