@@ -5,8 +5,9 @@ copy of the guest runs, on the source and then on a third node.
 The destination's agent is SIGKILLed with the guard disabled (`lab_noguard`), so
 nothing on that node destroys the incoming domain: only the source's abort stops the
 copy from landing there.  (Its other VMs then run twice, the documented gap of a
-disabled guard; the test checks the migrating guest only.)  Before issue 12 the leader re-placed the VM once the
-destination was fenced while the copy still ran, and the copy then landed."""
+disabled guard; the test checks the migrating guest only.)  Before issue 12 the leader
+re-placed the VM once the destination was fenced while the copy still ran, and the copy
+then landed."""
 
 from __future__ import annotations
 
