@@ -114,7 +114,9 @@ class CycleState:
         reports the arrival is unchanged."""
         snap = self.inp.snap
         pe = snap.placements[vm]
-        done = p.model_copy(update={"kind": "boot", "from_node": None,
+        # The writer's epoch (what the placement's epoch means, and what I3 checks);
+        # the id stays, so the status that answers it stays current.
+        done = p.model_copy(update={"kind": "boot", "from_node": None, "epoch": self.inp.epoch,
                                     "reason": f"{p.reason}; arrived, {p.from_node} released"})
         self.actions.append(WritePlacement(done, pe.mod_revision, (), status_mod_revision))
         self.placed += 1
