@@ -279,9 +279,15 @@ class Execution:
     def _migrate_once(self, a: agent_plan.MigrateOut, lg: Any) -> None:
         store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
         cur = store.get(ks.vm_status(a.vm))
-        self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
-                                        placement_id=a.placement_id, since=time.time()),
-                         cur.mod_revision if cur else 0)
+        # No job without the status that says it runs: the leader keeps a VM whose job
+        # may still deliver it to a lost target out of any new placement only while it
+        # can see that (orchestrator/rules/vm.py, migration_to_lost_target).
+        if not self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
+                                               placement_id=a.placement_id,
+                                               since=time.time()),
+                                cur.mod_revision if cur else 0):
+            lg.info("migration_deferred", reason="status changed meanwhile; next cycle")
+            return
         if not self.m.acting_allowed():
             lg.warning("migration_skipped", reason="lease not certainly held")
             return

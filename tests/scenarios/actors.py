@@ -298,9 +298,12 @@ def _migrate_out(world: World, n: NodeSim, a: agent_plan.MigrateOut) -> None:
     if world.t < n.backoff.get((a.vm, a.target), 0.0) or a.vm in n.busy:
         return  # backing off this (VM, target) pair after a failure, or already running
     cur = world.store.get(KS.vm_status(a.vm))
-    _status_txn(world, n, VmStatus(vm=a.vm, node=n.name, state="migrating",
-                                   placement_id=a.placement_id, since=world.wall),
-                cur.mod_revision if cur else 0)
+    if not _status_txn(world, n, VmStatus(vm=a.vm, node=n.name, state="migrating",
+                                          placement_id=a.placement_id, since=world.wall),
+                       cur.mod_revision if cur else 0):
+        world.emit(n.name, "migrate", a.vm, f"to {a.target} ({a.placement_id}) REJECTED",
+                   "status changed meanwhile; not started")
+        return  # no job without the status that says it runs (nodeagent.execution)
     n.busy.add(a.vm)
     target = world.nodes.get(a.target)
     if target is not None:
