@@ -14,13 +14,24 @@ from typing import Any
 from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
 from schemas import FenceRecord
 from schemas.keys import valid_name
-from store.etcd import Cmp, Put
+from store.etcd import Cmp, EtcdStore, Put
 
 
 def cmd_confirm_off(args: argparse.Namespace) -> int:
     if not valid_name(args.name):
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
     store = _store(args)
+    # The leader rewrites a failed record at each retry of the fence device (every
+    # fence_retry_max_s at most): a write that lost that race is tried again on a fresh
+    # read; each try still requires the node unregistered and the record unchanged.
+    for _ in range(4):
+        if _confirm_off_once(args, store, last=False):
+            return 0
+    _confirm_off_once(args, store, last=True)
+    return 0
+
+
+def _confirm_off_once(args: argparse.Namespace, store: EtcdStore, *, last: bool) -> bool:
     ks = store.keyspace
     snap = store.snapshot()
     if args.name in snap.nodes:
@@ -29,7 +40,7 @@ def cmd_confirm_off(args: argparse.Namespace) -> int:
     prev = snap.fences.get(args.name)
     if prev is not None and prev.value.outcome == "success":
         print(f"node {args.name} is already fenced (method {prev.value.method})")
-        return 0
+        return True
     who = f"operator:{getpass.getuser()}"
     rec = FenceRecord(node=args.name, lease_id="manual", method="manual", outcome="success",
                       reason=args.reason, epoch=snap.leader.create_revision if snap.leader else 0,
@@ -39,11 +50,13 @@ def cmd_confirm_off(args: argparse.Namespace) -> int:
                      Cmp(ks.fence(args.name), "mod", "==", prev.mod_revision if prev else 0)],
                     [Put(ks.fence(args.name), rec.to_json())])
     if not res.succeeded:
+        if not last:
+            return False
         raise CliError(f"node {args.name} registered again or its fence record changed "
                        "meanwhile; nothing written", EXIT_FAIL)
     print(f"recorded manual fence of {args.name} (revision {res.revision}): its VMs may now "
           "boot elsewhere. You confirmed that nothing runs on it any more.")
-    return 0
+    return True
 
 
 def cmd_fence_list(args: argparse.Namespace) -> int:

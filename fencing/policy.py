@@ -206,16 +206,32 @@ class FenceDecision:
 
 
 def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: float,
-                   wall_time: float, record: FenceRecord | None) -> FenceDecision:
+                   wall_time: float, record: FenceRecord | None, *,
+                   left: bool = False) -> FenceDecision:
     """The cluster's fence policy applied to one lost node (no fence success yet).
 
     self:     the self-fence record after the fence window.
-    external: run the node's fence device at once; a failure is recorded and retried
-              with backoff; the VMs wait until a success (or `vmha node confirm-off`).
+    external: run the node's fence device once the node has had `revoke_grace_s` to
+              register again (a drain by lease revoke re-registers at once); a failure
+              is recorded and retried with backoff; the VMs wait until a success (or
+              `vmha node confirm-off`).
     both:     external first; once the fence window has passed, self-fencing is trusted.
+
+    `left`: the node's agent wrote a leave marker before revoking its own lease (a drain
+    that finished): no device is ever called; the self-fence record follows the fence
+    window, whatever the policy (docs/fencing.md, "Drains never call a fence device").
     """
     verdict = self_fence_verdict(lost_observed_at, now, cfg)
+    if left:
+        return FenceDecision("self" if verdict.fenced else None,
+                             f"node left after a drain (leave marker); {verdict.reason}")
     dev = device_for(cfg, node)
+    waited = now - lost_observed_at
+    if (cfg.fence_policy in ("external", "both") and dev is not None
+            and waited < cfg.revoke_grace_s):
+        return FenceDecision(None, f"lease gone for {waited:.2f} s; waiting revoke_grace_s="
+                                   f"{cfg.revoke_grace_s:g} s for a drained or restarting agent "
+                                   "to register again before calling the fence device", dev)
     if cfg.fence_policy in ("external", "both") and dev is not None:
         if cfg.fence_policy == "both" and verdict.fenced:
             return FenceDecision("self", verdict.reason + " (external fencing did not succeed "

@@ -67,12 +67,22 @@ class Hypervisor(Protocol):
     def undefine(self, name: str) -> None:
         """Remove the definition.  No error if it does not exist."""
 
-    def migrate(self, name: str, target_uri: str, target_address: str,
-                tls: bool = False) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str, *,
+                tls: bool = False, postcopy: bool = False) -> MigrationStats:
         """Live-migrate to the target (peer-to-peer), persisting it there and
         undefining it here.  On error the domain still runs here.  `tls`: the peer
         connection and the migration stream are encrypted and both ends' certificates
-        checked (cluster option `migration_tls`)."""
+        checked (cluster option `migration_tls`).  `postcopy`: allow a later
+        `start_postcopy` (libvirt's VIR_MIGRATE_POSTCOPY)."""
+
+    def abort_migration(self, name: str) -> bool:
+        """Abort the outgoing migration job of `name` (libvirt abortJob): the `migrate`
+        call in flight then fails and the domain keeps running here.  False if no job
+        runs (it already ended)."""
+
+    def start_postcopy(self, name: str) -> None:
+        """Switch the running migration of `name` to post-copy: the guest resumes on the
+        target at once and its memory follows (the migration must allow it)."""
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         """Statistics of the last completed incoming migration of `name`, if known."""

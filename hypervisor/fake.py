@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -74,6 +75,8 @@ class FakeHypervisor:
         self._memory = memory_mib
         self._vcpus = vcpus
         self._migrate_seconds = migrate_seconds
+        # Outgoing migrations of this process: VM -> (wake-up, how it ended early).
+        self._jobs: dict[str, tuple[threading.Event, list[str]]] = {}
         if claim:
             self.ddir.mkdir(parents=True, exist_ok=True)
             self.host_pid = host_pid or os.getpid()
@@ -161,8 +164,8 @@ class FakeHypervisor:
     def undefine(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
 
-    def migrate(self, name: str, target_uri: str, target_address: str,
-                tls: bool = False) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str, *,
+                tls: bool = False, postcopy: bool = False) -> MigrationStats:
         # `tls` changes nothing here: the fake moves a file, no stream crosses a network.
         if not target_uri.startswith(SCHEME):
             raise HypervisorRefused(f"fake hypervisor cannot migrate to {target_uri!r}")
@@ -177,7 +180,7 @@ class FakeHypervisor:
         if not pid_alive(target_pid):
             raise HypervisorUnavailable(f"cannot connect to {target_uri}: host is down")
         start = time.monotonic()
-        time.sleep(self._migrate_seconds)
+        self._copy_or_abort(name)
         tdir = target_dir / "domains"
         total_ms = (time.monotonic() - start) * 1000.0
         stats = {"total_ms": round(total_ms, 1), "downtime_ms": 1.0}
@@ -190,6 +193,34 @@ class FakeHypervisor:
                                             "migrated_from": self.node, "migration": stats})
         self._path(name).unlink(missing_ok=True)
         return MigrationStats(stats["total_ms"], stats["downtime_ms"])
+
+    # ---- migration jobs (in this process, as libvirt's job belongs to its caller) -----
+
+    def _copy_or_abort(self, name: str) -> None:
+        """The copy takes `migrate_seconds`; `abort_migration` ends it with libvirt's
+        error, `start_postcopy` ends it at once (the switch-over follows)."""
+        ev, outcome = self._jobs.setdefault(name, (threading.Event(), []))
+        try:
+            ev.wait(self._migrate_seconds)
+        finally:
+            self._jobs.pop(name, None)
+        if outcome == ["abort"]:
+            raise HypervisorRefused("operation aborted: migration out job: canceled by client")
+
+    def abort_migration(self, name: str) -> bool:
+        return self._end_job(name, "abort")
+
+    def start_postcopy(self, name: str) -> None:
+        if not self._end_job(name, "postcopy"):
+            raise HypervisorRefused(f"no migration job of {name!r} runs on {self.node}")
+
+    def _end_job(self, name: str, how: str) -> bool:
+        job = self._jobs.get(name)
+        if job is None:
+            return False
+        job[1][:] = [how]
+        job[0].set()
+        return True
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         cur = self._read(self._path(name))

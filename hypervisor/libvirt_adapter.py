@@ -94,6 +94,26 @@ def _incoming_job_active(dom: libvirt.virDomain) -> bool:
     return False
 
 
+def _start_fresh(dom: libvirt.virDomain, name: str, uri: str) -> None:
+    """Start `dom` from scratch, never from a managed-save image: libvirt-guests saves
+    guests that way on host shutdown, and a plain create() restores that RAM over a disk
+    that another node may have written since.  The image is removed first (and said so),
+    then the start asks for a fresh boot as well.  A driver that does not know the flag
+    (libvirt's test driver) gets a plain create(), which has nothing left to restore."""
+    if dom.hasManagedSaveImage(0):
+        dom.managedSaveRemove(0)
+        log.warning("managed_save_removed", vm=name, uri=uri,
+                    reason="boot from scratch, never from a saved memory image")
+    try:
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_FORCE_BOOT)
+    except libvirt.libvirtError as exc:
+        if (exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG,
+                                         libvirt.VIR_ERR_NO_SUPPORT)
+                or dom.hasManagedSaveImage(0)):
+            raise
+        dom.create()
+
+
 def _is_transient(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() in _CONNECTION_ERRORS and exc.get_error_domain() in (
         libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_NONE)
@@ -181,7 +201,7 @@ class LibvirtHypervisor:
                 return
             xml_ = _with_uuid(xml, dom.UUIDString()) if dom is not None else xml
             dom = conn.defineXML(mark_managed(xml_))
-            dom.create()
+            _start_fresh(dom, name, self.uri)
         self._do(f"boot {name}", run)
 
     def shutdown(self, name: str) -> None:
@@ -214,12 +234,13 @@ class LibvirtHypervisor:
             dom.undefine()
         self._do(f"undefine {name}", run)
 
-    def migrate(self, name: str, target_uri: str, target_address: str,
-                tls: bool = False) -> MigrationStats:
+    def migrate(self, name: str, target_uri: str, target_address: str, *,
+                tls: bool = False, postcopy: bool = False) -> MigrationStats:
         dconnuri = peer_uri(target_uri, target_address, tls)
         # TLS: QEMU encrypts the stream and checks the peer's certificate against the
         # host of the migration URI (the target address).
-        flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_TLS if tls else 0)
+        flags = (MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_TLS if tls else 0)
+                 | (libvirt.VIR_MIGRATE_POSTCOPY if postcopy else 0))
 
         def run(conn: libvirt.virConnect) -> MigrationStats:
             dom = self._lookup(conn, name)
@@ -234,12 +255,44 @@ class LibvirtHypervisor:
             dom.migrateToURI3(dconnuri, params, flags)
             return MigrationStats(None, None)
         # Never retried here: a half-done migration must be re-planned, not replayed.
-        conn = self._connect()
+        # Its own connection: while migrateToURI3 blocks on a shared one, other calls on
+        # it (the agent's domain list, abortJob) can hang until the migration ends.
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorUnavailable(f"cannot connect to {self.uri}: {exc}") from exc
         try:
             return run(conn)
         except libvirt.libvirtError as exc:
             kind = HypervisorUnavailable if _is_transient(exc) else HypervisorRefused
             raise kind(f"migrate {name} to {dconnuri}: {exc}") from exc
+        finally:
+            try:
+                conn.close()
+            except libvirt.libvirtError as exc:
+                log.debug("close_failed", error=str(exc))
+
+    def abort_migration(self, name: str) -> bool:
+        def run(conn: libvirt.virConnect) -> bool:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return False
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False  # "no job is active on the domain": it already ended
+                raise
+            return True
+        return self._do(f"abort migration of {name}", run)
+
+    def start_postcopy(self, name: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                raise HypervisorRefused(f"domain {name} is not on {self.uri}")
+            dom.migrateStartPostCopy(0)
+        self._do(f"post-copy of {name}", run)
 
     def incoming_stats(self, name: str) -> MigrationStats | None:
         def run(conn: libvirt.virConnect) -> MigrationStats | None:

@@ -151,7 +151,7 @@ class NodeAgent:
         active, inflight = self.execution.drain_state()
         if not active and not inflight:
             self.ctx.log.info("drained_exiting", revision=snap.revision)
-            m.leave(reg)
+            m.leave(reg, "drained: no VM runs here")
             return True
         self.ctx.log.info("draining", remaining=active, revision=snap.revision)
         return False

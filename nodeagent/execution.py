@@ -46,6 +46,9 @@ class Execution:
         self.m = membership
         self.state = ExecutionState()
         self.busy: set[str] = set()  # VMs with a migration in flight
+        # The migrations running (set once libvirt's job starts), and why we stopped one.
+        self.inflight: dict[str, agent_plan.InFlight] = {}
+        self._stopping: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.failures = Failures(ctx, membership, self._status_txn)
@@ -70,6 +73,11 @@ class Execution:
         # while the domain list still shows it here.
         with self._busy_lock:
             busy = frozenset(self.busy)
+            inflight = dict(self.inflight)
+        # Aborting a migration only ever takes work back: done even without the lease.
+        for verdict in agent_plan.migration_verdicts(self.ctx.me, snap, inflight,
+                                                     now=self.ctx.clock()):
+            self._stop_migration(verdict, snap)
         domains = self.ctx.hv.list_domains()
         for state in ("running", "paused", "shutoff", "crashed", "other"):
             metrics.NODE_VMS.labels(state=state).set(
@@ -134,6 +142,42 @@ class Execution:
             hv.undefine(action.vm)
         elif isinstance(action, agent_plan.MigrateOut):
             self._start_migration(action, snap)
+        elif isinstance(action, agent_plan.AbortMigration):
+            lg.warning("migration_abort", target=action.target, reason=action.reason,
+                       stale=True)
+            hv.abort_migration(action.vm)
+            self._report_still_here(action.vm, action.placement_id, action.target,
+                                    f"{action.reason}: migration aborted")
+
+    def _stop_migration(self, v: agent_plan.AbortMigration, snap: ClusterSnapshot) -> None:
+        """Abort a running migration (again each cycle until its call returns: abortJob
+        is idempotent), or switch it to post-copy once; the reason goes into the VM's
+        status when the migrate call returns."""
+        lg = self.log.bind(vm=v.vm, target=v.target, placement=v.placement_id,
+                           revision=snap.revision)
+        with self._busy_lock:
+            m = self.inflight.get(v.vm)
+            if m is None or m.placement_id != v.placement_id:
+                return  # it ended meanwhile
+            first = v.vm not in self._stopping
+            self._stopping[v.vm] = v.reason
+            if v.postcopy:
+                self.inflight[v.vm] = agent_plan.InFlight(m.vm, m.placement_id, m.target,
+                                                          m.started, postcopy=True)
+        try:
+            if v.postcopy:
+                lg.warning("migration_postcopy", reason=v.reason)
+                try:
+                    self.ctx.hv.start_postcopy(v.vm)
+                    return
+                except HypervisorError as exc:
+                    lg.error("migration_postcopy_failed", error=str(exc),
+                             reason="aborting instead")
+            if first:
+                lg.warning("migration_abort", reason=v.reason)
+            self.ctx.hv.abort_migration(v.vm)
+        except HypervisorError as exc:
+            lg.error("migration_abort_failed", error=str(exc), reason=v.reason)
 
     def _shutdown(self, action: agent_plan.Shutdown, lg: Any) -> None:
         first = self.state.stop_requested_at.setdefault(action.vm, self.ctx.clock())
@@ -230,14 +274,22 @@ class Execution:
         finally:
             with self._busy_lock:
                 self.busy.discard(a.vm)
+                self.inflight.pop(a.vm, None)
+                self._stopping.pop(a.vm, None)
             self.ctx.wake.set()
 
     def _migrate_once(self, a: agent_plan.MigrateOut, lg: Any) -> None:
         store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
         cur = store.get(ks.vm_status(a.vm))
-        self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
-                                        placement_id=a.placement_id, since=time.time()),
-                         cur.mod_revision if cur else 0)
+        # No job without the status that says it runs: the leader keeps a VM whose job
+        # may still deliver it to a lost target out of any new placement only while it
+        # can see that (orchestrator/rules/vm.py, migration_to_lost_target).
+        if not self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
+                                               placement_id=a.placement_id,
+                                               since=time.time()),
+                                cur.mod_revision if cur else 0):
+            lg.info("migration_deferred", reason="status changed meanwhile; next cycle")
+            return
         if not self.m.acting_allowed():
             lg.warning("migration_skipped", reason="lease not certainly held")
             return
@@ -245,8 +297,12 @@ class Execution:
         lg.info("migrate_start", reason="placement moves the VM away (live migration)",
                 tls=tls)
         started = self.ctx.clock()
+        postcopy = self.m.cfg.migration_postcopy_on_timeout
+        with self._busy_lock:
+            self.inflight[a.vm] = agent_plan.InFlight(a.vm, a.placement_id, a.target, started)
         try:
-            self.ctx.hv.migrate(a.vm, a.target_uri, a.target_address, tls=tls)
+            self.ctx.hv.migrate(a.vm, a.target_uri, a.target_address, tls=tls,
+                                postcopy=postcopy)
         except HypervisorError as exc:
             self._migration_failed(a, exc, lg)
             return
@@ -258,6 +314,10 @@ class Execution:
                           lg: Any) -> None:
         """Back off from this target (exponentially, capped), and say in the VM's status
         that it still runs here; the history gets the error once, not once per retry."""
+        with self._busy_lock:
+            stopped = self._stopping.get(a.vm)
+        if stopped is not None:  # we aborted it: say why, with libvirt's words after
+            exc = HypervisorError(f"{stopped}: migration aborted ({exc})")
         pair = (a.vm, a.target)
         n = self.state.migration_failures.get(pair, 0) + 1
         self.state.migration_failures[pair] = n
@@ -274,10 +334,17 @@ class Execution:
         if old_error != str(exc)[:500]:
             self.ctx.history.record("migration_failed", vm=a.vm, node=a.target,
                                     from_node=self.ctx.me, reason=str(exc)[:300])
-        still = self.ctx.hv.list_domains().get(a.vm)
+        self._report_still_here(a.vm, a.placement_id, a.target, str(exc))
+
+    def _report_still_here(self, vm: str, placement_id: str, target: str, error: str) -> None:
+        """The migration job ended without the VM leaving: say in its status that it runs
+        here (the leader's signal that the job ended) and why the migration did not
+        complete.  Nothing to say if it is not here (it may run on the target)."""
+        cur = self.ctx.store.get(self.ctx.ks.vm_status(vm))
+        still = self.ctx.hv.list_domains().get(vm)
         if still is None or not still.active:
-            return  # not here (it may already run on the target): nothing to report
-        self._status_txn(a.vm, VmStatus(
-            vm=a.vm, node=self.ctx.me, state=still.state,  # type: ignore[arg-type]
-            placement_id=a.placement_id, since=time.time(), error=str(exc)[:500],
-            failed_target=a.target), cur.mod_revision if cur else 0)
+            return
+        self._status_txn(vm, VmStatus(
+            vm=vm, node=self.ctx.me, state=still.state,  # type: ignore[arg-type]
+            placement_id=placement_id, since=time.time(), error=error[:500],
+            failed_target=target), cur.mod_revision if cur else 0)

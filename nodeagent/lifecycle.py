@@ -151,7 +151,7 @@ class StopControl:
         reg = m.reg
         if reg is not None:
             try:
-                m.leave(reg)
+                m.leave(reg, "drain timed out: every VM destroyed")
             except StoreUnavailable as exc:
                 # The domains are gone already; the lease expires on its own.
                 self.agent.ctx.log.error("revoke_failed", error=str(exc))

@@ -32,10 +32,11 @@ from schemas.models import (
     ClusterConfig,
     CordonMarker,
     CpuInfo,
+    LeaveMarker,
     NodeRegistration,
 )
 from schemas.snapshot import ClusterSnapshot
-from schemas.txn import Cmp, Put
+from schemas.txn import Cmp, Delete, Put
 from store.etcd import LeaseNotFound, StoreUnavailable
 from telemetry import metrics
 
@@ -104,7 +105,9 @@ class Membership:
         cordoned = store.get(ks.cordon(me)) is not None
         reg = self._registration(lease_id, cordoned, facts)
         try:
-            res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id)])
+            # A leave marker of an earlier drain goes with the new registration.
+            res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id),
+                                                            Delete(ks.leaving(me))])
         except LeaseNotFound:
             # Granting and writing took longer than the TTL (etcd slow, or this host
             # overloaded): not an outage and not a bug; the next cycle starts afresh.
@@ -155,7 +158,7 @@ class Membership:
         cordoned = store.get(self.ctx.ks.cordon(me)) is not None
         reg = self._registration(old.lease, cordoned, facts)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
-                        [Put(key, reg.to_json(), old.lease)])
+                        [Put(key, reg.to_json(), old.lease), Delete(self.ctx.ks.leaving(me))])
         if not res.succeeded:
             return False
         self._hold(old.lease, old.create_revision, sent, cordoned)
@@ -255,8 +258,17 @@ class Membership:
         self.log.info("registration_not_visible", revision=snap.revision)
         return False
 
-    def leave(self, reg: Registration) -> None:
-        """Drained and exiting: give the lease back so the node is gone at once."""
+    def leave(self, reg: Registration, reason: str) -> None:
+        """Drained (or every domain destroyed) and exiting: say so with a leave marker,
+        then give the lease back so the node is gone at once.  The marker tells the
+        leader the node left on purpose and runs nothing: no fence device is called for
+        it (docs/fencing.md).  Written only while our registration holds."""
+        ks, me = self.ctx.ks, self.ctx.me
+        marker = LeaveMarker(node=me, lease_id=f"{reg.lease_id:x}", reason=reason,
+                             at=time.time())
+        res = self.ctx.store.txn([Cmp(ks.node(me), "create", "==", reg.create_revision)],
+                                 [Put(ks.leaving(me), marker.to_json())])
+        self.log.info("leaving", reason=reason, marker_written=res.succeeded)
         self.ctx.store.revoke_lease(reg.lease_id)
         reg.keeper.stop()
 

@@ -78,7 +78,69 @@ class Crashed:
     counted: bool = True
 
 
-AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report | Crashed
+@dataclass(frozen=True)
+class AbortMigration:
+    """Stop an outgoing live migration (libvirt abortJob), or, at its time limit when the
+    operator allows it, switch it to post-copy.  `stale`: no migration of this agent
+    process runs for the VM although its status says migrating (the agent restarted
+    mid-migration): abort whatever job libvirt still runs and report the VM here."""
+
+    vm: str
+    placement_id: str
+    target: str
+    reason: str
+    postcopy: bool = False
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A live migration this agent process runs (`started`: the agent's monotonic clock)."""
+
+    vm: str
+    placement_id: str
+    target: str
+    started: float
+    postcopy: bool = False  # switched to post-copy: it can no longer be aborted
+
+
+AgentAction = Boot | MigrateOut | Shutdown | Destroy | Undefine | Report | Crashed | AbortMigration
+
+
+def migration_verdicts(me: str, snap: ClusterSnapshot, inflight: Mapping[str, InFlight],
+                       *, now: float) -> list[AbortMigration]:
+    """The live migrations this node runs that must stop now (`now`: the clock of
+    `InFlight.started`).  A migration is aborted when the leader no longer wants it (the
+    placement changed, the VM is to stop or be removed), when its target lost its
+    registration (its copy could start on a node about to be fenced), and at its time
+    limit `migration_timeout_s` (or switched to post-copy there, if allowed).  The
+    leader keeps the VM out of any new placement until this node reports the job ended."""
+    cfg = snap.config
+    out: list[AbortMigration] = []
+    for vm, m in sorted(inflight.items()):
+        if m.postcopy:
+            continue  # the guest runs on the target already: nothing left to abort
+        spec = snap.specs.get(vm)
+        pe = snap.placements.get(vm)
+        p = pe.value if pe else None
+        why = None
+        if spec is None:
+            why = "VM spec removed"  # then destroyed here; a stop lets the target stop it
+        elif p is None or p.id != m.placement_id:
+            why = (f"placement changed to {p.kind} on {p.node or 'no node'} ({p.id})"
+                   if p else "placement removed")
+        elif m.target not in snap.nodes:
+            why = f"target {m.target} lost (no registration)"
+        elif now - m.started >= cfg.migration_timeout_s:
+            out.append(AbortMigration(
+                vm, m.placement_id, m.target,
+                f"migration to {m.target} still running after {now - m.started:.0f} s "
+                f"(migration_timeout_s={cfg.migration_timeout_s:g})",
+                postcopy=cfg.migration_postcopy_on_timeout))
+            continue
+        if why is not None:
+            out.append(AbortMigration(vm, m.placement_id, m.target, why))
+    return out
 
 
 def _counted(s: VmStatus) -> bool:
@@ -162,7 +224,14 @@ def plan(me: str, snap: ClusterSnapshot, domains: Mapping[str, Domain],
                 assert p is not None and p.node is not None
                 target = snap.nodes.get(p.node)
                 if target is None:
-                    continue  # target gone: the leader re-plans
+                    if s is not None and s.node == me and s.state == "migrating":
+                        # Our status says a migration runs, yet no migration of this
+                        # process does (it restarted): end any job libvirt still runs
+                        # and say the VM is here, so the leader can re-plan it.
+                        out.append(AbortMigration(vm, p.id, p.node, f"target {p.node} lost "
+                                                  "and no migration of this agent runs",
+                                                  stale=True))
+                    continue  # target gone: the leader re-plans once the job ended
                 out.append(MigrateOut(vm, p.id, p.node, target.value.libvirt_uri,
                                       target.value.migration_address))
             elif p is None or p.kind in ("pending", "failed"):

@@ -133,6 +133,10 @@ def apply_plan(snap: ClusterSnapshot, result: planner.Plan, rev: int,
     for a in result.writes:
         if isinstance(a, planner.WritePlacement):
             p = a.placement
+            if p.kind == "migrate":  # it arrives at once, and the leader releases its source
+                p = p.model_copy(update={"kind": "boot", "from_node": None,
+                                         "reason": f"{p.reason}; arrived, {p.from_node} "
+                                                   "released"})
             placements[p.vm] = _entry(p, _key(snap, "vm_placement", p.vm), rev)
             if p.node is not None:
                 statuses[p.vm] = _entry(VmStatus.model_construct(

@@ -61,6 +61,9 @@ class Keyspace:
     def fence(self, name: str) -> str:
         return f"{self.prefix}/fence/{name}"
 
+    def leaving(self, name: str) -> str:
+        return f"{self.prefix}/leaving/{name}"
+
     def vm_spec(self, name: str) -> str:
         return f"{self.prefix}/vms/{name}/spec"
 
@@ -91,9 +94,9 @@ class Keyspace:
             return KeyRef("config")
         if parts == ["leader"]:
             return KeyRef("leader")
-        if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence"):
-            return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence"}[parts[0]],
-                          parts[1])
+        if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence", "leaving"):
+            return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence",
+                           "leaving": "leaving"}[parts[0]], parts[1])
         if len(parts) == 3 and parts[0] == "vms" and parts[2] in ("spec", "placement", "status",
                                                                       "move"):
             return KeyRef("vm_" + parts[2], parts[1])

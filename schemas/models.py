@@ -225,6 +225,20 @@ class ClusterConfig(Model):
     @classmethod
     def _allow_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         return _check_names(v, "VM")  # type: ignore[no-any-return]
+    # Live migrations (docs/fencing.md, "Migrations in flight").  The source aborts a
+    # migration still running after `migration_timeout_s` (a 64 GiB guest needs about a
+    # minute at 10 Gb/s; five times that stays under the agent's 600 s drain deadline,
+    # so a stuck migration is retried elsewhere before a drain gives up), or, if the
+    # operator allows it, switches it to post-copy (the guest then runs on the target
+    # and a loss of either host during the copy loses the guest).
+    migration_timeout_s: float = Field(default=300.0, gt=0)
+    migration_postcopy_on_timeout: bool = False
+    # Drains and external fencing (docs/fencing.md, "Drains never call a fence device"):
+    # with fence_policy external/both, a node whose registration vanished is given this
+    # long to register again (an agent answers `etcdctl lease revoke` by registering
+    # again, cordoned) before its fence device is called.  A node that left with a leave
+    # marker (a drain that finished) is never fenced by a device.
+    revoke_grace_s: float = Field(default=3.0, ge=0)
 
 
 class Capacity(Model):
@@ -304,6 +318,17 @@ class FenceRecord(Model):
     def fenced(self) -> bool:
         """Only a successful fence lets the node's VMs boot elsewhere."""
         return self.outcome == "success"
+
+
+class LeaveMarker(Model):
+    """Written by an agent just before it revokes its own lease on a drain that finished
+    (or gave up after destroying every VM): the node runs nothing and left on purpose.
+    Not leased; deleted in the transaction of the node's next registration."""
+
+    node: str
+    lease_id: str  # the lease it revoked (hex)
+    reason: str
+    at: float
 
 
 class LeaderRecord(Model):

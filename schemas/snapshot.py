@@ -24,6 +24,7 @@ from schemas.models import (
     CordonMarker,
     FenceRecord,
     LeaderRecord,
+    LeaveMarker,
     Model,
     MoveRequest,
     NodeRegistration,
@@ -75,6 +76,7 @@ _MODELS: dict[str, type[Model]] = {
     "node": NodeRegistration,
     "cordon": CordonMarker,
     "fence": FenceRecord,
+    "leaving": LeaveMarker,
     "vm_spec": VmSpec,
     "vm_placement": Placement,
     "vm_status": VmStatus,
@@ -82,7 +84,8 @@ _MODELS: dict[str, type[Model]] = {
 }
 
 # Which field of each model must equal the name in its key.
-_NAME_FIELD = {"node": "name", "cordon": "node", "fence": "node", "vm_spec": "name",
+_NAME_FIELD = {"node": "name", "cordon": "node", "fence": "node", "leaving": "node",
+               "vm_spec": "name",
                "vm_placement": "vm", "vm_status": "vm", "vm_move": "vm"}
 
 
@@ -100,6 +103,8 @@ class ClusterSnapshot:
     nodes: Mapping[str, Entry[NodeRegistration]] = field(default_factory=dict)
     cordons: Mapping[str, Entry[CordonMarker]] = field(default_factory=dict)
     fences: Mapping[str, Entry[FenceRecord]] = field(default_factory=dict)
+    # Nodes that left on purpose (a finished drain): never fenced by a device.
+    leaving: Mapping[str, Entry[LeaveMarker]] = field(default_factory=dict)
     specs: Mapping[str, Entry[VmSpec]] = field(default_factory=dict)
     placements: Mapping[str, Entry[Placement]] = field(default_factory=dict)
     statuses: Mapping[str, Entry[VmStatus]] = field(default_factory=dict)
@@ -152,6 +157,7 @@ class ClusterSnapshot:
             nodes=maps["node"],  # type: ignore[arg-type]
             cordons=maps["cordon"],  # type: ignore[arg-type]
             fences=maps["fence"],  # type: ignore[arg-type]
+            leaving=maps["leaving"],  # type: ignore[arg-type]
             specs=maps["vm_spec"],  # type: ignore[arg-type]
             placements=maps["vm_placement"],  # type: ignore[arg-type]
             statuses=maps["vm_status"],  # type: ignore[arg-type]

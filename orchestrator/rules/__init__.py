@@ -7,7 +7,9 @@
 3. `cluster.clear_returned_fences`  delete the fence record of a node that came back
 4. `cluster.plan_cold_batch`        exact search for the cold boots of a small instance
 5. `cluster.decide_vms`             every running VM by priority, through `vm.VM_RULES`:
-   operator_move, steady_boot, steady_migration, migration_source_lost, wait_unfenced,
+   operator_move, stay_failed, relocate_failing, release_arrived_source, steady_boot,
+   steady_migration, migration_source_lost,
+   migration_to_lost_target, wait_unfenced,
    keep_on_source, hand_off, cold_boot (the first that decides ends the VM's turn)
 6. `cluster.rebalance_quiet_cluster` a few balancing moves when nothing else happens
 

@@ -27,7 +27,7 @@ def fence_lost_nodes(st: CycleState) -> None:
     for node, since in st.lost.items():
         fe = snap.fences.get(node)
         d = fence_decision(inp.cfg, node, since, inp.now, inp.wall_time,
-                           fe.value if fe else None)
+                           fe.value if fe else None, left=node in snap.leaving)
         st.fence_why[node] = d.reason
         if d.method is not None:
             st.actions.append(FenceNode(node, lease_id="", reason=d.reason, method=d.method,

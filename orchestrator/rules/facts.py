@@ -15,11 +15,21 @@ from schemas.models import RUNNING_STATES, Placement, VmSpec, VmStatus
 from schemas.snapshot import ClusterSnapshot, Entry
 
 
+def migration_arrived(p: Placement, s: VmStatus | None) -> bool:
+    """The target reports the VM of this migrate placement running: the source holds
+    nothing of it any more (libvirt undefines it there on success)."""
+    return (p.kind == "migrate" and s is not None and s.placement_id == p.id
+            and s.node == p.node and s.state in ("running", "paused"))
+
+
 def referenced_nodes(snap: ClusterSnapshot) -> set[str]:
-    """Nodes that may hold a VM according to placements and statuses."""
+    """Nodes that may hold a VM according to placements and statuses (the source of a
+    migration that arrived holds nothing: a drained node that left is not lost)."""
     out: set[str] = set()
-    for pe in snap.placements.values():
-        for n in (pe.value.node, pe.value.from_node):
+    for vm, pe in snap.placements.items():
+        se = snap.statuses.get(vm)
+        arrived = migration_arrived(pe.value, se.value if se else None)
+        for n in (pe.value.node, None if arrived else pe.value.from_node):
             if n:
                 out.add(n)
     for se in snap.statuses.values():
@@ -48,7 +58,7 @@ def holders(spec: VmSpec, p: Placement | None, s: VmStatus | None) -> list[str]:
     out: list[str] = []
     cands = [s.node if s and s.state in RUNNING_STATES else None,
              p.node if p else None,
-             p.from_node if p and p.kind == "migrate" else None]
+             p.from_node if p and p.kind == "migrate" and not migration_arrived(p, s) else None]
     for c in cands:
         if c and c not in out:
             out.append(c)
@@ -66,12 +76,24 @@ def placement_and_status(snap: ClusterSnapshot,
     return (pe.value if pe else None), (se.value if se else None)
 
 
+def migration_job_running(p: Placement, s: VmStatus | None) -> bool:
+    """The source's status says the live migration of this placement runs: its job has
+    not ended (the source reports the end as `running` with `failed_target`, or its
+    hand-off `stopped`, or the target reports the VM arrived)."""
+    return (s is not None and p.kind == "migrate" and s.placement_id == p.id
+            and s.node == p.from_node and s.state == "migrating")
+
+
 def migration_in_flight(snap: ClusterSnapshot, p: Placement, s: VmStatus | None) -> bool:
-    """A migrate placement whose VM has not arrived, not failed, both ends registered."""
+    """A migrate placement whose VM has not arrived, not failed, both ends registered;
+    or whose job still runs on a registered source although the target is lost (it holds
+    its slot until the source aborts it or its time limit ends it)."""
     if p.kind != "migrate" or migration_failed(p, s):
         return False
     if s is not None and s.node == p.node and s.state in RUNNING_STATES:
         return False
+    if p.from_node in snap.nodes and migration_job_running(p, s):
+        return True
     return p.node in snap.nodes and p.from_node in snap.nodes
 
 

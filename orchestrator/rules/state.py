@@ -107,6 +107,21 @@ class CycleState:
         if charge:
             self.placer.charge(vm, snap.specs[vm].value, node, +1)
 
+    def release_source(self, vm: str, p: Placement, status_mod_revision: int) -> None:
+        """A live migration arrived: the same placement (same id, so the target's status
+        stays current) as a boot on its node, without the source, which may then leave
+        the cluster without being a lost holder.  Written only while the status that
+        reports the arrival is unchanged."""
+        snap = self.inp.snap
+        pe = snap.placements[vm]
+        # The writer's epoch (what the placement's epoch means, and what I3 checks);
+        # the id stays, so the status that answers it stays current.
+        done = p.model_copy(update={"kind": "boot", "from_node": None, "epoch": self.inp.epoch,
+                                    "reason": f"{p.reason}; arrived, {p.from_node} released"})
+        self.actions.append(WritePlacement(done, pe.mod_revision, (), status_mod_revision))
+        self.placed += 1
+        self.placer.charge(vm, snap.specs[vm].value, p.node, +1)
+
     def wait(self, vm: str, reason: str) -> None:
         self.actions.append(Wait(vm, reason))
         self.waiting += 1

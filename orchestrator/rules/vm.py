@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from orchestrator.placement import Choice
-from orchestrator.rules.facts import VmFacts, is_fenced
+from orchestrator.rules.facts import (
+    VmFacts,
+    is_fenced,
+    migration_arrived,
+    migration_job_running,
+)
 from orchestrator.rules.state import CLUSTER, CycleState
 from schemas.models import RUNNING_STATES, gave_up
 
@@ -93,6 +98,18 @@ def relocate_failing(st: CycleState, f: VmFacts) -> bool:
     return True
 
 
+def release_arrived_source(st: CycleState, f: VmFacts) -> bool:
+    """1. A live migration arrived (its target reports it running): the placement drops
+    its source, so a drained node that leaves or restarts is no longer a holder that
+    could be fenced (docs/fencing.md, "Drains never call a fence device")."""
+    p, s, snap = f.p, f.s, st.inp.snap
+    if (p is None or s is None or p.node not in snap.nodes
+            or not migration_arrived(p, s)):
+        return False
+    st.release_source(f.vm, p, snap.statuses[f.vm].mod_revision)
+    return True
+
+
 def steady_boot(st: CycleState, f: VmFacts) -> bool:
     """1. A boot placement on a schedulable node needs no write."""
     p = f.p
@@ -132,6 +149,23 @@ def migration_source_lost(st: CycleState, f: VmFacts) -> bool:
     st.place(f.vm, "boot", p.node, f"migration source {p.from_node} was fenced before the "
              "VM arrived; cold boot on the migration target", {},
              fenced=((p.from_node, fe.mod_revision),))
+    return True
+
+
+def migration_to_lost_target(st: CycleState, f: VmFacts) -> bool:
+    """2b. The target of a running migration is lost: the job may still deliver the VM
+    there, so nothing new is placed until the source reports that the job ended
+    (completed, failed or aborted: the source aborts it once it sees the target's
+    registration gone, or at `migration_timeout_s`).  The target's fence record does not
+    end the wait: it says what ran when it was written, and the job can deliver the
+    guest afterwards.  A lost source is left to the holders' fences (wait_unfenced,
+    cold_boot): its fence ends its jobs too (docs/fencing.md, "Migrations in flight")."""
+    snap, p = st.inp.snap, f.p
+    if (p is None or p.node is None or p.node in snap.nodes or p.from_node is None
+            or p.from_node not in snap.nodes or not migration_job_running(p, f.s)):
+        return False
+    st.wait(f.vm, f"migration to lost node {p.node} still running on {p.from_node}; the VM "
+                  f"may land there: waiting for {p.from_node} to report the job ended")
     return True
 
 
@@ -228,9 +262,11 @@ VM_RULES: tuple[VmRule, ...] = (
     operator_move,
     stay_failed,
     relocate_failing,
+    release_arrived_source,
     steady_boot,
     steady_migration,
     migration_source_lost,
+    migration_to_lost_target,
     wait_unfenced,
     keep_on_source,
     hand_off,

@@ -61,10 +61,13 @@ def test_self_policy_waits_for_the_window() -> None:
     assert fence_decision(CFG, "n1", 0.0, fence_window(CFG), 0.0, None).method == "self"
 
 
-def test_external_policy_runs_at_once_and_backs_off_after_failures() -> None:
+def test_external_policy_runs_after_the_revoke_grace_and_backs_off_after_failures() -> None:
     cfg = CFG.model_copy(update={"fence_policy": "external", "fence_devices": DEV,
                                  "fence_retry_initial_s": 1.0, "fence_retry_max_s": 4.0})
-    d = fence_decision(cfg, "n1", 0.0, 0.0, 100.0, None)
+    # A drain by lease revoke registers again within the grace: no device yet.
+    d = fence_decision(cfg, "n1", 0.0, cfg.revoke_grace_s - 0.01, 100.0, None)
+    assert d.method is None and "waiting revoke_grace_s=3 s" in d.reason and d.device == "*"
+    d = fence_decision(cfg, "n1", 0.0, cfg.revoke_grace_s, 100.0, None)
     assert d.method == "external" and d.device == "*"
     # Failed twice at wall time 100: next attempt after 2 s (1, 2, 4, 4, ...).
     assert fence_retry_delay(cfg, 2) == 2.0 and fence_retry_delay(cfg, 9) == 4.0
@@ -85,6 +88,19 @@ def test_external_policy_without_device_for_node_says_confirm_off() -> None:
 
 def test_both_policy_falls_back_to_self_after_the_window() -> None:
     cfg = CFG.model_copy(update={"fence_policy": "both", "fence_devices": DEV})
-    assert fence_decision(cfg, "n1", 0.0, 0.1, 0.0, None).method == "external"
+    assert fence_decision(cfg, "n1", 0.0, 0.1, 0.0, None).method is None  # revoke grace
+    assert fence_decision(cfg, "n1", 0.0, cfg.revoke_grace_s, 0.0, None).method == "external"
     d = fence_decision(cfg, "n1", 0.0, fence_window(cfg), 0.0, rec("failed", 3, 0.0))
     assert d.method == "self" and "self-fencing trusted" in d.reason
+
+
+@pytest.mark.parametrize("policy", ["self", "external", "both"])
+def test_a_node_that_left_after_a_drain_never_gets_a_fence_device(policy: str) -> None:
+    """Its agent wrote a leave marker before revoking its lease: it runs nothing.  The
+    self record follows the fence window, whatever the policy; no device is called."""
+    cfg = CFG.model_copy(update={"fence_policy": policy, "fence_devices": DEV})
+    for now in (0.0, cfg.revoke_grace_s, fence_window(cfg) - 0.01):
+        d = fence_decision(cfg, "n1", 0.0, now, 0.0, None, left=True)
+        assert d.method is None and d.reason.startswith("node left after a drain")
+    d = fence_decision(cfg, "n1", 0.0, fence_window(cfg), 0.0, None, left=True)
+    assert d.method == "self" and d.device == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -71,3 +72,32 @@ def test_peer_uri_with_tls_dials_the_target_address_over_qemu_tls() -> None:
     assert peer_uri("qemu:///system", "fd00::12", True) == "qemu+tls://[fd00::12]/system"
     own = "qemu+tls://n2.example.net:16515/system"
     assert peer_uri(own, "10.0.1.12", True) == own  # a registered qemu+tls URI wins
+def test_boot_discards_a_managed_save_image() -> None:
+    """libvirt-guests saves guests on host shutdown (managed save); a plain create()
+    would restore that stale RAM over a disk that has moved on.  A boot removes the
+    image first, says so in a structured event, and boots the guest fresh.  (The test
+    driver refuses VIR_DOMAIN_START_FORCE_BOOT and never restores on create: the event
+    and the image are what it can show.)  test:///default is one driver instance per
+    process, so a second connection sees the adapter's domains."""
+    hv = LibvirtHypervisor("test:///default")
+    hv.boot("saved", default_domain_xml("saved", 64, 1))
+    conn = libvirt.open("test:///default")
+    dom = conn.lookupByName("saved")
+    dom.managedSave(0)
+    assert dom.hasManagedSaveImage(0) == 1 and hv.list_domains()["saved"].state == "shutoff"
+    with capture_logs() as logs:
+        hv.boot("saved", default_domain_xml("saved", 64, 1))
+    assert [e for e in logs if e["event"] == "managed_save_removed"] == [
+        {"event": "managed_save_removed", "vm": "saved", "uri": "test:///default",
+         "reason": "boot from scratch, never from a saved memory image",
+         "log_level": "warning"}]
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert dom.hasManagedSaveImage(0) == 0
+    with capture_logs() as logs:  # no image: nothing to remove, nothing said
+        hv.destroy("saved")
+        hv.boot("saved", default_domain_xml("saved", 64, 1))
+    assert not [e for e in logs if e["event"] == "managed_save_removed"]
+    hv.destroy("saved")
+    hv.undefine("saved")
+    conn.close()
+    hv.close()

@@ -15,7 +15,14 @@ from typing import Any
 from nodeagent import plan as agent_plan
 from nodeagent.failures import carried
 from orchestrator import planner
-from schemas.models import FenceRecord, MigrationStats, VmStatus, failure_backoff, gave_up
+from schemas.models import (
+    FenceRecord,
+    LeaveMarker,
+    MigrationStats,
+    VmStatus,
+    failure_backoff,
+    gave_up,
+)
 from schemas.snapshot import ClusterSnapshot
 from tests.scenarios.model import KS, WALL0, Compare, Dom, Migration, NodeSim, World
 
@@ -136,14 +143,37 @@ def agent_cycle(world: World, n: NodeSim, snap: ClusterSnapshot) -> None:
         world.store.txn([(KS.node(n.name), "create", n.token)], KS.node(n.name), reg,
                         mine.lease)
         world.emit(n.name, "registered", n.name, "cordoned" if want else "uncordoned")
+    _stop_migrations(world, n, snap)
     for action in agent_plan.plan(n.name, snap, n.domains_view(), frozenset(n.busy),
                                   now=world.wall):
         execute(world, n, action, snap)
     if n.exiting and not n.busy and not any(d.active and d.managed
                                             for d in n.domains.values()):
+        # The leave marker first, then the revoke (nodeagent.membership.leave).
+        world.store.put(KS.leaving(n.name), LeaveMarker(
+            node=n.name, lease_id=mine.value.lease_id, reason="drained (SIGTERM)",
+            at=world.wall))
         world.lease_gone(n.name)
         n.agent = "down"
         world.emit(n.name, "exit", n.name, reason="drained; lease revoked, agent exits")
+
+
+def _stop_migrations(world: World, n: NodeSim, snap: ClusterSnapshot) -> None:
+    """The agent aborts the migrations it runs that must stop (nodeagent.execution); the
+    simulated job ends, aborted, at its next event (post-copy: it switches over now)."""
+    mine = {m.vm: m for m in world.migrations if m.source == n.name}
+    inflight = {vm: agent_plan.InFlight(vm, m.placement_id, m.target, m.started)
+                for vm, m in mine.items()}
+    for v in agent_plan.migration_verdicts(n.name, snap, inflight, now=world.t):
+        m = mine[v.vm]
+        if m.aborting:
+            continue  # asked already (the agent repeats abortJob; once is enough here)
+        world.emit(n.name, "postcopy" if v.postcopy else "abort", v.vm,
+                   f"migration to {v.target} ({v.placement_id})", v.reason)
+        if v.postcopy:
+            finish_migration(world, m, ok=True)
+        else:
+            m.aborting = v.reason
 
 
 def _status_txn(world: World, n: NodeSim, status: VmStatus, expect: int) -> bool:
@@ -177,6 +207,19 @@ def execute(world: World, n: NodeSim, a: agent_plan.AgentAction,
         world.emit(n.name, "undefine", a.vm, reason=a.reason)
     elif isinstance(a, agent_plan.MigrateOut):
         _migrate_out(world, n, a)
+        return
+    elif isinstance(a, agent_plan.AbortMigration):
+        # No migration of this agent runs (it restarted): nothing for libvirt to abort;
+        # the VM is reported here with the reason.
+        dom = n.domains[a.vm]
+        cur = world.store.get(KS.vm_status(a.vm))
+        st = VmStatus(vm=a.vm, node=n.name, state=dom.state,  # type: ignore[arg-type]
+                      placement_id=a.placement_id, since=world.wall,
+                      error=f"{a.reason}: migration aborted", failed_target=a.target)
+        ok = _status_txn(world, n, st, cur.mod_revision if cur else 0)
+        world.emit(n.name, "abort", a.vm, f"stale migration to {a.target}; report "
+                   f"{dom.state} ({a.placement_id}) failed_target={a.target}{_rejected(ok)}",
+                   a.reason)
         return
     else:
         raise TypeError(f"unknown action {a!r}")
@@ -255,14 +298,17 @@ def _migrate_out(world: World, n: NodeSim, a: agent_plan.MigrateOut) -> None:
     if world.t < n.backoff.get((a.vm, a.target), 0.0) or a.vm in n.busy:
         return  # backing off this (VM, target) pair after a failure, or already running
     cur = world.store.get(KS.vm_status(a.vm))
-    _status_txn(world, n, VmStatus(vm=a.vm, node=n.name, state="migrating",
-                                   placement_id=a.placement_id, since=world.wall),
-                cur.mod_revision if cur else 0)
+    if not _status_txn(world, n, VmStatus(vm=a.vm, node=n.name, state="migrating",
+                                          placement_id=a.placement_id, since=world.wall),
+                       cur.mod_revision if cur else 0):
+        world.emit(n.name, "migrate", a.vm, f"to {a.target} ({a.placement_id}) REJECTED",
+                   "status changed meanwhile; not started")
+        return  # no job without the status that says it runs (nodeagent.execution)
     n.busy.add(a.vm)
     target = world.nodes.get(a.target)
     if target is not None:
         target.domains[a.vm] = Dom("paused", incoming=True)
-    world.migrations.append(Migration(a.vm, n.name, a.target, a.placement_id))
+    world.migrations.append(Migration(a.vm, n.name, a.target, a.placement_id, world.t))
     world.changed()
     world.emit(n.name, "migrate", a.vm, f"to {a.target} ({a.placement_id})",
                "live migration started; status migrating")

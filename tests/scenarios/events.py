@@ -90,8 +90,9 @@ def _end_migrations(w: World, name: str) -> None:
             w.nodes[m.target].domains.pop(m.vm, None)
 
 
-def _self_fence(w: World, n: NodeSim, why: str) -> None:
-    gone = sorted(vm for vm, d in n.domains.items() if d.active and d.managed)
+def _self_fence(w: World, n: NodeSim, why: str, keep_incoming: bool = False) -> None:
+    gone = sorted(vm for vm, d in n.domains.items() if d.active and d.managed
+                  and not (keep_incoming and d.incoming))
     for vm in gone:
         n.domains[vm].state = "shutoff"
     n.busy.clear()
@@ -110,11 +111,17 @@ def node_crash(w: World, name: str) -> None:
     w.changed()
 
 
-def node_partition(w: World, name: str) -> None:
-    """Cut off from etcd: the agent self-fenced at its deadline, its lease expires (now)."""
+def node_partition(w: World, name: str, *how: str) -> None:
+    """Cut off from etcd: the agent self-fenced at its deadline, its lease expires (now).
+    `keep-migrations`: the live migrations towards it go on (their streams use another
+    network, and their incoming domains escaped the self-fence): each ends only by an
+    event or by its source's abort."""
     n = w.node(name)
-    _end_migrations(w, name)
-    _self_fence(w, n, "lease not renewed before the deadline (etcd unreachable)")
+    keep = "keep-migrations" in how
+    if not keep:
+        _end_migrations(w, name)
+    _self_fence(w, n, "lease not renewed before the deadline (etcd unreachable)",
+                keep_incoming=keep)
     n.agent = "down"
     w.lease_gone(name)
 
@@ -130,12 +137,17 @@ def agent_kill(w: World, name: str) -> None:
 
 def lease_revoked(w: World, name: str, *how: str) -> None:
     """`etcdctl lease revoke`: the agent drains (cordon, register again); `stuck`: it
-    never registers again and self-fences at its old deadline."""
+    never registers again and self-fences at its old deadline; `late S`: its cycle is
+    busy, it registers again (cordoned) S seconds later."""
     n = w.node(name)
     w.lease_gone(name)
+    cfg = w.store.snapshot().config
     if "stuck" in how:
-        cfg = w.store.snapshot().config
         n.agent, n.deadline = "stuck", w.t + cfg.lease_ttl_s - cfg.self_fence_safety_s
+        return
+    if "late" in how:
+        n.agent, n.deadline = "stuck", w.t + cfg.lease_ttl_s - cfg.self_fence_safety_s
+        n.back_at = w.t + float(how[how.index("late") + 1])
         return
     _cordon(w, name, "lease revoked (drain)", f"agent:{name}")
     w.register(name)
@@ -180,8 +192,14 @@ def uncordon(w: World, name: str) -> None:
 
 
 def tick_timers(w: World) -> None:
-    """Per tick: a stuck agent self-fences at its old lease's deadline."""
+    """Per tick: a late agent registers again; a stuck one self-fences at its old
+    lease's deadline."""
     for n in w.nodes.values():
+        if n.agent == "stuck" and n.back_at is not None and w.t >= n.back_at:
+            n.back_at = None
+            _cordon(w, n.name, "lease revoked (drain)", f"agent:{n.name}")
+            w.register(n.name)
+            continue
         if n.agent == "stuck" and n.deadline is not None and w.t >= n.deadline:
             n.deadline = None
             _self_fence(w, n, "stuck agent: its old lease's deadline passed")
@@ -211,7 +229,11 @@ def vm_status(w: World, vm: str, node: str, state: str, pid: str = "", *rest: st
 
 
 def migration_done(w: World, vm: str) -> None:
-    finish_migration(w, _migration(w, vm), ok=True)
+    m = _migration(w, vm)
+    if m.aborting:  # the source's abort wins: the job ends aborted, the VM stays there
+        finish_migration(w, m, ok=False, error=f"{m.aborting}: migration aborted")
+        return
+    finish_migration(w, m, ok=True)
 
 
 def migration_failed(w: World, vm: str, *why: str) -> None:

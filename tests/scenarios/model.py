@@ -109,6 +109,10 @@ class Migration:
     source: str
     target: str
     placement_id: str
+    started: float = 0.0  # virtual time (the source's clock for migration_timeout_s)
+    # The source asked libvirt to abort it (the reason): the job ends, aborted, at its
+    # next event (`migration-done` then means the abort won the race).
+    aborting: str = ""
 
 
 @dataclass
@@ -126,6 +130,7 @@ class NodeSim:
     exiting: bool = False  # SIGTERM: drain, then leave
     refuse: dict[str, str] = field(default_factory=dict)  # VM -> the error its boot gets
     deadline: float | None = None  # a stuck agent self-fences at this virtual time
+    back_at: float | None = None  # a revoked agent registers again at this virtual time
 
     def domains_view(self) -> dict[str, Domain]:
         return {vm: d.domain(vm) for vm, d in self.domains.items()}
@@ -185,6 +190,7 @@ class World:
                "cordoned": self.store.get(KS.cordon(name)) is not None,
                "registered_at": self.wall}
         self.store.put(KS.node(name), reg, lease=self.leases)
+        self.store.delete(KS.leaving(name))  # same transaction in nodeagent.membership
         rec = self.store.get(KS.node(name))
         assert rec is not None
         n.token, n.agent, n.deadline = rec.create_revision, "up", None

@@ -1,0 +1,143 @@
+"""External fencing never power-cycles a node that is being drained (issue 12, item 3):
+real etcd, three agents on the fake hypervisor, two orchestrators, `fence_policy =
+external` with a fence agent that logs every call (it wraps the built-in fencer).
+
+Drains by `etcdctl lease revoke` (the agent registers again, cordoned, within
+`revoke_grace_s`) and agent restarts (SIGTERM: drain, leave marker, revoke, exit; then
+started again) make no fence-agent call and write no fence record.  The control: a
+node that is really lost (agent SIGKILLed, its guard destroys its VMs) gets a call,
+so the log does see calls."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fencing.policy import fence_window
+from hypervisor.fake import fake_ground_truth
+from lab.invariants import DoubleRunChecker, FakeTruth
+from schemas import ClusterConfig, Keyspace, NodeRegistration
+from schemas.models import FenceDevice
+from store.etcd import EtcdStore
+from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
+from tests.harness import EtcdCluster, FakeCluster, wait_until
+
+pytestmark = pytest.mark.integration
+KS = Keyspace()
+NODES = ("n1", "n2", "n3")
+VMS = 4
+ROUNDS = int(os.environ.get("VMHA_DRAIN_ROUNDS", "20"))  # per kind
+
+
+def logging_fence_agent(tmp_path: Path) -> tuple[list[str], Path]:
+    """A fence agent that appends its parameters to a log, then runs the built-in one."""
+    log = tmp_path / "fence-calls.log"
+    script = tmp_path / "fence_logged.sh"
+    script.write_text("#!/bin/sh\nin=$(cat)\n"
+                      f"printf '%s\\n--\\n' \"$in\" >> '{log}'\n"
+                      f"printf '%s\\n' \"$in\" | exec '{sys.executable}' -m fencing.fence_vmha\n")
+    script.chmod(0o755)
+    return ["/bin/sh", str(script)], log
+
+
+def calls(log: Path) -> list[str]:
+    """The nodes each `off` call was for (the built-in fencer's uri names the node)."""
+    if not log.exists():
+        return []
+    out = []
+    for block in log.read_text().split("--\n"):
+        params = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        if params.get("action") == "off":
+            out.append(Path(params.get("uri", "")).name)
+    return out
+
+
+def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
+    kv = store.get(KS.node(node))
+    return (kv.create_revision, NodeRegistration.from_json(kv.value)) if kv else None
+
+
+def drained(fc: FakeCluster, node: str) -> bool:
+    return all(node not in ns for ns in fake_ground_truth(fc.fake_root).values())
+
+
+def all_running(fc: FakeCluster) -> bool:
+    truth = fake_ground_truth(fc.fake_root)
+    return len(truth) == VMS and all(len(ns) == 1 for ns in truth.values())
+
+
+def uncordon(store: EtcdStore, node: str) -> None:
+    store.delete(KS.cordon(node))
+    wait_until(lambda: (r := registration(store, node)) is not None and not r[1].cordoned,
+               20, what=f"{node} uncordoned")
+
+
+def revoke_drain(fc: FakeCluster, store: EtcdStore, node: str) -> None:
+    before = registration(store, node)
+    assert before is not None
+    store.revoke_lease(int(before[1].lease_id, 16))
+    wait_until(lambda: (r := registration(store, node)) is not None and r[0] != before[0]
+               and r[1].cordoned, 20, what=f"{node} registered again, cordoned")
+    wait_until(lambda: drained(fc, node) and all_running(fc), 30, what=f"{node} drained")
+    uncordon(store, node)
+
+
+def restart(fc: FakeCluster, store: EtcdStore, node: str) -> None:
+    fc.agents[node].signal(signal.SIGTERM)
+    wait_until(lambda: not fc.agents[node].alive(), 30, what=f"{node}'s agent drained, exited")
+    assert drained(fc, node) and all_running(fc)
+    assert store.get(KS.leaving(node)) is not None  # written before its revoke
+    fc.start_agent(node)
+    wait_until(lambda: registration(store, node) is not None, 20, what=f"{node} registered")
+    assert store.get(KS.leaving(node)) is None  # gone with the new registration
+    uncordon(store, node)
+
+
+def test_drains_and_restarts_make_no_fence_call_a_loss_does(etcd: EtcdCluster,
+                                                            tmp_path: Path) -> None:
+    agent, log = logging_fence_agent(tmp_path)
+    cfg: ClusterConfig = TEST_CONFIG.model_copy(update={
+        "fence_policy": "external",
+        "fence_devices": {"*": FenceDevice(agent=agent, params={"uri": "{uri}"},
+                                           timeout_s=20)}})
+    fc = make_fake_cluster(etcd, tmp_path, cfg)
+    store = EtcdStore(etcd.endpoints)
+    try:
+        for n in NODES:
+            fc.start_agent(n)
+        fc.start_orchestrator("o1")
+        fc.start_orchestrator("o2")
+        for i in range(VMS):
+            r = vmha(etcd, "vm", "add", f"vm{i}", "--memory-mib", "512")
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: all_running(fc), 30, what="all VMs running")
+        started = time.monotonic()
+        with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
+            for i in range(ROUNDS):
+                revoke_drain(fc, store, NODES[i % 3])
+                assert calls(log) == [], f"revoke drain {i + 1}"
+            for i in range(ROUNDS):
+                restart(fc, store, NODES[i % 3])
+                assert calls(log) == [], f"restart {i + 1}"
+            # Past every grace and fence window the last of them started.
+            time.sleep(cfg.revoke_grace_s + fence_window(cfg) + 1.0)
+            assert calls(log) == []
+            assert store.get_prefix(KS.root + "fence/") == []
+            assert checker.violations == []
+            print(f"\n{ROUNDS} revoke drains + {ROUNDS} restarts: 0 fence calls, "
+                  f"{time.monotonic() - started:.0f} s")
+            # The control: a node really lost is fenced through the same log.
+            victim = max(NODES, key=lambda n: sum(n in ns for ns in
+                                                  fake_ground_truth(fc.fake_root).values()))
+            fc.agents[victim].kill()
+            wait_until(lambda: victim in calls(log), 60, what=f"a fence call for {victim}")
+            wait_until(lambda: all_running(fc), 60, what="its VMs running elsewhere")
+            assert checker.violations == []
+    finally:
+        fc.stop()
+        store.close()
