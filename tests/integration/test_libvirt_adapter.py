@@ -72,6 +72,8 @@ def test_peer_uri_with_tls_dials_the_target_address_over_qemu_tls() -> None:
     assert peer_uri("qemu:///system", "fd00::12", True) == "qemu+tls://[fd00::12]/system"
     own = "qemu+tls://n2.example.net:16515/system"
     assert peer_uri(own, "10.0.1.12", True) == own  # a registered qemu+tls URI wins
+
+
 def test_boot_discards_a_managed_save_image() -> None:
     """libvirt-guests saves guests on host shutdown (managed save); a plain create()
     would restore that stale RAM over a disk that has moved on.  A boot removes the
