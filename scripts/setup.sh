@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # prometheus: the package that ships promtool on Debian 12 (tests check vmha's /metrics
 # with `promtool check metrics`); the server it also carries is not used.
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
-              libvirt-dev git chromium chromium-driver openssl prometheus)
+              libvirt-dev git chromium chromium-driver openssl prometheus nftables)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f lab/APT_PACKAGES.txt ]; then
   mapfile -t LAB < <(grep -v '^\s*#' lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")
