@@ -245,7 +245,8 @@ def leader_among(members: list[EtcdMember]) -> str | None:
     leaders = {s["Status"]["leader"] for s in status}
     if len(status) != len(members) or len(leaders) != 1 or not leaders <= ids.keys():
         return None
-    return next(m.name for m in members if m.endpoint == ids[leaders.pop()])
+    leader_ep = ids[leaders.pop()]
+    return next(m.name for m in members if m.endpoint == leader_ep)
 
 
 def cutoff(rig: Rig, i: int | None, seconds: float) -> None:
@@ -270,7 +271,9 @@ def cutoff(rig: Rig, i: int | None, seconds: float) -> None:
         rig.net.heal(i)
     if probe != {"tcp": "timeout", "read": "timeout"}:
         raise RuntimeError(f"the cutoff of {m.name} let something through: {probe}")
-    wait_member_healthy(rig, m)
+    # Its peers' TCP retransmissions backed off during the cut (the last wait of 30 s
+    # of silence is about 13-25 s): the member may rejoin only that much later.
+    wait_member_healthy(rig, m, timeout=60.0)
     rig.note("cutoff", t0, member=m.name, probe=probe,
              leader_before=rig.etcd.members[led].name,
              leader_during=leader_during)
