@@ -118,9 +118,10 @@ class EtcdNet:
 
     def run_inside(self, argv: list[str]) -> int:
         """Make the namespaces, run ``argv`` inside the rig namespace and return its exit
-        code; every namespace is deleted afterwards, whatever happened (a Ctrl-C or a
-        SIGTERM turned into KeyboardInterrupt is forwarded to ``argv`` as SIGINT and
-        waited for)."""
+        code; every namespace is deleted afterwards, whatever happened (a Ctrl-C, or a
+        SIGTERM the caller turns into KeyboardInterrupt, is forwarded to ``argv`` as
+        SIGTERM, which it must handle, and waited for: SIGINT may be ignored, as in a
+        shell's background job)."""
         self.create()
         try:
             # A session of its own: a Ctrl-C reaches it once, forwarded, and it has the
@@ -129,7 +130,7 @@ class EtcdNet:
             try:
                 return inner.wait()
             except KeyboardInterrupt:
-                inner.send_signal(signal.SIGINT)
+                inner.send_signal(signal.SIGTERM)
                 inner.wait()
                 raise
         finally:
