@@ -151,8 +151,10 @@ class EtcdNet:
     def heal(self, i: int) -> None:
         """Undo :meth:`cut` (either table may be missing after a failed cut)."""
         for ns in (self.rig, self.member_ns(i)):
-            subprocess.run(in_netns(ns, ["nft", "delete", "table", "inet", CUT_TABLE]),
-                           capture_output=True, check=False)
+            proc = subprocess.run(in_netns(ns, ["nft", "delete", "table", "inet", CUT_TABLE]),
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0 and "No such file or directory" not in proc.stderr:
+                raise RuntimeError(f"nft in {ns}: {proc.stderr.strip()}")
 
 
 def _nft(ns: str, ruleset: str) -> None:
