@@ -53,9 +53,11 @@ bench: setup
 	$(PY) -m bench.lease_loss --trials 50 --out results/bench-lease-loss.json
 
 # etcd member faults (issue 11) with the default config: SIGSTOP, SIGKILL + restart,
-# rolling restart, dropped link, forced raft leader change on a 3-member etcd under 3 fake
-# agents and 6 VMs; ROUNDS of each, STALL s per stall/drop; exit 1 on any guard fire,
-# self-fence, fence record, moved VM or daemon exit (~4 min per round with STALL=30).
+# rolling restart, client traffic dropped at a proxy, a member cut off the network (root:
+# each member in its own network namespace, its packets dropped by nftables), forced raft
+# leader change on a 3-member etcd under 3 fake agents and 6 VMs; ROUNDS of each, STALL s
+# per stall/drop/cut; exit 1 on any guard fire, self-fence, fence record, moved VM or
+# daemon exit (~6 min per round with STALL=30).
 bench-etcd-faults: setup
 	mkdir -p results
 	$(PY) -m bench.etcd_faults --rounds $(or $(ROUNDS),3) --stall $(or $(STALL),30) \

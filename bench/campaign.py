@@ -27,7 +27,7 @@ hostile keys and values.  Dead agents are restarted the way systemd would
 The last node (``svc_node``) runs its guard as its own service (``vmha guard``, as
 vmha-guard.service does): the agent restart hits it, the other agent faults hit the
 other nodes (their guards are the agents' children, so a killed agent is fenced).
-Clients reach each member through a :class:`bench.etcd_faults.DropProxy` (the
+Clients reach each member through a :class:`bench.dropproxy.DropProxy` (the
 black hole); each agent through its own :class:`bench.tcpproxy.Proxy` in front of those
 (its partition).
 
@@ -60,7 +60,7 @@ from bench.campaign_classic import ClassicFaults, xml
 from bench.campaign_core import KS, CampaignCore, StepResult
 from bench.campaign_faults import NEW_FAULTS, NewFaults
 from bench.common import pct
-from bench.etcd_faults import DropProxy
+from bench.dropproxy import DropProxy
 from bench.tcpproxy import Proxy
 from lab.configs import FAST_CONFIG, LAB_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker

@@ -3,7 +3,7 @@ as a mixin of :class:`bench.campaign.Campaign`.
 
 * ``stall_etcd``: SIGSTOP of one member for 1-6 s, then SIGCONT (a hung process or disk);
 * ``blackhole_etcd``: every client's traffic to one member silently dropped for 1-6 s
-  (no FIN, no RST: :class:`bench.etcd_faults.DropProxy`, a vanished host);
+  (no FIN, no RST: :class:`bench.dropproxy.DropProxy`, a vanished host);
 * ``rolling_etcd``: SIGTERM and restart of each member in turn, each back in the raft
   before the next goes (an upgrade);
 * ``agent_restart``: SIGKILL of the agent of the node whose guard runs as its own
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from bench.campaign_core import KS, StepResult
-from bench.etcd_faults import DropProxy, member_answers
+from bench.dropproxy import DropProxy
+from bench.etcd_faults import member_answers
 from bench.fuzz_values import PATTERNS, key_for
 from lab.localcluster import Daemon, EtcdCluster, EtcdMember, poll_until
 from schemas import ClusterConfig

@@ -1,14 +1,23 @@
 """etcd member faults under a running cluster: no guard fire, no self-fence, no move.
 
 A 3-member etcd (each member's client port behind a proxy that can drop its traffic),
-3 agents on the fake hypervisor, 2 orchestrators and 6 VMs.  The faults run one after
-the other, each on a cluster that keeps its quorum:
+3 agents on the fake hypervisor, 2 orchestrators and 6 VMs.  As root, ``main`` runs each
+member in a network namespace of its own, routed through a *rig* namespace where the
+daemons and the benchmark run (:mod:`lab.etcdnet`; it re-runs itself in there and
+deletes every namespace at the end).  The faults run one after the other, each on a
+cluster that keeps its quorum:
 
 * stall:      SIGSTOP of one member, SIGCONT after STALL seconds (a hung process or disk);
 * kill:       SIGKILL of one member and a restart (a crash);
 * rolling:    SIGTERM and restart of every member in turn (an upgrade);
-* blackhole:  one member's client traffic silently dropped for STALL seconds (no FIN,
-              no RST: a vanished host or a partition);
+* blackhole:  one member's client traffic silently dropped for STALL seconds at the
+              proxy (no FIN, no RST): the member stays in the raft cluster, only its
+              clients lose it (a one-sided partition);
+* cutoff:     (namespaces only) every packet to and from one member, its peers' too,
+              silently dropped for STALL seconds by nftables (no FIN, RST or ICMP):
+              a vanished host; the member leaves the raft cluster's view, and if it
+              led, the others elect a new leader.  Each cut is checked while it holds:
+              a TCP connect and an etcd read to the member must time out;
 * move-leader: ``etcdctl move-leader`` to another member (a forced raft election).
 
 Afterwards the agents' logs and the fake hypervisor's ground truth must show 0 guard
@@ -17,6 +26,7 @@ test (tests/integration/test_etcd_faults.py) runs each fault once; this module's
 ``main`` runs ROUNDS of them and writes the counts (``make bench-etcd-faults``).
 
 Usage: python -m bench.etcd_faults --rounds 3 --stall 30 --out results/bench-etcd-faults.json
+       [--faults cutoff,stall,...] [--loopback]
 """
 
 from __future__ import annotations
@@ -26,11 +36,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,8 +46,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.dropproxy import DropProxy
 from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
+from lab.etcdnet import EtcdNet, netns_usable, probe_cut
 from lab.localcluster import (
     EtcdCluster,
     EtcdMember,
@@ -54,88 +64,6 @@ from store.etcd import EtcdStore, StoreUnavailable
 KS = Keyspace()
 NODES = ("n1", "n2", "n3")
 VMS = 6
-
-
-class DropProxy:
-    """A loopback TCP proxy whose traffic can be silently dropped.
-
-    While dropping, bytes are neither read on to the other side nor answered and no
-    connection is closed: the peer sees what a lost link or a vanished host gives, a
-    hang until its own deadline (unlike bench.tcpproxy, which closes connections).
-    New connections wait unforwarded.  ``restore()`` lets the held bytes through."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        self._open = threading.Event()
-        self._open.set()
-        self._closed = threading.Event()
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def drop(self) -> None:
-        self._open.clear()
-
-    def restore(self) -> None:
-        self._open.set()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._open.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
-
-    def _connect(self, client: socket.socket) -> None:
-        self._open.wait()
-        try:
-            upstream = socket.create_connection(self.target, timeout=5)
-            upstream.settimeout(None)
-        except OSError:
-            client.close()
-            return
-        with self._lock:
-            self._conns += [client, upstream]
-        for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                self._open.wait()  # dropping: hold the bytes, answer nothing
-                if self._closed.is_set():
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass  # either side closed: the proxy's connection ends with it
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -154,6 +82,7 @@ class Rig:
     proxies: list[DropProxy]
     fc: ProxiedFakeCluster
     store: EtcdStore
+    net: EtcdNet | None = None
     placement: dict[str, list[str]] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -164,14 +93,17 @@ class Rig:
 
 
 @contextlib.contextmanager
-def fault_rig(config: ClusterConfig, workdir: Path) -> Iterator[Rig]:
-    """The cluster the faults run on, with every VM placed and running."""
-    etcd = start_etcd(3)
+def fault_rig(config: ClusterConfig, workdir: Path, net: EtcdNet | None = None
+              ) -> Iterator[Rig]:
+    """The cluster the faults run on, with every VM placed and running; with ``net``,
+    each etcd member in its namespace (this process runs in ``net.rig``)."""
+    etcd = start_etcd(3, places=None if net is None else
+                      [(net.member_ip(i), net.member_ns(i)) for i in range(3)])
     proxies: list[DropProxy] = []
     store: EtcdStore | None = None
     fc: ProxiedFakeCluster | None = None
     try:
-        proxies = [DropProxy(m.client_port) for m in etcd.members]
+        proxies = [DropProxy(m.client_port, m.host) for m in etcd.members]
         store = EtcdStore(etcd.endpoints)
         store.put(KS.config, config.to_json())
         fc = ProxiedFakeCluster(etcd, workdir,
@@ -187,7 +119,7 @@ def fault_rig(config: ClusterConfig, workdir: Path) -> Iterator[Rig]:
                       .to_json())
         wait_until(lambda: len(fake_ground_truth(fc.fake_root)) == VMS, 60,
                    what="every VM running")
-        rig = Rig(etcd, proxies, fc, store)
+        rig = Rig(etcd, proxies, fc, store, net)
         rig.placement = fake_ground_truth(fc.fake_root)
         yield rig
     finally:
@@ -301,9 +233,60 @@ def move_leader(rig: Rig) -> None:
     rig.note("move-leader", t0, old_leader=f"{leader:x}", new_leader=f"{to:x}")
 
 
-def every_fault(stall_s: float, blackhole_s: float | None = None
+def leader_among(members: list[EtcdMember]) -> str | None:
+    """The raft leader's name once every one of ``members`` names the same one of them
+    (None: they don't, or it is outside them, or one of them does not answer)."""
+    try:
+        status = json.loads(etcdctl("endpoint", "status", "-w", "json",
+                                    endpoints=",".join(m.endpoint for m in members)))
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+        return None
+    ids = {s["Status"]["header"]["member_id"]: s["Endpoint"] for s in status}
+    leaders = {s["Status"]["leader"] for s in status}
+    if len(status) != len(members) or len(leaders) != 1 or not leaders <= ids.keys():
+        return None
+    leader_ep = ids[leaders.pop()]
+    return next(m.name for m in members if m.endpoint == leader_ep)
+
+
+def cutoff(rig: Rig, i: int | None, seconds: float) -> None:
+    """Member ``i`` (None: the raft leader at the time) cut off the network for
+    ``seconds`` (:meth:`lab.etcdnet.EtcdNet.cut`); raises if the cut lets anything
+    through."""
+    if rig.net is None:
+        raise RuntimeError("cutoff needs the etcd members in network namespaces (root)")
+    t0 = time.monotonic()
+    led = leader_index(rig.etcd)
+    i = led if i is None else i
+    m = rig.etcd.members[i]
+    others = [o for o in rig.etcd.members if o is not m]
+    rig.net.cut(i)
+    try:
+        probe = probe_cut(m.host, m.client_port)
+        # The members left keep (or elect) a leader among themselves: the raft's view.
+        leader_during = wait_until(lambda: leader_among(others), seconds + 10, 0.2,
+                                   f"a leader among the members other than {m.name}")
+        time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+    finally:
+        rig.net.heal(i)
+    if probe != {"tcp": "timeout", "read": "timeout"}:
+        raise RuntimeError(f"the cutoff of {m.name} let something through: {probe}")
+    # Its peers' TCP retransmissions backed off during the cut (the last wait of 30 s
+    # of silence is about 13-25 s): the member may rejoin only that much later.
+    wait_member_healthy(rig, m, timeout=60.0)
+    rig.note("cutoff", t0, member=m.name, probe=probe,
+             leader_before=rig.etcd.members[led].name,
+             leader_during=leader_during)
+
+
+FAULT_KINDS = ("stall", "kill", "rolling", "blackhole", "cutoff", "cutoff-leader",
+               "move-leader")
+
+
+def every_fault(stall_s: float, blackhole_s: float | None = None, cut: bool = False
                 ) -> list[tuple[str, Callable[[Rig], None]]]:
-    """One of each fault, each member in turn where the fault is per member."""
+    """One of each fault, each member in turn where the fault is per member; ``cut``:
+    the cutoffs too (the rig's members in namespaces)."""
     faults: list[tuple[str, Callable[[Rig], None]]] = []
     for i in range(3):
         faults.append((f"stall m{i}", partial(stall, i=i, seconds=stall_s)))
@@ -313,8 +296,26 @@ def every_fault(stall_s: float, blackhole_s: float | None = None
     for i in range(3):
         faults.append((f"blackhole m{i}", partial(blackhole, i=i,
                                                   seconds=blackhole_s or stall_s)))
+    for i in range(3 if cut else 0):
+        faults.append((f"cutoff m{i}", partial(cutoff, i=i, seconds=stall_s)))
     faults.append(("move-leader", move_leader))
     return faults
+
+
+def chosen_faults(stall_s: float, kinds: list[str] | None, cut: bool
+                  ) -> list[tuple[str, Callable[[Rig], None]]]:
+    """:func:`every_fault` of the given kinds (None: all), in that order; the kind
+    ``cutoff-leader`` is one cutoff of whichever member leads at the time."""
+    faults = every_fault(stall_s, cut=cut)
+    if kinds is None:
+        return faults
+    out: list[tuple[str, Callable[[Rig], None]]] = []
+    for kind in kinds:
+        if kind == "cutoff-leader":
+            out.append(("cutoff leader", partial(cutoff, i=None, seconds=stall_s)))
+        else:
+            out += [f for f in faults if f[0].split()[0] == kind]
+    return out
 
 
 # ---- what the faults did -------------------------------------------------------------------
@@ -355,14 +356,29 @@ def outcome(rig: Rig) -> dict[str, Any]:
     }
 
 
-def run(config: ClusterConfig, rounds: int, stall_s: float, workdir: Path) -> dict[str, Any]:
-    with fault_rig(config, workdir) as rig:
+def run(config: ClusterConfig, rounds: int, stall_s: float, workdir: Path,
+        kinds: list[str] | None = None, net: EtcdNet | None = None) -> dict[str, Any]:
+    with fault_rig(config, workdir, net) as rig:
         for _ in range(rounds):
-            for _name, fault in every_fault(stall_s):
+            for _name, fault in chosen_faults(stall_s, kinds, cut=net is not None):
                 fault(rig)
         time.sleep(config.lease_ttl_s)  # a late consequence would show by now
         return {"config": config.model_dump(by_alias=True), "rounds": rounds,
-                "stall_s": stall_s, "faults": rig.log, **outcome(rig)}
+                "stall_s": stall_s, "members_in_netns": net is not None, "faults": rig.log,
+                **outcome(rig)}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM too unwinds the rig (processes, namespaces)
+
+
+def _in_namespaces(args: argparse.Namespace) -> int:
+    net = EtcdNet(f"vmha-ef-{os.getpid()}")
+    argv = ["--rounds", str(args.rounds), "--stall", str(args.stall), "--out",
+            str(Path(args.out).resolve()), "--net-prefix", net.prefix]
+    if args.faults:
+        argv += ["--faults", args.faults]
+    return net.run_inside([sys.executable, "-m", "bench.etcd_faults", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,9 +386,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stall", type=float, default=30.0)
     ap.add_argument("--out", default="results/bench-etcd-faults.json")
+    ap.add_argument("--faults", help="comma-separated kinds, in this order: "
+                    f"{','.join(FAULT_KINDS)} (default: each kind but cutoff-leader)")
+    ap.add_argument("--loopback", action="store_true",
+                    help="etcd members on loopback, no namespaces (no root; no cutoff)")
+    ap.add_argument("--net-prefix", help=argparse.SUPPRESS)  # run inside the rig namespace
     args = ap.parse_args(argv)
+    kinds = args.faults.split(",") if args.faults else None
+    if kinds is not None and not set(kinds) <= set(FAULT_KINDS):
+        ap.error(f"unknown fault kinds {sorted(set(kinds) - set(FAULT_KINDS))}")
+    wants_cut = kinds is not None and bool({"cutoff", "cutoff-leader"} & set(kinds))
+    signal.signal(signal.SIGTERM, _interrupt)
+    net: EtcdNet | None = None
+    if args.net_prefix:
+        from lab.netguest import current_netns_name
+
+        net = EtcdNet(args.net_prefix)
+        if current_netns_name() != net.rig:
+            ap.error("--net-prefix: not inside the rig's network namespace")
+    elif not args.loopback:
+        why = netns_usable()
+        if why is None:
+            return _in_namespaces(args)
+        if wants_cut:
+            ap.error(f"the cutoff fault needs network namespaces: {why}")
+        print(f"etcd_faults: {why}: members on loopback, no cutoff", file=sys.stderr)
+    elif wants_cut:
+        ap.error("the cutoff fault needs network namespaces, not --loopback")
     wd = Path(tempfile.mkdtemp(prefix="vmha-bench-"))
-    res = run(ClusterConfig(), args.rounds, args.stall, wd)
+    res = run(ClusterConfig(), args.rounds, args.stall, wd, kinds, net)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))

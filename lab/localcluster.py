@@ -80,14 +80,18 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    # Where the member listens, and the network namespace it runs in (lab.etcdnet);
+    # by default loopback in this process's namespace.
+    host: str = "127.0.0.1"
+    netns: str | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
 
 @dataclass
@@ -117,6 +121,8 @@ class EtcdCluster:
                # 3.4 (docs/fencing.md, "etcd settings").
                "--pre-vote",
                "--log-level", "warn", "--logger", "zap"]
+        if m.netns is not None:  # `ip netns exec` execs etcd: m.proc is etcd itself
+            cmd = ["ip", "netns", "exec", m.netns, *cmd]
         log = open(m.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -153,12 +159,17 @@ class EtcdCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_etcd(members: int = 1, base: Path | None = None) -> EtcdCluster:
+def start_etcd(members: int = 1, base: Path | None = None,
+               places: list[tuple[str, str]] | None = None) -> EtcdCluster:
+    """``places``: each member's (address, network namespace), one namespace each, where
+    it listens on etcd's usual ports; by default free loopback ports here."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     base = base or Path(tempfile.mkdtemp(prefix="vmha-etcd-", dir=shm))
-    ports = free_ports(2 * members)
+    ports = free_ports(2 * members) if places is None else [2379, 2380] * members
     ms = [EtcdMember(f"m{i}", ports[2 * i], ports[2 * i + 1], base / f"m{i}",
                      base / f"m{i}.log") for i in range(members)]
+    for m, (host, netns) in zip(ms, places or [], strict=False):
+        m.host, m.netns = host, netns
     cluster = EtcdCluster(ms, base)
     try:
         for m in ms:

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # libvirt-python from source in .venv (production uses Debian's python3-libvirt);
 # chromium drives the web UI tests; etcd runs in the tests and the demo.
 APT_PACKAGES=(etcd-server etcd-client python3 python3-venv python3-dev gcc make pkg-config
-              libvirt-dev git chromium chromium-driver openssl prometheus)
+              libvirt-dev git chromium chromium-driver openssl prometheus nftables)
 if [ "${VMHA_LAB:-0}" = 1 ] && [ -f lab/APT_PACKAGES.txt ]; then
   mapfile -t LAB < <(grep -v '^\s*#' lab/APT_PACKAGES.txt | sed '/^\s*$/d')
   APT_PACKAGES+=("${LAB[@]}")

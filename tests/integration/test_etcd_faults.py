@@ -2,11 +2,17 @@
 quorum never fences a healthy node; one that loses it for longer than the TTL does.
 
 3-member etcd, 3 agents on the fake hypervisor, 2 orchestrators, 6 VMs; the faults
-and the counts come from bench.etcd_faults (its ``main`` is the long form)."""
+and the counts come from bench.etcd_faults (its ``main`` is the long form).  The cutoff
+(every packet of one member dropped) needs each member in a network namespace: that
+test runs the bench's ``main`` as root, which makes the namespaces and deletes them."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +20,7 @@ import pytest
 
 from bench.etcd_faults import events, every_fault, fault_rig, leader_index, outcome
 from hypervisor.fake import fake_ground_truth
+from lab.etcdnet import netns_usable
 from schemas import ClusterConfig
 from store.etcd import EtcdStore, StoreUnavailable
 from tests.harness import EtcdCluster, wait_until
@@ -92,3 +99,38 @@ def test_quorum_lost_longer_than_the_ttl_still_self_fences(tmp_path: Path) -> No
             for m in stopped:
                 assert m.proc is not None
                 m.proc.send_signal(signal.SIGCONT)
+
+
+def test_member_cut_off_by_a_namespace_fences_nothing(tmp_path: Path) -> None:
+    """Issue 11: the raft leader's every packet (to its clients and to its peers) dropped
+    for 30 s by nftables, no RST and no ICMP; the others elect a leader, the cut member
+    answers nobody, and no node notices beyond a few failed keepalives."""
+    why = netns_usable()
+    if why is not None:
+        pytest.skip(f"the cutoff needs network namespaces: {why}")
+    assert shutil.which("nft"), "nft not found: scripts/setup.sh installs nftables"
+    out, log = tmp_path / "cutoff.json", tmp_path / "bench.log"
+    with open(log, "wb") as sink:
+        bench = subprocess.Popen([sys.executable, "-m", "bench.etcd_faults", "--rounds", "1",
+                                  "--stall", str(STALL_S), "--faults", "cutoff-leader",
+                                  "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            rc = bench.wait(600)
+        except subprocess.TimeoutExpired:
+            bench.send_signal(signal.SIGINT)  # it stops its rig and deletes its namespaces
+            rc = bench.wait(120)
+    text = log.read_text(errors="replace")
+    leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                              check=True).stdout
+    assert f"vmha-ef-{bench.pid}-" not in leftover, leftover
+    assert rc == 0, text[-4000:]
+    got = json.loads(out.read_text())
+    assert got["members_in_netns"] is True
+    [cut] = got["faults"]
+    # The cut really cuts: a client of the member gets no answer at all (no refused
+    # connection, no EPERM), and the members left elected a leader among themselves.
+    assert cut["fault"] == "cutoff" and cut["member"] == cut["leader_before"], cut
+    assert cut["probe"] == {"tcp": "timeout", "read": "timeout"}, cut
+    assert cut["leader_during"] not in (None, cut["member"]), cut
+    assert (got["guard_fires"], got["self_fences"], got["vms_moved"], got["fence_records"],
+            got["daemons_exited"]) == (0, 0, [], [], []), got
