@@ -62,6 +62,7 @@ from bench.campaign_faults import NEW_FAULTS, NewFaults
 from bench.common import pct
 from bench.etcd_faults import DropProxy
 from bench.tcpproxy import Proxy
+from hypervisor.fake import kill_guests
 from lab.configs import FAST_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker
 from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
@@ -198,6 +199,7 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
         for n in self.nodes:
             with contextlib.suppress(OSError, ValueError):  # no guard, or gone already
                 os.kill(int((self.fake_root / n / "host.pid").read_text()), signal.SIGKILL)
+        kill_guests(self.fake_root)  # processes of their own, outliving every daemon
         for ps in self.proxies.values():
             for p in ps:
                 p.close()

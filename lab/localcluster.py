@@ -274,6 +274,10 @@ class FakeCluster:
     def stop(self) -> None:
         for d in [*self.agents.values(), *self.orchestrators.values(), *self.guards.values()]:
             d.kill()
+        # The fake's guests are processes of their own that outlive every daemon.
+        from hypervisor.fake import kill_guests
+
+        kill_guests(self.fake_root)
 
 
 @contextlib.contextmanager
