@@ -196,16 +196,17 @@ def fake_dir(uri: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(*dirs: Path) -> Iterator[None]:
-    """Hold the hosts' locks (in a fixed order): a destroy never interleaves with a
-    switch-over.  A process that dies drops its locks."""
+def _locked(*dirs: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the hosts' locks (in one global order): a destroy never interleaves with a
+    migration's start or switch-over, and a reader holding them shared sees no half of
+    one.  A process that dies drops its locks."""
     files = []
     try:
-        for d in sorted({Path(x) for x in dirs}):
+        for d in sorted({Path(x).resolve() for x in dirs}):
             d.mkdir(parents=True, exist_ok=True)
             f = open(d / ".lock", "a")  # noqa: SIM115 - closed in finally
             files.append(f)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         for f in reversed(files):
@@ -448,26 +449,27 @@ def fake_ground_truth(root: Path) -> dict[str, list[str]]:
     live: dict[str, dict[str, dict[str, Any]]] = {}
     if not Path(root).is_dir():
         return {}
-    for node_dir in sorted(Path(root).iterdir()):
-        ddir = node_dir / "domains"
-        if not ddir.is_dir():
-            continue
-        for path in ddir.glob("*.json"):
-            try:
-                d = json.loads(path.read_text())
-            except (FileNotFoundError, ValueError):
-                continue
-            if isinstance(d, dict) and guest_alive(d.get("guest")):
-                live.setdefault(path.stem, {})[node_dir.name] = d
+    nodes = [d for d in sorted(Path(root).iterdir()) if (d / "domains").is_dir()]
+    # Read under the hosts' locks, shared: a read never straddles a migration's start
+    # or switch-over (one node read before it, the other after).
+    with _locked(*nodes, shared=True):
+        for node_dir in nodes:
+            for path in (node_dir / "domains").glob("*.json"):
+                try:
+                    d = json.loads(path.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+                if isinstance(d, dict) and guest_alive(d.get("guest")):
+                    live.setdefault(path.stem, {})[node_dir.name] = d
     out: dict[str, list[str]] = {}
     for vm, where in live.items():
-        nodes = []
+        running: list[str] = []
         for n, d in sorted(where.items()):
             inc = d.get("incoming") or {}
             src = where.get(str(inc.get("from", "")))
             if inc and src is not None and (src.get("outgoing") or {}).get("id") == inc.get("id"):
                 continue  # in flight: counted on its source
-            nodes.append(n)
-        if nodes:
-            out[vm] = nodes
+            running.append(n)
+        if running:
+            out[vm] = running
     return out
