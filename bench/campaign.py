@@ -4,8 +4,9 @@ cluster on real etcd (3 members), checking vmha's invariants after every step.
 Invariants (checked from ground truth and etcd history, never from vmha's own view;
 :mod:`lab.invariants` and :mod:`bench.campaign_core`):
 
-I1  at most one running instance per VM (the fake hypervisor's files + host processes,
-    sampled every 10 ms by a thread, for the whole campaign);
+I1  at most one running instance per VM (the fake hypervisor's guest processes, one per
+    running domain, which only a destroy ends: sampled every 10 ms by a thread, for the
+    whole campaign);
 I2  every declared VM runs again within `converge_s` after each fault is healed, while
     the cluster has the capacity for it;
 I3  no write from a stale leader epoch or a stale agent was accepted: every placement
@@ -21,7 +22,9 @@ fails (fence_policy=both); quorum loss (2 of 3 members) and return; etcd compact
 capacity exhaustion (a VM that fits nowhere); and (issue 11, :mod:`bench.campaign_faults`)
 an etcd member stalled (SIGSTOP) or black-holed (packets dropped, no RST), a rolling etcd
 restart, an agent SIGKILLed and restarted within the TTL next to its guard service, and
-hostile keys and values.  Dead agents are restarted the way systemd would
+hostile keys and values; and (issue 12, :mod:`bench.campaign_moves`) drains by lease
+revoke, moves, rebalances, and agents killed while a live migration from or to their
+node is in flight (``--migrate-seconds`` long).  Dead agents are restarted the way systemd would
 (Restart=always, 0.5 s), unless the fault holds them down.
 
 The last node (``svc_node``) runs its guard as its own service (``vmha guard``, as
@@ -38,6 +41,7 @@ quorum was reachable from the node is a *needless* self-fence (the definition is
     python -m bench.campaign --seeds 1 2 3 --steps 100 --out results/campaign.json
     python -m bench.campaign --negative-control   # guard off: must report a double run
     python -m bench.campaign --needless-control   # guard timeout too short: needless fences
+    python -m bench.campaign --lost-destroy-control  # destroys lost: must report double runs
 """
 
 from __future__ import annotations
@@ -59,9 +63,11 @@ from typing import Any
 from bench.campaign_classic import ClassicFaults, xml
 from bench.campaign_core import KS, CampaignCore, StepResult
 from bench.campaign_faults import NEW_FAULTS, NewFaults
+from bench.campaign_moves import MOVE_FAULTS, MoveFaults
 from bench.common import pct
 from bench.dropproxy import DropProxy
 from bench.tcpproxy import Proxy
+from hypervisor.fake import kill_guests
 from lab.configs import FAST_CONFIG, LAB_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker
 from lab.localcluster import Daemon, EtcdCluster, poll_until, start_etcd
@@ -72,23 +78,23 @@ from store.etcd import EtcdStore
 
 ALL_FAULTS = ("kill_agent", "kill_leader", "kill_etcd", "stop_agent", "stop_leader",
               "partition_agent", "fence_hang", "fence_fail", "quorum_loss", "compact",
-              "capacity", *NEW_FAULTS)
+              "capacity", *NEW_FAULTS, *MOVE_FAULTS)
 #: ``--timing``: the tests' short timing (a fault costs seconds), the lab's, or the
 #: shipped defaults (what operators run; guard timeout 4.5 s, docs/fencing.md).
 TIMINGS: dict[str, ClusterConfig] = {"fast": FAST_CONFIG, "lab": LAB_CONFIG,
                                      "default": ClusterConfig()}
-
 AGENT_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail")
 
-__all__ = ["ALL_FAULTS", "Campaign", "StepResult", "main", "needless_control",
-           "negative_control", "run_campaign"]
+__all__ = ["ALL_FAULTS", "Campaign", "StepResult", "lost_destroy_control", "main",
+           "needless_control", "negative_control", "run_campaign"]
 
 
-class Campaign(CampaignCore, ClassicFaults, NewFaults):
+class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
     def __init__(self, seed: int, workdir: Path, *, nodes: int = 3, vms: int = 6,
                  guard: bool = True, fence_policy: str = "self",
                  faults: tuple[str, ...] = ALL_FAULTS, converge_s: float = 40.0,
-                 verbose: bool = True, config: ClusterConfig = FAST_CONFIG) -> None:
+                 verbose: bool = True, config: ClusterConfig = FAST_CONFIG,
+                 migrate_seconds: float = 1.0) -> None:
         super().__init__(seed, vms, converge_s, verbose, FakeTruth(workdir / "hv"))
         self.base_config = config
         self.rng = random.Random(seed)
@@ -109,6 +115,10 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
         self.compacted = 0
         self.guard_kills = 0
         self.etcd: EtcdCluster | None = None
+        # A fake live migration takes this long, so a kill can land in the middle of it.
+        self.migrate_seconds = migrate_seconds
+        self.mid_migration_kills = 0
+        self.replaced_by_fault: dict[str, int] = {}
 
     # ---- set-up ------------------------------------------------------------------------
 
@@ -154,7 +164,8 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
         if n == self.svc_node:
             extra = ["--guard-socket", str(self.start_guard(n))]
         d = Daemon(n, ["--etcd", eps, "agent", "--name", n, "--fake-root", str(self.fake_root),
-                       "--memory-mib", "4096", "--vcpus", "8", "--log-format", "json", *extra],
+                       "--memory-mib", "4096", "--vcpus", "8", "--fake-migrate-seconds",
+                       str(self.migrate_seconds), "--log-format", "json", *extra],
                    self.workdir / f"agent-{n}.log")
         self.agents[n] = d.start()
 
@@ -209,6 +220,7 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
                 os.kill(int((self.fake_root / n / "host.pid").read_text()), signal.SIGKILL)
         # A guard that fired earlier destroys until its node registers again: end it too.
         kill_guards_under(self.fake_root)
+        kill_guests(self.fake_root)  # processes of their own, outliving every daemon
         for ps in self.proxies.values():
             for p in ps:
                 p.close()
@@ -240,7 +252,9 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
             reg = self.registrations().get(node)
             if reg is not None:
                 replaced[node] = reg
+        self.replaced_by_fault = {}
         getattr(self, f"_fault_{kind}")(rec, node, i)
+        replaced.update(self.replaced_by_fault)  # agents a fault killed or drained
         # An adopted registration shows its worth only past the old lease's TTL and the
         # leader's fence window.
         cfg = self.base_config
@@ -279,6 +293,7 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
                            "mean": round(statistics.mean(rec), 3) if rec else None},
             "agent_restarts": self.restarts["agent"], "guard_kills": self.guard_kills,
             "reattach": self.reattach_times(),
+            "mid_migration_kills": self.mid_migration_kills,
             "duration_s": round(sum(r.duration_s for r in self.results), 1),
             "steps": [r.__dict__ for r in self.results],
         }
@@ -304,13 +319,14 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults):
 def run_campaign(seed: int, steps: int, *, workdir: Path | None = None, guard: bool = True,
                  fence_policy: str = "self", faults: tuple[str, ...] = ALL_FAULTS,
                  deadline: float | None = None, verbose: bool = True,
-                 timing: str = "fast") -> dict[str, Any]:
+                 timing: str = "fast", migrate_seconds: float = 1.0) -> dict[str, Any]:
     wd = workdir or Path(tempfile.mkdtemp(prefix=f"vmha-campaign-{seed}-"))
     # I2: every VM runs again within 40 s of the heal with the test timing; the
     # default timing's TTL (6 s) and fence window (18-19.5 s) take longer.
     c = Campaign(seed, wd, guard=guard, fence_policy=fence_policy, faults=faults,
                  verbose=verbose, config=TIMINGS[timing],
-                 converge_s=40.0 if timing == "fast" else 60.0)
+                 converge_s=40.0 if timing == "fast" else 60.0,
+                 migrate_seconds=migrate_seconds)
     try:
         c.start()
         c.run(steps, deadline)
@@ -336,6 +352,30 @@ def negative_control(seed: int = 1, workdir: Path | None = None) -> dict[str, An
         c.history.caught_up()
         return {"double_runs_seen": len(sampler.violations), "first": sampler.violations[:1],
                 "stale_writes_accepted": len(c.history.violations)}
+    finally:
+        c.stop()
+
+
+def lost_destroy_control(seed: int = 1, workdir: Path | None = None) -> dict[str, Any]:
+    """Guard on, but one node's destroys are lost (the fake reports success and kills
+    nothing): its agent killed, its guard fires and misses, the leader boots its VMs
+    elsewhere, and I1 must see each of them twice.  (Before guests were processes of
+    their own, the guard's exit ended them: this control passed without a miss.)"""
+    wd = workdir or Path(tempfile.mkdtemp(prefix="vmha-campaign-lost-"))
+    c = Campaign(seed, wd, faults=("kill_agent",), converge_s=15.0)
+    try:
+        c.start()
+        assert c.sampler is not None
+        sampler = c.sampler
+        node = max(c.nodes[:-1], key=lambda n: len(c.vms_on(n)))
+        victims = c.vms_on(node)
+        (c.fake_root / node / "destroy-noop").touch()
+        c.hold(node)
+        c.agents[node].kill()
+        poll_until(lambda: {v["vm"] for v in sampler.violations} >= set(victims), 30, 0.1)
+        return {"node": node, "victims": victims, "double_runs_seen": len(sampler.violations),
+                "vms_seen_twice": sorted({v["vm"] for v in sampler.violations}),
+                "first": sampler.violations[:1]}
     finally:
         c.stop()
 
@@ -369,8 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing", choices=sorted(TIMINGS), default="fast",
                     help="cluster timing: the tests' (fast), the lab's, or the shipped "
                          "defaults")
+    ap.add_argument("--lost-destroy-control", action="store_true",
+                    help="a node whose destroys are lost: must report its VMs running twice")
+    ap.add_argument("--faults", nargs="+", choices=ALL_FAULTS, default=list(ALL_FAULTS),
+                    help="the fault kinds drawn from (default: all)")
+    ap.add_argument("--migrate-seconds", type=float, default=1.0,
+                    help="how long a fake live migration takes (kills land mid-way)")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
+    if a.lost_destroy_control:
+        res = lost_destroy_control(a.seeds[0])
+        print(json.dumps(res, indent=2))
+        return 0 if res["double_runs_seen"] else 1
     if a.needless_control:
         res = needless_control(a.seeds[0])
         print(json.dumps(res, indent=2))
@@ -385,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     # Seeds in parallel, each its own cluster (a fault campaign mostly waits).
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         futs = [pool.submit(run_seed, seed, a.steps, a.policy, a.minutes, started_wall,
-                            a.timing) for seed in a.seeds]
+                            tuple(a.faults), a.migrate_seconds, a.timing)
+                for seed in a.seeds]
         for fut in as_completed(futs):
             got = fut.result()
             if got is None:
@@ -403,14 +454,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_seed(seed: int, steps: int, policy: str, minutes: float | None,
-             started_wall: float, timing: str = "fast") -> dict[str, Any] | None:
+             started_wall: float, faults: tuple[str, ...] = ALL_FAULTS,
+             migrate_seconds: float = 1.0, timing: str = "fast") -> dict[str, Any] | None:
     """One seed's campaign in a worker process; the budget counts from ``started_wall``."""
     left = None if minutes is None else started_wall + minutes * 60 - time.time()
     if left is not None and left <= 0:
         return None
     deadline = None if left is None else time.monotonic() + left
     policy = policy if policy != "mixed" else ("self" if seed % 2 else "both")
-    return run_campaign(seed, steps, fence_policy=policy, deadline=deadline, timing=timing)
+    return run_campaign(seed, steps, fence_policy=policy, deadline=deadline, faults=faults,
+                        migrate_seconds=migrate_seconds, timing=timing)
 
 
 def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[str, Any]:
@@ -431,6 +484,7 @@ def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[s
             "self_fences": sum(r["self_fences"] for r in runs),
             "self_fences_by_fault": dict(sorted(fenced.items())),
             "needless_self_fences": sum(r["needless_self_fences"] for r in runs),
+            "mid_migration_kills": sum(r.get("mid_migration_kills", 0) for r in runs),
             "wall_s": round(wall_s, 1),
             "reattach": {k: {"n": len(v), "p50": pct(v, 50), "p95": pct(v, 95),
                              "min" if k == "margin_s" else "max":

@@ -59,7 +59,8 @@ class StepResult:
 
 
 #: Faults that cut their target node's agent off from etcd quorum.
-CUT_OFF_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail")
+CUT_OFF_FAULTS = ("kill_agent", "stop_agent", "partition_agent", "fence_hang", "fence_fail",
+                  "move_kill_source", "move_kill_target", "drain_kill_target")
 #: Faults that take etcd quorum away from every node.
 NO_QUORUM_FAULTS = ("quorum_loss",)
 #: Log events of a self-fence (the agent's deadline, its destroys, a guard firing).

@@ -3,22 +3,43 @@
 State lives in files under a shared directory so several agent *processes* can
 migrate to each other and a test can check ground truth independently of vmha:
 
-    <root>/<node>/host.pid          pid of the process that "is" this host
-    <root>/<node>/domains/<vm>.json {"state": ..., "xml": ..., "host_pid": ...}
+    <root>/<node>/host.pid          pid of the process that "is" this host's libvirtd
+    <root>/<node>/domains/<vm>.json {"state": ..., "xml": ..., "guest": {"pid", "start"}}
 
-A domain counts as running only while its host process lives: `kill -9` of the
-agent process is a host crash, and its guests die with it (they show as
-"crashed" afterwards, as libvirt shows them after a host reboot).
+Every running domain is a real process of its own, its guest (`sleep infinity`, with
+`vmha-fake-guest <root>/<node>/<vm>` as its argv[0], in a session of its own): started
+by boot and by an incoming migration, killed by destroy, shutdown and the end of an
+outgoing migration, and nothing else.  A domain runs exactly while its guest process
+lives (the record's pid *and* its start time, so a reused pid does not count): a
+destroy that does not happen leaves a process running that any checker sees.  Neither
+the agent's nor the guard's exit ends a guest, as neither ends a QEMU; a node losing
+power is :func:`power_off`.
+
+A live migration starts a paused *incoming* copy on the destination whose process
+exits when the migrating process does (libvirt drops an incoming domain whose source
+went away); at the switch-over the source's guest is killed and then the destination
+resumed, under both hosts' locks (a destroy on either side never interleaves with it).
+`migrate_seconds` is how long the copy takes, so a fault can land in the middle of it.
+
+`<root>/<node>/destroy-noop` (a fault injection for the negative controls of the
+checkers): this host's destroys, and the source side of its switch-overs, leave the
+guest process running while they report success.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +52,14 @@ from hypervisor.base import (
 )
 
 SCHEME = "fake://"
+#: argv[0] of every fake guest process: the tag, then <root>/<node>/<vm>.
+GUEST_TAG = "vmha-fake-guest"
+_SLEEP = shutil.which("sleep") or "/bin/sleep"
+_SH = shutil.which("sh") or "/bin/sh"
+#: An incoming copy lives while the migrating process does (polled by its shell).
+_INCOMING_SCRIPT = 'while kill -0 "$1" 2>/dev/null; do sleep 0.05; done'
+#: Guest processes this process started, kept to reap them (no zombies).
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def pid_alive(pid: int) -> bool:
@@ -48,6 +77,112 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[19])
+
+
+def guest_alive(guest: Any) -> bool:
+    """Whether a record's guest process still lives: its pid with the start time it had
+    (a pid reused by another process does not count), not a zombie."""
+    if not isinstance(guest, dict):
+        return False
+    try:
+        st = _stat(int(guest["pid"]))
+        return st is not None and st[0] not in ("Z", "X", "x") and st[1] == int(guest["start"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _reap() -> None:
+    for pid, p in list(_children.items()):
+        if p.poll() is not None:
+            del _children[pid]
+
+
+def _spawn(argv: list[str], executable: str) -> dict[str, int]:
+    _reap()
+    p = subprocess.Popen(argv, executable=executable, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+    _children[p.pid] = p
+    st = _stat(p.pid)
+    return {"pid": p.pid, "start": st[1] if st else -1}
+
+
+def spawn_guest(tag: str) -> dict[str, int]:
+    """A running guest: `sleep infinity` named `vmha-fake-guest <tag>`."""
+    return _spawn([f"{GUEST_TAG} {tag}", "infinity"], _SLEEP)
+
+
+def spawn_incoming(tag: str, job_pid: int) -> dict[str, int]:
+    """A paused incoming copy: lives as long as process `job_pid` (the migration)."""
+    return _spawn([f"{GUEST_TAG} {tag}", "-c", _INCOMING_SCRIPT, "incoming", str(job_pid)],
+                  _SH)
+
+
+def kill_guest(guest: Any) -> None:
+    """SIGKILL a record's guest process (if it is still that process) and wait until it
+    is gone, so a destroy that returned left nothing running."""
+    if not guest_alive(guest):
+        return
+    pid = int(guest["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    p = _children.pop(pid, None)
+    if p is not None:
+        p.wait(5)
+        return
+    deadline = time.monotonic() + 5.0
+    while guest_alive(guest) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def guest_processes(under: Path | None = None) -> dict[int, str]:
+    """Live fake guest processes (pid -> their <root>/<node>/<vm>), all of them or those
+    whose root lies under `under`; found by their argv[0] in /proc."""
+    prefix = f"{GUEST_TAG} ".encode()
+    base = str(Path(under).resolve()) + "/" if under is not None else ""
+    out: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if argv0.startswith(prefix):
+            where = argv0[len(prefix):].decode(errors="replace")
+            if where.startswith(base) and pid_alive(int(entry.name)):
+                out[int(entry.name)] = where
+    return out
+
+
+def kill_guests(under: Path) -> list[int]:
+    """SIGKILL every fake guest whose root lies under `under` (a test's or a campaign's
+    teardown: guests outlive the daemons by design); the pids killed."""
+    pids = sorted(guest_processes(under))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        p = _children.pop(pid, None)
+        if p is not None:
+            p.wait(5)
+    return pids
+
+
+def power_off(uri: str) -> list[int]:
+    """The node behind `uri` loses power: every guest it runs dies at once."""
+    d = fake_dir(uri)
+    return kill_guests(d) if d.is_dir() else []
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data))
@@ -59,6 +194,24 @@ def fake_dir(uri: str) -> Path:
     if not uri.startswith(SCHEME):
         raise ValueError(f"not a fake hypervisor URI: {uri!r}")
     return Path(uri[len(SCHEME):])
+
+
+@contextlib.contextmanager
+def _locked(*dirs: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the hosts' locks (in one global order): a destroy never interleaves with a
+    migration's start or switch-over, and a reader holding them shared sees no half of
+    one.  A process that dies drops its locks."""
+    files = []
+    try:
+        for d in sorted({Path(x).resolve() for x in dirs}):
+            d.mkdir(parents=True, exist_ok=True)
+            f = open(d / ".lock", "a")  # noqa: SIM115 - closed in finally
+            files.append(f)
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        for f in reversed(files):
+            f.close()
 
 
 class FakeHypervisor:
@@ -87,8 +240,7 @@ class FakeHypervisor:
     @classmethod
     def attach(cls, uri: str) -> FakeHypervisor:
         """A handle on an existing fake host that does not claim it: host.pid stays as
-        is, so the host's guests keep living exactly as long as its process (the guard
-        destroying domains of a host it does not own uses this)."""
+        is (the guard destroying domains of a host it does not own uses this)."""
         d = fake_dir(uri)
         return cls(d.parent, d.name, memory_mib=0, vcpus=0, migrate_seconds=0.0, claim=False)
 
@@ -96,16 +248,19 @@ class FakeHypervisor:
         try:
             return int((self.dir / "host.pid").read_text())
         except (OSError, ValueError):
-            return 0  # no host yet: nothing it runs counts as alive
+            return 0  # no host yet: it accepts no work
 
     def adopt_host(self, pid: int) -> None:
-        """Make process `pid` (the agent's guard) the host: guests booted from now on
-        live as long as it does, independently of the agent process."""
+        """Make process `pid` (the agent's guard) the host's libvirtd: it accepts work
+        (boots, incoming migrations) while that process lives."""
         self.host_pid = pid
         (self.dir / "host.pid").write_text(str(pid))
 
     def _path(self, name: str) -> Path:
         return self.ddir / f"{name}.json"
+
+    def _tag(self, name: str, node_dir: Path | None = None) -> str:
+        return f"{(node_dir or self.dir).resolve()}/{name}"
 
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -113,25 +268,39 @@ class FakeHypervisor:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _destroy_lost(self, node_dir: Path | None = None) -> bool:
+        return ((node_dir or self.dir) / "destroy-noop").exists()
+
     def list_domains(self) -> dict[str, Domain]:
         out = {}
         for path in sorted(self.ddir.glob("*.json")):
             d = self._read(path)
             if d is None:
                 continue
+            alive = guest_alive(d.get("guest"))
+            if d.get("incoming"):
+                if alive:  # a dead incoming copy is gone, as libvirt drops it
+                    out[path.stem] = Domain(path.stem, "paused", True, True)
+                continue
             state = d["state"]
-            if state in ("running", "paused") and not pid_alive(int(d["host_pid"])):
+            if state in ("running", "paused") and not alive:
                 state = "crashed"
-            out[path.stem] = Domain(path.stem, state, True, bool(d.get("incoming", False)))
+            out[path.stem] = Domain(path.stem, state, True, False)
         return out
 
     def boot(self, name: str, xml: str) -> None:
         cur = self._read(self._path(name))
-        if cur and cur["state"] == "running" and pid_alive(int(cur["host_pid"])):
-            return
+        if cur and guest_alive(cur.get("guest")):
+            if cur.get("incoming"):
+                raise HypervisorRefused(f"operation failed: domain '{name}' is being "
+                                        "migrated in")
+            if cur["state"] == "running":
+                return
         self._refuse_as_libvirt(name, xml)
+        # A host whose libvirtd is down starts nothing: the domain shows as crashed.
+        guest = spawn_guest(self._tag(name)) if pid_alive(self.host_pid) else None
         _write_json(self._path(name), {"state": "running", "xml": mark_managed(xml),
-                                       "host_pid": self.host_pid, "booted_at": time.time()})
+                                       "guest": guest, "booted_at": time.time()})
 
     def _refuse_as_libvirt(self, name: str, xml: str) -> None:
         """What libvirt's define refuses, refused alike (HypervisorRefused, libvirt's
@@ -156,12 +325,27 @@ class FakeHypervisor:
         self.destroy(name)
 
     def destroy(self, name: str) -> None:
-        cur = self._read(self._path(name))
-        if cur and cur["state"] != "shutoff":
-            cur["state"] = "shutoff"
-            _write_json(self._path(name), cur)
+        with _locked(self.dir):
+            cur = self._read(self._path(name))
+            if cur is None:
+                return
+            if not self._destroy_lost():
+                kill_guest(cur.get("guest"))
+            if cur.get("incoming"):
+                # Destroying an incoming copy fails its migration; nothing is left here.
+                self._path(name).unlink(missing_ok=True)
+            elif cur["state"] != "shutoff":
+                cur["state"] = "shutoff"
+                _write_json(self._path(name), cur)
 
     def undefine(self, name: str) -> None:
+        cur = self._read(self._path(name))
+        if cur and guest_alive(cur.get("guest")) and not cur.get("incoming"):
+            # libvirt keeps a running domain (transient) until it is destroyed.
+            cur["state"] = "running"
+            cur["transient"] = True
+            _write_json(self._path(name), cur)
+            return
         self._path(name).unlink(missing_ok=True)
 
     def migrate(self, name: str, target_uri: str, target_address: str, *,
@@ -170,7 +354,8 @@ class FakeHypervisor:
         if not target_uri.startswith(SCHEME):
             raise HypervisorRefused(f"fake hypervisor cannot migrate to {target_uri!r}")
         cur = self._read(self._path(name))
-        if not cur or cur["state"] != "running" or not pid_alive(int(cur["host_pid"])):
+        if (not cur or cur["state"] != "running" or cur.get("incoming")
+                or not guest_alive(cur.get("guest"))):
             raise HypervisorRefused(f"domain {name!r} is not running on {self.node}")
         target_dir = fake_dir(target_uri)
         try:
@@ -179,20 +364,55 @@ class FakeHypervisor:
             raise HypervisorUnavailable(f"cannot connect to {target_uri}") from None
         if not pid_alive(target_pid):
             raise HypervisorUnavailable(f"cannot connect to {target_uri}: host is down")
+        tpath = target_dir / "domains" / f"{name}.json"
+        mid = uuid.uuid4().hex[:12]
         start = time.monotonic()
-        self._copy_or_abort(name)
-        tdir = target_dir / "domains"
-        total_ms = (time.monotonic() - start) * 1000.0
-        stats = {"total_ms": round(total_ms, 1), "downtime_ms": 1.0}
-        # Switch-over: the destination copy starts before the source copy is removed,
-        # exactly one of them "runs" at any instant that a checker can observe, because
-        # the checker treats a source file that is still present as the running one
-        # only until the destination file exists (see fake_ground_truth()).
-        _write_json(tdir / f"{name}.json", {"state": "running", "xml": cur["xml"],
-                                            "host_pid": target_pid, "booted_at": time.time(),
-                                            "migrated_from": self.node, "migration": stats})
-        self._path(name).unlink(missing_ok=True)
+        with _locked(self.dir, target_dir):
+            there = self._read(tpath)
+            if there and guest_alive(there.get("guest")):
+                raise HypervisorRefused(f"operation failed: domain '{name}' is already "
+                                        f"active on {target_dir.name}")
+            incoming = spawn_incoming(self._tag(name, target_dir), os.getpid())
+            _write_json(tpath, {"state": "paused", "xml": cur["xml"], "guest": incoming,
+                                "incoming": {"from": self.node, "id": mid},
+                                "booted_at": time.time()})
+            cur["outgoing"] = {"to": target_dir.name, "id": mid}
+            _write_json(self._path(name), cur)
+        try:
+            self._copy_or_abort(name)
+            total_ms = (time.monotonic() - start) * 1000.0
+            stats = {"total_ms": round(total_ms, 1), "downtime_ms": 1.0}
+            self._switch_over(name, tpath, mid, stats)
+        except BaseException:
+            self._abandon(name, tpath, mid)
+            raise
         return MigrationStats(stats["total_ms"], stats["downtime_ms"])
+
+    def _switch_over(self, name: str, tpath: Path, mid: str, stats: dict[str, float]) -> None:
+        """Stop the source, then resume the destination: never both running."""
+        target_dir = tpath.parent.parent
+        with _locked(self.dir, target_dir):
+            there = self._read(tpath)
+            if (not there or (there.get("incoming") or {}).get("id") != mid
+                    or not guest_alive(there.get("guest"))):
+                raise HypervisorUnavailable(f"migration of {name!r} failed: the incoming "
+                                            f"copy on {target_dir.name} is gone")
+            cur = self._read(self._path(name))
+            if not cur or not guest_alive(cur.get("guest")):
+                raise HypervisorRefused(f"domain {name!r} died during its migration")
+            lost = self._destroy_lost()
+            if not lost:
+                kill_guest(cur.get("guest"))
+            resumed = spawn_guest(self._tag(name, target_dir))
+            _write_json(tpath, {"state": "running", "xml": there["xml"], "guest": resumed,
+                                "booted_at": time.time(), "migrated_from": self.node,
+                                "migration": stats})
+            kill_guest(there.get("guest"))
+            if lost:  # the source QEMU did not stop: it keeps running, un-excused
+                del cur["outgoing"]
+                _write_json(self._path(name), cur)
+            else:
+                self._path(name).unlink(missing_ok=True)
 
     # ---- migration jobs (in this process, as libvirt's job belongs to its caller) -----
 
@@ -222,6 +442,18 @@ class FakeHypervisor:
         job[0].set()
         return True
 
+    def _abandon(self, name: str, tpath: Path, mid: str) -> None:
+        """A migration that did not switch over: its incoming copy goes, the source runs on."""
+        with _locked(self.dir, tpath.parent.parent):
+            there = self._read(tpath)
+            if there and (there.get("incoming") or {}).get("id") == mid:
+                kill_guest(there.get("guest"))
+                tpath.unlink(missing_ok=True)
+            cur = self._read(self._path(name))
+            if cur and (cur.get("outgoing") or {}).get("id") == mid:
+                del cur["outgoing"]
+                _write_json(self._path(name), cur)
+
     def incoming_stats(self, name: str) -> MigrationStats | None:
         cur = self._read(self._path(name))
         if not cur or "migration" not in cur:
@@ -240,33 +472,37 @@ class FakeHypervisor:
 
 
 def fake_ground_truth(root: Path) -> dict[str, list[str]]:
-    """VM name -> nodes where it really runs, read without any vmha code path.
+    """VM name -> nodes where it really runs: a node counts while the VM's guest process
+    there lives, read without any vmha code path.
 
-    A migration's switch-over writes the destination before removing the source,
-    so a VM seen on two nodes whose destination copy names the other as
-    `migrated_from` is one VM in switch-over, counted once (on the destination)."""
-    seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    One exception: a paused incoming copy is not a second instance while the source's
+    record names the same migration (the copy never ran, and it ends with the job or
+    becomes the only running copy at the switch-over).  Once the migration ends there
+    is nothing left to excuse: a source process that outlives it is counted."""
+    live: dict[str, dict[str, dict[str, Any]]] = {}
     if not Path(root).is_dir():
         return {}
-    for node_dir in sorted(Path(root).iterdir()):
-        ddir = node_dir / "domains"
-        if not ddir.is_dir():
-            continue
-        for path in ddir.glob("*.json"):
-            try:
-                d = json.loads(path.read_text())
-            except (FileNotFoundError, ValueError):
-                continue
-            if d.get("state") == "running" and pid_alive(int(d["host_pid"])):
-                seen.setdefault(path.stem, []).append((node_dir.name, d))
+    nodes = [d for d in sorted(Path(root).iterdir()) if (d / "domains").is_dir()]
+    # Read under the hosts' locks, shared: a read never straddles a migration's start
+    # or switch-over (one node read before it, the other after).
+    with _locked(*nodes, shared=True):
+        for node_dir in nodes:
+            for path in (node_dir / "domains").glob("*.json"):
+                try:
+                    d = json.loads(path.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+                if isinstance(d, dict) and guest_alive(d.get("guest")):
+                    live.setdefault(path.stem, {})[node_dir.name] = d
     out: dict[str, list[str]] = {}
-    for vm, where in seen.items():
-        nodes = [n for n, _ in where]
-        if len(where) == 2:
-            (n1, d1), (n2, d2) = where
-            if d2.get("migrated_from") == n1:
-                nodes = [n2]
-            elif d1.get("migrated_from") == n2:
-                nodes = [n1]
-        out[vm] = nodes
+    for vm, where in live.items():
+        running: list[str] = []
+        for n, d in sorted(where.items()):
+            inc = d.get("incoming") or {}
+            src = where.get(str(inc.get("from", "")))
+            if inc and src is not None and (src.get("outgoing") or {}).get("id") == inc.get("id"):
+                continue  # in flight: counted on its source
+            running.append(n)
+        if running:
+            out[vm] = running
     return out

@@ -211,7 +211,8 @@ _MODELS: dict[str, type[Model]] = {"vm_placement": Placement, "fence": FenceReco
 class HistoryChecker:
     """I3 over etcd's history, from a watch that starts at revision 1: every placement
     and leader-written fence record carries the epoch of the leader key that existed
-    at its revision; every status was written while its node was registered."""
+    at its revision; every status was written while its node was registered, under the
+    registration current at its revision (the one the status names)."""
 
     def __init__(self, store: EtcdStore, ks: Keyspace | None = None) -> None:
         self.store = store
@@ -288,12 +289,24 @@ class HistoryChecker:
             self._check_epoch(rev, int(data.get("epoch", -1)), key)
         elif kind == "vm_status":
             self.checked["status"] += 1
-            node = data.get("node", "")
-            ok = any(c is not None and c <= rev and (end is None or rev < end)
-                     for c, end in self.regs.get(node, []))
-            if not ok:
-                self.violations.append({"invariant": "I3", "key": key, "revision": rev,
-                                        "why": f"status from {node} while not registered"})
+            self._check_status(key, rev, data)
+
+    def _check_status(self, key: str, rev: int, data: dict[str, Any]) -> None:
+        """A status is written while its node is registered, and under the registration
+        current at that revision when it names one (a stale agent's write names an
+        older registration of the same node)."""
+        node = data.get("node", "")
+        current = [c for c, end in self.regs.get(node, [])
+                   if c is not None and c <= rev and (end is None or rev < end)]
+        writer = data.get("registration")
+        if not current:
+            why = f"status from {node} while not registered"
+        elif isinstance(writer, int) and writer not in current:
+            why = (f"status from {node} under registration {writer} while {current[-1]} "
+                   "was current")
+        else:
+            return
+        self.violations.append({"invariant": "I3", "key": key, "revision": rev, "why": why})
 
     def _check_epoch(self, rev: int, epoch: int, key: str) -> None:
         end = self.leader_terms.get(epoch, -1)

@@ -298,6 +298,10 @@ class FakeCluster:
         # The agents' own guards: armed ones would fire and destroy until a registration
         # that never comes.
         kill_guards_under(self.fake_root)
+        # The fake's guests are processes of their own that outlive every daemon.
+        from hypervisor.fake import kill_guests
+
+        kill_guests(self.fake_root)
 
 
 @contextlib.contextmanager

@@ -218,7 +218,8 @@ class Execution:
         res = self.ctx.store.txn([Cmp(key, "mod", "==", expect_mod),
                                   Cmp(ks.node(self.ctx.me), "create", "==",
                                       reg.create_revision)],
-                                 [Put(key, status.to_json())])
+                                 [Put(key, status.model_copy(update={
+                                     "registration": reg.create_revision}).to_json())])
         return res.succeeded
 
     def _report(self, a: agent_plan.Report, snap: ClusterSnapshot) -> None:

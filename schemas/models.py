@@ -483,6 +483,9 @@ class VmStatus(Model):
     crashes: int = Field(default=0, ge=0)
     failed_at: float | None = None
     retry_at: float | None = None
+    # The create revision of the writer's registration (the one its transaction compared
+    # against): lets a history check tell a stale agent's write from a current one.
+    registration: int | None = None
 
 
 RUNNING_STATES: frozenset[str] = frozenset({"running", "paused", "migrating"})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.fake import kill_guests
 from lab.configs import FAST_CONFIG
 from schemas import ClusterConfig
 from store.etcd import EtcdStore
@@ -18,6 +19,16 @@ pytest_plugins = ["tests.leakcheck"]
 # Short timing for tests (lab.configs says why); it passes the same validation as
 # production config.
 TEST_CONFIG = FAST_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _fake_guests_end_with_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The fake hypervisor's guests are processes of their own that outlive every daemon
+    (as QEMU does): the ones a test booted under its tmp_path end with it."""
+    yield
+    tmp = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if isinstance(tmp, Path) and (any(tmp.glob("*/domains")) or any(tmp.glob("*/*/domains"))):
+        kill_guests(tmp)
 
 
 @pytest.fixture

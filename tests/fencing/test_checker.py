@@ -123,3 +123,28 @@ def test_recovery_runs_from_the_fault_to_running_again_after_down() -> None:
     rec = checker.recovery(["v", "w"], t0)
     assert set(rec) == {"v"} and rec["v"] >= 0, rec  # w never went down
     assert checker.seen("v", t0) == {"n3"} and checker.seen("v") == {"n1", "n3"}
+
+
+def test_status_under_an_older_registration_of_its_node_is_flagged(etcd: EtcdCluster) -> None:
+    """The node is registered when the write lands, but by a newer registration than the
+    writer's: a stale agent process (the one its transaction would have refused)."""
+    store = EtcdStore(etcd.endpoints)
+    hc = HistoryChecker(EtcdStore(etcd.endpoints))
+    hc.ensure()
+    old = store.put(KS.node("n1"), json.dumps({"name": "n1"}))
+    store.put(KS.vm_status("v"), status_under("n1", old))                   # fine
+    store.delete(KS.node("n1"))
+    new = store.put(KS.node("n1"), json.dumps({"name": "n1"}))
+    store.put(KS.vm_status("v"), status_under("n1", new))                   # fine
+    store.put(KS.vm_status("v"), status("n1"))                              # names none: fine
+    assert hc.caught_up() and hc.violations == [], hc.violations
+    store.put(KS.vm_status("v"), status_under("n1", old))                   # stale writer
+    assert hc.caught_up()
+    assert [v["why"] for v in hc.violations] == [
+        f"status from n1 under registration {old} while {new} was current"]
+    store.close()
+
+
+def status_under(node: str, registration: int) -> str:
+    return VmStatus(vm="v", node=node, state="running", since=0.0,
+                    registration=registration).to_json()

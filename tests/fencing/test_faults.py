@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from bench.campaign import Campaign, StepResult, needless_control, negative_control
+from bench.campaign import (
+    Campaign,
+    StepResult,
+    lost_destroy_control,
+    needless_control,
+    negative_control,
+)
 from tests.integration.helpers import log_events
 
 pytestmark = pytest.mark.integration
@@ -128,6 +134,43 @@ def test_hostile_values_change_nothing(selfc: Campaign) -> None:
     assert r.self_fenced == [] and r.recovery_s == {}, r
 
 
+def test_drain_by_lease_revoke_migrates_everything_away_without_a_fence(
+        selfc: Campaign) -> None:
+    r = run(selfc, "drain")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_move_fences_nothing_and_keeps_the_vm_up(selfc: Campaign) -> None:
+    r = run(selfc, "move")
+    assert any(n.startswith("move ") for n in r.notes), r
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_rebalance_fills_an_emptied_node_again(selfc: Campaign) -> None:
+    r = run(selfc, "rebalance")
+    assert r.self_fenced == [] and r.recovery_s == {}, r
+
+
+def test_kill_of_the_source_mid_migration(selfc: Campaign) -> None:
+    before = selfc.mid_migration_kills
+    r = run(selfc, "move_kill_source")
+    assert selfc.mid_migration_kills == before + 1, r.notes
+    assert agent_log(selfc, r.target, "guard_fired")
+
+
+def test_kill_of_the_target_mid_migration(selfc: Campaign) -> None:
+    before = selfc.mid_migration_kills
+    r = run(selfc, "move_kill_target")
+    assert selfc.mid_migration_kills == before + 1, r.notes
+    assert agent_log(selfc, r.target, "guard_fired")
+
+
+def test_kill_of_a_target_mid_drain(selfc: Campaign) -> None:
+    before = selfc.mid_migration_kills
+    r = run(selfc, "drain_kill_target")
+    assert selfc.mid_migration_kills == before + 1, r.notes
+
+
 def test_short_random_campaign(selfc: Campaign) -> None:
     for _ in range(6):
         run(selfc, selfc.rng.choice(selfc.faults))
@@ -163,6 +206,13 @@ def test_negative_control_guard_disabled_reports_a_double_run(tmp_path: Path) ->
     assert res["double_runs_seen"] > 0, res
     # Even then etcd accepted no write from the stale agent: the damage is in the hypervisor.
     assert res["stale_writes_accepted"] == 0, res
+
+
+def test_negative_control_a_lost_destroy_is_reported_as_a_double_run(tmp_path: Path) -> None:
+    """Guard on, destroys lost on one node: its guard fires and misses, and I1 sees each
+    of its VMs running twice once the leader boots them elsewhere."""
+    res = lost_destroy_control(5, tmp_path)
+    assert res["victims"] and res["vms_seen_twice"] == res["victims"], res
 
 
 def test_needless_control_an_agent_frozen_during_a_member_stall_is_counted(
