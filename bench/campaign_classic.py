@@ -79,7 +79,9 @@ class ClassicFaults:
         self.mode_file.write_text(mode)
         self.hold(node)
         self.agents[node].kill()
-        self._down_for(2.0, 4.0)
+        # The device is called only after revoke_grace_s: hold long enough for retries.
+        grace = self.base_config.revoke_grace_s
+        self._down_for(2.0 + grace, 4.0 + grace)
         self.mode_file.write_text("ok")
         self.release(node)
 
