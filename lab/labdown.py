@@ -64,6 +64,11 @@ def teardown(lab_dir: Path, quiet: bool = False) -> list[str]:
     kids = [{"pid": k, "argv": pid_cmdline(k)} for r in daemons if proc_alive(r)
             for k in child_pids(int(r["pid"]))]
     left = kill_recorded(daemons, signal.SIGKILL) + kill_recorded(kids, signal.SIGKILL)
+    # A guard whose agent died earlier (no longer its child) and that fired destroys
+    # again until a registration that will not come: end it too.
+    from lab.procs import kill_guards_under
+
+    left += kill_guards_under(lab_dir)
     if left:
         problems.append(f"daemons {left} did not die")
     if (lab_dir / "nodes").exists():

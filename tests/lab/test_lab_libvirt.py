@@ -304,7 +304,7 @@ def test_destroy_lab_leaves_nothing(tmp_path: Path) -> None:
         finally:
             conn.close()
         pids = [pid for node in nodes for pid in node_pids(node)]
-        assert len(pids) == 5  # 2 x (libvirtd, reaper) + 1 qemu
+        assert len(pids) == 7  # 2 x (libvirtd, virtlockd, reaper) + 1 qemu
         assert len(lab_nodes(root)) == 2
         destroy_lab(root)
         assert not any(pid_alive(p) for p in pids)
