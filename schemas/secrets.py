@@ -28,7 +28,8 @@ _CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,254}")
 
 
 def control_char(value: str) -> str | None:
-    """The first control character in `value` as U+XXXX, or None."""
+    """The first control character in `value`, written as "U+" and four hex digits
+    (e.g. U+000A for a newline), or None."""
     m = _CONTROL.search(value)
     return f"U+{ord(m.group()):04X}" if m else None
 
