@@ -36,6 +36,11 @@ from store.etcd import EtcdStore
 MEMBER_FAULTS = ("stall_etcd", "blackhole_etcd", "rolling_etcd")
 NEW_FAULTS = (*MEMBER_FAULTS, "agent_restart", "hostile")
 
+#: Before hostile values are written the cluster must be quiet (no fenced host, no
+#: migration) for QUIET_HOLD_S, waited for up to QUIET_TIMEOUT_S.
+QUIET_HOLD_S = 3.0
+QUIET_TIMEOUT_S = 60.0
+
 _NAMES = (b"\xff\xfe", b"fz/a/b", b"fz\nx", "fz-\u00e9t\u00e9".encode(), b"fz\x00",
           b"fz" + b"x" * 300, "\U0001f4a5".encode())
 
@@ -80,6 +85,9 @@ class NewFaults:
         raise NotImplementedError
 
     def truth(self) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def settled(self, replaced: dict[str, int], old_leader: int | None) -> bool:
         raise NotImplementedError
 
     def wait_member(self, m: EtcdMember, timeout: float = 30.0) -> bool:
@@ -183,6 +191,9 @@ class NewFaults:
         # Only exits during the writes count: a daemon an earlier fault killed (the
         # leader, say) is restarted by the supervisor first.
         poll_until(lambda: all(d.alive() for d in self._daemon_list().values()), 10)
+        if not self._wait_quiet(QUIET_TIMEOUT_S):
+            rec.notes.append(f"hostile: cluster not quiet within {QUIET_TIMEOUT_S} s; "
+                             "compared anyway")
         running = {n: d for n, d in self._daemon_list().items() if d.alive()}
         before = {vm: sorted(ns) for vm, ns in self.truth().items()}
         keys = []
@@ -205,6 +216,36 @@ class NewFaults:
         if bad:
             rec.notes.append("hostile: " + "; ".join(bad))
             self.flagged.append({"invariant": "H", "step": rec.step, "detail": bad})
+
+    def _quiet(self) -> bool:
+        """No host fenced (a guard's destroy passes run while its marker exists), no
+        migration in flight, and every declared VM running once: what the previous
+        step set going has played out, so a change during the writes is theirs."""
+        if any(self.fake_root.glob("*/fenced")):
+            return False
+        for path in self.fake_root.glob("*/domains/*.json"):
+            try:
+                d = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return False  # mid-write: look again
+            if d.get("incoming") or d.get("outgoing"):
+                return False
+        return self.settled({}, None)
+
+    def _wait_quiet(self, timeout: float) -> bool:
+        """:meth:`_quiet`, held for QUIET_HOLD_S (a late guard pass or a placement the
+        leader is still writing shows within it)."""
+        since: list[float] = []
+
+        def held() -> bool:
+            now = time.monotonic()
+            if not self._quiet():
+                since.clear()
+                return False
+            since[:] = since or [now]
+            return now - since[0] >= QUIET_HOLD_S
+
+        return poll_until(held, timeout, 0.1) is not None
 
     _restart_before: tuple[int | None, dict[str, float]]
 

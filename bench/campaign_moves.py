@@ -185,16 +185,38 @@ class MoveFaults:
 
     def _fault_drain_kill_target(self, rec: StepResult, node: str, i: int) -> None:
         # Drain a busy node; kill an agent that is not the drained one's nor the
-        # guard-service node's, mid-copy.
-        if not self._revoke(rec, node):
-            return
-        killable = {n for n in self.nodes if n not in (self.svc_node, node)}
-        got = self._wait_incoming(lambda v, s, t: s == node and t in killable)
-        if got is None:
-            rec.notes.append(f"no migration away from {node} towards a killable node")
-        else:
-            self._kill_agent(rec, got[2])
+        # guard-service node's, mid-copy.  The guard-service node is cordoned for the
+        # drain's first copies: else the planner may send them all there (it did, and
+        # the fault then killed nothing).
+        held = node != self.svc_node and self._cordon_for_drain(rec, self.svc_node)
+        try:
+            if not self._revoke(rec, node):
+                return
+            killable = {n for n in self.nodes if n not in (self.svc_node, node)}
+            got = self._wait_incoming(lambda v, s, t: s == node and t in killable)
+            if got is None:
+                rec.notes.append(f"no migration away from {node} towards a killable node")
+            else:
+                self._kill_agent(rec, got[2])
+        finally:
+            if held:  # the killed target's VMs need somewhere to go
+                assert self.store is not None
+                self.store.delete(KS.cordon(self.svc_node))
         self._uncordon_when_empty(rec, node)
+
+    def _cordon_for_drain(self, rec: StepResult, node: str) -> bool:
+        """Cordon ``node`` and wait until its registration says so (what the planner
+        reads); whether it was cordoned here (an earlier cordon is left alone)."""
+        assert self.store is not None
+        if self._cordoned(node):
+            return False
+        self.store.put(KS.cordon(node), CordonMarker(
+            node=node, reason="campaign drain_kill_target", by="campaign",
+            at=time.time()).to_json())
+        if not poll_until(lambda: (self.get_json(KS.node(node)) or {}).get("cordoned"),
+                          10.0, 0.05):
+            rec.notes.append(f"{node}'s registration did not show its cordon")
+        return True
 
     def _fault_rebalance(self, rec: StepResult, node: str, i: int) -> None:
         assert self.store is not None

@@ -189,6 +189,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _refuse_if_fenced(host_dir: Path, operation: str, name: str) -> None:
+    """What deploy/libvirt/hooks/qemu makes libvirtd do on a fenced host: refuse every
+    start and incoming migration while the fenced marker exists (fencing.marker puts a
+    fake host's marker at ``<host dir>/fenced``).  Without it a migration that reached
+    a host just after its guard fired ran there, as on a libvirt host without the hook."""
+    marker = host_dir / "fenced"
+    # `<host dir>/no-hook`: a host without the hook (the repeated destroy passes are
+    # then the only line; their tests start work on a fenced host this way).
+    if marker.exists() and not (host_dir / "no-hook").exists():
+        raise HypervisorRefused(f"Hook script execution failed: internal error: Child "
+                                f"process (/etc/libvirt/hooks/qemu {name} {operation} begin -) "
+                                f"unexpected exit status 1: vmha: this host is fenced "
+                                f"({marker} exists): refusing to {operation} domain {name}")
+
+
 def fake_dir(uri: str) -> Path:
     """The host directory behind a fake:// URI."""
     if not uri.startswith(SCHEME):
@@ -297,6 +312,7 @@ class FakeHypervisor:
             if cur["state"] == "running":
                 return
         self._refuse_as_libvirt(name, xml)
+        _refuse_if_fenced(self.dir, "start", name)
         # A host whose libvirtd is down starts nothing: the domain shows as crashed.
         guest = spawn_guest(self._tag(name)) if pid_alive(self.host_pid) else None
         _write_json(self._path(name), {"state": "running", "xml": mark_managed(xml),
@@ -372,6 +388,7 @@ class FakeHypervisor:
             if there and guest_alive(there.get("guest")):
                 raise HypervisorRefused(f"operation failed: domain '{name}' is already "
                                         f"active on {target_dir.name}")
+            _refuse_if_fenced(target_dir, "migrate", name)
             incoming = spawn_incoming(self._tag(name, target_dir), os.getpid())
             _write_json(tpath, {"state": "paused", "xml": cur["xml"], "guest": incoming,
                                 "incoming": {"from": self.node, "id": mid},

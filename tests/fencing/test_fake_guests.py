@@ -175,3 +175,34 @@ def test_a_destroy_on_the_target_fails_the_migration_and_the_source_runs_on(
     assert errors and "incoming copy on b is gone" in str(errors[0])
     assert fake_ground_truth(tmp_path) == {"vm1": ["a"]}
     assert src.list_domains()["vm1"].active and "vm1" not in dst.list_domains()
+
+
+def test_a_fenced_fake_host_refuses_boots_and_incoming_migrations(tmp_path: Path) -> None:
+    """The fake does what deploy/libvirt/hooks/qemu makes libvirtd do: while the host's
+    fenced marker exists, no start and no incoming migration (the campaign's double run:
+    a drain migrated a VM into a node 0.4 s after its guard had fired)."""
+    from fencing.marker import FencedMarker, default_marker_path
+    from hypervisor.base import HypervisorRefused
+
+    src = FakeHypervisor(tmp_path, "a", migrate_seconds=0.05)
+    dst = FakeHypervisor(tmp_path, "b")
+    src.boot("vm1", XML.format("vm1"))
+    marker = FencedMarker(default_marker_path(dst.uri))
+    marker.write("guard", "test")
+    try:
+        src.migrate("vm1", dst.uri, "127.0.0.1")
+        raise AssertionError("a migration into a fenced host went through")
+    except HypervisorRefused as exc:
+        assert "fenced" in str(exc) and "migrate" in str(exc)
+    try:
+        dst.boot("vm2", XML.format("vm2"))
+        raise AssertionError("a boot on a fenced host went through")
+    except HypervisorRefused as exc:
+        assert "fenced" in str(exc) and "start" in str(exc)
+    assert fake_ground_truth(tmp_path) == {"vm1": ["a"]}
+    assert "vm1" not in dst.list_domains() and "vm2" not in dst.list_domains()
+    assert src.list_domains()["vm1"].active
+    marker.remove()  # registered again: work is accepted
+    src.migrate("vm1", dst.uri, "127.0.0.1")
+    dst.boot("vm2", XML.format("vm2"))
+    assert fake_ground_truth(tmp_path) == {"vm1": ["b"], "vm2": ["b"]}

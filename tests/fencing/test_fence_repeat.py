@@ -5,7 +5,8 @@ A hypervisor whose first list fails and whose first destroy of a domain fails ("
 acquire state change lock"), and a domain that starts after the first pass (a create
 sent just before the agent lost its lease, an incoming migration): at the end nothing
 runs, every destroy happened while the marker existed, and the marker goes only when
-the agent holds a registration again.  The guests' host is a process of their own (not
+the agent holds a registration again (the fake's hook emulation is switched off for
+the late start: these passes are the line behind it).  The guests' host is a process of their own (not
 the guard), so a destroy that does not happen leaves them running."""
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def test_guard_service_destroys_again_until_the_node_registers_again(tmp_path: P
     t.start()
     try:
         wait_until(lambda: active(host) == [], 30, what="domains destroyed by a later pass")
+        (tmp_path / "n1" / "no-hook").touch()  # a late start the hook did not refuse
         host.boot("late", XML.format("late"))  # e.g. an incoming migration that landed
         wait_until(lambda: active(host) == [], 30, what="late domain destroyed")
         assert flaky.failed == ["list", "destroy vm2"]
@@ -123,6 +125,7 @@ def test_guard_destroys_a_domain_started_after_it_fired(tmp_path: Path) -> None:
     g.stdin.flush()
     wait_until(lambda: active(hv) == [], 30, what="guard fired")
     assert agent.wait(30) == -9
+    (tmp_path / "n1" / "no-hook").touch()  # a late start the hook did not refuse
     hv.boot("late", XML.format("late"))  # a create libvirtd accepted after the first pass
     wait_until(lambda: active(hv) == [], 30, what="late domain destroyed")
     marker = tmp_path / "n1" / "fenced"
@@ -154,6 +157,7 @@ def test_self_fence_retries_a_failed_list_and_destroy_until_registered_again(
         etcd.kill_member(etcd.members[0])
         wait_until(lambda: active(hv) == [], 30, what="app destroyed by a later pass")
         # A boot libvirtd accepted before the agent lost its lease, landing now.
+        (tmp_path / "n1" / "no-hook").touch()  # a late start the hook did not refuse
         FakeHypervisor(tmp_path, "n1", claim=False).boot("late", spec("late").domain_xml)
         wait_until(lambda: "late" in hv.list_domains() and active(hv) == [], 30,
                    what="late domain destroyed")
