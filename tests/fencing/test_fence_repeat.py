@@ -6,8 +6,8 @@ acquire state change lock"), and a domain that starts after the first pass (a cr
 sent just before the agent lost its lease, an incoming migration): at the end nothing
 runs, every destroy happened while the marker existed, and the marker goes only when
 the agent holds a registration again (the fake's hook emulation is switched off for
-the late start: these passes are the line behind it).  The guests' host is a process of their own (not
-the guard), so a destroy that does not happen leaves them running."""
+the late start: these passes are the line behind it).  The guests' host is a process
+of their own (not the guard), so a destroy that does not happen leaves them running."""
 
 from __future__ import annotations
 
