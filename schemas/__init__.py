@@ -10,12 +10,12 @@ from schemas.keys import Keyspace
 from schemas.models import (
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
+    AliveRecord,
     Capacity,
     ClusterConfig,
     CordonMarker,
     FenceRecord,
     LeaderRecord,
-    AliveRecord,
     LeaveMarker,
     NodeRegistration,
     Placement,

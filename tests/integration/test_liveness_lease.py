@@ -117,7 +117,7 @@ def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path:
         assert new_alive and new_alive not in leases
         assert after[1].lease_id != before[1].lease_id
         (warn,) = log_events(fc.agents[node], "leases_revoked_by_etcd")
-        assert warn["log_level"] == "warning"
+        assert warn["level"] == "warning"
         assert {warn["lease"], warn["liveness_lease"]} == {f"{x:x}" for x in leases}
         assert log_events(fc.agents[node], "cordoned") == []
     finally:
