@@ -268,8 +268,8 @@ class Membership:
         """A lease found gone while etcd answers: (drain, register again)."""
         if not revoked and not reg.keeper.valid():
             return False, False  # past the deadline: an expiry, handled as one
-        self.flags.alive_gone = False
         who = self.alive.who_revoked(reg.lease_id, reg.create_revision, self.cfg)
+        self.flags.alive_gone = False  # after: if etcd did not answer, ask again next cycle
         if who == "replaced":
             self._announce()
         elif who == "operator" and not revoked:
