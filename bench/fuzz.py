@@ -2,8 +2,8 @@
 
 A 3-node cluster (one etcd member, agents on the fake hypervisor, two orchestrators,
 `--vms` running VMs) runs while hypothesis draws writes to every key pattern of
-`schemas.keys` (config, leader, nodes/N, cordon/N, fence/N, vms/V/{spec, placement,
-status, move}, history): deep nesting, values over the size limit (up to 2 MiB; etcd is
+`schemas.keys` (config, leader, nodes/N, cordon/N, fence/N, alive/N, vms/V/{spec,
+placement, status, move}, history): deep nesting, values over the size limit (up to 2 MiB; etcd is
 started with a larger request limit so they reach the daemons), bytes that are not
 UTF-8, wrong types, unknown schema versions, names with slashes, newlines and unicode.
 
@@ -15,7 +15,7 @@ Two classes of writes, and what "0 VMs stopped or moved" means for each:
   with its boot time unchanged, and `vmha status` lists every such key.  Keys stay a
   few seconds and are deleted, so the snapshot stays bounded.
 * **overwrite-then-restore** (one at a time): a hostile value replaces a real key
-  (the config, the leader key, a node's registration, cordon or fence key, a live
+  (the config, the leader key, a node's registration, cordon, fence or alive key, a live
   VM's spec, placement, status or move key) for 0.2-3 s, then the saved value is put
   back (with its lease while the lease lives; the leader key, whose owner stepped
   down, is deleted: a new election follows).  Both writes are compare-and-swap, so a
@@ -54,7 +54,15 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz_values import NAMED, PATTERNS, hostile_names, hostile_values, key_for, live_key
+from bench.fuzz_values import (
+    NAMED,
+    NODE_PATTERNS,
+    PATTERNS,
+    hostile_names,
+    hostile_values,
+    key_for,
+    live_key,
+)
 from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
 from lab.configs import FAST_CONFIG
@@ -149,7 +157,7 @@ class Fuzz:
 
     def overwrite_live(self, pattern: str, shape: str, value: bytes, hold: float) -> None:
         key = live_key(self.ks, pattern, self.rng.choice(
-            sorted(self.fc.agents) if pattern in ("nodes", "cordon", "fence")
+            sorted(self.fc.agents) if pattern in NODE_PATTERNS
             else sorted(self.baseline) or ["vm0"]))
         c, t = self.store.client, self.store.client.transactions
         before = self.store.get(key)

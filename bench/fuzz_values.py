@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from schemas.keys import Keyspace
 
 #: Key patterns of the keyspace (schemas.keys), as the fuzz counts them.
-PATTERNS = ("config", "leader", "nodes", "cordon", "fence", "vm_spec", "vm_placement",
-            "vm_status", "vm_move", "history")
+PATTERNS = ("config", "leader", "nodes", "cordon", "fence", "alive", "vm_spec",
+            "vm_placement", "vm_status", "vm_move", "history")
 #: Patterns whose key names a node or a VM.
-NAMED = ("nodes", "cordon", "fence", "vm_spec", "vm_placement", "vm_status", "vm_move")
+NAMED = ("nodes", "cordon", "fence", "alive", "vm_spec", "vm_placement", "vm_status", "vm_move")
+
+#: Patterns whose key names a node.
+NODE_PATTERNS = ("nodes", "cordon", "fence", "alive")
 
 _JUNK_KEY = "\u0000fuzz"  # no model has it: every object below is refused
 
@@ -34,7 +37,7 @@ def key_for(ks: Keyspace, pattern: str, name: bytes) -> bytes:
         return pre + b"/" + pattern.encode() + name
     if pattern == "history":
         return ks.history.encode() + name
-    if pattern in ("nodes", "cordon", "fence"):
+    if pattern in NODE_PATTERNS:
         return pre + b"/" + pattern.encode() + b"/" + name
     return pre + b"/vms/" + name + b"/" + pattern[3:].encode()
 
@@ -44,7 +47,8 @@ def live_key(ks: Keyspace, pattern: str, name: str) -> str:
     table: dict[str, Callable[[], str]] = {
         "config": lambda: ks.config, "leader": lambda: ks.leader,
         "nodes": lambda: ks.node(name), "cordon": lambda: ks.cordon(name),
-        "fence": lambda: ks.fence(name), "vm_spec": lambda: ks.vm_spec(name),
+        "fence": lambda: ks.fence(name), "alive": lambda: ks.alive(name),
+        "vm_spec": lambda: ks.vm_spec(name),
         "vm_placement": lambda: ks.vm_placement(name),
         "vm_status": lambda: ks.vm_status(name), "vm_move": lambda: ks.vm_move(name)}
     return table[pattern]()

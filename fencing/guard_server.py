@@ -268,6 +268,13 @@ class GuardServer:
             except ValueError as exc:
                 _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100],
                      error=str(exc))
+        elif parts[0] == "alive" and self.terms is not None:
+            # Follows its `lease` line (fencing.lease_hold): the liveness lease to hold too.
+            try:
+                self.terms = self.terms.with_alive(parts[1:])
+            except ValueError as exc:
+                _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100],
+                     error=str(exc))
         elif parts[0] == "disarm":
             self._end_hold("agent disarmed")
             self.terms = None
@@ -287,7 +294,9 @@ class GuardServer:
             deadline = st.fire_at
         self.hold = LeaseHold(self.hold_store, terms, deadline, self._held, self._hold_gone,
                               clock=self.clock).start()
-        _log("lease_hold_started", lease=f"{terms.lease_id:x}", grace_s=self.restart_grace_s,
+        _log("lease_hold_started", lease=f"{terms.lease_id:x}",
+             liveness_lease=f"{terms.alive_id:x}" if terms.alive_id else None,
+             grace_s=self.restart_grace_s,
              fires_in_s=round(deadline - self.clock(), 3),
              reason="no agent attached: renewing the lease until one pets again")
 

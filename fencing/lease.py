@@ -48,13 +48,14 @@ class LeaseStore(Protocol):
 
 class LeaseKeeper:
     def __init__(self, store: LeaseStore, cfg: ClusterConfig, lease_id: int, granted_sent_at: float,
-                 *, on_gone: Callable[[bool], None], on_deadline: Callable[[], None],
+                 *, on_gone: Callable[[bool], None], on_deadline: Callable[[], None] | None,
                  on_renewed: Callable[[], None] | None = None,
                  unavailable: type[BaseException] = TemporaryError,
                  clock: Callable[[], float] = time.monotonic, name: str = "lease") -> None:
         """`on_gone(before_deadline)` fires once when etcd says the lease no longer exists:
         before the deadline that can only be a revoke (a drain); after it, an expiry.
-        `on_deadline()` fires once when the deadline passes without a renewal.
+        `on_deadline()` fires once when the deadline passes without a renewal; None: the
+        deadline is not watched (a lease that fences nothing, such as the liveness lease).
         `unavailable`: the error a keepalive raises when etcd does not answer; it is
         logged and retried at once on the next member.  Anything else is logged with its
         traceback and retried a little later: only the deadline monitor may fence."""
@@ -74,9 +75,10 @@ class LeaseKeeper:
         self.gone = False
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._renew_loop, name=f"{name}-keepalive",
-                                          daemon=True),
-                         threading.Thread(target=self._deadline_loop, name=f"{name}-deadline",
                                           daemon=True)]
+        if on_deadline is not None:
+            self._threads.append(threading.Thread(target=self._deadline_loop,
+                                                  name=f"{name}-deadline", daemon=True))
 
     def start(self) -> LeaseKeeper:
         for t in self._threads:
@@ -184,5 +186,6 @@ class LeaseKeeper:
                 wait = max(0.01, min(0.05, self.deadline - now))
             if fire:
                 log.error("self_fence_deadline", lease=f"{self.lease_id:x}", who=self._name)
-                self._on_deadline()
+                if self._on_deadline is not None:
+                    self._on_deadline()
             self._stop.wait(wait)

@@ -16,13 +16,24 @@ alive at least ``ttl`` after it was sent, the guard fires at the latest ``ttl -
 safety`` after that send, and the leader cannot fence the node while the lease lives.
 A guard cut off from etcd renews nothing and fires on time.
 
-The agent tells the guard which lease to hold, once per registration:
+The agent's liveness lease (nodeagent.liveness) is held the same way, beside the
+registration's: a node whose agent restarts keeps both, so "liveness lease expired =>
+the node self-fenced" stays true.  Only the registration lease's renewals pet the guard.
+
+The agent tells the guard which leases to hold, once per registration (and again when
+its liveness lease is replaced):
 
     lease <lease id, hex> <ttl> <self_fence_safety> <keepalive_interval> <keepalive_timeout>
+    alive <liveness lease id, hex>
+
+The `alive` line is separate so that a guard without it still holds the registration
+lease (it logs the line as a bad message), and one with it still takes `lease` alone
+from an agent that has no liveness lease.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +51,19 @@ class LeaseTerms:
     safety_s: float
     interval_s: float
     timeout_s: float
+    alive_id: int = 0  # the liveness lease; 0: none
 
     def line(self) -> str:
-        return (f"lease {self.lease_id:x} {self.ttl_s:g} {self.safety_s:g} "
-                f"{self.interval_s:g} {self.timeout_s:g}")
+        """The message: the `lease` line, then the `alive` line if there is one."""
+        lease = (f"lease {self.lease_id:x} {self.ttl_s:g} {self.safety_s:g} "
+                 f"{self.interval_s:g} {self.timeout_s:g}")
+        return f"{lease}\nalive {self.alive_id:x}" if self.alive_id else lease
+
+    def with_alive(self, args: list[str]) -> LeaseTerms:
+        """The arguments after `alive`; ValueError unless one lease id."""
+        if len(args) != 1 or int(args[0], 16) <= 0:
+            raise ValueError(f"alive takes one lease id, got {' '.join(args)!r}")
+        return dataclasses.replace(self, alive_id=int(args[0], 16))
 
     @classmethod
     def parse(cls, args: list[str]) -> LeaseTerms:
@@ -57,9 +77,9 @@ class LeaseTerms:
         return cls(lease_id, ttl, safety, interval, timeout)
 
     @classmethod
-    def of(cls, lease_id: int, cfg: ClusterConfig) -> LeaseTerms:
+    def of(cls, lease_id: int, cfg: ClusterConfig, alive_id: int = 0) -> LeaseTerms:
         return cls(lease_id, float(cfg.lease_ttl_s), cfg.self_fence_safety_s,
-                   cfg.keepalive_interval_s, cfg.keepalive_timeout_s)
+                   cfg.keepalive_interval_s, cfg.keepalive_timeout_s, alive_id)
 
     def config(self) -> ClusterConfig:
         # Only the fields the keeper reads; the cluster's own rules were checked by the
@@ -70,8 +90,9 @@ class LeaseTerms:
 
 
 class LeaseHold:
-    """Renews the lease of `terms` until stopped; `on_renewed(deadline)` after each
-    acknowledged renewal, with the self-fence deadline that renewal allows."""
+    """Renews the leases of `terms` until stopped; `on_renewed(deadline)` after each
+    acknowledged renewal of the registration lease, with the self-fence deadline that
+    renewal allows."""
 
     def __init__(self, store: LeaseStore, terms: LeaseTerms, deadline: float,
                  on_renewed: Callable[[float], None], on_gone: Callable[[], None],
@@ -88,13 +109,23 @@ class LeaseHold:
                                   on_gone=lambda _before: self._on_gone(),
                                   on_deadline=lambda: None, on_renewed=self._renewed,
                                   clock=clock, name="guard-hold")
+        # The liveness lease fences nothing: renewed, its deadline not watched; if it is
+        # gone the agent grants a new one when it adopts the registration.
+        self.alive = (LeaseKeeper(store, cfg, terms.alive_id, granted,
+                                  on_gone=lambda _before: None, on_deadline=None,
+                                  clock=clock, name="guard-hold-alive")
+                      if terms.alive_id else None)
 
     def start(self) -> LeaseHold:
         self.keeper.start()
+        if self.alive is not None:
+            self.alive.start()
         return self
 
     def stop(self) -> None:
         self.keeper.stop()
+        if self.alive is not None:
+            self.alive.stop()
 
     def _renewed(self) -> None:
         self.renewals += 1

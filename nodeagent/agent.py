@@ -16,6 +16,7 @@ import structlog
 
 from hypervisor.base import Hypervisor, HypervisorError
 from nodeagent.context import AgentContext, AgentOptions
+from nodeagent.cordon import sync_cordon
 from nodeagent.execution import Execution
 from nodeagent.membership import VERSION, Membership, Registration
 from schemas.errors import TemporaryError
@@ -144,7 +145,7 @@ class NodeAgent:
         self.watch.ensure(snap.revision)
         if not m.visible(snap, reg):
             return False
-        m.sync_cordon(snap, reg)
+        sync_cordon(self.ctx, snap, reg)
         self.execution.reconcile(snap)
         if not self.exiting:
             return False

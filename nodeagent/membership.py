@@ -2,7 +2,8 @@
 lease's fate means.
 
 * revoked while etcd answers (an operator's `etcdctl lease revoke`): drain: cordon
-  the node and register again with a new lease;
+  the node and register again with a new lease; unless the liveness lease is gone too
+  (etcd revoked both itself, nodeagent.liveness): register again, no drain;
 * not renewed before its deadline: self-fence (destroy every managed domain), then
   register again once etcd answers;
 * its registration changes only through compare-and-swap on the registration's
@@ -24,13 +25,14 @@ from fencing.lease_hold import LeaseTerms
 from fencing.policy import guard_timeout, require_safe_timing, self_fence_deadline
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
+from nodeagent.cordon import write_cordon
+from nodeagent.liveness import Liveness
 from nodeagent.selffence import LeaseFlags, SelfFence
 from schemas.errors import ConfigError, SchemaError, TemporaryError
 from schemas.models import (
     AgentInfo,
     Capacity,
     ClusterConfig,
-    CordonMarker,
     CpuInfo,
     LeaveMarker,
     NodeRegistration,
@@ -65,6 +67,7 @@ class Membership:
         # Keepers of leases given up: they keep the old deadline until a new lease holds.
         self._old_keepers: list[LeaseKeeper] = []
         self.fence = SelfFence(ctx, self.flags)
+        self.alive = Liveness(ctx, self._on_alive_gone)
 
     @property
     def log(self) -> Any:
@@ -102,11 +105,13 @@ class Membership:
         facts = self._host_facts()  # libvirt calls: before the lease's clock starts
         sent = self.ctx.clock()
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
+        alive_id = self.alive.grant(self.cfg)
         cordoned = store.get(ks.cordon(me)) is not None
         reg = self._registration(lease_id, cordoned, facts)
         try:
             # A leave marker of an earlier drain goes with the new registration.
             res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id),
+                                                            self.alive.put(alive_id),
                                                             Delete(ks.leaving(me))])
         except LeaseNotFound:
             # Granting and writing took longer than the TTL (etcd slow, or this host
@@ -116,13 +121,14 @@ class Membership:
             return False
         if not res.succeeded:
             store.revoke_lease(lease_id)
+            store.revoke_lease(alive_id)
             self.log.info("registration_race_lost", revision=res.revision,
                           reason="another writer created this node's registration first; "
                                  "registering again once it is gone")
             return False
-        self._hold(lease_id, res.revision, sent, cordoned)
-        self.log.info("registered", lease=f"{lease_id:x}", revision=res.revision,
-                      cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
+        self._hold(lease_id, alive_id, res.revision, sent, cordoned)
+        self.log.info("registered", lease=f"{lease_id:x}", liveness_lease=f"{alive_id:x}",
+                      revision=res.revision, cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
         return True
 
     def adopt(self, key: str) -> bool:
@@ -157,12 +163,16 @@ class Membership:
             return False
         cordoned = store.get(self.ctx.ks.cordon(me)) is not None
         reg = self._registration(old.lease, cordoned, facts)
+        # The liveness lease the old process left, or a new one if it is gone.
+        alive_id = self.alive.adoptable() or self.alive.grant(self.cfg)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
-                        [Put(key, reg.to_json(), old.lease), Delete(self.ctx.ks.leaving(me))])
+                        [Put(key, reg.to_json(), old.lease), self.alive.put(alive_id),
+                         Delete(self.ctx.ks.leaving(me))])
         if not res.succeeded:
             return False
-        self._hold(old.lease, old.create_revision, sent, cordoned)
+        self._hold(old.lease, alive_id, old.create_revision, sent, cordoned)
         self.log.warning("registration_adopted", lease=f"{old.lease:x}",
+                         liveness_lease=f"{alive_id:x}",
                          revision=old.create_revision, previous_pid=prev.agent.pid,
                          cordoned=cordoned,
                          reason="agent restarted: the node keeps its lease and its VMs")
@@ -176,8 +186,9 @@ class Membership:
         if not self.guard.pet(self_fence_deadline(sent, self.cfg), guard_timeout(self.cfg)):
             self.log.error("guard_lost", reason="cannot reach the guard process")
 
-    def _hold(self, lease_id: int, create_revision: int, sent: float, cordoned: bool) -> None:
-        """Keep the lease renewed from now on; it was last acknowledged for `sent`."""
+    def _hold(self, lease_id: int, alive_id: int, create_revision: int, sent: float,
+              cordoned: bool) -> None:
+        """Keep both leases renewed from now on; they were last acknowledged for `sent`."""
         keeper = LeaseKeeper(self.ctx.store, self.cfg, lease_id, sent,
                              on_gone=lambda before: self.on_lease_gone(lease_id, before),
                              on_deadline=self.self_fence, on_renewed=self._on_renewed,
@@ -185,15 +196,20 @@ class Membership:
                              clock=self.ctx.clock, name=f"agent-{self.ctx.me}")
         self.reg = Registration(lease_id, create_revision, keeper, cordoned)
         keeper.start()
-        self.flags.revoked = self.flags.expired = False
+        self.alive.hold(alive_id, sent, self.cfg)
+        self.flags.revoked = self.flags.expired = self.flags.alive_gone = False
         self.fence.end("registered")
         for old in self._old_keepers:
             old.stop()
         self._old_keepers.clear()
-        if self.guard is not None and self.cfg.guard_enabled:
-            self.guard.announce(LeaseTerms.of(lease_id, self.cfg))
+        self._announce()
         self.pet_guard()
         metrics.notify("READY=1\nSTATUS=registered, reconciling")
+
+    def _announce(self) -> None:
+        """Tell the guard service which leases to hold while no agent is attached."""
+        if self.guard is not None and self.cfg.guard_enabled and self.reg is not None:
+            self.guard.announce(LeaseTerms.of(self.reg.lease_id, self.cfg, self.alive.lease_id))
 
     def _wait_old_registration_gone(self, key: str) -> None:
         waited = False
@@ -234,16 +250,31 @@ class Membership:
         # Read the keeper thread's flags once: a revoke flagged between two reads
         # would re-register the node without its cordon (a drain that drains nothing).
         revoked, expired = self.flags.revoked, self.flags.expired
+        again = revoked or expired
+        if (revoked or self.flags.alive_gone) and not expired:
+            revoked, again = self._revoked_by_whom(self.reg, revoked)
         if revoked or (exiting and not self.reg.cordoned):
             self.cordon("lease revoked (drain)" if revoked else
                         "agent stopping (SIGTERM): drain")
-        if revoked or expired:
+        if again:
             # The old keeper keeps watching the old deadline until we hold a new lease.
             self._old_keepers.append(self.reg.keeper)
             self.reg = None
             if not self.register():
                 return None
         return self.reg
+
+    def _revoked_by_whom(self, reg: Registration, revoked: bool) -> tuple[bool, bool]:
+        """A lease found gone while etcd answers: (drain, register again)."""
+        if not revoked and not reg.keeper.valid():
+            return False, False  # past the deadline: an expiry, handled as one
+        who = self.alive.who_revoked(reg.lease_id, reg.create_revision, self.cfg)
+        self.flags.alive_gone = False  # after: if etcd did not answer, ask again next cycle
+        if who == "replaced":
+            self._announce()
+        elif who == "operator" and not revoked:
+            self.on_lease_gone(reg.lease_id, True)  # before the registration's keeper saw it
+        return who == "operator", who in ("operator", "etcd")
 
     def visible(self, snap: ClusterSnapshot, reg: Registration) -> bool:
         """True if the snapshot shows our own registration (not an older or newer one)."""
@@ -271,10 +302,12 @@ class Membership:
         self.log.info("leaving", reason=reason, marker_written=res.succeeded)
         self.ctx.store.revoke_lease(reg.lease_id)
         reg.keeper.stop()
+        self.alive.give_back()
 
     def stop(self) -> None:
         if self.reg is not None:
             self.reg.keeper.stop()
+        self.alive.stop()
 
     # ---- lease callbacks (keeper threads) ----------------------------------------------
 
@@ -287,9 +320,14 @@ class Membership:
             # the leader's fence window covers, until we hold a new registration.
             self.pet_guard(reg.keeper.deadline)
             self.flags.revoked = True
-            self.log.warning("lease_revoked", reason="lease gone while etcd answers: drain")
+            self.log.warning("lease_revoked", reason="lease gone while etcd answers: a drain "
+                                                     "unless the liveness lease is gone too")
         else:
             self.flags.expired = True
+        self.ctx.wake.set()
+
+    def _on_alive_gone(self) -> None:
+        self.flags.alive_gone = True
         self.ctx.wake.set()
 
     def pet_guard(self, deadline: float | None = None) -> None:
@@ -361,31 +399,9 @@ class Membership:
         self.log.warning("restarting_in_place", reason="lease and guard left to the next "
                                                        "agent process")
 
-    # ---- cordon ------------------------------------------------------------------------
+    # ---- cordon (nodeagent.cordon) ----------------------------------------------------
 
     def cordon(self, reason: str) -> None:
-        me, store = self.ctx.me, self.ctx.store
-        marker = CordonMarker(node=me, reason=reason, by=f"agent:{me}", at=time.time())
-        key = self.ctx.ks.cordon(me)
-        if store.get(key) is None:
-            store.put(key, marker.to_json())
-            self.log.warning("cordoned", reason=reason)
-            self.ctx.history.record("drain", node=me, reason=reason)
+        write_cordon(self.ctx, reason)
         if self.reg is not None:
             self.reg.cordoned = True
-
-    def sync_cordon(self, snap: ClusterSnapshot, reg: Registration) -> None:
-        """Mirror the cordon marker into our registration (what the leader reads)."""
-        want = snap.is_cordoned(self.ctx.me)
-        entry = snap.nodes[self.ctx.me]
-        if entry.value.cordoned == want:
-            reg.cordoned = want
-            return
-        value = entry.value.model_copy(update={"cordoned": want})
-        key = self.ctx.ks.node(self.ctx.me)
-        res = self.ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
-                                 [Put(key, value.to_json(), reg.lease_id)])
-        reg.cordoned = want
-        # Not written: our registration was replaced meanwhile; the next cycle sees it.
-        self.log.info("cordon_state", cordoned=want, written=res.succeeded,
-                      revision=snap.revision)

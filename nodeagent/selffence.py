@@ -28,6 +28,7 @@ class LeaseFlags:
     revoked: bool = False          # lease revoked while we were alive: drain
     expired: bool = False          # lease expired: we self-fenced, register again
     fenced: bool = False           # self-fenced; cleared once a registration is held
+    alive_gone: bool = False       # the liveness lease is gone (nodeagent.liveness)
 
 
 class SelfFence:

@@ -10,6 +10,7 @@ from schemas.keys import Keyspace
 from schemas.models import (
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
+    AliveRecord,
     Capacity,
     ClusterConfig,
     CordonMarker,
@@ -34,6 +35,7 @@ __all__ = [
     "FenceRecord",
     "Keyspace",
     "LeaderRecord",
+    "AliveRecord",
     "LeaveMarker",
     "NodeRegistration",
     "Placement",

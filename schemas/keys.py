@@ -64,6 +64,10 @@ class Keyspace:
     def leaving(self, name: str) -> str:
         return f"{self.prefix}/leaving/{name}"
 
+    def alive(self, name: str) -> str:
+        """The agent's liveness lease (docs/fencing.md, "Leases revoked by etcd itself")."""
+        return f"{self.prefix}/alive/{name}"
+
     def vm_spec(self, name: str) -> str:
         return f"{self.prefix}/vms/{name}/spec"
 
@@ -94,9 +98,10 @@ class Keyspace:
             return KeyRef("config")
         if parts == ["leader"]:
             return KeyRef("leader")
-        if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence", "leaving"):
+        if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence", "leaving",
+                                                 "alive"):
             return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence",
-                           "leaving": "leaving"}[parts[0]], parts[1])
+                           "leaving": "leaving", "alive": "alive"}[parts[0]], parts[1])
         if len(parts) == 3 and parts[0] == "vms" and parts[2] in ("spec", "placement", "status",
                                                                       "move"):
             return KeyRef("vm_" + parts[2], parts[1])

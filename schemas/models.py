@@ -331,6 +331,17 @@ class LeaveMarker(Model):
     at: float
 
 
+class AliveRecord(Model):
+    """The key of the agent's liveness lease, a second lease granted with the
+    registration's and renewed with it; operators never revoke it.  It tells a revoke by
+    an operator (the registration lease only: a drain) from etcd 3.4.23's revocation of
+    every lease a paused leader saw expire (both: not a drain).  Leased by that lease."""
+
+    node: str
+    lease_id: str  # the liveness lease (hex)
+    at: float
+
+
 class LeaderRecord(Model):
     id: str
     host: str

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from schemas.errors import SchemaError
 from schemas.keys import KeyRef, Keyspace, decode_key, valid_name
 from schemas.models import (
+    AliveRecord,
     ClusterConfig,
     CordonMarker,
     FenceRecord,
@@ -77,6 +78,7 @@ _MODELS: dict[str, type[Model]] = {
     "cordon": CordonMarker,
     "fence": FenceRecord,
     "leaving": LeaveMarker,
+    "alive": AliveRecord,
     "vm_spec": VmSpec,
     "vm_placement": Placement,
     "vm_status": VmStatus,
@@ -85,6 +87,7 @@ _MODELS: dict[str, type[Model]] = {
 
 # Which field of each model must equal the name in its key.
 _NAME_FIELD = {"node": "name", "cordon": "node", "fence": "node", "leaving": "node",
+               "alive": "node",
                "vm_spec": "name",
                "vm_placement": "vm", "vm_status": "vm", "vm_move": "vm"}
 
@@ -105,6 +108,8 @@ class ClusterSnapshot:
     fences: Mapping[str, Entry[FenceRecord]] = field(default_factory=dict)
     # Nodes that left on purpose (a finished drain): never fenced by a device.
     leaving: Mapping[str, Entry[LeaveMarker]] = field(default_factory=dict)
+    # Each agent's liveness lease (nodeagent.liveness); read by no decision.
+    alive: Mapping[str, Entry[AliveRecord]] = field(default_factory=dict)
     specs: Mapping[str, Entry[VmSpec]] = field(default_factory=dict)
     placements: Mapping[str, Entry[Placement]] = field(default_factory=dict)
     statuses: Mapping[str, Entry[VmStatus]] = field(default_factory=dict)
@@ -158,6 +163,7 @@ class ClusterSnapshot:
             cordons=maps["cordon"],  # type: ignore[arg-type]
             fences=maps["fence"],  # type: ignore[arg-type]
             leaving=maps["leaving"],  # type: ignore[arg-type]
+            alive=maps["alive"],  # type: ignore[arg-type]
             specs=maps["vm_spec"],  # type: ignore[arg-type]
             placements=maps["vm_placement"],  # type: ignore[arg-type]
             statuses=maps["vm_status"],  # type: ignore[arg-type]

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fencing.guard_client import SocketGuardClient
 from fencing.lease_hold import LeaseTerms
 from fencing.policy import guard_timeout, self_fence_deadline
@@ -150,37 +152,43 @@ def test_the_service_holds_the_watchdog_and_releases_it_only_when_disarmed(
     assert not pid_alive(g2.pid)
 
 
-def agent_gone(store: EtcdStore, sock: str) -> int:
-    """An agent that registered a lease, told the guard about it, petted and was then
-    SIGKILLed; its lease."""
+def agent_gone(store: EtcdStore, sock: str, alive: bool = False) -> list[int]:
+    """An agent that registered a lease (and a liveness lease with `alive`), told the
+    guard about them, petted and was then SIGKILLed; its leases."""
     cfg = FAST_CONFIG
     sent = time.monotonic()
-    lease = store.grant_lease(cfg.lease_ttl_s)
+    leases = [store.grant_lease(cfg.lease_ttl_s)]
+    if alive:
+        leases.append(store.grant_lease(cfg.lease_ttl_s))
     agent = SocketGuardClient(sock, "n1")
-    agent.announce(LeaseTerms.of(lease, cfg))
+    agent.announce(LeaseTerms.of(*leases[:1], cfg, *leases[1:]))
     agent.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
     agent.close()
-    return lease
+    return leases
 
 
+@pytest.mark.parametrize("alive", [True, False], ids=["with-liveness", "registration-only"])
 def test_the_service_holds_the_lease_for_a_restarting_agent_up_to_the_grace(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, alive: bool) -> None:
     """An agent process gone longer than the guard's timeout (a slow restart on a loaded
-    host): the guard service renews its lease meanwhile, so the VMs stay; once the grace
-    is over with no agent back, it fires after the last renewal's timeout, and the lease
-    then expires in etcd."""
+    host): the guard service renews its leases meanwhile (the registration's and the
+    liveness lease; terms without the latter still work), so the VMs stay; once the
+    grace is over with no agent back, it fires after the last renewal's timeout, and
+    the leases then expire in etcd."""
     store = EtcdStore(etcd.endpoints)
     cfg = FAST_CONFIG
     g, sock = start_service(tmp_path, etcd_endpoints=etcd.endpoints, grace_s=4.0)
     try:
-        lease = agent_gone(store, sock)  # no new process yet
-        time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout
+        leases = agent_gone(store, sock, alive)  # no new process yet
+        time.sleep(guard_timeout(cfg) + 1.0)  # past the last pet's timeout and the TTL
+        assert guard_timeout(cfg) + 1.0 > cfg.lease_ttl_s
         assert g.poll() is None and fake_ground_truth(tmp_path) == {"vm1": ["n1"]}
-        assert store.lease_ttl(lease) > 0
+        assert [store.lease_ttl(lease) > 0 for lease in leases] == [True] * len(leases)
         service_fired(g, tmp_path / "n1", within=30)  # the grace (4 s) ran out: fired
         wait_until(lambda: fake_ground_truth(tmp_path) == {}, 5, what="domains destroyed")
-        wait_until(lambda: store.lease_ttl(lease) <= 0, cfg.lease_ttl_s + 3,
-                   what="the lease expired after the guard stopped renewing")
+        wait_until(lambda: all(store.lease_ttl(lease) <= 0 for lease in leases),
+                   cfg.lease_ttl_s + 3,
+                   what="the leases expired after the guard stopped renewing")
         assert service_released_and_stopped(g, tmp_path / "n1") == 0
         err = g.stderr.read().decode() if g.stderr else ""
         assert '"lease_hold_started"' in err and '"lease_hold_ended"' in err
@@ -212,3 +220,14 @@ def test_an_agent_that_pets_again_ends_the_hold(etcd: EtcdCluster, tmp_path: Pat
         assert '"agent_reattached"' in err
     finally:
         store.close()
+
+
+def test_lease_terms_carry_the_liveness_lease_on_a_line_of_its_own() -> None:
+    terms = LeaseTerms.of(0xAB, FAST_CONFIG, 0xCD)
+    lease, alive = terms.line().split("\n")
+    assert LeaseTerms.parse(lease.split()[1:]).with_alive(alive.split()[1:]) == terms
+    # Without a liveness lease: the one line a guard without `alive` understands.
+    assert LeaseTerms.of(0xAB, FAST_CONFIG).line() == lease
+    for bad in ([], ["0"], ["ab", "cd"]):
+        with pytest.raises(ValueError):
+            terms.with_alive(bad)

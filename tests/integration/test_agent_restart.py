@@ -73,6 +73,12 @@ def stays_in_place(fc: FakeCluster, store: EtcdStore, node: str, before: dict[st
             assert e["vm"] not in before or other == node, e
 
 
+def alive_lease(store: EtcdStore, node: str) -> int:
+    """The lease of the node's liveness key (nodeagent.liveness); 0: none."""
+    kv = store.get(KS.alive(node))
+    return kv.lease if kv is not None else 0
+
+
 def test_agent_sigkilled_and_restarted_within_the_ttl_keeps_its_vms(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     fc = cluster(etcd, tmp_path)
@@ -81,12 +87,15 @@ def test_agent_sigkilled_and_restarted_within_the_ttl_keeps_its_vms(
         before = on(fc, "n2")
         assert before
         lease = json.loads(store.get(KS.node("n2")).value)["lease_id"]  # type: ignore[union-attr]
+        alive = alive_lease(store, "n2")
+        assert alive
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             fc.agents["n2"].kill()  # a crash, or the OOM killer
             fc.start_agent("n2")  # systemd's Restart=
             stays_in_place(fc, store, "n2", before, checker)
         reg = json.loads(store.get(KS.node("n2")).value)  # type: ignore[union-attr]
         assert reg["lease_id"] == lease and reg["agent"]["pid"] == fc.agents["n2"].pid
+        assert alive_lease(store, "n2") == alive  # both leases adopted
     finally:
         fc.stop()
         store.close()
@@ -102,6 +111,7 @@ def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
     try:
         before = on(fc, "n2")
         assert before
+        alive = alive_lease(store, "n2")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             fc.agents["n2"].kill()
             time.sleep(guard_timeout(CFG) + 1.5)  # the restart is slow
@@ -109,23 +119,33 @@ def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
             fc.start_agent("n2")
             stays_in_place(fc, store, "n2", before, checker)
         assert '"lease_hold_ended"' in fc.guards["n2"].log_text()
+        assert f'"liveness_lease": "{alive:x}"' in fc.guards["n2"].log_text()  # held too
+        assert alive_lease(store, "n2") == alive
     finally:
         fc.stop()
         store.close()
 
 
 def test_sigusr2_restarts_in_place(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Also: the liveness lease gone while the agent restarts (revoked here): the new
+    process adopts the registration with a new liveness lease, no drain."""
     fc = cluster(etcd, tmp_path)
     store = EtcdStore(etcd.endpoints)
     try:
         before = on(fc, "n1")
+        lease = json.loads(store.get(KS.node("n1")).value)["lease_id"]  # type: ignore[union-attr]
+        alive = alive_lease(store, "n1")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             old = fc.agents["n1"]
             old.signal(signal.SIGUSR2)
             assert old.proc is not None and old.proc.wait(20) == 75  # RestartForceExitStatus
+            store.revoke_lease(alive)
             fc.start_agent("n1")
             stays_in_place(fc, store, "n1", before, checker)
         assert store.get(KS.cordon("n1")) is None  # not drained
+        reg = json.loads(store.get(KS.node("n1")).value)  # type: ignore[union-attr]
+        assert reg["lease_id"] == lease
+        assert alive_lease(store, "n1") not in (0, alive)
     finally:
         fc.stop()
         store.close()

@@ -36,6 +36,7 @@ FOREIGN: dict[bytes, bytes] = {
     b"/vmha/vms/evil3/move": b'{"schema": 99, "vm": "evil3"}',
     b"/vmha/fence/ghost": b'{"schema": 1, "node": ["ghost"]}',
     b"/vmha/cordon/ghost": b"null",
+    b"/vmha/alive/ghost": b"[]",
 }
 
 
@@ -95,7 +96,8 @@ def test_hostile_values_end_no_daemon_and_move_no_vm(big_etcd: EtcdCluster,
     # registration, the cordon and fence keys of live nodes, the leader key, the config.
     live = {KS.vm_spec("vm0"): DEEP, KS.vm_placement("vm1"): b'{"schema": 1, "vm": 5}',
             KS.vm_status("vm2"): b'{"schema": 2}', KS.node("n1"): b"\xff\xfe",
-            KS.cordon("n2"): b"[" * 5000, KS.fence("n3"): b'"x"', KS.leader: b"[]",
+            KS.cordon("n2"): b"[" * 5000, KS.fence("n3"): b'"x"', KS.alive("n2"): b"{}",
+            KS.leader: b"[]",
             KS.config: b'{"schema": 1, "lease_ttl_s": "five"}'}
     saved = {k: store.get(k) for k in live}
     for key, value in FOREIGN.items():

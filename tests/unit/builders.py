@@ -58,6 +58,10 @@ def cordon_value(node: str, reason: str = "maintenance") -> dict[str, Any]:
     return {"schema": 1, "node": node, "reason": reason, "by": "operator", "at": 1.0}
 
 
+def alive_value(node: str, lease_id: str = "3c4d") -> dict[str, Any]:
+    return {"schema": 1, "node": node, "lease_id": lease_id, "at": 1.0}
+
+
 def fence_value(node: str, lease_id: str = "1a2b") -> dict[str, Any]:
     return {"schema": 1, "node": node, "lease_id": lease_id, "method": "self",
             "outcome": "success", "reason": "lease expired", "epoch": 1, "duration_s": 1.0,

@@ -36,7 +36,7 @@ HOSTILE_VALUES: dict[str, bytes] = {
     "huge-int": b'{"schema": 1, "memory_mib": ' + b"9" * 5000 + b"}",
 }
 
-KEY_PATTERNS = [KS.config, KS.leader, KS.node("v"), KS.cordon("v"), KS.fence("v"),
+KEY_PATTERNS = [KS.config, KS.leader, KS.node("v"), KS.cordon("v"), KS.fence("v"), KS.alive("v"),
                 KS.vm_spec("v"), KS.vm_placement("v"), KS.vm_status("v"), KS.vm_move("v")]
 
 

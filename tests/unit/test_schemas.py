@@ -11,6 +11,7 @@ from schemas.errors import SchemaError
 from schemas.keys import KeyRef, Keyspace, valid_name
 from schemas.models import (
     AgentInfo,
+    AliveRecord,
     Capacity,
     ClusterConfig,
     CordonMarker,
@@ -25,6 +26,7 @@ from schemas.models import (
 )
 from tests.unit.builders import (
     KS,
+    alive_value,
     cluster,
     cordon_value,
     domain_xml,
@@ -61,6 +63,7 @@ VALID: dict[str, tuple[type[Model], dict[str, Any]]] = {
     "node": (NodeRegistration, node_value("node-1")),
     "cordon": (CordonMarker, cordon_value("node-1")),
     "fence": (FenceRecord, fence_value("node-1")),
+    "alive": (AliveRecord, alive_value("node-1")),
     "leader": (LeaderRecord, leader_value()),
     "spec": (VmSpec, spec_value("vm-1")),
     "placement-boot": (Placement, placement_value("vm-1", {"id": "p", "kind": "boot",
@@ -263,7 +266,8 @@ def test_valid_name(name: str, ok: bool) -> None:
 @pytest.mark.parametrize(
     ("method", "kind", "name"),
     [("config", "config", ""), ("leader", "leader", ""), ("node", "node", "n1"),
-     ("cordon", "cordon", "n1"), ("fence", "fence", "n1"), ("vm_spec", "vm_spec", "vm1"),
+     ("cordon", "cordon", "n1"), ("fence", "fence", "n1"), ("alive", "alive", "n1"),
+     ("vm_spec", "vm_spec", "vm1"),
      ("vm_placement", "vm_placement", "vm1"), ("vm_status", "vm_status", "vm1")],
 )
 def test_keyspace_parse_round_trip(prefix: str, method: str, kind: str, name: str) -> None:
@@ -282,6 +286,7 @@ def test_keyspace_layout_is_stable() -> None:
     assert ks.node("a") == "/vmha/nodes/a"
     assert ks.cordon("a") == "/vmha/cordon/a"
     assert ks.fence("a") == "/vmha/fence/a"
+    assert ks.alive("a") == "/vmha/alive/a"
     assert ks.vm_spec("v") == "/vmha/vms/v/spec"
     assert ks.vm_placement("v") == "/vmha/vms/v/placement"
     assert ks.vm_status("v") == "/vmha/vms/v/status"
@@ -345,6 +350,7 @@ def test_snapshot_default_config_when_absent() -> None:
                      id="node"),
         pytest.param(KS.cordon("a"), cordon_value("b"), "node", "key names 'a'", id="cordon"),
         pytest.param(KS.fence("a"), fence_value("b"), "node", "key names 'a'", id="fence"),
+        pytest.param(KS.alive("a"), alive_value("b"), "node", "key names 'a'", id="alive"),
         pytest.param(KS.vm_spec("v1"), spec_value("v2"), "name", "key names 'v1'", id="spec"),
         pytest.param(KS.vm_placement("v1"), PLACE, "vm", "is 'vm-1' but the key names 'v1'",
                      id="placement"),
@@ -397,3 +403,12 @@ def test_cluster_builder_strict_refuses_bad_data() -> None:
         cluster(extra=[raw(KS.vm_spec("a"), spec_value("b"))])
     snap = cluster(extra=[raw(KS.vm_spec("a"), spec_value("b"))], strict=False)
     assert len(snap.errors) == 1
+
+
+def test_snapshot_reads_the_liveness_key_and_refuses_a_bad_one() -> None:
+    snap = snapshot([raw(KS.alive("n1"), alive_value("n1", "ab12"), 7),
+                     raw(KS.alive("n2"), {"schema": 1, "node": "n2"}, 8)])
+    assert snap.alive["n1"].value.lease_id == "ab12"
+    assert "n2" not in snap.alive
+    assert [(i.key, i.kind, i.name) for i in snap.invalid] == [(KS.alive("n2"), "alive", "n2")]
+    assert snap.invalid_nodes == frozenset(), "a bad liveness key decides nothing"

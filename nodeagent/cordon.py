@@ -1,0 +1,42 @@
+"""The agent's cordon: the marker it writes when it drains, and the mirror of the marker
+into its registration (what the leader reads)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from nodeagent.context import AgentContext
+from schemas.models import CordonMarker
+from schemas.snapshot import ClusterSnapshot
+from schemas.txn import Cmp, Put
+
+if TYPE_CHECKING:
+    from nodeagent.membership import Registration
+
+
+def write_cordon(ctx: AgentContext, reason: str) -> None:
+    """The node's cordon marker, unless one is there already (an operator's is kept)."""
+    me, store = ctx.me, ctx.store
+    marker = CordonMarker(node=me, reason=reason, by=f"agent:{me}", at=time.time())
+    key = ctx.ks.cordon(me)
+    if store.get(key) is None:
+        store.put(key, marker.to_json())
+        ctx.log.warning("cordoned", reason=reason)
+        ctx.history.record("drain", node=me, reason=reason)
+
+
+def sync_cordon(ctx: AgentContext, snap: ClusterSnapshot, reg: Registration) -> None:
+    """Mirror the cordon marker into our registration (what the leader reads)."""
+    want = snap.is_cordoned(ctx.me)
+    entry = snap.nodes[ctx.me]
+    if entry.value.cordoned == want:
+        reg.cordoned = want
+        return
+    value = entry.value.model_copy(update={"cordoned": want})
+    key = ctx.ks.node(ctx.me)
+    res = ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
+                        [Put(key, value.to_json(), reg.lease_id)])
+    reg.cordoned = want
+    # Not written: our registration was replaced meanwhile; the next cycle sees it.
+    ctx.log.info("cordon_state", cordoned=want, written=res.succeeded, revision=snap.revision)

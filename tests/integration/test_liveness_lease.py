@@ -1,0 +1,151 @@
+"""The liveness lease (docs/fencing.md, "Leases revoked by etcd itself"): real etcd, three
+agents on the fake hypervisor, two orchestrators.
+
+etcd 3.4.23 (Debian 12) revokes, when a raft leader paused longer than the TTL resumes,
+every lease that leader saw expire while it was stopped (etcd #12528, #15247): an agent's
+registration lease *and* its liveness lease, milliseconds apart.  That must not drain
+the node (an operator revokes the registration lease only, and that still drains:
+tests/integration/test_cluster.py::test_lease_revoke_drains_by_live_migration_and_cordons,
+tests/integration/test_drains_external.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fencing.policy import fence_window
+from hypervisor.fake import fake_ground_truth
+from lab.invariants import DoubleRunChecker, FakeTruth
+from schemas import ClusterConfig, Keyspace, NodeRegistration
+from schemas.models import FenceDevice
+from store.etcd import EtcdStore
+from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
+from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.helpers import domain_record, log_events
+from tests.integration.test_drains_external import calls, logging_fence_agent
+
+pytestmark = pytest.mark.integration
+KS = Keyspace()
+NODES = ("n1", "n2", "n3")
+VMS = 4
+# Written without Keyspace.alive so that the test also runs on a vmha without the key.
+ALIVE = KS.root + "alive/"
+
+
+def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
+    kv = store.get(KS.node(node))
+    return (kv.create_revision, NodeRegistration.from_json(kv.value)) if kv else None
+
+
+def alive_lease(store: EtcdStore, node: str) -> int:
+    kv = store.get(ALIVE + node)
+    return kv.lease if kv is not None else 0
+
+
+def all_running(fc: FakeCluster) -> bool:
+    truth = fake_ground_truth(fc.fake_root)
+    return len(truth) == VMS and all(len(ns) == 1 for ns in truth.values())
+
+
+def start(etcd: EtcdCluster, tmp_path: Path, policy: str
+          ) -> tuple[FakeCluster, ClusterConfig, Path | None]:
+    cfg, log = TEST_CONFIG, None
+    if policy == "external":
+        agent, log = logging_fence_agent(tmp_path)
+        cfg = TEST_CONFIG.model_copy(update={
+            "fence_policy": "external",
+            "fence_devices": {"*": FenceDevice(agent=agent, params={"uri": "{uri}"},
+                                               timeout_s=20)}})
+    fc = make_fake_cluster(etcd, tmp_path, cfg)
+    for n in NODES:
+        fc.start_agent(n)
+    fc.start_orchestrator("o1")
+    fc.start_orchestrator("o2")
+    for i in range(VMS):
+        r = vmha(etcd, "vm", "add", f"vm{i}", "--memory-mib", "512")
+        assert r.returncode == 0, r.stderr
+    wait_until(lambda: all_running(fc), 30, what="all VMs running")
+    return fc, cfg, log
+
+
+def busiest(fc: FakeCluster) -> str:
+    truth = fake_ground_truth(fc.fake_root)
+    return max(NODES, key=lambda n: sum(n in ns for ns in truth.values()))
+
+
+def boots(fc: FakeCluster) -> dict[str, Any]:
+    """Each VM's node and domain record: a move or a reboot changes it."""
+    truth = fake_ground_truth(fc.fake_root)
+    return {vm: (ns, domain_record(fc.fake_root, ns[0], vm)) for vm, ns in truth.items()}
+
+
+@pytest.mark.parametrize("policy", ["self", "external"])
+def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path: Path,
+                                                    policy: str) -> None:
+    """Both of a node's leases revoked at once, as the resumed stale leader does: the
+    agent registers again uncordoned and keeps its VMs; nothing moves, nothing is
+    fenced, no fence device is called."""
+    fc, cfg, log = start(etcd, tmp_path, policy)
+    store = EtcdStore(etcd.endpoints)
+    try:
+        node = busiest(fc)
+        before = registration(store, node)
+        assert before is not None
+        leases = [int(before[1].lease_id, 16)]
+        if alive_lease(store, node):
+            leases.append(alive_lease(store, node))
+        was = boots(fc)
+        with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
+            for lease in leases:
+                store.revoke_lease(lease)
+            wait_until(lambda: (r := registration(store, node)) is not None
+                       and r[0] != before[0], 10, what=f"{node} registered again")
+            # Past the revoke grace and the fence window the revoke started.
+            time.sleep(cfg.revoke_grace_s + fence_window(cfg) + 1.0)
+        assert checker.violations == []
+        after = registration(store, node)
+        assert after is not None and not after[1].cordoned, "revoked by etcd: not a drain"
+        assert store.get(KS.cordon(node)) is None
+        assert boots(fc) == was, "no VM moved, stopped or rebooted"
+        assert store.get_prefix(KS.root + "fence/") == []
+        if log is not None:
+            assert calls(log) == []
+        new_alive = alive_lease(store, node)
+        assert new_alive and new_alive not in leases
+        assert after[1].lease_id != before[1].lease_id
+        (warn,) = log_events(fc.agents[node], "leases_revoked_by_etcd")
+        assert warn["level"] == "warning"
+        assert {warn["lease"], warn["liveness_lease"]} == {f"{x:x}" for x in leases}
+        assert log_events(fc.agents[node], "cordoned") == []
+    finally:
+        fc.stop()
+        store.close()
+
+
+def test_liveness_lease_revoked_alone_is_replaced_no_drain(etcd: EtcdCluster,
+                                                          tmp_path: Path) -> None:
+    fc, cfg, _ = start(etcd, tmp_path, "self")
+    store = EtcdStore(etcd.endpoints)
+    try:
+        node = busiest(fc)
+        before = registration(store, node)
+        old = alive_lease(store, node)
+        assert before is not None and old
+        was = boots(fc)
+        store.revoke_lease(old)
+        wait_until(lambda: alive_lease(store, node) not in (0, old), 10,
+                   what="a new liveness lease")
+        time.sleep(fence_window(cfg) + 1.0)
+        assert registration(store, node) == before, "the registration is untouched"
+        assert store.get(KS.cordon(node)) is None
+        assert boots(fc) == was
+        assert store.get_prefix(KS.root + "fence/") == []
+        (ev,) = log_events(fc.agents[node], "liveness_lease_replaced")
+        assert ev["old_lease"] == f"{old:x}"
+        assert ev["lease"] == f"{alive_lease(store, node):x}"
+    finally:
+        fc.stop()
+        store.close()
