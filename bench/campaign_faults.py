@@ -148,6 +148,11 @@ class NewFaults:
         """SIGKILL + restart at once; checked after the old lease's TTL and the fence
         window have passed (by :meth:`Campaign.step`'s ``min_wait``)."""
         rec.target = node = self.svc_node
+        # A move the previous step set going (a rebalance's) would show as a VM lost
+        # by the restart.
+        if not self._wait_quiet(QUIET_TIMEOUT_S):
+            rec.notes.append(f"agent restart: cluster not quiet within {QUIET_TIMEOUT_S} s; "
+                             "compared anyway")
         self.hold(node)
         self._restart_before = (self.registrations().get(node), self._on(node))
         self.agents[node].kill()

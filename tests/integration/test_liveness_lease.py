@@ -10,6 +10,8 @@ tests/integration/test_drains_external.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -99,8 +101,17 @@ def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path:
             leases.append(alive_lease(store, node))
         was = boots(fc)
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
-            for lease in leases:
-                store.revoke_lease(lease)
+            # etcd's revocations come milliseconds apart; this test's two RPCs may not
+            # (a loaded machine can hold this process longer than the agent's
+            # CONFIRM_DELAY_S between them, and the agent then rightly sees a drain).
+            # The agent is paused across both, so it finds them gone together.
+            agent_pid = fc.agents[node].pid
+            os.kill(agent_pid, signal.SIGSTOP)
+            try:
+                for lease in leases:
+                    store.revoke_lease(lease)
+            finally:
+                os.kill(agent_pid, signal.SIGCONT)
             wait_until(lambda: (r := registration(store, node)) is not None
                        and r[0] != before[0], 10, what=f"{node} registered again")
             # Past the revoke grace and the fence window the revoke started.
