@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,14 @@ from lab.configs import FAST_CONFIG
 from schemas import ClusterConfig
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, FakeCluster, start_etcd
+
+# A shell that starts the suite in the background without job control (`cmd &` in a
+# script) leaves SIGINT ignored, and an ignored signal stays ignored across exec: every
+# `vmha` the tests start would then ignore the Ctrl-C the tests send it (`lab up`
+# interrupted mid-way waited out its teardown timeout).  A handler, unlike SIG_IGN, is
+# reset to the default in a child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Fails the session if a process it started outlives it (and kills it).
 pytest_plugins = ["tests.leakcheck"]

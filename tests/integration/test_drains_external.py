@@ -98,24 +98,35 @@ def restart(fc: FakeCluster, store: EtcdStore, node: str) -> None:
     uncordon(store, node)
 
 
-def test_drains_and_restarts_make_no_fence_call_a_loss_does(etcd: EtcdCluster,
-                                                            tmp_path: Path) -> None:
+def external_config(tmp_path: Path) -> tuple[ClusterConfig, Path]:
+    """`fence_policy = external` with the logging fence agent; its call log."""
     agent, log = logging_fence_agent(tmp_path)
-    cfg: ClusterConfig = TEST_CONFIG.model_copy(update={
+    return TEST_CONFIG.model_copy(update={
         "fence_policy": "external",
         "fence_devices": {"*": FenceDevice(agent=agent, params={"uri": "{uri}"},
-                                           timeout_s=20)}})
+                                           timeout_s=20)}}), log
+
+
+def start_cluster(etcd: EtcdCluster, tmp_path: Path, cfg: ClusterConfig) -> FakeCluster:
+    """NODES agents, two orchestrators, VMS VMs running."""
     fc = make_fake_cluster(etcd, tmp_path, cfg)
+    for n in NODES:
+        fc.start_agent(n)
+    fc.start_orchestrator("o1")
+    fc.start_orchestrator("o2")
+    for i in range(VMS):
+        r = vmha(etcd, "vm", "add", f"vm{i}", "--memory-mib", "512")
+        assert r.returncode == 0, r.stderr
+    wait_until(lambda: all_running(fc), 30, what="all VMs running")
+    return fc
+
+
+def test_drains_and_restarts_make_no_fence_call_a_loss_does(etcd: EtcdCluster,
+                                                            tmp_path: Path) -> None:
+    cfg, log = external_config(tmp_path)
+    fc = start_cluster(etcd, tmp_path, cfg)
     store = EtcdStore(etcd.endpoints)
     try:
-        for n in NODES:
-            fc.start_agent(n)
-        fc.start_orchestrator("o1")
-        fc.start_orchestrator("o2")
-        for i in range(VMS):
-            r = vmha(etcd, "vm", "add", f"vm{i}", "--memory-mib", "512")
-            assert r.returncode == 0, r.stderr
-        wait_until(lambda: all_running(fc), 30, what="all VMs running")
         started = time.monotonic()
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             for i in range(ROUNDS):

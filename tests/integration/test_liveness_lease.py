@@ -22,17 +22,19 @@ from fencing.policy import fence_window
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
 from schemas import ClusterConfig, Keyspace, NodeRegistration
-from schemas.models import FenceDevice
 from store.etcd import EtcdStore
-from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
+from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import domain_record, log_events
-from tests.integration.test_drains_external import calls, logging_fence_agent
+from tests.integration.test_drains_external import (
+    NODES,
+    calls,
+    external_config,
+    start_cluster,
+)
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
-NODES = ("n1", "n2", "n3")
-VMS = 4
 # Written without Keyspace.alive so that the test also runs on a vmha without the key.
 ALIVE = KS.root + "alive/"
 
@@ -47,30 +49,10 @@ def alive_lease(store: EtcdStore, node: str) -> int:
     return kv.lease if kv is not None else 0
 
 
-def all_running(fc: FakeCluster) -> bool:
-    truth = fake_ground_truth(fc.fake_root)
-    return len(truth) == VMS and all(len(ns) == 1 for ns in truth.values())
-
-
 def start(etcd: EtcdCluster, tmp_path: Path, policy: str
           ) -> tuple[FakeCluster, ClusterConfig, Path | None]:
-    cfg, log = TEST_CONFIG, None
-    if policy == "external":
-        agent, log = logging_fence_agent(tmp_path)
-        cfg = TEST_CONFIG.model_copy(update={
-            "fence_policy": "external",
-            "fence_devices": {"*": FenceDevice(agent=agent, params={"uri": "{uri}"},
-                                               timeout_s=20)}})
-    fc = make_fake_cluster(etcd, tmp_path, cfg)
-    for n in NODES:
-        fc.start_agent(n)
-    fc.start_orchestrator("o1")
-    fc.start_orchestrator("o2")
-    for i in range(VMS):
-        r = vmha(etcd, "vm", "add", f"vm{i}", "--memory-mib", "512")
-        assert r.returncode == 0, r.stderr
-    wait_until(lambda: all_running(fc), 30, what="all VMs running")
-    return fc, cfg, log
+    cfg, log = (TEST_CONFIG, None) if policy != "external" else external_config(tmp_path)
+    return start_cluster(etcd, tmp_path, cfg), cfg, log
 
 
 def busiest(fc: FakeCluster) -> str:
