@@ -159,6 +159,13 @@ class LeaseKeeper:
         # itself by the old deadline.
         self._on_gone(before)
 
+    def extend_deadline(self, until: float) -> None:
+        """Move a lease's deadline later (fencing.policy.revoked_deadline: a revoked
+        lease); a deadline that has passed already stays passed."""
+        with self._lock:
+            if not self.deadline_passed:
+                self.deadline = max(self.deadline, until)
+
     def _renewed(self, sent: float) -> None:
         with self._lock:
             self.deadline = max(self.deadline, self_fence_deadline(sent, self.cfg))

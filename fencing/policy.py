@@ -162,6 +162,20 @@ def self_fence_deadline(last_ack_sent_at: float, cfg: ClusterConfig) -> float:
     return last_ack_sent_at + cfg.lease_ttl_s - cfg.self_fence_safety_s
 
 
+def revoked_deadline(deadline: float, cfg: ClusterConfig) -> float:
+    """How long an agent whose lease was *revoked* (etcd answered: a drain) may keep
+    its domains while it registers again, given its self-fence `deadline` (the last
+    acknowledged keepalive's send time + TTL - safety).
+
+    The revoke came after that keepalive was acknowledged, and the leader waits its
+    `fence_window` from the moment it sees the registration gone, which is later
+    still.  So the send time + fence window - safety is as safe as the deadline is
+    against an expiry, and it gives a drain whose re-registration meets a slow etcd
+    member (a restart, a stall) the guard timeout + margin more, instead of killing the
+    VMs it is about to migrate.  An expiry keeps the plain deadline."""
+    return deadline + fence_window(cfg) - cfg.lease_ttl_s
+
+
 def fence_window(cfg: ClusterConfig) -> float:
     """How long after the leader observes a node's lease gone it may call it fenced.
 

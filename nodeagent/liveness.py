@@ -110,6 +110,14 @@ class Liveness:
             return "replaced"
         if seen.liveness:
             return "operator"
+        if not self._renewed_within_ttl(cfg):
+            # Not renewed for a TTL (etcd unreachable meanwhile): it may just have
+            # expired, which says nothing about who revoked the registration lease.
+            # The operator's drain is the reading that keeps the VMs running.
+            self.log.info("liveness_lease_expired", lease=f"{self.lease_id:x}",
+                          reason="not renewed for a TTL: the registration lease's revoke "
+                                 "is taken for a drain")
+            return "operator"
         self.log.warning("leases_revoked_by_etcd", lease=f"{registration:x}",
                          liveness_lease=f"{self.lease_id:x}",
                          reason="both leases gone while etcd answers: etcd revoked them (a "
@@ -117,6 +125,13 @@ class Liveness:
                                 "#12528), not an operator: registering again, no drain, "
                                 "the VMs stay")
         return "etcd"
+
+    def _renewed_within_ttl(self, cfg: ClusterConfig) -> bool:
+        """The liveness lease was acknowledged less than a TTL ago (its keeper's
+        deadline is that acknowledgement's send time + TTL - safety)."""
+        keeper = self.keeper
+        return keeper is not None and (
+            self.ctx.clock() < keeper.deadline + cfg.self_fence_safety_s)
 
     def confirm(self, registration: int) -> Verdict:
         """After CONFIRM_DELAY_S, which of the two leases etcd still has.  Raises

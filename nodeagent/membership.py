@@ -22,7 +22,12 @@ from fencing.guard import GuardClient
 from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
 from fencing.lease_hold import LeaseTerms
-from fencing.policy import guard_timeout, require_safe_timing, self_fence_deadline
+from fencing.policy import (
+    guard_timeout,
+    require_safe_timing,
+    revoked_deadline,
+    self_fence_deadline,
+)
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
 from nodeagent.cordon import write_cordon
@@ -316,9 +321,13 @@ class Membership:
         if reg is None or reg.lease_id != lease_id:
             return  # an old lease's keeper reporting late: already handled
         if before_deadline:
-            # etcd answered, so we are alive: keep the guard on the old deadline, which
-            # the leader's fence window covers, until we hold a new registration.
-            self.pet_guard(reg.keeper.deadline)
+            # etcd answered, so we are alive: the leader's fence window, counted from
+            # after the revoke, lets the VMs run a little longer than the old deadline
+            # while we register again (a slow etcd member must not turn a drain into
+            # an outage); the guard and the old keeper hold them to that, no longer.
+            until = revoked_deadline(reg.keeper.deadline, self.cfg)
+            reg.keeper.extend_deadline(until)
+            self.pet_guard(until, timeout=until - self.ctx.clock())
             self.flags.revoked = True
             self.log.warning("lease_revoked", reason="lease gone while etcd answers: a drain "
                                                      "unless the liveness lease is gone too")
@@ -330,13 +339,14 @@ class Membership:
         self.flags.alive_gone = True
         self.ctx.wake.set()
 
-    def pet_guard(self, deadline: float | None = None) -> None:
-        """Tell the guard the agent is alive and holds its lease until `deadline`."""
+    def pet_guard(self, deadline: float | None = None, timeout: float | None = None) -> None:
+        """Tell the guard the agent is alive and holds its lease until `deadline`; it
+        fires `timeout` (default: the guard timeout) after this pet if none follows."""
         reg = self.reg
         if self.guard is None or not self.cfg.guard_enabled or reg is None:
             return
         if not self.guard.pet(deadline if deadline is not None else reg.keeper.deadline,
-                              guard_timeout(self.cfg)):
+                              guard_timeout(self.cfg) if timeout is None else timeout):
             self.log.error("guard_lost", reason="cannot reach the guard process")
             self.ctx.wake.set()
 
