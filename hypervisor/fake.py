@@ -389,12 +389,16 @@ class FakeHypervisor:
                 raise HypervisorRefused(f"operation failed: domain '{name}' is already "
                                         f"active on {target_dir.name}")
             _refuse_if_fenced(target_dir, "migrate", name)
+            # The source names the migration before its incoming copy exists: a
+            # process killed between the two writes (the flock goes with it) must not
+            # leave an incoming copy that nothing excuses, which the ground truth
+            # would count as a second running copy (a paused copy never runs).
+            cur["outgoing"] = {"to": target_dir.name, "id": mid}
+            _write_json(self._path(name), cur)
             incoming = spawn_incoming(self._tag(name, target_dir), os.getpid())
             _write_json(tpath, {"state": "paused", "xml": cur["xml"], "guest": incoming,
                                 "incoming": {"from": self.node, "id": mid},
                                 "booted_at": time.time()})
-            cur["outgoing"] = {"to": target_dir.name, "id": mid}
-            _write_json(self._path(name), cur)
         try:
             self._copy_or_abort(name)
             total_ms = (time.monotonic() - start) * 1000.0

@@ -206,3 +206,30 @@ def test_a_fenced_fake_host_refuses_boots_and_incoming_migrations(tmp_path: Path
     src.migrate("vm1", dst.uri, "127.0.0.1")
     dst.boot("vm2", XML.format("vm2"))
     assert fake_ground_truth(tmp_path) == {"vm1": ["b"], "vm2": ["b"]}
+
+
+def test_a_migration_killed_as_it_starts_is_never_a_double_run(tmp_path: Path) -> None:
+    """The campaign's I1 double run (30 ms, seed 304): the migrating agent was killed
+    right after the target's incoming copy was written and before the source named the
+    migration, so nothing excused the paused copy.  Here the migrating process dies
+    right after its last write of the start (the incoming copy), and is left a zombie
+    (not reaped) so the copy lives on while the ground truth is read."""
+    code = ("import os, sys; from pathlib import Path; import hypervisor.fake as f;"
+            "a = f.FakeHypervisor(Path(sys.argv[1]), 'a', migrate_seconds=60);"
+            "a.boot('vm1', sys.argv[2]); real = f._write_json\n"
+            "def die_after_incoming(path, data):\n"
+            "    real(path, data)\n"
+            "    if data.get('incoming'): os._exit(9)\n"
+            "f._write_json = die_after_incoming\n"
+            "a.migrate('vm1', sys.argv[3], '127.0.0.1')")
+    dst = FakeHypervisor(tmp_path, "b")
+    mover = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), XML.format("vm1"),
+                              dst.uri])
+    try:
+        os.waitid(os.P_PID, mover.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        assert "vm1" in dst.list_domains(), "the incoming copy lives while its job's pid does"
+        assert fake_ground_truth(tmp_path) == {"vm1": ["a"]}
+    finally:
+        mover.kill()
+        mover.wait()
+        kill_guests(tmp_path)
