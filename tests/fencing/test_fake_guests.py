@@ -110,6 +110,8 @@ def test_a_migration_is_counted_once_while_in_flight_and_on_the_target_after(
     assert dst.list_domains()["vm1"].incoming and dst.list_domains()["vm1"].state == "paused"
     assert fake_ground_truth(tmp_path) == {"vm1": ["a"]}
     t.join()
+    # The sampler may not have read since the switch-over; stopping it now would race.
+    wait_until(lambda: "b" in checker.seen("vm1"), 5, what="a sample of the target")
     checker.stop()
     assert fake_ground_truth(tmp_path) == {"vm1": ["b"]}
     assert "vm1" not in src.list_domains()
