@@ -7,6 +7,7 @@ key and the field instead of an exception deep inside a daemon.
 
 from schemas.errors import SchemaError
 from schemas.keys import Keyspace
+from schemas.keys_v2 import KeyspaceV2
 from schemas.models import (
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
@@ -22,18 +23,23 @@ from schemas.models import (
     VmSpec,
     VmStatus,
 )
+from schemas.models_v2 import Assignment, ConfirmOff, KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot, Entry
 
 __all__ = [
     "MAX_VALUE_BYTES",
     "SCHEMA_VERSION",
+    "Assignment",
     "Capacity",
     "ClusterConfig",
     "ClusterSnapshot",
+    "ConfirmOff",
     "CordonMarker",
     "Entry",
     "FenceRecord",
     "Keyspace",
+    "KeyspaceV2",
+    "KeyspaceVersion",
     "LeaderRecord",
     "AliveRecord",
     "LeaveMarker",
