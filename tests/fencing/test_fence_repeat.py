@@ -19,16 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from cli.common import default_domain_xml
 from fencing.guard_server import GuardServer
 from hypervisor.base import Domain, HypervisorRefused, HypervisorUnavailable
 from hypervisor.fake import FakeHypervisor
-from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import Keyspace, Placement, VmSpec
+from schemas import Keyspace
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.fencing.procs import popen as _popen
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers import active, place_one, spec, start_agent
 
 KS = Keyspace()
 XML = "<domain><name>{0}</name></domain>"
@@ -65,14 +64,6 @@ class FlakyFake(FakeHypervisor):
                 raise HypervisorRefused("Timed out during operation: cannot acquire state "
                                         "change lock (held by monitor=remoteDispatchDomainCreate)")
         super().destroy(name)
-
-
-def active(hv: FakeHypervisor) -> list[str]:
-    return sorted(n for n, d in hv.list_domains().items() if d.active)
-
-
-def spec(name: str) -> VmSpec:
-    return VmSpec(name=name, domain_xml=default_domain_xml(name, 64, 1), memory_mib=64, vcpus=1)
 
 
 def test_guard_service_destroys_again_until_the_node_registers_again(tmp_path: Path) -> None:
@@ -140,17 +131,10 @@ def test_guard_destroys_a_domain_started_after_it_fired(tmp_path: Path) -> None:
 def test_self_fence_retries_a_failed_list_and_destroy_until_registered_again(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     store = EtcdStore(etcd.endpoints)
-    store.put(KS.config, TEST_CONFIG.to_json())
     hv = FlakyFake(tmp_path, "n1")
     marker = tmp_path / "n1" / "fenced"
-    store.put(KS.vm_spec("app"), spec("app").to_json())
-    store.put(KS.vm_placement("app"), Placement(id="p1", vm="app", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
-    agent = NodeAgent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv,
-                      AgentOptions(name="n1", poll_interval_s=0.2))
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    place_one(store, TEST_CONFIG, "app", "n1", "p1")
+    agent, t = start_agent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv, "n1")
     try:
         wait_until(lambda: active(hv) == ["app"], 30, what="app booted")
         hv.fail_lists, hv.fail_destroys = 1, {"app": 1}

@@ -1,10 +1,19 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from cli.common import default_domain_xml
+from hypervisor.fake import FakeHypervisor
+from nodeagent.agent import AgentOptions, NodeAgent
+from schemas import ClusterConfig, Keyspace, Placement, VmSpec
+from store.etcd import EtcdStore
 from tests.harness import Daemon
+
+KS = Keyspace()
 
 
 def log_events(daemon: Daemon, event: str | None = None) -> list[dict[str, Any]]:
@@ -25,3 +34,29 @@ def domain_record(root: Path, node: str, vm: str) -> dict[str, Any] | None:
         return dict(json.loads(p.read_text()))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def spec(name: str) -> VmSpec:
+    return VmSpec(name=name, domain_xml=default_domain_xml(name, 64, 1), memory_mib=64, vcpus=1)
+
+
+def active(hv: FakeHypervisor) -> list[str]:
+    return sorted(n for n, d in hv.list_domains().items() if d.active)
+
+
+def place_one(store: EtcdStore, cfg: ClusterConfig, vm: str, node: str, pid: str) -> None:
+    """The cluster config, ``vm``'s spec and a leader's boot placement of it on ``node``:
+    what the in-process agent tests start from (no orchestrator runs)."""
+    store.put(KS.config, cfg.to_json())
+    store.put(KS.vm_spec(vm), spec(vm).to_json())
+    store.put(KS.vm_placement(vm), Placement(id=pid, vm=vm, node=node, kind="boot", epoch=1,
+                                             reason="test", decided_at=time.time()).to_json())
+
+
+def start_agent(store: EtcdStore, hv: FakeHypervisor, name: str
+                ) -> tuple[NodeAgent, threading.Thread]:
+    """A NodeAgent of ``name`` running in a daemon thread of the test process."""
+    agent = NodeAgent(store, hv, AgentOptions(name=name, poll_interval_s=0.2))
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    return agent, t

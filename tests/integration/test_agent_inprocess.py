@@ -9,21 +9,17 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from cli.common import default_domain_xml
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import ClusterConfig, Keyspace, NodeRegistration, Placement, VmSpec, VmStatus
+from schemas import ClusterConfig, Keyspace, NodeRegistration, Placement, VmStatus
 from schemas.models import AgentInfo, Capacity
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers import place_one, spec, start_agent
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
-
-
-def spec(name: str) -> VmSpec:
-    return VmSpec(name=name, domain_xml=default_domain_xml(name, 64, 1), memory_mib=64, vcpus=1)
 
 
 def test_agent_start_adopts_running_vm_without_reboot(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -83,16 +79,9 @@ def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: P
     """etcd unreachable: the agent destroys its domains before its lease could expire,
     and does not cordon itself (that would be a drain)."""
     store = EtcdStore(etcd.endpoints)
-    store.put(KS.config, TEST_CONFIG.to_json())
     hv = FakeHypervisor(tmp_path, "n1")
-    store.put(KS.vm_spec("app"), spec("app").to_json())
-    store.put(KS.vm_placement("app"), Placement(id="p3", vm="app", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
-    agent = NodeAgent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv,
-                      AgentOptions(name="n1", poll_interval_s=0.2))
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    place_one(store, TEST_CONFIG, "app", "n1", "p3")
+    agent, t = start_agent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv, "n1")
     try:
         wait_until(lambda: hv.list_domains().get("app") and hv.list_domains()["app"].active, 10,
                    what="app booted")
@@ -185,16 +174,10 @@ def test_old_lease_stops_watching_once_registered_after_a_lost_race(
     cfg = ClusterConfig(lease_ttl_s=5, keepalive_interval_s=0.5, self_fence_safety_s=0.5,
                         fence_margin_s=1.0, stop_timeout_s=2.0)
     store = EtcdStore(etcd.endpoints)
-    store.put(KS.config, cfg.to_json())
-    store.put(KS.vm_spec("app"), spec("app").to_json())
-    store.put(KS.vm_placement("app"), Placement(id="p4", vm="app", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
+    place_one(store, cfg, "app", "n1", "p4")
     hv = FakeHypervisor(tmp_path, "n1")
     racing = RacingStore(etcd.endpoints, "n1")
-    agent = NodeAgent(racing, hv, AgentOptions(name="n1", poll_interval_s=0.2))
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    agent, t = start_agent(racing, hv, "n1")
     try:
         wait_until(lambda: hv.list_domains().get("app") and hv.list_domains()["app"].active, 10,
                    what="app booted")

@@ -13,7 +13,6 @@ safety margin (fencing.policy.revoked_deadline), not only until the old deadline
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -22,12 +21,11 @@ import pytest
 from bench.dropproxy import DropProxy
 from fencing.policy import fence_window
 from hypervisor.fake import FakeHypervisor, fake_ground_truth
-from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import Keyspace, NodeRegistration, Placement
+from schemas import Keyspace, NodeRegistration
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
-from tests.fencing.test_fence_repeat import active, spec
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers import active, place_one, start_agent
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -37,17 +35,10 @@ def test_a_drain_whose_agent_cannot_reach_etcd_for_a_while_keeps_its_vms(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     cfg = TEST_CONFIG
     store = EtcdStore(etcd.endpoints)
-    store.put(KS.config, cfg.to_json())
-    store.put(KS.vm_spec("app"), spec("app").to_json())
-    store.put(KS.vm_placement("app"), Placement(id="p1", vm="app", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
+    place_one(store, cfg, "app", "n1", "p1")
     proxy = DropProxy(etcd.members[0].client_port)
     hv = FakeHypervisor(tmp_path, "n1")
-    agent = NodeAgent(EtcdStore(proxy.endpoint, retry_budget=0.3, timeout=0.3), hv,
-                      AgentOptions(name="n1", poll_interval_s=0.2))
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    agent, t = start_agent(EtcdStore(proxy.endpoint, retry_budget=0.3, timeout=0.3), hv, "n1")
     try:
         wait_until(lambda: active(hv) == ["app"], 30, what="app booted")
         booted = json.loads((hv.ddir / "app.json").read_text())["booted_at"]
