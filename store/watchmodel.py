@@ -121,8 +121,7 @@ class WatchedState:
                             self._failure, self._started = exc, False
                     raise
         with self._lock:
-            if self._failure is not None:
-                raise self._failure
+            self._raise_failure()
         if self._supervisor is None:
             self._supervisor = threading.Thread(target=self._supervise, daemon=True,
                                                 name="vmha-watch-supervisor")
@@ -135,8 +134,7 @@ class WatchedState:
         with self._cond:
             self._cond.wait_for(lambda: bool(self._changes) or self._failure is not None
                                 or self._closed.is_set(), timeout)
-            if self._failure is not None:
-                raise self._failure
+            self._raise_failure()
             changes, self._changes = self._changes, []
             return changes
 
@@ -156,11 +154,14 @@ class WatchedState:
         return rev
 
     def remove(self, keys: KeyRange) -> bool:
-        """Stop watching `keys` and forget its key-values; False if not watched."""
+        """Stop watching `keys` and forget its key-values; False if not watched.  The
+        last range stays (close the state instead)."""
         with self._list_lock, self._lock:
             w = next((w for w in self._watchers if w.keys == keys), None)
             if w is None:
                 return False
+            if len(self._watchers) == 1:
+                raise ValueError(f"{keys} is the last watched range: close the state")
             w.removed = True
             self._watchers.remove(w)
             for k in [k for k in self._kvs if keys.contains(k)]:
@@ -205,6 +206,12 @@ class WatchedState:
         self._ring.close()
 
     # ---- listing and the stream ------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        """Raise what the owner must act on (a new instance each time, so an owner that
+        asks again and again does not grow one traceback)."""
+        if self._failure is not None:
+            raise type(self._failure)(*self._failure.args)
 
     def _check_disjoint(self, keys: KeyRange) -> None:
         for w in self._watchers:

@@ -8,7 +8,9 @@ import pytest
 
 from schemas.errors import PermanentError, TemporaryError
 from store.errors import PermissionDenied, StoreCompacted, StoreRejected, watch_cancel_error
+from store.etcd import EtcdStore
 from store.paging import GROW_BELOW, PAGE_KEYS, SHRINK_ABOVE, KeyRange, PageLimit, prefix_end
+from store.watchmodel import WatchedState
 from store.watchstream import Liveness
 
 
@@ -79,3 +81,21 @@ def test_watch_cancel_reasons_map_to_store_errors() -> None:
     other = watch_cancel_error("watch /vmha/", "", 0)
     assert isinstance(other, StoreRejected) and not isinstance(other, PermissionDenied)
     assert "canceled" in str(other)
+
+
+def test_a_watched_state_needs_disjoint_ranges_and_keeps_its_last() -> None:
+    # Nothing connects before start(): no etcd needed for the checks on ranges.
+    store = EtcdStore("127.0.0.1:9")
+    try:
+        with pytest.raises(ValueError, match="disjoint"):
+            WatchedState(store, [KeyRange.prefix("/vmha/n/"), KeyRange.key("/vmha/n/n1/reg")])
+        with pytest.raises(ValueError, match="at least one"):
+            WatchedState(store, [])
+        state = WatchedState(store, [KeyRange.prefix("/vmha/a/n1/"), KeyRange.key("/vmha/config")])
+        assert state.remove(KeyRange.key("/vmha/config"))
+        assert not state.remove(KeyRange.key("/vmha/config"))
+        with pytest.raises(ValueError, match="last watched range"):
+            state.remove(KeyRange.prefix("/vmha/a/n1/"))
+        state.close()
+    finally:
+        store.close()
