@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-etcd-faults bench-placement campaign evidence clean bless clean-caches fuzz
+        bench bench-etcd-faults bench-paging bench-placement campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -62,6 +62,14 @@ bench-etcd-faults: setup
 	mkdir -p results
 	$(PY) -m bench.etcd_faults --rounds $(or $(ROUNDS),3) --stall $(or $(STALL),30) \
 		--out results/bench-etcd-faults.json
+
+# Paged reads at full size (docs/keyspace-v2.md, section 3): KEYS keys of VALUE_BYTES (default
+# 33,000 of 4 kB, i.e. 10,000 VMs) on one etcd, read under gRPC's default 4 MiB receive limit:
+# one range fails, pages at one revision succeed, a WatchedState lists and follows them.
+bench-paging: setup
+	mkdir -p results
+	$(PY) -m bench.paging --keys $(or $(KEYS),33000) --value-bytes $(or $(VALUE_BYTES),4096) \
+		--out results/bench-paging.json
 
 # The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
 # packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.

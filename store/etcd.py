@@ -30,14 +30,13 @@ one thread and get an error object (not an exception) when the member dies.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from pyetcd import etcdrpc
-from pyetcd import exceptions as etcd_exc
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 from pyetcd.watch import WatchResponse
 from tenacity import (
@@ -48,108 +47,38 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from schemas.errors import PermanentError, TemporaryError, VmhaError
-from schemas.keys import Keyspace, decode_key
+from schemas.keys import Keyspace
 from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.txn import Cmp, Delete, Put, TxnResult
+from store.errors import (
+    CALL_ERRORS,
+    CLIENT_ERRORS,
+    LeaseNotFound,
+    PermissionDenied,
+    StoreCompacted,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    is_transient,
+    store_error,
+)
 from store.keepalive import KeepaliveRing
+from store.paging import KeyRange, Page, RangeCount, count_range, list_range, raw_kv
+from store.ring import EndpointRing
 
-__all__ = ["Cmp", "Delete", "EtcdStore", "LeaseNotFound", "Put", "StoreCompacted",
-           "StoreError", "StoreRejected", "StoreUnavailable", "TlsFiles", "TxnResult",
-           "is_transient", "parse_endpoints"]
+__all__ = ["Cmp", "Delete", "EtcdStore", "LeaseNotFound", "PermissionDenied", "Put",
+           "StoreCompacted", "StoreError", "StoreRejected", "StoreUnavailable", "TlsFiles",
+           "TxnResult", "is_transient", "parse_endpoints", "store_error"]
 
 log = structlog.get_logger("vmha.store")
 
 R = TypeVar("R")
-
-
-class StoreError(VmhaError):
-    """Base of the errors the store raises for etcd (not for bugs in its callers)."""
-
-
-class StoreUnavailable(StoreError, TemporaryError):
-    """etcd did not answer within the retry budget (temporary)."""
-
-
-class StoreCompacted(StoreError, TemporaryError):
-    """The revision asked for was compacted: re-read a snapshot and start from it."""
-
-
-class StoreRejected(StoreError, PermanentError):
-    """etcd answered and refused the request (invalid argument, permission...): sending
-    it again gets the same answer."""
-
-
-class LeaseNotFound(StoreRejected):
-    """The request names a lease etcd no longer has (expired or revoked): the same
-    request fails again, a new lease may succeed."""
-
-
-# What the client raises when etcd (or the way to it) is down, slow or changing leader.
-_TRANSIENT_ETCD: tuple[type[BaseException], ...] = (
-    etcd_exc.ConnectionFailedError,
-    etcd_exc.ConnectionTimeoutError,
-    etcd_exc.NoServerAvailableError,
-    etcd_exc.InternalServerError,
-    etcd_exc.WatchTimedOut,
-)
-# gRPC codes of a server that is unreachable, overloaded, or dropped the stream
-# ("Stream removed" arrives as UNKNOWN when a member dies mid-call).
-_TRANSIENT_GRPC = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
-})
-# pyetcd's endpoint failover raises a bare ValueError with this text when two threads
-# mark the same endpoint failed at once.  Any other ValueError is a bug and propagates.
-_FAILED_NODE = "Trying to use a failed node"
-# Everything the etcd client raises on purpose; other exceptions are programming errors.
-_CLIENT_ERRORS: tuple[type[BaseException], ...] = (etcd_exc.Etcd3Exception, grpc.RpcError)
-# What the client may raise from a call: its errors, and the failover ValueError above.
-_CALL_ERRORS: tuple[type[BaseException], ...] = (*_CLIENT_ERRORS, ValueError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for an error that says etcd is unreachable or busy, so retrying may help."""
-    if isinstance(exc, _TRANSIENT_ETCD):
-        return True
-    if isinstance(exc, grpc.RpcError):
-        code = getattr(exc, "code", None)
-        # An RpcError without a status is a transport failure, not an answer.
-        return code is None or code() in _TRANSIENT_GRPC
-    return isinstance(exc, ValueError) and str(exc) == _FAILED_NODE
-
-
-def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
-    code = getattr(exc, "code", None)
-    return code() if callable(code) else None
-
-
-def store_error(what: str, exc: BaseException) -> StoreError | None:
-    """The StoreError for an exception from the etcd client; None for anything else."""
-    if is_transient(exc):
-        return StoreUnavailable(f"etcd {what} failed: {exc!r}")
-    if isinstance(exc, etcd_exc.RevisionCompactedError):
-        return StoreCompacted(f"etcd {what}: revision compacted: {exc!r}")
-    if isinstance(exc, grpc.RpcError) and _code(exc) == grpc.StatusCode.NOT_FOUND:
-        return LeaseNotFound(f"etcd refused {what}: lease not found: {exc!r}")
-    if isinstance(exc, _CLIENT_ERRORS):
-        return StoreRejected(f"etcd refused {what}: {exc!r}")
-    return None
-
 
 # gRPC refuses answers over 4 MiB by default: three values of 1.4 MiB (under etcd's
 # own 1.5 MiB request limit) would make every snapshot of the prefix fail, leaving no
 # daemon able to decide.  Oversized values are refused by the snapshot, unread; the
 # range that carries them must still arrive.  The bound is etcd's: its quota.
 MAX_RANGE_BYTES = 2 * 1024 ** 3 - 1
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RANGE_BYTES)]
-
-
-def _raw(kv: Any) -> RawKV:
-    """A key-value from etcd; its key decoded so that it never raises (a key that is not
-    UTF-8 keeps `\\xNN` escapes and is reported as invalid by the snapshot)."""
-    return RawKV(decode_key(kv.key), bytes(kv.value), int(kv.create_revision),
-                 int(kv.mod_revision), int(kv.lease))
 
 
 @dataclass(frozen=True)
@@ -195,9 +124,12 @@ def parse_endpoints(spec: str | Sequence[str]) -> list[tuple[str, int]]:
 class EtcdStore:
     def __init__(self, endpoints: str | Sequence[str], keyspace: Keyspace | None = None,
                  timeout: float = 2.0, retry_budget: float = 3.0,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, max_receive_bytes: int = MAX_RANGE_BYTES) -> None:
+        """`max_receive_bytes` is lowered only by tests and benchmarks (to show that paged
+        reads fit under gRPC's default limit)."""
         self.keyspace = keyspace or Keyspace()
         self._tls = tls
+        self._channel_options = [("grpc.max_receive_message_length", max_receive_bytes)]
         self._endpoints = parse_endpoints(endpoints)
         self._timeout = timeout
         self._retry_budget = retry_budget
@@ -209,9 +141,13 @@ class EtcdStore:
     def _make_client(self) -> MultiEndpointEtcd3Client:
         creds = self._tls.credentials() if self._tls else None
         eps = [Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5,
-                        opts=_CHANNEL_OPTIONS)
+                        opts=self._channel_options)
                for h, p in self._endpoints]
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
+
+    @property
+    def retry_budget(self) -> float:
+        return self._retry_budget
 
     @property
     def client(self) -> MultiEndpointEtcd3Client:
@@ -236,7 +172,7 @@ class EtcdStore:
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise StoreUnavailable(f"etcd {what} failed: {cause!r}") from cause
-        except _CLIENT_ERRORS as exc:
+        except CLIENT_ERRORS as exc:
             err = store_error(what, exc)
             if err is None:  # pragma: no cover - every client error maps to a StoreError
                 raise
@@ -247,22 +183,55 @@ class EtcdStore:
     def snapshot(self) -> ClusterSnapshot:
         """All of vmha's keys at one revision (a single linearizable range read)."""
         resp = self._call("range", lambda: self._client.get_prefix_response(self.keyspace.root))
-        kvs = [_raw(kv) for kv in resp.kvs]
+        kvs = [raw_kv(kv) for kv in resp.kvs]
         return ClusterSnapshot.from_kvs(self.keyspace, resp.header.revision, kvs)
 
     def get(self, key: str) -> RawKV | None:
         resp = self._call("get", lambda: self._client.get_response(key))
         if not resp.kvs:
             return None
-        return _raw(resp.kvs[0])
+        return raw_kv(resp.kvs[0])
 
     def get_prefix(self, prefix: str) -> list[RawKV]:
         resp = self._call("range", lambda: self._client.get_prefix_response(prefix))
-        return [_raw(kv) for kv in resp.kvs]
+        return [raw_kv(kv) for kv in resp.kvs]
 
     def revision(self) -> int:
         resp = self._call("range", lambda: self._client.get_response(self.keyspace.config))
         return int(resp.header.revision)
+
+    def range_request(self, request: Any, what: str = "range") -> Any:
+        """One `RangeRequest`, retried as every call (paged reads and counts build it)."""
+        def run() -> Any:
+            try:
+                return self._client.kvstub.Range(
+                    request, self._timeout, credentials=self._client.call_credentials,
+                    metadata=self._client.metadata)
+            except grpc.RpcError as exc:
+                self._client._manage_grpc_errors(exc)  # fails over, or re-raises
+                raise
+
+        return self._call(what, run)
+
+    def list_pages(self, prefix: str, revision: int | None = None,
+                   keys_only: bool = False) -> Iterator[Page]:
+        """Every key under `prefix` in pages, all at one revision (`store.paging`)."""
+        return list_range(self.range_request, KeyRange.prefix(prefix), revision, keys_only)
+
+    def count_only(self, prefix: str) -> RangeCount:
+        """How many keys are under `prefix` now (a range with count_only: no key sent)."""
+        return count_range(self.range_request, KeyRange.prefix(prefix))
+
+    def channel_ring(self, stub: Callable[[grpc.Channel], Any]) -> EndpointRing:
+        """Channels of their own to every member, for a long-lived stream
+        (`store.watchmodel`), with the client's TLS and receive limit."""
+        return EndpointRing(self._endpoints, self._tls.credentials() if self._tls else None,
+                            stub, self._channel_options)
+
+    @property
+    def call_auth(self) -> tuple[Any, Any]:
+        """The client's per-call credentials and metadata, for calls on own channels."""
+        return self._client.call_credentials, self._client.metadata
 
     # ---- writes ------------------------------------------------------------------------
 
@@ -381,7 +350,7 @@ class EtcdStore:
         def cancel() -> None:
             try:
                 self._client.cancel_watch(watch_id)
-            except _CALL_ERRORS as exc:
+            except CALL_ERRORS as exc:
                 if store_error("watch cancel", exc) is None:
                     raise
                 # The watch dies with its member anyway; nothing is left to undo.
