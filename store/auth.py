@@ -8,7 +8,8 @@ that changed nothing from one that did: auth changes do not move the key-value r
 
 Retried writes are made idempotent: a role or user add whose first attempt was applied
 before its answer was lost gets "already exists" on the retry, which is the outcome
-wanted; likewise "not found" for deletes and "not granted" for revokes.
+wanted; likewise "not found" for a delete and "not granted" for a revoke.  Grants and
+auth enable are idempotent in etcd itself.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ _PERM_TYPE: dict[PermKind, int] = {"read": auth_pb2.Permission.READ,
                                    "readwrite": auth_pb2.Permission.READWRITE}
 _PERM_KIND: dict[int, PermKind] = {v: k for k, v in _PERM_TYPE.items()}
 
-# What etcd answers, as FAILED_PRECONDITION, when the outcome asked for already holds.
-_ALREADY = ("already exists", "not found", "is not granted")
 # etcd's answer to Authenticate while auth is off (`auth.ErrAuthNotEnabled`).
 _NOT_ENABLED = "authentication is not enabled"
 
@@ -72,7 +71,11 @@ class EtcdAuth:
         self._store = store
         self.writes: list[str] = []
 
-    def _rpc(self, what: str, method: str, request: Any, *, write: bool = False) -> Any:
+    def _rpc(self, what: str, method: str, request: Any, *, write: bool = False,
+             already: str = "") -> Any:
+        """One call; `already`: etcd's answer (FAILED_PRECONDITION) when the outcome the
+        write asks for already holds, taken as success.  Any other refusal, such as a
+        grant to a role that does not exist, raises."""
         client = self._store.client
 
         def run() -> Any:
@@ -81,12 +84,13 @@ class EtcdAuth:
                     request, self._store.timeout, credentials=client.call_credentials,
                     metadata=client.metadata)
             except grpc.RpcError as exc:
-                if (write and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                        and any(s in str(exc.details()) for s in _ALREADY)):
+                if (already and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        and already in str(exc.details())):
                     log.info("auth_write_already_applied", what=what, answer=exc.details())
                     return None
-                client._manage_grpc_errors(exc)  # fails over, or re-raises
-                raise
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    client._manage_grpc_errors(exc)  # fails over, or re-raises
+                raise  # etcd's refusal with its reason (the client's error drops it)
 
         if write:
             self.writes.append(what)
@@ -146,11 +150,12 @@ class EtcdAuth:
 
     def role_add(self, role: str) -> None:
         self._rpc(f"role add {role}", "RoleAdd", etcdrpc.AuthRoleAddRequest(name=role),
-                  write=True)
+                  write=True, already="role name already exists")
 
     def role_delete(self, role: str) -> None:
         self._rpc(f"role delete {role}", "RoleDelete",
-                  etcdrpc.AuthRoleDeleteRequest(role=role), write=True)
+                  etcdrpc.AuthRoleDeleteRequest(role=role), write=True,
+                  already="role name not found")
 
     def grant(self, role: str, grant: Grant) -> None:
         perm = auth_pb2.Permission(permType=_PERM_TYPE[grant.kind], key=grant.keys.start,
@@ -163,7 +168,7 @@ class EtcdAuth:
         self._rpc(f"revoke {role} {keys}", "RoleRevokePermission",
                   etcdrpc.AuthRoleRevokePermissionRequest(
                       role=role, key=keys.start.decode(), range_end=keys.end.decode()),
-                  write=True)
+                  write=True, already="permission is not granted")
 
     def user_add(self, user: str) -> None:
         """A user that logs in by client certificate only.  etcd 3.4's API (the one the
@@ -171,15 +176,16 @@ class EtcdAuth:
         printed or stored, so the only way in is a certificate whose CN is `user`."""
         self._rpc(f"user add {user}", "UserAdd",
                   etcdrpc.AuthUserAddRequest(name=user, password=secrets.token_urlsafe(32)),
-                  write=True)
+                  write=True, already="user name already exists")
 
     def user_add_with_password(self, user: str, password: str) -> None:
         self._rpc(f"user add {user} (password)", "UserAdd",
-                  etcdrpc.AuthUserAddRequest(name=user, password=password), write=True)
+                  etcdrpc.AuthUserAddRequest(name=user, password=password), write=True,
+                  already="user name already exists")
 
     def user_delete(self, user: str) -> None:
         self._rpc(f"user delete {user}", "UserDelete", etcdrpc.AuthUserDeleteRequest(name=user),
-                  write=True)
+                  write=True, already="user name not found")
 
     def user_grant_role(self, user: str, role: str) -> None:
         self._rpc(f"user {user} grant role {role}", "UserGrantRole",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from schemas import writes_v2 as w
+from schemas.acl import KeyRange
 from schemas.events import Event, event_id
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import (
@@ -26,8 +27,8 @@ from schemas.models import (
     VmSpec,
     VmStatus,
 )
-from store.auth import EtcdAuth
-from store.etcd import EtcdStore, PermissionDenied, Put
+from store.auth import EtcdAuth, Grant
+from store.etcd import EtcdStore, PermissionDenied, Put, StoreRejected
 from tests.authetcd import TlsEtcd
 from tests.conftest import AUTH_NODES
 
@@ -118,6 +119,18 @@ def test_setup_refuses_on_keyspace_1_and_a_dry_run_writes_nothing(etcd_tls: TlsE
     assert plan["changes"][-1] == "enable authentication"
     assert not auth.enabled() and auth.role_names() == [] and auth.user_names() == []
     assert etcd_tls.root.revision() == before
+
+    # A write whose outcome already holds (a retry after a lost answer) succeeds; any
+    # other refusal raises.
+    auth.role_add("x")
+    auth.role_add("x")
+    with pytest.raises(StoreRejected, match="role name not found"):
+        auth.grant("nope", Grant("read", KeyRange.key("/k")))
+    with pytest.raises(StoreRejected, match="user name not found"):
+        auth.user_grant_role("nobody", "x")
+    auth.role_delete("x")
+    auth.role_delete("x")
+    assert auth.role_names() == []
 
 
 def test_setup_twice_writes_nothing_the_second_time(etcd_auth: TlsEtcd) -> None:
