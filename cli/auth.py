@@ -125,6 +125,7 @@ def _run(args: argparse.Namespace, auth: EtcdAuth, changes: list[Change],
 
 def cmd_setup(args: argparse.Namespace) -> int:
     ks = KeyspaceV2(args.prefix)
+    given, operators = _names(args.nodes, "node"), _names(args.operators, "operator")
     store = _store(args)
     auth = EtcdAuth(store)
     state = _state(auth, ks)
@@ -134,33 +135,31 @@ def cmd_setup(args: argparse.Namespace) -> int:
                        f"{', '.join(nested)}; each role of one would cover keys of the "
                        "other. Use prefixes where neither is a path under the other",
                        EXIT_FAIL)
-    given = _names(args.nodes, "node")
     registered = _registered(store, ks)
     with_roles = {n for r in state.roles if (n := node_of_role(ks, r)) and valid_name(n)}
     nodes = set(given) | registered | (set() if args.prune else with_roles)
     keep = registered | {n for n in with_roles if _assigned(store, ks, n)}
-    changes = setup_changes(ks, state, nodes, _names(args.operators, "operator"),
-                            prune=args.prune, keep_nodes=keep)
+    changes = setup_changes(ks, state, nodes, operators, prune=args.prune, keep_nodes=keep)
     config_absent = store.get(ks.config) is None
+    config = ("would create" if args.dry_run else "created") if config_absent else "unchanged"
     refusal = _keyspace_2(store, ks)
+    said = f"{config} {ks.config} with the default config"
+    if config_absent and args.output != "json" and args.dry_run:
+        print(said)
     if refusal is not None:
         # A dry run still shows what a run would do once the cluster is ready.
         if args.dry_run:
-            _run(args, auth, changes, {"config": "create" if config_absent else "unchanged"})
+            _run(args, auth, changes, {"config": config})
         raise CliError(KEYSPACE_1_REFUSAL.format(why=refusal), EXIT_FAIL)
     password = None
     if any(c.op == "root_add" for c in changes) and not args.root_cn_only and not args.dry_run:
         password = _root_password()
-    extra: dict[str, Any] = {"config": "unchanged"}
-    if config_absent:
-        extra["config"] = "would create" if args.dry_run else "created"
-        if not args.dry_run:
-            # Before auth is enabled (last): the orchestrator role no longer writes it.
-            store.txn([Cmp(ks.config, "create", "==", 0)],
-                      [Put(ks.config, ClusterConfig().to_json())])
-    if args.output != "json" and config_absent:
-        print(f"{extra['config']} {ks.config} with the default config")
-    return _run(args, auth, changes, extra, password)
+    if config_absent and not args.dry_run:
+        # Before auth is enabled (last): the orchestrator's role no longer writes it.
+        store.txn([Cmp(ks.config, "create", "==", 0)], [Put(ks.config, ClusterConfig().to_json())])
+        if args.output != "json":
+            print(said)
+    return _run(args, auth, changes, {"config": config}, password)
 
 
 def _root_password() -> str:
