@@ -44,8 +44,9 @@ KEYSPACE_1_REFUSAL = (
     "refusing to enable etcd authentication: {why}. The daemons of keyspace 1 write keys "
     "shared by every node, which no per-node role grants, so enabling auth now would stop "
     "every agent and the orchestrator. Migrate the cluster to keyspace 2 first "
-    "(`vmha keyspace migrate`, docs/keyspace-v2.md section 6), then run `vmha auth setup`; "
-    "until then keep etcd's auth off (TLS with client certificates works without it)")
+    "(`vmha keyspace migrate`, docs/keyspace-v2.md section 6; a release without that "
+    "command runs no daemon on keyspace 2), then run `vmha auth setup`; until then keep "
+    "etcd's auth off (TLS with client certificates works without it)")
 
 
 def _names(value: str | None, what: str) -> list[str]:
