@@ -107,9 +107,10 @@ fuzz: setup
 	mkdir -p results
 	FUZZ_MINUTES=$(or $(FUZZ_MINUTES),10) $(PY) -m bench.fuzz --out results/fuzz.json
 
-# Regenerate docs/cli/*.md from real runs against a local cluster.
+# Regenerate docs/cli/*.md from real runs against a local cluster (PAGES=auth-setup,auth-check:
+# those pages only).
 docs: setup
-	$(PY) scripts/gen_cli_docs.py
+	$(PY) scripts/gen_cli_docs.py $(if $(PAGES),--only $(PAGES))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache results

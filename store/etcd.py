@@ -150,12 +150,22 @@ class EtcdStore:
         return self._retry_budget
 
     @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
     def client(self) -> MultiEndpointEtcd3Client:
         return self._client
 
     def close(self) -> None:
         self._client.close()
         self._keepalive_ring.close()
+
+    def call(self, what: str, fn: Callable[[], R], budget: float | None = None) -> R:
+        """`fn` (one request to etcd) with the store's retries and error mapping: for
+        the store's own modules that send requests the client has no call for
+        (`store.auth`)."""
+        return self._call(what, fn, budget)
 
     def _call(self, what: str, fn: Callable[[], R], budget: float | None = None) -> R:
         @retry(

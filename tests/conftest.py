@@ -12,6 +12,7 @@ from hypervisor.fake import kill_guests
 from lab.configs import FAST_CONFIG
 from schemas import ClusterConfig
 from store.etcd import EtcdStore
+from tests.authetcd import TlsEtcd, start_tls_etcd
 from tests.harness import EtcdCluster, FakeCluster, start_etcd
 
 # A shell that starts the suite in the background without job control (`cmd &` in a
@@ -56,6 +57,33 @@ def etcd3() -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def etcd_tls() -> Iterator[TlsEtcd]:
+    """One etcd member with TLS and client-certificate authentication, auth still off,
+    and a CA that issues a client certificate for any CN (`etcd_tls.store(cn)`)."""
+    cluster = start_tls_etcd()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+#: The nodes `etcd_auth` makes roles and users for.
+AUTH_NODES = ("n1", "n2")
+
+
+@pytest.fixture
+def etcd_auth(etcd_tls: TlsEtcd) -> TlsEtcd:
+    """`etcd_tls` on keyspace 2 (the marker says `done`) with `vmha auth setup` run for
+    AUTH_NODES: auth on, one user per role, each logging in by its certificate's CN
+    (`etcd_auth.store("node-n1")`; `.root` is etcd's root)."""
+    etcd_tls.mark_keyspace_2()
+    code, _, err = etcd_tls.vmha("root", "auth", "setup", "--nodes", ",".join(AUTH_NODES),
+                                 "--root-cn-only")
+    assert code == 0, err
+    return etcd_tls
 
 
 @pytest.fixture
