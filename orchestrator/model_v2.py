@@ -17,7 +17,9 @@ from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, Model, VmStatus
 from schemas.models_v2 import Assignment, ConfirmOff, KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot, Entry, InvalidKey, RawKV
-from schemas.snapshot_v2 import ParsedKV, current_statuses, parse_kv
+from schemas.snapshot_v2 import ParsedKV, RefusedKV, current_statuses, parse_kv
+
+Parsed = ParsedKV | RefusedKV | None
 
 # ClusterSnapshot field <- keyspace-2 kind, for the maps keyed by one name.
 _BY_NAME = {"reg": "nodes", "cordon": "cordons", "fence": "fences", "leaving": "leaving",
@@ -43,19 +45,46 @@ class LeaderModel:
         return {n: e.mod_revision for n, e in self.assignments.get(vm, {}).items()}
 
 
-def leader_model(ks: KeyspaceV2, revision: int, kvs: Iterable[RawKV]) -> LeaderModel:
+class ParseCache:
+    """Each key parsed once per version: a cycle re-parses only the keys that changed
+    since the last one (a key's mod_revision changes with its value)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str | bytes, tuple[tuple[int, int, int], Parsed]] = {}
+        self.parsed = 0  # keys parsed so far (the others came from the cache)
+
+    def parse_all(self, ks: KeyspaceV2, kvs: Iterable[RawKV]) -> list[Parsed]:
+        fresh: dict[str | bytes, tuple[tuple[int, int, int], Parsed]] = {}
+        out: list[Parsed] = []
+        for kv in kvs:
+            version = (kv.mod_revision, kv.create_revision, kv.lease)
+            hit = self._by_key.get(kv.key)
+            if hit is not None and hit[0] == version:
+                res = hit[1]
+            else:
+                res = parse_kv(ks, kv)
+                self.parsed += 1
+            fresh[kv.key] = (version, res)
+            out.append(res)
+        self._by_key = fresh  # keys deleted since are forgotten
+        return out
+
+
+def leader_model(ks: KeyspaceV2, revision: int, kvs: Iterable[RawKV],
+                 cache: ParseCache | None = None) -> LeaderModel:
     """Everything under the prefix (the leader watches all of it: it reads every key
     kind of section 1), read as the planner reads keyspace 1.  Placements come from
     `/vmha/place/` (never the assignments), the current status of each VM is its newest
-    status key, and keys outside the prefix are ignored."""
+    status key, and keys outside the prefix are ignored.  With `cache`, only keys changed
+    since its last use are parsed."""
     maps: dict[str, dict[str, Entry[Model]]] = {f: {} for f in _BY_NAME.values()}
     singles: dict[str, Entry[Model]] = {}
     assignments: dict[str, dict[str, Entry[Assignment]]] = {}
     statuses: list[Entry[VmStatus]] = []
     confirm_offs: dict[str, Entry[ConfirmOff]] = {}
     invalid: list[InvalidKey] = []
-    for kv in kvs:
-        res = parse_kv(ks, kv)
+    results = cache.parse_all(ks, kvs) if cache is not None else [parse_kv(ks, kv) for kv in kvs]
+    for res in results:
         if res is None:
             continue
         if not isinstance(res, ParsedKV):

@@ -18,14 +18,16 @@ gets no write at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator import planner
 from orchestrator.model_v2 import LeaderModel
 from schemas import writes_v2 as w2
-from schemas.keys_v2 import KeyspaceV2
+from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 from schemas.models import FenceRecord, Placement
 from schemas.models_v2 import Assignment
+from schemas.txn import Txn
 
 
 def placement(ks: KeyspaceV2, model: LeaderModel, action: planner.WritePlacement,
@@ -70,15 +72,43 @@ def clear_fence(ks: KeyspaceV2, action: planner.ClearFence, epoch: int) -> w2.Wr
     return w2.clear_fence(ks, action.node, action.fence_mod_revision, epoch=epoch)
 
 
+class Writes:
+    """Keyspace 2's writes as `orchestrator.txn_builder.LeaderWrites`, built against the
+    model the decisions were taken on (`model()`: the leader's current one)."""
+
+    def __init__(self, ks: KeyspaceV2, model: Callable[[], LeaderModel]) -> None:
+        self.ks = ks
+        self.model = model
+
+    def reg_key(self, node: str) -> str:
+        return self.ks.reg(node)
+
+    def placement(self, action: planner.WritePlacement, epoch: int) -> Txn:
+        return placement(self.ks, self.model(), action, epoch).txn
+
+    def fence(self, record: FenceRecord, prev_mod: int, epoch: int) -> Txn:
+        return fence(self.ks, record, prev_mod, epoch).txn
+
+    def self_fence(self, action: planner.FenceNode, record: FenceRecord, epoch: int) -> Txn:
+        return self_fence(self.ks, action, record, epoch).txn
+
+    def clear_move(self, action: planner.ClearMove, epoch: int) -> Txn:
+        return clear_move(self.ks, action, epoch).txn
+
+    def clear_fence(self, action: planner.ClearFence, epoch: int) -> Txn:
+        return clear_fence(self.ks, action, epoch).txn
+
+
 @dataclass(frozen=True)
 class Upkeep:
     """A write the leader makes on its own (not the planner's): for `vm` or `node`."""
 
-    event: str  # the log event and history kind
+    event: str  # the log event
     reason: str
     write: w2.Write
     vm: str = ""
     node: str = ""
+    history: str = ""  # the history event's kind once written ("": none)
 
 
 def assignment_upkeep(ks: KeyspaceV2, model: LeaderModel, epoch: int,
@@ -110,7 +140,8 @@ def _upkeep_of(ks: KeyspaceV2, model: LeaderModel, vm: str, epoch: int) -> Upkee
         return Upkeep("placement_removed", "the VM's spec was removed",
                       w2.remove_placement(ks, vm, epoch=epoch,
                                           place_mod=pe.mod_revision if pe else 0,
-                                          assignments_seen=seen), vm=vm)
+                                          assignments_seen=seen), vm=vm,
+                      history="placement")
     if pe is None:
         return None  # assignments without a placement: the planner places the VM
     p = pe.value
@@ -122,7 +153,7 @@ def _upkeep_of(ks: KeyspaceV2, model: LeaderModel, vm: str, epoch: int) -> Upkee
                       f"naming {named}",
                       w2.placement(ks, p, epoch=epoch, place_mod=pe.mod_revision,
                                    spec=se.value, spec_revision=se.mod_revision,
-                                   assignments_seen=seen), vm=vm)
+                                   assignments_seen=seen), vm=vm, history="placement")
     if not named:
         return None  # pending or failed, and no assignment: as it should be
     want = Assignment(vm=vm, spec_revision=se.mod_revision, placement=p, spec=se.value)
@@ -130,7 +161,7 @@ def _upkeep_of(ks: KeyspaceV2, model: LeaderModel, vm: str, epoch: int) -> Upkee
         return Upkeep("spec_refreshed", f"the spec changed (revision {se.mod_revision})",
                       w2.spec_refresh(ks, p, se.value, epoch=epoch,
                                       spec_revision=se.mod_revision,
-                                      assignments_seen=seen), vm=vm)
+                                      assignments_seen=seen), vm=vm, history="placement")
     return None
 
 
@@ -167,5 +198,24 @@ def confirm_offs(ks: KeyspaceV2, model: LeaderModel, epoch: int,
         out.append(Upkeep("fence", f"method=manual outcome=success by {c.by}: {c.reason}",
                           w2.fence_record(ks, rec, epoch=epoch,
                                           fence_mod=prev.mod_revision if prev else 0,
-                                          confirm_off_mod=mod), node=node))
+                                          confirm_off_mod=mod), node=node, history="fence"))
     return out
+
+
+def history_prune(ks: KeyspaceV2, keys: Iterable[str | bytes], now: float,
+                  retention_s: float, max_events: int) -> list[w2.Write]:
+    """The history keys (nodes', the leader's and keyspace 1's) older than the retention
+    or beyond the newest `max_events`, deleted in batches.  An event's time is the one
+    its id starts with (microseconds), so the values need not be read; a key that is not
+    an event's is left alone."""
+    events: list[tuple[str, str]] = []
+    for key in keys:
+        ref = ks.parse(key)
+        if isinstance(ref, KeyRefV2) and ref.event_id:
+            events.append((ref.event_id, ks.key(ref)))
+    events.sort()
+    excess = max(0, len(events) - max_events)
+    doomed = [key for i, (eid, key) in enumerate(events)
+              if i < excess or now - int(eid.split("-", 1)[0]) / 1e6 > retention_s]
+    return [w2.prune_events(ks, doomed[i:i + w2.MAX_BATCH_OPS])
+            for i in range(0, len(doomed), w2.MAX_BATCH_OPS)]

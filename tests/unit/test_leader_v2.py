@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator import planner, txn_v2
-from orchestrator.model_v2 import LeaderModel, leader_model
+from orchestrator.model_v2 import LeaderModel, ParseCache, leader_model
 from schemas.acl import ORCHESTRATOR, role
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import FenceRecord, Placement
@@ -273,3 +273,38 @@ def test_every_leader_write_fits_the_orchestrator_role(prefix: str) -> None:
         "confirm-off dropped", "fence record (self)", "clear move", "clear fence"}
     for w in writes:
         assert orch.denials(w.txn) == [], w.what
+
+
+# ---- history ------------------------------------------------------------------------------
+
+
+def test_history_prune_by_age_and_count_across_layouts() -> None:
+    now = 1_767_229_300.0
+    def eid(at: float, actor: str, seq: int) -> str:
+        return f"{int(at * 1_000_000):017d}-{actor}-{seq:06d}"
+    old = [KS.leader_event(eid(now - 500, "leader_o1", 1)),
+           KS.node_event("n2", eid(now - 400, "agent_n2", 1)).encode(),
+           KS.history + eid(now - 300, "cli", 1)]  # keyspace 1's layout
+    new = [KS.leader_event(eid(now - 10 + i, "leader_o1", i)) for i in range(70)]
+    keys = [*old, *new, KS.history + "junk", KS.history + "n/n2/junk"]
+    (w,) = txn_v2.history_prune(KS, keys, now, retention_s=200, max_events=1000)
+    assert w.txn.compares == () and len(w.txn.ops) == 3
+    assert {o.key for o in w.txn.ops} == {k if isinstance(k, str) else k.decode() for k in old}
+    batches = txn_v2.history_prune(KS, keys, now, retention_s=200, max_events=2)
+    assert [len(b.txn.ops) for b in batches] == [64, 7]  # all but the newest 2, in batches
+    doomed = {o.key for b in batches for o in b.txn.ops}
+    assert doomed.isdisjoint(new[-2:]) and role(KS, ORCHESTRATOR).denials(batches[0].txn) == []
+    assert txn_v2.history_prune(KS, new, now, retention_s=200, max_events=1000) == []
+
+
+def test_parse_cache_parses_only_changed_keys() -> None:
+    cache = ParseCache()
+    kvs = base()
+    first = leader_model(KS, 100, kvs, cache)
+    assert cache.parsed == len(kvs)
+    edited = raw(KS.spec("web1"), spec_value("web1", memory_mib=2048), 50)
+    again = leader_model(KS, 101, [edited if kv.key == edited.key else kv for kv in kvs], cache)
+    assert cache.parsed == len(kvs) + 1
+    assert again.snapshot.specs["web1"].value.memory_mib == 2048
+    assert again.snapshot.nodes["n2"] is first.snapshot.nodes["n2"]  # reused, not re-parsed
+    assert again == leader_model(KS, 101, [edited if kv.key == edited.key else kv for kv in kvs])
