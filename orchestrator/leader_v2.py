@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from tenacity import (
     Retrying,
@@ -54,9 +55,13 @@ EXIT_KEYSPACE_CHANGED = 2
 
 class OrchestratorV2(Orchestrator):
     def __init__(self, store: EtcdStore, ident: str | None = None, poll_interval_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic, catch_up_s: float = 2.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, catch_up_s: float = 2.0,
+                 watch_options: Mapping[str, Any] | None = None) -> None:
+        """`watch_options`: more arguments of the model's `WatchedState` (tests inject
+        its clock and intervals)."""
         super().__init__(store, ident, poll_interval_s, clock)
         self.ks2 = KeyspaceV2(self.ks.prefix)
+        self.watch_options = dict(watch_options or {})
         self.history = HistoryWriter(store, f"leader:{self.ident}", key=self.ks2.leader_event)
         self.state = self._new_state()
         self.model = leader_model(self.ks2, 0, [])
@@ -82,7 +87,8 @@ class OrchestratorV2(Orchestrator):
     # ---- the model --------------------------------------------------------------------
 
     def _new_state(self) -> WatchedState:
-        return WatchedState(self.store, [KeyRange.prefix(self.ks2.root)], notify=self.wake)
+        return WatchedState(self.store, [KeyRange.prefix(self.ks2.root)], notify=self.wake,
+                            **self.watch_options)
 
     def campaign(self) -> bool:
         if self._listed:

@@ -30,6 +30,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, vmha
 from tests.harness import EtcdCluster, wait_until
 from tests.integration.helpers import spec
+from tests.integration.test_watchmodel import Clock, stall, stopped
 from tests.unit.builders import node_value
 
 pytestmark = pytest.mark.integration
@@ -293,3 +294,45 @@ def test_new_term_starts_from_a_fresh_list(world2: World, leader2: Orchestrator)
     placed(w, "vm2")
     assert leader2.stats["lists"] == 2
     assert set(w.assignments("vm2")) == {"n1"}
+
+
+def test_watch_compacted_while_away_relists_and_decides(etcd3: EtcdCluster) -> None:
+    """The member under the model's watch stops; meanwhile a spec is added and etcd
+    compacts.  The watch resumes elsewhere at a compacted revision: the leader lists
+    again (once) and places the VM.  The stall is driven by the watch's injected clock,
+    as in test_watchmodel."""
+    clock = Clock()
+    setup = EtcdStore(etcd3.endpoints)
+    setup.put(KS.config, CONFIG.to_json())
+    setup.put(KS2.version, MARKER.to_json())
+    World(etcd3, setup, 2, {}).register("n1")
+    store = EtcdStore(etcd3.endpoints, timeout=0.5)
+    leader = OrchestratorV2(store, ident="o1", poll_interval_s=0.2, watch_options={
+        "check_interval_s": 0.5, "progress_timeout_s": 1.0, "clock": clock})
+    t = threading.Thread(target=leader.run, daemon=True)
+    t.start()
+    others: EtcdStore | None = None
+    try:
+        wait_until(lambda: leader.epoch is not None, 10, what="the orchestrator leads")
+        setup.put(KS2.spec("vm1"), spec("vm1").to_json())
+        placed(World(etcd3, setup, 2, {}), "vm1")
+        member = next(m for m in etcd3.members if m.endpoint == leader.state.endpoint)
+        others = EtcdStore(",".join(m.endpoint for m in etcd3.members if m is not member),
+                           timeout=0.5, retry_budget=5.0)
+        w = World(etcd3, others, 2, {})
+        with stopped(member):
+            others.put(KS2.spec("vm2"), spec("vm2").to_json())
+            others.client.compact(others.revision())
+            stall(leader.state, clock)
+            wait_until(lambda: leader.stats["lists"] == 2, 10, what="the model listed again")
+            p, _ = placed(w, "vm2")
+            assert set(w.assignments("vm2")) == {p.node}
+        assert leader.stats["lists"] == 2
+    finally:
+        leader.stopped.set()
+        leader.wake.set()
+        t.join(10)
+        leader.step_down("test over")
+        for s in (store, setup, others):
+            if s is not None:
+                s.close()
