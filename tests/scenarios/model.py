@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisor.base import Domain, DomainState
+from orchestrator.model_v2 import LeaderModel
 from schemas.keys import Keyspace
 from schemas.models import Model
 from schemas.snapshot import ClusterSnapshot, RawKV
@@ -164,6 +165,7 @@ class World:
     log: list[str] = field(default_factory=list)
     version: int = 0  # bumped on every change to the hypervisors
     keyspace: int = 1  # 2: the leader decides on keyspace 2's adapter (tests/scenarios/v2.py)
+    leader_model: LeaderModel | None = None  # keyspace 2: what the leader decided on
 
     @property
     def wall(self) -> float:

@@ -19,7 +19,7 @@ from tests.scenarios.actors import agent_cycle, finish_migration, leader_cycle
 from tests.scenarios.events import Event, apply_event, parse_events, tick_timers
 from tests.scenarios.loader import load_start
 from tests.scenarios.model import ScenarioError, World
-from tests.scenarios.v2 import v2_snapshot
+from tests.scenarios.v2 import v2_model, v2_snapshot
 
 MAX_ROUNDS = 40
 MAX_TICKS = 100_000
@@ -32,7 +32,9 @@ def settle(world: World, seen: set[str]) -> None:
             for m in list(world.migrations):
                 finish_migration(world, m, ok=True)
         snap = world.store.snapshot()
-        leader_cycle(world, snap if world.keyspace == 1 else v2_snapshot(world.store))
+        if world.keyspace == 2:
+            world.leader_model = v2_model(world.store)
+        leader_cycle(world, snap if world.keyspace == 1 else v2_snapshot(world.leader_model))
         for name in sorted(world.nodes):
             agent_cycle(world, world.nodes[name], snap)
         check(world, seen)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import planner
+from tests.scenarios.actors import apply_leader
 from tests.scenarios.events import parse_events
 from tests.scenarios.loader import load_start, load_world
-from tests.scenarios.model import ScenarioError
+from tests.scenarios.model import KS, WALL0, ScenarioError
 from tests.scenarios.runner import run_scenario, run_world
-from tests.scenarios.v2 import v2_model
+from tests.scenarios.v2 import v2_model, v2_verdict
 
 HERE = Path(__file__).parent
 FOLDERS = sorted(p.parent for p in HERE.glob("*/start.json"))
@@ -96,3 +98,24 @@ def test_keyspace_2_copy_has_superseded_statuses_and_the_same_snapshot() -> None
     assert v1.leader is not None and v2.leader is not None
     assert (v2.leader, v2.config, v2.revision) == (
         dataclasses.replace(v1.leader, key=v2.leader.key), v1.config, v1.revision)
+
+
+def test_keyspace_2_compares_fail_where_keyspace_1_fails() -> None:
+    """The scenarios' leader never loses a race, so the check that keyspace 2's
+    transaction succeeds exactly when keyspace 1's does is shown failing here: a
+    placement decided, then written by someone else first."""
+    world = load_world({"nodes": ["a", "b"], "vms": ["vm1"]})
+    epoch = world.leader.epoch
+    model = v2_model(world.store)
+    result = planner.plan(model.snapshot, epoch=epoch, now=0.0, wall_time=WALL0,
+                          lost_since={})
+    (place,) = [a for a in result.actions if isinstance(a, planner.WritePlacement)]
+    assert v2_verdict(world.store, model, place, epoch) is True
+    world.store.put(KS.vm_placement("vm1"), place.placement)
+    assert v2_verdict(world.store, model, place, epoch) is False
+    world.keyspace, world.leader_model = 2, model
+    with pytest.raises(ScenarioError, match="keyspace 2's compares say False"):
+        # Keyspace 1's compare is made to pass (the expected revision moved along):
+        # the two disagree, and the runner says so.
+        moved = dataclasses.replace(place, expect_mod_revision=world.store.revision)
+        apply_leader(world, moved, model.snapshot)

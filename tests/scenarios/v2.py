@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 
+from orchestrator import planner, txn_v2
 from orchestrator.model_v2 import LeaderModel, leader_model
+from schemas.acl import ORCHESTRATOR, role
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import Placement, VmSpec
+from schemas.models import FenceRecord, Placement, VmSpec
 from schemas.models_v2 import Assignment
 from schemas.snapshot import ClusterSnapshot, RawKV
+from schemas.writes_v2 import Write
 from tests.scenarios.model import KS, Rec, ScenarioError, Store
 
 KS2 = KeyspaceV2(KS.prefix)
@@ -80,9 +83,53 @@ def v2_model(store: Store) -> LeaderModel:
     return leader_model(KS2, store.revision, v2_kvs(store))
 
 
-def v2_snapshot(store: Store) -> ClusterSnapshot:
+def v2_snapshot(model: LeaderModel) -> ClusterSnapshot:
     """What the leader on keyspace 2 decides on."""
-    snap = v2_model(store).snapshot
+    snap = model.snapshot
     if snap.errors:
         raise ScenarioError(f"invalid values in keyspace 2: {[str(e) for e in snap.errors]}")
     return snap
+
+
+ORCHESTRATOR_ROLE = role(KS2, ORCHESTRATOR)
+
+
+def v2_write(model: LeaderModel, action: planner.Action, epoch: int) -> Write | None:
+    """The write the leader on keyspace 2 sends for `action` (None: it writes nothing,
+    an external fence runs a device).  A fence record's value does not change its
+    compares: a stand-in is built."""
+    if isinstance(action, planner.WritePlacement):
+        return txn_v2.placement(KS2, model, action, epoch)
+    if isinstance(action, planner.ClearMove):
+        return txn_v2.clear_move(KS2, action, epoch)
+    if isinstance(action, planner.ClearFence):
+        return txn_v2.clear_fence(KS2, action, epoch)
+    if isinstance(action, planner.FenceNode) and action.method == "self":
+        rec = FenceRecord(node=action.node, lease_id=action.lease_id, method="self",
+                          outcome="success", reason=action.reason, epoch=epoch,
+                          duration_s=0.0, fenced_at=0.0)
+        return txn_v2.self_fence(KS2, action, rec, epoch)
+    return None
+
+
+def v2_verdict(store: Store, model: LeaderModel, action: planner.Action,
+               epoch: int) -> bool | None:
+    """Would keyspace 2's transaction for `action` succeed on the store as it is now?
+    (None: no transaction.)  Its ops must lie in the orchestrator's role."""
+    write = v2_write(model, action, epoch)
+    if write is None:
+        return None
+    denied = ORCHESTRATOR_ROLE.denials(write.txn)
+    if denied:
+        raise ScenarioError(f"keyspace 2's {write.what} is outside the orchestrator role: "
+                            f"{denied}")
+    kvs = {str(kv.key): kv for kv in v2_kvs(store)}
+    for c in write.txn.compares:
+        kv = kvs.get(c.key)
+        actual = 0 if kv is None else (kv.create_revision if c.target == "create"
+                                       else kv.mod_revision)
+        if c.op != "==":
+            raise ScenarioError(f"unexpected compare {c}")
+        if actual != c.value:
+            return False
+    return True
