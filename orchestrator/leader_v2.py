@@ -189,6 +189,7 @@ class OrchestratorV2(Orchestrator):
                                           self.cfg.history_max_events)
             for w in writes:
                 self.store.txn(w.txn.compares, w.txn.ops)
+                self.stats["txns"] += 1
         except (StoreUnavailable, StoreCompacted) as exc:
             self.log.warning("history_prune_failed", error=str(exc))
             return
