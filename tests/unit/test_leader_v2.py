@@ -308,3 +308,27 @@ def test_parse_cache_parses_only_changed_keys() -> None:
     assert again.snapshot.specs["web1"].value.memory_mib == 2048
     assert again.snapshot.nodes["n2"] is first.snapshot.nodes["n2"]  # reused, not re-parsed
     assert again == leader_model(KS, 101, [edited if kv.key == edited.key else kv for kv in kvs])
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["boot", "migrate", "pending", "failed"]),
+       node=st.one_of(st.none(), st.sampled_from(["n2", "n3", "N2", "n2/x", "", "a" * 70]),
+                      st.text(max_size=8)),
+       from_node=st.one_of(st.none(), st.sampled_from(["n2", "n3", "", "-n"]),
+                           st.text(max_size=8)),
+       with_assignment=st.booleans())
+def test_no_placement_value_makes_the_upkeep_raise(kind: str, node: str | None,
+                                                   from_node: str | None,
+                                                   with_assignment: bool) -> None:
+    """A hand-written placement the leader could not assign (a bad node name, a pending
+    one naming a source) freezes its VM: the upkeep never raises on it, so one value
+    cannot stop every decision."""
+    place = raw(KS.place("web1"), placement_value("web1", {
+        "kind": kind, "node": node, "from_node": from_node, "id": "p9"}), 30)
+    drop = () if with_assignment else (KS.assignment("n2", "web1"), KS.assignment("n3", "web1"))
+    m = model(place, drop=drop)
+    for up in txn_v2.assignment_upkeep(KS, m, EPOCH):
+        assert role(KS, ORCHESTRATOR).denials(up.write.txn) == []
+    if "web1" not in m.snapshot.invalid_vms:
+        p = m.snapshot.placements["web1"].value
+        txn_v2.placement(KS, m, planner.WritePlacement(p, 30), EPOCH)
