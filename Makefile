@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-etcd-faults bench-paging bench-placement campaign evidence clean bless clean-caches fuzz
+        bench bench-etcd-faults bench-lab-drains bench-paging bench-placement campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -70,6 +70,12 @@ bench-paging: setup
 	mkdir -p results
 	$(PY) -m bench.paging --keys $(or $(KEYS),33000) --value-bytes $(or $(VALUE_BYTES),4096) \
 		--out results/bench-paging.json
+
+# External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
+# ROUNDS agent restarts with real QEMU guests must make no fence-agent call; a lost node must.
+bench-lab-drains: setup-lab
+	mkdir -p results
+	$(PY) -m bench.lab_drains --rounds $(or $(ROUNDS),20) --out results/lab-drains-external.json
 
 # The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
 # packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.
