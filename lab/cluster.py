@@ -105,6 +105,7 @@ class LabCluster:
     #: it), started before the node's agent and outliving it
     guard_service: bool = False
     guards: dict[str, Daemon] = field(default_factory=dict)
+    guard_extra: tuple[str, ...] = ()  # more options of each guard service
     #: TLS variant (lab.pki): every node gets certificates of the lab's CA ("lab"), a
     #: libvirtd TLS listener and QEMU migration TLS on its own loopback address; give
     #: the cluster config `migration_tls` to use it.  `tls_ca_of` signs some nodes by
@@ -168,7 +169,7 @@ class LabCluster:
         d = start_guard_service(self.guards, self.workdir, name,
                                 ["--libvirt-uri", node.uri,
                                  "--fenced-marker", str(node.fenced_marker)],
-                                tuple(self.common()))
+                                tuple(self.common()), self.guard_extra)
         self._changed()
         return d
 

@@ -42,8 +42,10 @@ CFG = ClusterConfig()  # the defaults: what a restart meets in production
 
 
 @pytest.fixture
-def glab(tmp_path: Path) -> Iterator[tuple[LabCluster, EtcdStore]]:
-    lc = LabCluster(tmp_path / "lab", tmp_path / "logs", guard_service=True)
+def glab(tmp_path: Path, request: pytest.FixtureRequest
+         ) -> Iterator[tuple[LabCluster, EtcdStore]]:
+    lc = LabCluster(tmp_path / "lab", tmp_path / "logs", guard_service=True,
+                    guard_extra=getattr(request, "param", ()))
     try:
         lc.start(CFG.to_json())
         assert lc.etcd is not None
@@ -99,6 +101,10 @@ def test_agent_sigkill_and_restart_in_place_keep_the_qemu_guests(
     assert store.get(KS.cordon("n3")) is None  # never drained
 
 
+# The guard holds the lease for a restarting agent up to its restart grace (20 s by
+# default); 5 s here takes the same path sooner.
+@pytest.mark.parametrize("glab", [("--restart-grace-s", "5")], indirect=True,
+                         ids=["grace-5s"])
 def test_agent_not_restarted_the_guard_destroys_the_guests(
         glab: tuple[LabCluster, EtcdStore]) -> None:
     lc, store = glab
