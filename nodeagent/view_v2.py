@@ -18,18 +18,31 @@ I/O around it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import structlog
+
+from schemas.errors import TemporaryError
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models_v2 import Assignment
 from schemas.snapshot import RawKV
 from schemas.snapshot_v2 import NodeView, ParsedKV, parse_kv
+from store.errors import StoreError
 from store.etcd import EtcdStore
 from store.paging import KeyRange
 from store.watchmodel import Change, WatchedState
 
-__all__ = ["NodeWatch", "assignments_of", "orphans", "own_ranges", "peer_ranges"]
+__all__ = ["NodeWatch", "ViewNotReady", "assignments_of", "orphans", "own_ranges",
+           "peer_ranges"]
+
+log = structlog.get_logger("vmha.agent")
+
+
+class ViewNotReady(TemporaryError):
+    """No listing holds yet, or the watch failed and must list again: the agent acts on
+    no view until it does (an empty view would show no assignment at all)."""
 
 
 def own_ranges(ks: KeyspaceV2, me: str) -> tuple[KeyRange, ...]:
@@ -88,16 +101,39 @@ class NodeWatch:
         self.state = WatchedState(store, own_ranges(ks, me), **watch_opts)
         self._peers: frozenset[KeyRange] = frozenset()
         self.targeted_gets = 0  # reads outside the watch, for the tests and the logs
+        # A listing holds and no failure since: set by start(), cleared by pump().
+        self.ready = False
+        self._closed = threading.Event()
 
     def start(self) -> int:
         """List and watch (the peers' keys watched so far included); returns the
         listing's revision."""
-        return self.state.start()
+        rev = self.state.start()
+        self.ready = True
+        return rev
+
+    def pump(self, wake: threading.Event, stopped: threading.Event) -> None:
+        """The agent's watch thread: wake the agent on each change; on a failure (a
+        compaction, a refusal) mark the view not ready, so the next cycle lists again
+        before it plans."""
+        while not stopped.is_set() and not self._closed.is_set():
+            if not self.ready:
+                stopped.wait(0.1)
+                continue
+            try:
+                if self.state.wait(1.0):
+                    wake.set()
+            except StoreError as exc:
+                self.ready = False
+                log.warning("node_watch_failed", node=self.me, error=str(exc),
+                            reason="listing again before the next plan")
+                wake.set()
 
     def wait(self, timeout: float) -> list[Change]:
         return self.state.wait(timeout)
 
     def close(self) -> None:
+        self._closed.set()
         self.state.close()
 
     @property
@@ -111,6 +147,8 @@ class NodeWatch:
     def view(self, managed: Sequence[str]) -> NodeView:
         """The node view now: the watched keys, the peers the assignments name, and the
         placement and spec of each managed domain without an assignment."""
+        if not self.ready:
+            raise ViewNotReady(f"{self.me}: no current listing of its keys")
         rev, kvs = self.state.items()
         want = peer_ranges(self.ks, self.me, kvs)
         if want != self._peers:

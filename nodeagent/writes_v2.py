@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from schemas import writes_v2 as w
+from schemas.errors import InvariantError
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 from schemas.models import RUNNING_STATES, CordonMarker, LeaveMarker, VmStatus
 from schemas.snapshot import ClusterSnapshot, RawKV
@@ -33,8 +34,8 @@ from schemas.snapshot_v2 import ParsedKV, parse_kv
 from schemas.txn import TxnResult
 from store.etcd import EtcdStore
 
-__all__ = ["AgentWrites", "StatusGuard", "cleanups", "own_status_mods", "stale_claims",
-           "status_guard"]
+__all__ = ["AgentWrites", "CycleStatuses", "StatusGuard", "cleanups", "own_status_mods",
+           "stale_claims", "status_guard"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +164,35 @@ class AgentWrites:
         """The agent's own cordon (a drain); False if a marker is there already."""
         return self.send(w.agent_cordon(self.ks, self.me, marker)).succeeded
 
+
+
+class CycleStatuses:
+    """The agent's status writes on keyspace 2, guarded against the node view of its
+    latest cycle (set by `seen` before the plan is carried out)."""
+
+    def __init__(self, writes: AgentWrites) -> None:
+        self.writes = writes
+        self._seen: tuple[ClusterSnapshot, dict[str, int]] | None = None
+
+    def seen(self, snap: ClusterSnapshot, own_mods: dict[str, int]) -> None:
+        self._seen = (snap, own_mods)
+
+    def _view(self) -> tuple[ClusterSnapshot, dict[str, int]]:
+        if self._seen is None:
+            raise InvariantError("a status write before the first node view")
+        return self._seen
+
+    def planned(self, token: int, vm: str, status: VmStatus, expect_mod: int) -> bool:
+        """A write the plan decided, `expect_mod` being the current status's revision."""
+        snap, own = self._view()
+        return self.writes.report(token, status, status_guard(self.writes.ks, self.writes.me,
+                                                              snap, own, vm, expect_mod))
+
+    def own(self, token: int, vm: str, status: VmStatus, own_mod: int) -> bool:
+        """A write after a fresh read of our own status key (a migration's start or end)."""
+        snap, _ = self._view()
+        ks, me = self.writes.ks, self.writes.me
+        p = snap.placements.get(vm)
+        assignment_mod = (p.mod_revision if p is not None and p.key == ks.assignment(me, vm)
+                          else 0)
+        return self.writes.report(token, status, StatusGuard(own_mod, assignment_mod))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,13 @@ log = structlog.get_logger("vmha.history")
 class HistoryWriter:
     """Best-effort: a lost event is logged, never allowed to block a decision."""
 
-    def __init__(self, store: EtcdStore, actor: str) -> None:
+    def __init__(self, store: EtcdStore, actor: str,
+                 key_of: Callable[[str], str] | None = None) -> None:
         self.store = store
         self.actor = actor
+        # An event's key from its id: keyspace 1's flat history by default (keyspace 2
+        # puts a node's events under its own prefix).
+        self.key_of = key_of or store.keyspace.event
         self._seq = itertools.count()
         self._lock = threading.Lock()
 
@@ -34,7 +38,7 @@ class HistoryWriter:
         ev = Event(id=event_id(at, self.actor, seq), at=at, kind=kind,  # type: ignore[arg-type]
                    actor=self.actor, **fields)
         try:
-            self.store.put(self.store.keyspace.event(ev.id), ev.to_json())
+            self.store.put(self.key_of(ev.id), ev.to_json())
         except StoreUnavailable as exc:
             log.warning("event_not_recorded", kind=kind, error=str(exc), **fields)
             return None

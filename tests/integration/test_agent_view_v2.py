@@ -7,84 +7,23 @@ The leader is played by the test, with the orchestrator's writes of schemas.writ
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 
 import pytest
 
 from nodeagent.view_v2 import NodeWatch
-from schemas import writes_v2 as w
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import Placement, VmSpec, VmStatus
+from schemas.models import VmStatus
 from schemas.snapshot_v2 import node_snapshot
 from store.etcd import EtcdStore
 from store.paging import KeyRange
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers_v2 import Leader, ranges_served
 from tests.unit.builders import node_value
 
 pytestmark = pytest.mark.integration
 
 KS = KeyspaceV2()
-
-
-def send(store: EtcdStore, write: w.Write) -> int:
-    res = store.txn(write.txn.compares, write.txn.ops)
-    assert res.succeeded, f"{write.what}: a compare failed"
-    return res.revision
-
-
-def spec(vm: str) -> VmSpec:
-    return VmSpec(name=vm, domain_xml=f"<domain type='qemu'><name>{vm}</name></domain>",
-                  memory_mib=64, vcpus=1)
-
-
-class Leader:
-    """Places VMs as the leader on keyspace 2 does: placement and assignments in one
-    epoch-fenced txn."""
-
-    def __init__(self, store: EtcdStore) -> None:
-        self.store = store
-        self.epoch = store.put(KS.leader, '{"schema": 1}')
-        self.n = 0
-
-    def place(self, vm: str, node: str, from_node: str | None = None) -> int:
-        self.n += 1
-        spec_kv = self.store.get(KS.spec(vm))
-        if spec_kv is None:
-            self.store.put(KS.spec(vm), spec(vm).to_json())
-            spec_kv = self.store.get(KS.spec(vm))
-        assert spec_kv is not None
-        p = Placement(id=f"p{self.n}", vm=vm, node=node, from_node=from_node,
-                      kind="migrate" if from_node else "boot", epoch=self.epoch,
-                      reason="test", decided_at=time.time())
-        place = self.store.get(KS.place(vm))
-        seen = {KS.parse(kv.key).node: kv.mod_revision
-                for kv in self.store.get_prefix(KS.assignment_dir)
-                if kv.key.endswith(f"/{vm}")}
-        return send(self.store, w.placement(
-            KS, p, epoch=self.epoch, place_mod=place.mod_revision if place else 0,
-            spec=spec(vm), spec_revision=spec_kv.mod_revision, assignments_seen=seen))
-
-    def place_new(self, vm: str, node: str) -> int:
-        """Add and place a VM without a read (the test counts etcd's reads)."""
-        spec_rev = self.store.put(KS.spec(vm), spec(vm).to_json())
-        p = Placement(id=f"{vm}-p", vm=vm, node=node, kind="boot", epoch=self.epoch,
-                      reason="test", decided_at=time.time())
-        return send(self.store, w.placement(KS, p, epoch=self.epoch, place_mod=0,
-                                            spec=spec(vm), spec_revision=spec_rev,
-                                            assignments_seen={}))
-
-
-def ranges_served(etcd: EtcdCluster) -> int:
-    """Range requests etcd has answered (all clients), by its /metrics."""
-    total = 0
-    for m in etcd.members:
-        with urllib.request.urlopen(f"http://{m.endpoint}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        total += sum(int(float(n)) for n in re.findall(
-            r'^grpc_server_handled_total\{[^}]*grpc_method="Range"[^}]*\} (\S+)$', text, re.M))
-    return total
 
 
 def status(node: str, vm: str, state: str = "running") -> VmStatus:

@@ -1,0 +1,76 @@
+"""The parts of the agent's cycle that differ on keyspace 2 (docs/keyspace-v2.md,
+section 3, "Agent"): the snapshot comes from its node view (`nodeagent.view_v2`, one
+watch of its own keys, a thread waking the agent on each change) instead of a read of
+the whole prefix; status writes are guarded against that view
+(`nodeagent.writes_v2.CycleStatuses`); and after each pass the agent deletes its own
+statuses of VMs it neither is assigned nor holds a domain of.
+
+`NodeAgent` selects this by `/vmha/version` (`nodeagent.keyspace`); everything else
+(registration, leases, guard, drain, self-fence, the plan and its execution) is the
+same code on either keyspace, with the keys of `AgentContext.keys`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from nodeagent.context import AgentContext
+from nodeagent.view_v2 import NodeWatch, assignments_of
+from nodeagent.writes_v2 import AgentWrites, CycleStatuses, cleanups, own_status_mods
+from schemas.snapshot import ClusterSnapshot
+from schemas.snapshot_v2 import node_snapshot
+from store.history import HistoryWriter
+
+
+class AgentV2:
+    """Agent `ctx.me`'s node view, status guards and clean-up on keyspace 2."""
+
+    def __init__(self, ctx: AgentContext, **watch_opts: float) -> None:
+        self.ctx = ctx
+        ks = ctx.ks2
+        self.watch = NodeWatch(ctx.store, ks, ctx.me, **watch_opts)
+        self.writes = AgentWrites(ctx.store, ks, ctx.me)
+        self.statuses = CycleStatuses(self.writes)
+        self._own: dict[str, int] = {}
+        self._assigned: frozenset[str] = frozenset()
+        self._pump: threading.Thread | None = None
+        # Node events under the node's own history prefix (its role writes only there).
+        ctx.history = HistoryWriter(ctx.store, ctx.history.actor,
+                                    key_of=lambda event_id: ks.node_event(ctx.me, event_id))
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The cycle's snapshot from the node view (listed again first if the watch
+        failed or never listed); raises StoreUnavailable or ViewNotReady."""
+        if not self.watch.ready:
+            self.watch.start()
+            self.ctx.log.info("node_watch_listed", revision=self.watch.state.revision,
+                              keys=len(self.watch.own_kvs()))
+        if self._pump is None:
+            self._pump = threading.Thread(target=self.watch.pump,
+                                          args=(self.ctx.wake, self.ctx.stopped),
+                                          daemon=True, name=f"vmha-view-{self.ctx.me}")
+            self._pump.start()
+        managed = sorted(n for n, d in self.ctx.hv.list_domains().items() if d.managed)
+        view = self.watch.view(managed)
+        snap = node_snapshot(self.ctx.ks2, view)
+        self._own = own_status_mods(self.ctx.ks2, self.ctx.me, view.kvs)
+        self._assigned = frozenset(assignments_of(self.ctx.ks2, self.ctx.me, view.kvs))
+        self.statuses.seen(snap, self._own)
+        return snap
+
+    def clean_up(self, token: int) -> None:
+        """Delete our own statuses of VMs with neither an assignment nor a domain here
+        (section 1, "Clean-up"); each delete compared on what the view saw."""
+        domains = self.ctx.hv.list_domains()
+        # An assignment key that does not parse still counts: its VM is left alone.
+        held = self._assigned | {vm for vm in self._own if self._assignment_key(vm)}
+        for vm, mod in cleanups(self._own, held, domains):
+            done = self.writes.cleanup(token, vm, mod)
+            self.ctx.log.info("status_cleaned_up", vm=vm, written=done,
+                              reason="no assignment and no domain here")
+
+    def _assignment_key(self, vm: str) -> bool:
+        return self.watch.state.get(self.ctx.ks2.assignment(self.ctx.me, vm)) is not None
+
+    def close(self) -> None:
+        self.watch.close()
