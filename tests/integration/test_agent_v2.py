@@ -24,8 +24,8 @@ from schemas.models import NodeRegistration, VmStatus
 from store.etcd import EtcdStore
 from tests.authetcd import TlsEtcd
 from tests.conftest import TEST_CONFIG
-from tests.harness import EtcdCluster, wait_until
-from tests.integration.helpers import active, start_agent
+from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.helpers import active, domain_record, log_events, start_agent
 from tests.integration.helpers_v2 import KS, Leader, mark_keyspace_2, ranges_served
 from tests.unit.builders import node_value
 
@@ -211,3 +211,35 @@ def test_another_nodes_churn_costs_no_read(etcd: EtcdCluster, v2store: EtcdStore
         assert running(store, "n1", "web", "p1")
     finally:
         stop(agent, t)
+
+
+def test_agent_process_sigkilled_and_restarted_adopts_its_registration(
+        etcd: EtcdCluster, v2store: EtcdStore, tmp_path: Path) -> None:
+    """`vmha agent` processes with the guard service, as systemd runs them: killed and
+    started again within the TTL, the agent takes over its registration and both leases
+    on keyspace 2 (the same code as keyspace 1's on the v2 keys); the VM is not rebooted."""
+    store = v2store
+    fc = FakeCluster(etcd, tmp_path)
+    fc.guard_service = True
+    try:
+        fc.start_agent("n1")
+        Leader(store).place("web", "n1")
+        wait_until(lambda: running(store, "n1", "web", "p1"), 30, what="web running")
+        reg, alive = store.get(KS.reg("n1")), store.get(KS.alive("n1"))
+        assert reg is not None and alive is not None
+        booted = domain_record(fc.fake_root, "n1", "web")
+        fc.agents["n1"].kill()
+        fc.start_agent("n1")
+        wait_until(lambda: log_events(fc.agents["n1"], "registration_adopted"), 30,
+                   what="registration adopted")
+        now_reg, now_alive = store.get(KS.reg("n1")), store.get(KS.alive("n1"))
+        assert now_reg is not None and now_alive is not None
+        assert (now_reg.create_revision, now_reg.lease) == (reg.create_revision, reg.lease)
+        assert now_alive.lease == alive.lease
+        assert NodeRegistration.from_json(now_reg.value).agent.pid == fc.agents["n1"].pid
+        assert domain_record(fc.fake_root, "n1", "web") == booted, "not rebooted"
+        assert running(store, "n1", "web", "p1")
+        assert log_events(fc.agents["n1"], "keyspace")[0]["version"] == 2
+    finally:
+        fc.stop()
+
