@@ -12,7 +12,7 @@ from cli.common import default_domain_xml
 from schemas import writes_v2 as w
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import Placement, VmSpec
-from schemas.models_v2 import KeyspaceVersion
+from schemas.models_v2 import KeyspaceState, KeyspaceVersion
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster
 
@@ -30,9 +30,9 @@ def spec(vm: str) -> VmSpec:
     return VmSpec(name=vm, domain_xml=default_domain_xml(vm, 64, 1), memory_mib=64, vcpus=1)
 
 
-def mark_keyspace_2(store: EtcdStore) -> None:
+def mark_keyspace_2(store: EtcdStore, state: KeyspaceState = "done") -> None:
     """What `vmha keyspace migrate` leaves (section 6): the marker, state `done`."""
-    store.put(KS.version, KeyspaceVersion(keyspace=2, state="done", started_at=time.time(),
+    store.put(KS.version, KeyspaceVersion(keyspace=2, state=state, started_at=time.time(),
                                           by="operator:test", tool_version="test").to_json())
 
 

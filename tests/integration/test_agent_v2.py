@@ -26,7 +26,7 @@ from tests.authetcd import TlsEtcd
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import active, domain_record, log_events, start_agent
-from tests.integration.helpers_v2 import KS, Leader, mark_keyspace_2, ranges_served
+from tests.integration.helpers_v2 import KS, Leader, mark_keyspace_2, ranges_served, spec
 from tests.unit.builders import node_value
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,29 @@ def status(store: EtcdStore, node: str, vm: str) -> VmStatus | None:
 def running(store: EtcdStore, node: str, vm: str, pid: str) -> bool:
     s = status(store, node, vm)
     return s is not None and (s.state, s.placement_id) == ("running", pid)
+
+
+def test_a_migration_under_way_keeps_the_agent_unregistered(etcd: EtcdCluster,
+                                                            tmp_path: Path) -> None:
+    """The marker says `migrating`: the agent picks no keyspace, registers in none and
+    touches no domain; once it says `done` it runs on keyspace 2."""
+    store = EtcdStore(etcd.endpoints)
+    store.put(KS.config, TEST_CONFIG.to_json())
+    mark_keyspace_2(store, state="migrating")
+    hv = FakeHypervisor(tmp_path, "n1")
+    hv.boot("web", spec("web").domain_xml)
+    agent, t = start_agent(store, hv, "n1")
+    try:
+        time.sleep(1.0)  # five of its cycles (poll 0.2 s)
+        assert not agent.keyspace_known and agent.reg is None
+        assert store.get(KS.reg("n1")) is None and store.get(Keyspace().node("n1")) is None
+        assert active(hv) == ["web"]
+        mark_keyspace_2(store)
+        wait_until(lambda: store.get(KS.reg("n1")) is not None, 10, what="registered on v2")
+        assert agent.ctx.keyspace == 2
+    finally:
+        stop(agent, t)
+        store.close()
 
 
 def test_boot_on_assignment_stop_on_removal(v2store: EtcdStore, tmp_path: Path) -> None:
