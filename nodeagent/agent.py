@@ -162,7 +162,8 @@ class NodeAgent:
             return False  # lost a registration race: the next cycle registers again
         if m.flags.fenced and not reg.keeper.valid():
             return False
-        snap = self.v2.snapshot() if self.v2 is not None else self.ctx.store.snapshot()
+        snap = (self.v2.snapshot(reg.create_revision) if self.v2 is not None
+                else self.ctx.store.snapshot())
         self.last_revision = snap.revision
         self.invalid.report(snap)
         if self.v2 is None:

@@ -13,6 +13,7 @@ same code on either keyspace, with the keys of `AgentContext.keys`.
 from __future__ import annotations
 
 import threading
+import time
 
 from nodeagent.context import AgentContext
 from nodeagent.view_v2 import NodeWatch, assignments_of
@@ -20,6 +21,11 @@ from nodeagent.writes_v2 import AgentWrites, CycleStatuses, cleanups, own_status
 from schemas.snapshot import ClusterSnapshot
 from schemas.snapshot_v2 import node_snapshot
 from store.history import HistoryWriter
+
+# How long a cycle waits for the view to show the agent's own last write.  Only to save
+# a write: a cycle planning on a view without it would send the same report again, and
+# etcd would refuse it (its compare no longer holds).
+CATCH_UP_S = 0.5
 
 
 class AgentV2:
@@ -38,9 +44,10 @@ class AgentV2:
         ctx.history = HistoryWriter(ctx.store, ctx.history.actor,
                                     key_of=lambda event_id: ks.node_event(ctx.me, event_id))
 
-    def snapshot(self) -> ClusterSnapshot:
+    def snapshot(self, token: int) -> ClusterSnapshot:
         """The cycle's snapshot from the node view (listed again first if the watch
-        failed or never listed); raises StoreUnavailable or ViewNotReady."""
+        failed or never listed), once it shows our registration `token` and our last
+        write, or after CATCH_UP_S; raises StoreUnavailable or ViewNotReady."""
         if not self.watch.ready:
             self.watch.start()
             self.ctx.log.info("node_watch_listed", revision=self.watch.state.revision,
@@ -50,6 +57,7 @@ class AgentV2:
                                           args=(self.ctx.wake, self.ctx.stopped),
                                           daemon=True, name=f"vmha-view-{self.ctx.me}")
             self._pump.start()
+        self._catch_up(max(token, self.writes.last_revision))
         managed = sorted(n for n, d in self.ctx.hv.list_domains().items() if d.managed)
         view = self.watch.view(managed)
         snap = node_snapshot(self.ctx.ks2, view)
@@ -57,6 +65,12 @@ class AgentV2:
         self._assigned = frozenset(assignments_of(self.ctx.ks2, self.ctx.me, view.kvs))
         self.statuses.seen(snap, self._own)
         return snap
+
+    def _catch_up(self, revision: int) -> None:
+        until = time.monotonic() + CATCH_UP_S
+        while self.watch.state.revision < revision and time.monotonic() < until:
+            if self.ctx.stopped.wait(0.005):
+                return
 
     def clean_up(self, token: int) -> None:
         """Delete our own statuses of VMs with neither an assignment nor a domain here

@@ -104,9 +104,15 @@ class AgentWrites:
 
     def __init__(self, store: EtcdStore, ks: KeyspaceV2, me: str) -> None:
         self.store, self.ks, self.me = store, ks, me
+        # The revision of the last write applied: every one is under a watched range,
+        # so a view at this revision or later shows it.
+        self.last_revision = 0
 
     def send(self, write: w.Write) -> TxnResult:
-        return self.store.txn(write.txn.compares, write.txn.ops)
+        res = self.store.txn(write.txn.compares, write.txn.ops)
+        if res.succeeded:
+            self.last_revision = max(self.last_revision, res.revision)
+        return res
 
     def read_own_statuses(self) -> list[VmStatus]:
         """`me`'s status keys read now (paged); a key that does not parse is left as it
