@@ -12,6 +12,7 @@ same code on either keyspace, with the keys of `AgentContext.keys`.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -26,6 +27,9 @@ from store.history import HistoryWriter
 # a write: a cycle planning on a view without it would send the same report again, and
 # etcd would refuse it (its compare no longer holds).
 CATCH_UP_S = 0.5
+# Every RESYNC_S (jittered by a tenth, so that nodes started together spread out) the
+# agent lists its keys again: a check of the watch, not a path it relies on.
+RESYNC_S = 300.0
 
 
 class AgentV2:
@@ -40,6 +44,7 @@ class AgentV2:
         self._own: dict[str, int] = {}
         self._assigned: frozenset[str] = frozenset()
         self._pump: threading.Thread | None = None
+        self.next_resync = 0.0  # ctx.clock() time of the next listing (set at each)
         # Node events under the node's own history prefix (its role writes only there).
         ctx.history = HistoryWriter(ctx.store, ctx.history.actor,
                                     key_of=lambda event_id: ks.node_event(ctx.me, event_id))
@@ -48,10 +53,12 @@ class AgentV2:
         """The cycle's snapshot from the node view (listed again first if the watch
         failed or never listed), once it shows our registration `token` and our last
         write, or after CATCH_UP_S; raises StoreUnavailable or ViewNotReady."""
-        if not self.watch.ready:
+        if not self.watch.ready or self.ctx.clock() >= self.next_resync:
+            resync = self.watch.ready
             self.watch.start()
+            self.next_resync = self.ctx.clock() + RESYNC_S * random.uniform(0.9, 1.1)  # noqa: S311
             self.ctx.log.info("node_watch_listed", revision=self.watch.state.revision,
-                              keys=len(self.watch.own_kvs()))
+                              keys=len(self.watch.own_kvs()), resync=resync)
         if self._pump is None:
             self._pump = threading.Thread(target=self.watch.pump,
                                           args=(self.ctx.wake, self.ctx.stopped),

@@ -212,6 +212,28 @@ def test_restarted_agent_keeps_its_vms(v2store: EtcdStore, tmp_path: Path) -> No
         stop(agent, t)
 
 
+def test_a_resync_lists_again_and_changes_nothing(v2store: EtcdStore, tmp_path: Path) -> None:
+    store = v2store
+    hv = FakeHypervisor(tmp_path, "n1")
+    agent, t = start_agent(store, hv, "n1")
+    try:
+        Leader(store).place("web", "n1")
+        wait_until(lambda: running(store, "n1", "web", "p1"), 15, what="web running")
+        assert agent.v2 is not None
+        stats = agent.v2.watch.state.stats
+        lists, status_mod = stats["lists"], store.get(KS.status("n1", "web")).mod_revision  # type: ignore[union-attr]
+        booted = (tmp_path / "n1" / "domains" / "web.json").read_text()
+        agent.v2.next_resync = 0.0  # due now
+        agent.wake.set()
+        wait_until(lambda: stats["lists"] == lists + 1, 10, what="listed again")
+        time.sleep(0.5)  # cycles on the new listing
+        assert store.get(KS.status("n1", "web")).mod_revision == status_mod  # type: ignore[union-attr]
+        assert (tmp_path / "n1" / "domains" / "web.json").read_text() == booted
+        assert agent.v2.next_resync > 0
+    finally:
+        stop(agent, t)
+
+
 def test_another_nodes_churn_costs_no_read(etcd: EtcdCluster, v2store: EtcdStore,
                                            tmp_path: Path) -> None:
     store = v2store
