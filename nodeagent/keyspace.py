@@ -45,14 +45,22 @@ def read_keyspace(store: EtcdStore) -> Literal[1, 2]:
     return keyspace_of(store.get(ks.version), ks.version)
 
 
-def read_config_v2(store: EtcdStore, ks: KeyspaceV2) -> ClusterConfig:
-    """The cluster config by one targeted get (keyspace 2 reads nothing else at start);
-    absent: the defaults, as keyspace 1's snapshot gives them."""
-    kv = store.get(ks.config)
+def read_config(ctx: AgentContext) -> ClusterConfig:
+    """The cluster config, refused if invalid.  Keyspace 1: from a snapshot of the whole
+    prefix, as always; keyspace 2: by one targeted get (absent: the defaults, as keyspace
+    1's snapshot gives them)."""
+    if ctx.keyspace == 1:
+        snap = ctx.store.snapshot()
+        bad = [e for e in snap.errors if e.key == ctx.ks.config]
+        if bad:
+            raise ConfigError(f"refusing to start: {bad[0]}")
+        return snap.config
+    key = ctx.ks2.config
+    kv = ctx.store.get(key)
     if kv is None:
         return ClusterConfig()
     try:
-        return ClusterConfig.from_json(kv.value, ks.config)
+        return ClusterConfig.from_json(kv.value, key)
     except SchemaError as exc:
         raise ConfigError(f"refusing to start: {exc}") from exc
 

@@ -31,10 +31,10 @@ from fencing.policy import (
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
 from nodeagent.cordon import write_cordon
-from nodeagent.keyspace import read_config_v2, stale_claims_rewritten
+from nodeagent.keyspace import read_config, stale_claims_rewritten
 from nodeagent.liveness import Liveness
 from nodeagent.selffence import LeaseFlags, SelfFence
-from schemas.errors import ConfigError, SchemaError, TemporaryError
+from schemas.errors import SchemaError, TemporaryError
 from schemas.models import (
     AgentInfo,
     Capacity,
@@ -82,14 +82,7 @@ class Membership:
     # ---- set-up ------------------------------------------------------------------------
 
     def load_config(self) -> ClusterConfig:
-        if self.ctx.keyspace == 2:
-            cfg = read_config_v2(self.ctx.store, self.ctx.ks2)
-        else:
-            snap = self.ctx.store.snapshot()
-            bad = [e for e in snap.errors if e.key == self.ctx.ks.config]
-            if bad:
-                raise ConfigError(f"refusing to start: {bad[0]}")
-            cfg = snap.config
+        cfg = read_config(self.ctx)
         require_safe_timing(cfg)
         self.cfg = cfg
         return cfg

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hypervisor.fake import FakeHypervisor
-from nodeagent.agent import NodeAgent
+from nodeagent.agent import AgentOptions, NodeAgent
+from schemas.errors import ConfigError
 from schemas.keys import Keyspace
 from schemas.models import NodeRegistration, VmStatus
 from store.etcd import EtcdStore
@@ -79,6 +80,23 @@ def test_a_migration_under_way_keeps_the_agent_unregistered(etcd: EtcdCluster,
         assert agent.ctx.keyspace == 2
     finally:
         stop(agent, t)
+        store.close()
+
+
+@pytest.mark.parametrize("keyspace", [1, 2])
+def test_config_read_and_refused_on_either_keyspace(etcd: EtcdCluster, tmp_path: Path,
+                                                    keyspace: int) -> None:
+    store = EtcdStore(etcd.endpoints)
+    try:
+        if keyspace == 2:
+            mark_keyspace_2(store)
+        store.put(KS.config, TEST_CONFIG.to_json())
+        agent = NodeAgent(store, FakeHypervisor(tmp_path, "n1"), AgentOptions(name="n1"))
+        assert agent.load_config() == TEST_CONFIG and agent.ctx.keyspace == keyspace
+        store.put(KS.config, '{"schema": 1, "lease_ttl_s": "soon"}')
+        with pytest.raises(ConfigError, match="refusing to start"):
+            agent.load_config()
+    finally:
         store.close()
 
 
