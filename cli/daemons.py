@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli.common import EXIT_INPUT, CliError, _first_error, _store, global_defaults
 from schemas.keys import valid_name
 from schemas.models import Capacity
+
+if TYPE_CHECKING:
+    from orchestrator.leader import Orchestrator
 
 DEFAULT_GUARD_SOCKET = "/run/vmha/guard.sock"
 DEFAULT_MIGRATION_ADDRESS = "127.0.0.1"
@@ -155,25 +159,32 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
-    from orchestrator.leader import Orchestrator
+    from orchestrator.leader_v2 import orchestrator_for
     from telemetry import logs, metrics
 
     load_daemon_config(args, ORCH_KEYS)
     logs.setup(args.log_format)
     if not args.validate_config:
         metrics.serve(args.metrics_listen)
-    orch = Orchestrator(_store(args), ident=args.name)
+    stopped = threading.Event()
+    orch: Orchestrator | None = None
+
+    def stop(*_: object) -> None:
+        stopped.set()
+        if orch is not None:
+            orch.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # The keyspace /vmha/version names (absent: keyspace 1), asked until etcd answers.
+    orch = orchestrator_for(_store(args), args.name, stopped,
+                            wait=not args.validate_config)
+    if orch is None:
+        return 0
     if args.validate_config:
         orch.ensure_config()
         print("config ok")
         return 0
-
-    def stop(*_: object) -> None:
-        orch.stopped.set()
-        orch.wake.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     return orch.run()
 
 

@@ -54,9 +54,25 @@ def build_parser(extra: Sequence[Registrar] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, extra: Sequence[Registrar] = ()) -> int:
-    from store.etcd import StoreRejected, StoreUnavailable
+    import structlog
+
+    from telemetry import logs
 
     args = build_parser(extra).parse_args(argv)
+    # stdout is the command's output (`-o json` is parsed by scripts): a log line from
+    # any module a command uses goes to stderr, warnings only.  The daemons set their own
+    # logging; an in-process caller (tests, `vmha web`) gets its own set-up back.
+    saved = structlog.get_config()
+    logs.setup(level="warning")
+    try:
+        return _dispatch(args)
+    finally:
+        structlog.configure(**saved)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from store.etcd import StoreRejected, StoreUnavailable
+
     try:
         return int(args.fn(args))
     except CliError as exc:

@@ -225,7 +225,8 @@ def guard_socket(workdir: Path, name: str) -> Path:
 
 
 def start_guard_service(guards: dict[str, Daemon], workdir: Path, name: str,
-                        hypervisor_args: list[str], etcd_args: tuple[str, ...] = ()) -> Daemon:
+                        hypervisor_args: list[str], etcd_args: tuple[str, ...] = (),
+                        extra: tuple[str, ...] = ()) -> Daemon:
     """Start node ``name``'s guard as its own process (`vmha guard`, as the
     vmha-guard unit runs it) unless it runs; wait for its socket."""
     running = guards.get(name)
@@ -237,7 +238,8 @@ def start_guard_service(guards: dict[str, Daemon], workdir: Path, name: str,
     # restarting agent (fencing.lease_hold).
     hold = ["--hold-lease"] if etcd_args else []
     d = Daemon(f"guard-{name}", [*etcd_args, "guard", *hypervisor_args, "--socket", str(sock),
-                                 *hold, "--log-format", "json"], workdir / f"guard-{name}.log")
+                                 *hold, "--log-format", "json", *extra],
+               workdir / f"guard-{name}.log")
     guards[name] = d.start()
     wait_until(lambda: sock.exists() or not d.alive(), 15, what=f"guard of {name} up")
     return d
@@ -257,6 +259,7 @@ class FakeCluster:
     # its own guard.
     guard_service: bool = False
     guards: dict[str, Daemon] = field(default_factory=dict)
+    guard_extra: tuple[str, ...] = ()  # more options of each guard service
 
     @property
     def fake_root(self) -> Path:
@@ -272,7 +275,7 @@ class FakeCluster:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         return start_guard_service(self.guards, self.workdir, name,
                                    ["--fake-root", str(self.fake_root), "--name", name],
-                                   tuple(self.common()))
+                                   tuple(self.common()), self.guard_extra)
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:

@@ -47,7 +47,7 @@ class AgentV2:
         self.next_resync = 0.0  # ctx.clock() time of the next listing (set at each)
         # Node events under the node's own history prefix (its role writes only there).
         ctx.history = HistoryWriter(ctx.store, ctx.history.actor,
-                                    key_of=lambda event_id: ks.node_event(ctx.me, event_id))
+                                    key=lambda event_id: ks.node_event(ctx.me, event_id))
 
     def snapshot(self, token: int) -> ClusterSnapshot:
         """The cycle's snapshot from the node view (listed again first if the watch

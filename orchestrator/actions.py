@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.models import Placement
+from schemas.snapshot import ClusterSnapshot
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,19 @@ class Plan:
     @property
     def writes(self) -> tuple[Action, ...]:
         return tuple(a for a in self.actions if not isinstance(a, Wait))
+
+
+def frozen_by_invalid_key(action: Action, snap: ClusterSnapshot) -> str:
+    """Why `action` must not be written, or "": a VM or node with a key that did not
+    parse is left as it is.  Its spec, placement or registration may exist but be
+    unreadable, so a decision would be taken on a guess (a hostile value over a live
+    VM's spec must not stop it, one over a node's registration must not fence it)."""
+    vm = (action.placement.vm if isinstance(action, WritePlacement)
+          else getattr(action, "vm", None))
+    if vm is not None and vm in snap.invalid_vms:
+        return f"VM {vm} has an invalid key: left as it is until it is fixed"
+    node = getattr(action, "node", None)
+    if isinstance(action, (FenceNode, ClearFence)) and (
+            node in snap.invalid_nodes):
+        return f"node {node} has an invalid key: left as it is until it is fixed"
+    return ""

@@ -27,6 +27,7 @@ from fencing.agents import ExternalFencer, FenceResult, missing_credentials
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
 from orchestrator import planner, txn_builder
+from orchestrator.actions import frozen_by_invalid_key
 from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.snapshot import ClusterSnapshot
@@ -73,6 +74,8 @@ class Orchestrator:
         self.invalid = InvalidKeyReporter(self.log)
         self.backoff = CycleBackoff(first_s=poll_interval_s, max_s=10.0)
         self.last_revision = 0  # of the last snapshot read, for the logs of a failed cycle
+        self.exit_code = 0  # run()'s, once stopped
+        self.writes: txn_builder.LeaderWrites = txn_builder.Writes(self.ks)
 
     # ---- config ------------------------------------------------------------------------
 
@@ -204,13 +207,13 @@ class Orchestrator:
                 self.wake.clear()
         finally:
             self.leader_watch.stop()
-            self.all_watch.stop()
+            self._stop_watches()
             if self.epoch is not None and self.lease_id is not None:
                 try:
                     self.store.revoke_lease(self.lease_id)
                 except StoreUnavailable as exc:
                     self.log.warning("resign_failed", error=str(exc))
-        return 0
+        return self.exit_code
 
     def _cycle_failed(self) -> float:
         """An unexpected error (a bug, or data no check foresaw) ended the cycle: log it
@@ -226,10 +229,9 @@ class Orchestrator:
         epoch = self.epoch
         if epoch is None:
             return None
-        snap = self.store.snapshot()
+        snap = self._read()
         self.last_revision = snap.revision
         self.invalid.report(snap)
-        self.all_watch.ensure(snap.revision)
         if snap.leader is None or snap.leader.create_revision != epoch:
             self.step_down("leader key no longer ours")
             return None
@@ -260,7 +262,7 @@ class Orchestrator:
         if self._cycles % 600 == 1:
             self._prune_history()
         for action in result.actions:
-            frozen = _frozen_by_invalid_key(action, snap)
+            frozen = frozen_by_invalid_key(action, snap)
             if frozen:
                 self.log.debug("not_writing", reason=frozen, revision=snap.revision,
                                epoch=epoch)
@@ -275,6 +277,7 @@ class Orchestrator:
                 break
             if self.apply(action, snap, epoch):
                 written += 1
+        written += self._upkeep(snap, epoch, result)
         if result.writes:
             self.log.info("cycle", summary=result.summary, written=written, epoch=epoch,
                           decide_ms=round((self.clock() - started) * 1000, 2))
@@ -335,8 +338,7 @@ class Orchestrator:
                           method="external", outcome="success" if result.ok else "failed",
                           reason=result.detail, epoch=epoch, duration_s=result.duration_s,
                           fenced_at=time.time(), attempts=attempts, device=device)
-        ok = self._send(txn_builder.fence_record(self.ks, rec,
-                                                 prev.mod_revision if prev else 0, epoch))
+        ok = self._send(self.writes.fence(rec, prev.mod_revision if prev else 0, epoch))
         metrics.FENCES.labels(method="external",
                               outcome=rec.outcome if ok else "not_written").inc()
         if not ok:
@@ -354,6 +356,21 @@ class Orchestrator:
                                    f"attempt={attempts}: {result.detail}")
         return True
 
+    # ---- keyspace 1's reads (orchestrator.leader_v2 has keyspace 2's) -------------------
+
+    def _read(self) -> ClusterSnapshot:
+        """The whole prefix, read again each cycle; the watch only wakes the loop."""
+        snap = self.store.snapshot()
+        self.all_watch.ensure(snap.revision)
+        return snap
+
+    def _stop_watches(self) -> None:
+        self.all_watch.stop()
+
+    def _upkeep(self, snap: ClusterSnapshot, epoch: int, result: planner.Plan) -> int:
+        """Writes besides the planner's (keyspace 2's assignments): none here."""
+        return 0
+
     def _send(self, txn: Txn) -> bool:
         """Send one built write; False when a compare failed (someone else wrote first,
         or this term is over): a normal outcome, never an outage."""
@@ -364,11 +381,11 @@ class Orchestrator:
         if isinstance(action, planner.FenceNode):
             return self._apply_fence(action, snap, epoch)
         if isinstance(action, planner.ClearMove):
-            return self._apply_clear(txn_builder.clear_move(self.ks, action, epoch),
+            return self._apply_clear(self.writes.clear_move(action, epoch),
                                      "move_request_cleared", snap, epoch, vm=action.vm,
                                      reason=action.reason)
         if isinstance(action, planner.ClearFence):
-            return self._apply_clear(txn_builder.clear_fence(self.ks, action, epoch),
+            return self._apply_clear(self.writes.clear_fence(action, epoch),
                                      "fence_cleared", snap, epoch, node=action.node,
                                      reason=action.reason)
         if isinstance(action, planner.WritePlacement):
@@ -384,7 +401,7 @@ class Orchestrator:
     def _apply_placement(self, action: planner.WritePlacement, snap: ClusterSnapshot,
                          epoch: int) -> bool:
         p = action.placement
-        ok = self._send(txn_builder.placement(self.ks, action, epoch))
+        ok = self._send(self.writes.placement(action, epoch))
         self.log.info("placement", vm=p.vm, node=p.node, kind=p.kind, from_node=p.from_node,
                       placement=p.id, reason=p.reason, written=ok, epoch=epoch,
                       revision=snap.revision)
@@ -398,7 +415,7 @@ class Orchestrator:
         """A fence device cannot be undone: read the registration once more just before
         it runs.  The decision saw the node unregistered at `snap`; an agent that came
         back since (a restart) must not have its host switched off."""
-        if self.store.get(self.ks.node(node)) is None:
+        if self.store.get(self.writes.reg_key(node)) is None:
             return False
         self.log.warning("fence_skipped", node=node, revision=snap.revision,
                          reason="the node registered again after the snapshot the decision "
@@ -424,7 +441,7 @@ class Orchestrator:
                           reason=action.reason, epoch=epoch,
                           duration_s=round(self.clock() - since, 3), fenced_at=time.time(),
                           attempts=prev.value.attempts + 1 if prev else 1)
-        ok = self._send(txn_builder.self_fence(self.ks, action, rec, epoch))
+        ok = self._send(self.writes.self_fence(action, rec, epoch))
         metrics.FENCES.labels(method="self", outcome="success" if ok else "not_written").inc()
         if not ok:
             self.log.info("fence_not_written", node=action.node, method="self", epoch=epoch,
@@ -444,19 +461,3 @@ class Orchestrator:
         self.history.record("fence", epoch=epoch, node=action.node,
                             reason=f"method=self outcome=success: {action.reason}")
         return True
-
-
-def _frozen_by_invalid_key(action: planner.Action, snap: ClusterSnapshot) -> str:
-    """Why `action` must not be written, or "": a VM or node with a key that did not
-    parse is left as it is.  Its spec, placement or registration may exist but be
-    unreadable, so a decision would be taken on a guess (a hostile value over a live
-    VM's spec must not stop it, one over a node's registration must not fence it)."""
-    vm = (action.placement.vm if isinstance(action, planner.WritePlacement)
-          else getattr(action, "vm", None))
-    if vm is not None and vm in snap.invalid_vms:
-        return f"VM {vm} has an invalid key: left as it is until it is fixed"
-    node = getattr(action, "node", None)
-    if isinstance(action, (planner.FenceNode, planner.ClearFence)) and (
-            node in snap.invalid_nodes):
-        return f"node {node} has an invalid key: left as it is until it is fixed"
-    return ""

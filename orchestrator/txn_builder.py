@@ -8,6 +8,9 @@ takes effect, plus the compares the planner attached to the decision.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 from orchestrator import planner
 from schemas.keys import Keyspace
 from schemas.models import FenceRecord
@@ -68,3 +71,40 @@ def clear_move(ks: Keyspace, action: planner.ClearMove, epoch: int) -> Txn:
 
 def clear_fence(ks: Keyspace, action: planner.ClearFence, epoch: int) -> Txn:
     return delete_unchanged(ks, ks.fence(action.node), action.fence_mod_revision, epoch)
+
+
+class LeaderWrites(Protocol):
+    """The leader's writes in one keyspace (orchestrator.txn_v2.Writes: keyspace 2)."""
+
+    def reg_key(self, node: str) -> str: ...
+    def placement(self, action: planner.WritePlacement, epoch: int) -> Txn: ...
+    def fence(self, record: FenceRecord, prev_mod: int, epoch: int) -> Txn: ...
+    def self_fence(self, action: planner.FenceNode, record: FenceRecord,
+                   epoch: int) -> Txn: ...
+    def clear_move(self, action: planner.ClearMove, epoch: int) -> Txn: ...
+    def clear_fence(self, action: planner.ClearFence, epoch: int) -> Txn: ...
+
+
+@dataclass(frozen=True)
+class Writes:
+    """Keyspace 1's writes, as `LeaderWrites`."""
+
+    ks: Keyspace
+
+    def reg_key(self, node: str) -> str:
+        return self.ks.node(node)
+
+    def placement(self, action: planner.WritePlacement, epoch: int) -> Txn:
+        return placement(self.ks, action, epoch)
+
+    def fence(self, record: FenceRecord, prev_mod: int, epoch: int) -> Txn:
+        return fence_record(self.ks, record, prev_mod, epoch)
+
+    def self_fence(self, action: planner.FenceNode, record: FenceRecord, epoch: int) -> Txn:
+        return self_fence(self.ks, action, record, epoch)
+
+    def clear_move(self, action: planner.ClearMove, epoch: int) -> Txn:
+        return clear_move(self.ks, action, epoch)
+
+    def clear_fence(self, action: planner.ClearFence, epoch: int) -> Txn:
+        return clear_fence(self.ks, action, epoch)

@@ -33,7 +33,9 @@ class KeyRef:
 
 
 @dataclass(frozen=True)
-class Keyspace:
+class PrefixKeys:
+    """What every version of the key layout shares: the prefix and its top keys."""
+
     prefix: str = "/vmha"
 
     def __post_init__(self) -> None:
@@ -51,6 +53,11 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return f"{self.prefix}/leader"
+
+
+@dataclass(frozen=True)
+class Keyspace(PrefixKeys):
+    """Keyspace 1 (docs/keyspace.md)."""
 
     def node(self, name: str) -> str:
         return f"{self.prefix}/nodes/{name}"

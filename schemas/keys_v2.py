@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.keys import decode_key, valid_name
+from schemas.keys import PrefixKeys, decode_key, valid_name
 
 KeyKind = Literal[
     "version", "config", "leader",
@@ -68,31 +68,15 @@ class UnknownKey:
 
 
 @dataclass(frozen=True)
-class KeyspaceV2:
-    prefix: str = "/vmha"
-
-    def __post_init__(self) -> None:
-        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise ValueError(f"prefix must start with '/' and not end with '/': {self.prefix!r}")
+class KeyspaceV2(PrefixKeys):
+    """Keyspace 2 (docs/keyspace-v2.md); `root`, `config` and `leader` as in keyspace 1."""
 
     # ---- singles ---------------------------------------------------------------------
-
-    @property
-    def root(self) -> str:
-        return self.prefix + "/"
 
     @property
     def version(self) -> str:
         """The keyspace marker (`KeyspaceVersion`); absent: keyspace 1."""
         return f"{self.prefix}/version"
-
-    @property
-    def config(self) -> str:
-        return f"{self.prefix}/config"
-
-    @property
-    def leader(self) -> str:
-        return f"{self.prefix}/leader"
 
     # ---- the directories of keys of one kind (role ranges, watches, paged lists) ----
 

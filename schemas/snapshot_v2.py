@@ -15,7 +15,7 @@ from typing import Literal
 
 from schemas.errors import SchemaError
 from schemas.events import Event
-from schemas.keys import decode_key
+from schemas.keys import decode_key, valid_name
 from schemas.keys_v2 import KeyKind, KeyRefV2, KeyspaceV2, UnknownKey
 from schemas.models import (
     AliveRecord,
@@ -112,6 +112,15 @@ def _check_names(ref: KeyRefV2, key: str, value: Model) -> None:
     if isinstance(value, Assignment) and ref.node not in value.nodes:
         raise SchemaError(key, "placement", f"names {list(value.nodes)}, not {ref.node!r} "
                                             "whose assignment this is")
+    if isinstance(value, Placement):
+        # The leader builds assignment keys from these names (and `Assignment` refuses
+        # what this refuses): a placement it could not assign freezes its VM instead.
+        named = [n for n in (value.node, value.from_node) if n is not None]
+        if value.kind not in ("boot", "migrate") and named:
+            raise SchemaError(key, "from_node", f"a {value.kind} placement names no node")
+        for n in named:
+            if not valid_name(n):
+                raise SchemaError(key, "node", f"invalid node name {n[:80]!r}")
 
 
 @dataclass(frozen=True)

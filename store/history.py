@@ -22,12 +22,11 @@ class HistoryWriter:
     """Best-effort: a lost event is logged, never allowed to block a decision."""
 
     def __init__(self, store: EtcdStore, actor: str,
-                 key_of: Callable[[str], str] | None = None) -> None:
+                 key: Callable[[str], str] | None = None) -> None:
+        """`key`: an event id -> its key (keyspace 1's `Keyspace.event` if None)."""
         self.store = store
         self.actor = actor
-        # An event's key from its id: keyspace 1's flat history by default (keyspace 2
-        # puts a node's events under its own prefix).
-        self.key_of = key_of or store.keyspace.event
+        self._key = key or store.keyspace.event
         self._seq = itertools.count()
         self._lock = threading.Lock()
 
@@ -38,7 +37,7 @@ class HistoryWriter:
         ev = Event(id=event_id(at, self.actor, seq), at=at, kind=kind,  # type: ignore[arg-type]
                    actor=self.actor, **fields)
         try:
-            self.store.put(self.key_of(ev.id), ev.to_json())
+            self.store.put(self._key(ev.id), ev.to_json())
         except StoreUnavailable as exc:
             log.warning("event_not_recorded", kind=kind, error=str(exc), **fields)
             return None

@@ -55,8 +55,11 @@ class WatchedState:
 
     def __init__(self, store: EtcdStore, ranges: Sequence[KeyRange], *,
                  check_interval_s: float = 10.0, progress_timeout_s: float = 2.0,
-                 retry_max_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_max_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 notify: threading.Event | None = None) -> None:
+        """`notify` is set on each change and failure (a daemon's wake-up event)."""
         self._store = store
+        self._notify = notify
         self._watchers: list[Watcher] = []
         for keys in ranges:
             self._check_disjoint(keys)
@@ -337,6 +340,8 @@ class WatchedState:
         self._failure = err
         log.warning("watch_failed", error=str(err), revision=self._revision)
         self._cond.notify_all()
+        if self._notify is not None:
+            self._notify.set()
         if stream is not None:
             stream.close()
 
@@ -360,6 +365,8 @@ class WatchedState:
             if resp.events:
                 self._apply(w, resp)
                 self._cond.notify_all()
+                if self._notify is not None:
+                    self._notify.set()
 
     def _on_created(self, stream: WatchStream, resp: Any) -> None:
         if not stream.pending:  # etcd answers creates in order: one per request

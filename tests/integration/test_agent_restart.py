@@ -37,9 +37,10 @@ CFG = ClusterConfig()  # the defaults: what `systemctl restart` meets in product
 
 
 def cluster(etcd: EtcdCluster, tmp_path: Path, nodes: int = 3, vms: int = 6,
-            extra: tuple[str, ...] = ()) -> FakeCluster:
+            extra: tuple[str, ...] = (), guard_extra: tuple[str, ...] = ()) -> FakeCluster:
     fc = make_fake_cluster(etcd, tmp_path, CFG)
     fc.guard_service = True
+    fc.guard_extra = guard_extra
     for i in range(1, nodes + 1):
         fc.start_agent(f"n{i}", extra=extra)
     fc.start_orchestrator("o1")
@@ -208,14 +209,16 @@ def test_systemctl_stop_still_drains_and_disarms(etcd: EtcdCluster, tmp_path: Pa
 
 def test_not_restarted_the_guard_destroys_the_vms_before_the_fence_window_ends(
         etcd: EtcdCluster, tmp_path: Path) -> None:
-    fc = cluster(etcd, tmp_path)
+    # The guard holds the lease for a restarting agent up to its restart grace (20 s by
+    # default); 5 s here takes the same path sooner.
+    fc = cluster(etcd, tmp_path, guard_extra=("--restart-grace-s", "5"))
     store = EtcdStore(etcd.endpoints)
     try:
         victims = on(fc, "n2")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             fc.agents["n2"].kill()
             guard = fc.guards["n2"]
-            # After the restart grace (the guard holds the lease for 20 s) and its timeout.
+            # After the restart grace and the guard's timeout.
             wait_until(lambda: '"guard_fired"' in guard.log_text(), 60, what="guard fired")
             # It stays, destroying again, until n2's agent registers again.
             assert guard.alive() and (fc.fake_root / "n2" / "fenced").exists()

@@ -24,7 +24,17 @@ from schemas.models import (
     gave_up,
 )
 from schemas.snapshot import ClusterSnapshot
-from tests.scenarios.model import KS, WALL0, Compare, Dom, Migration, NodeSim, World
+from tests.scenarios.model import (
+    KS,
+    WALL0,
+    Compare,
+    Dom,
+    Migration,
+    NodeSim,
+    ScenarioError,
+    World,
+)
+from tests.scenarios.v2 import v2_verdict
 
 MIGRATION_RETRY_BACKOFF_S = 3.0  # nodeagent.agent.AgentOptions default
 
@@ -74,6 +84,19 @@ def _log_wait(world: World, a: planner.Wait, waits: dict[str, str]) -> None:
 
 
 def apply_leader(world: World, a: planner.Action, snap: ClusterSnapshot) -> None:
+    epoch = world.leader.epoch
+    store = world.store
+    # Keyspace 2: its transaction must succeed exactly when keyspace 1's does.
+    v2 = (None if world.leader_model is None
+          else v2_verdict(store, world.leader_model, a, epoch))
+    before = store.revision
+    _apply_leader(world, a)
+    if v2 is not None and v2 != (store.revision != before):
+        raise ScenarioError(f"t={world.t}: keyspace 2's compares say {v2} for {a!r}, "
+                            f"keyspace 1's the opposite")
+
+
+def _apply_leader(world: World, a: planner.Action) -> None:
     epoch = world.leader.epoch
     token: Compare = (KS.leader, "create", epoch)
     store = world.store

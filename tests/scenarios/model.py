@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisor.base import Domain, DomainState
+from orchestrator.model_v2 import LeaderModel
 from schemas.keys import Keyspace
 from schemas.models import Model
 from schemas.snapshot import ClusterSnapshot, RawKV
@@ -41,6 +42,9 @@ Compare = tuple[str, str, int]
 class Store:
     revision: int
     kv: dict[str, Rec] = field(default_factory=dict)
+    # (node, VM) -> the last status that node wrote of VM: the status keys keyspace 2
+    # keeps per node (tests/scenarios/v2.py), superseded ones included.
+    status_writes: dict[tuple[str, str], Rec] = field(default_factory=dict)
 
     def get(self, key: str) -> Rec | None:
         return self.kv.get(key)
@@ -52,6 +56,8 @@ class Store:
         old = self.kv.get(key)
         create = old.create_revision if old is not None else self.revision
         self.kv[key] = Rec(data, create, self.revision, lease)
+        if key.endswith("/status") and key.startswith(KS.root + "vms/"):
+            self.status_writes[(str(data.get("node")), str(data.get("vm")))] = self.kv[key]
         return self.revision
 
     def delete(self, key: str) -> None:
@@ -158,6 +164,8 @@ class World:
     leases: int = 0x1A2B  # the last lease id handed out
     log: list[str] = field(default_factory=list)
     version: int = 0  # bumped on every change to the hypervisors
+    keyspace: int = 1  # 2: the leader decides on keyspace 2's adapter (tests/scenarios/v2.py)
+    leader_model: LeaderModel | None = None  # keyspace 2: what the leader decided on
 
     @property
     def wall(self) -> float:

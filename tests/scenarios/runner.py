@@ -19,6 +19,7 @@ from tests.scenarios.actors import agent_cycle, finish_migration, leader_cycle
 from tests.scenarios.events import Event, apply_event, parse_events, tick_timers
 from tests.scenarios.loader import load_start
 from tests.scenarios.model import ScenarioError, World
+from tests.scenarios.v2 import v2_model, v2_snapshot
 
 MAX_ROUNDS = 40
 MAX_TICKS = 100_000
@@ -31,7 +32,9 @@ def settle(world: World, seen: set[str]) -> None:
             for m in list(world.migrations):
                 finish_migration(world, m, ok=True)
         snap = world.store.snapshot()
-        leader_cycle(world, snap)
+        if world.keyspace == 2:
+            world.leader_model = v2_model(world.store)
+        leader_cycle(world, snap if world.keyspace == 1 else v2_snapshot(world.leader_model))
         for name in sorted(world.nodes):
             agent_cycle(world, world.nodes[name], snap)
         check(world, seen)
@@ -110,10 +113,13 @@ def run_world(world: World, events: list[Event]) -> list[str]:
     return world.log + final_state(world)
 
 
-def run_scenario(folder: Path) -> list[str]:
+def run_scenario(folder: Path, keyspace: int = 1) -> list[str]:
+    """The log of a scenario; `keyspace` 2: the leader decides on keyspace 2."""
     events_file = folder / "events.txt"
     events = parse_events(events_file.read_text()) if events_file.exists() else []
-    return run_world(load_start(folder / "start.json"), events)
+    world = load_start(folder / "start.json")
+    world.keyspace = keyspace
+    return run_world(world, events)
 
 
 def main(argv: list[str]) -> int:

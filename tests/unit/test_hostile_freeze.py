@@ -13,7 +13,7 @@ import pytest
 from hypervisor.base import Domain
 from nodeagent import plan as agent_plan
 from orchestrator import planner
-from orchestrator.leader import _frozen_by_invalid_key
+from orchestrator.actions import frozen_by_invalid_key as _frozen_by_invalid_key
 from schemas.models import Placement
 from schemas.snapshot import ClusterSnapshot, RawKV
 from tests.unit.builders import KS, boot, cluster, running

@@ -1,0 +1,240 @@
+"""The orchestrator on keyspace 2 (docs/keyspace-v2.md, section 7, part 3).
+
+Same election, lease, config, fencing and planner as `orchestrator.leader` (keyspace
+1); what differs is where the snapshot comes from and what a decision writes:
+
+* **A model kept from a watch.**  `store.watchmodel.WatchedState` holds every key under
+  the prefix: listed in pages once (at the first cycle as leader, and again only after
+  a compaction, a canceled watch or a model that cannot catch up), then kept by the
+  watch.  A cycle reads the model, never etcd.  Before deciding, the model must hold the
+  leader's own last write (and its election): a model behind it would decide again
+  what is already written.
+* **Writes from `schemas.writes_v2`** (`orchestrator.txn_v2`): a placement with its
+  assignments in one transaction, fence records and clears as on keyspace 1, and the
+  leader's upkeep: spec refresh, repair of assignments, `vm remove`, confirm-offs.
+  Each is written only when the model differs from it, so an idle cluster costs no
+  transaction.
+* **History** under `P-history/o/`; the prune reads the history's keys in pages.
+
+Which keyspace runs is chosen at start by `/vmha/version` (`orchestrator_for`): absent,
+keyspace 1 as before; `keyspace 2, done`, this one.  A marker that changes while it runs
+stops it (exit code 2), so that it starts again on the keyspace the marker names.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_random_exponential,
+)
+
+from orchestrator import planner, txn_v2
+from orchestrator.leader import Orchestrator
+from orchestrator.model_v2 import ParseCache, leader_model
+from schemas.errors import ConfigError, SchemaError
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models import ClusterConfig
+from schemas.models_v2 import KeyspaceVersion
+from schemas.snapshot import ClusterSnapshot
+from schemas.txn import Txn
+from store.errors import StoreCompacted, StoreError, StoreUnavailable
+from store.etcd import EtcdStore
+from store.history import HistoryWriter
+from store.paging import KeyRange
+from store.watchmodel import WatchedState
+
+EXIT_KEYSPACE_CHANGED = 2
+
+
+class OrchestratorV2(Orchestrator):
+    def __init__(self, store: EtcdStore, ident: str | None = None, poll_interval_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic, catch_up_s: float = 2.0,
+                 watch_options: Mapping[str, Any] | None = None) -> None:
+        """`watch_options`: more arguments of the model's `WatchedState` (tests inject
+        its clock and intervals)."""
+        super().__init__(store, ident, poll_interval_s, clock)
+        self.ks2 = KeyspaceV2(self.ks.prefix)
+        self.watch_options = dict(watch_options or {})
+        self.history = HistoryWriter(store, f"leader:{self.ident}", key=self.ks2.leader_event)
+        self.state = self._new_state()
+        self.model = leader_model(self.ks2, 0, [])
+        self.parse_cache = ParseCache()
+        self.writes = txn_v2.Writes(self.ks2, lambda: self.model)
+        self.catch_up_s = catch_up_s
+        self._listed = False
+        self._wrote_at = 0  # revision of the last write of ours the model must hold
+        # Transactions sent and paged lists of the model, for tests and benchmarks.
+        self.stats = {"txns": 0, "lists": 0}
+        self.log = self.log.bind(keyspace=2)
+
+    # ---- config: read only (the orchestrator's role does not write it) --------------
+
+    def ensure_config(self) -> ClusterConfig:
+        """Refuse an invalid or unsafe config; absent, the defaults (`vmha auth setup`
+        creates it on keyspace 2: the orchestrator's role may not write it)."""
+        kv = self.store.get(self.ks2.config)
+        self._check_config(leader_model(self.ks2, 0, [kv] if kv else []).snapshot,
+                           starting=True)
+        return self.cfg
+
+    # ---- the model --------------------------------------------------------------------
+
+    def _new_state(self) -> WatchedState:
+        return WatchedState(self.store, [KeyRange.prefix(self.ks2.root)], notify=self.wake,
+                            **self.watch_options)
+
+    def campaign(self) -> bool:
+        if self._listed:
+            # Stepped down: a follower keeps no model (nothing would take its changes,
+            # and a term of its own starts from a fresh list).
+            self.state.close()
+            self.state, self._listed = self._new_state(), False
+        return super().campaign()
+
+    def _read(self) -> ClusterSnapshot:
+        self._wrote_at = max(self._wrote_at, self.epoch or 0)
+        if self._listed:
+            try:
+                self.state.wait(0)
+            except StoreError as exc:  # compacted or canceled: list again
+                self._listed = False
+                self.log.warning("model_lost", error=str(exc), revision=self.state.revision,
+                                 reason="listing the keyspace again")
+        if not self._listed:
+            self.state.start()
+            self._listed = True
+            self.stats["lists"] += 1
+        self._catch_up()
+        rev, kvs = self.state.items()
+        self.model = leader_model(self.ks2, rev, kvs, self.parse_cache)
+        if not self._keyspace_still_2():
+            # No leader in it: the cycle steps down and writes nothing.
+            return ClusterSnapshot(revision=rev)
+        return self.model.snapshot
+
+    def _catch_up(self) -> None:
+        deadline = self.clock() + self.catch_up_s
+        try:
+            while self.state.revision < self._wrote_at:
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise StoreUnavailable(f"the watch is at revision {self.state.revision}, "
+                                           f"behind this leader's write at {self._wrote_at}")
+                self.state.wait(min(left, 0.1))
+        except StoreError:
+            self._listed = False  # the next cycle lists again
+            raise
+
+    def _keyspace_still_2(self) -> bool:
+        """This loop runs keyspace 2 only while the marker says `done`; else it stops."""
+        v = self.model.version
+        if v is not None and v.value.state == "done":
+            return True
+        self.log.error("keyspace_changed", state=v.value.state if v else "absent",
+                       reason="the keyspace marker no longer says keyspace 2 done: stopping "
+                              "to start again on the keyspace it names")
+        self.exit_code = EXIT_KEYSPACE_CHANGED
+        self.stopped.set()
+        return False
+
+    def _stop_watches(self) -> None:
+        self.all_watch.stop()
+        self.state.close()
+
+    # ---- writes -----------------------------------------------------------------------
+
+    def _send(self, txn: Txn) -> bool:
+        res = self.store.txn(txn.compares, txn.ops)
+        self.stats["txns"] += 1
+        if res.succeeded:
+            self._wrote_at = max(self._wrote_at, res.revision)
+        return res.succeeded
+
+    def _upkeep(self, snap: ClusterSnapshot, epoch: int, result: planner.Plan) -> int:
+        """Confirm-offs, then the assignment invariant of the VMs the planner left alone
+        this cycle; each written only if the model differs from it."""
+        placed = frozenset(a.placement.vm for a in result.actions
+                           if isinstance(a, planner.WritePlacement))
+        ups = [*txn_v2.confirm_offs(self.ks2, self.model, epoch, time.time()),
+               *txn_v2.assignment_upkeep(self.ks2, self.model, epoch, skip=placed)]
+        written = 0
+        for up in ups:
+            if not self.is_leader:
+                self.log.warning("not_writing", reason="leadership not certain",
+                                 revision=snap.revision)
+                break
+            ok = self._send(up.write.txn)
+            fields = {k: v for k, v in (("vm", up.vm), ("node", up.node)) if v}
+            self.log.info(up.event, **fields, reason=up.reason, written=ok, epoch=epoch,
+                          revision=snap.revision)
+            if ok:
+                written += 1
+                if up.history:
+                    self.history.record(up.history, epoch=epoch, reason=up.reason, **fields)
+        return written
+
+    def _prune_history(self) -> None:
+        try:
+            keys = [k for page in self.store.list_pages(self.ks2.history, keys_only=True)
+                    for k in page.raw_keys]
+            writes = txn_v2.history_prune(self.ks2, keys, time.time(),
+                                          self.cfg.history_retention_s,
+                                          self.cfg.history_max_events)
+            for w in writes:
+                self.store.txn(w.txn.compares, w.txn.ops)
+                self.stats["txns"] += 1
+        except (StoreUnavailable, StoreCompacted) as exc:
+            self.log.warning("history_prune_failed", error=str(exc))
+            return
+        n = sum(len(w.txn.ops) for w in writes)
+        if n:
+            self.log.info("history_pruned", deleted=n)
+
+
+# ---- which keyspace -------------------------------------------------------------------
+
+
+def keyspace_of(store: EtcdStore) -> int:
+    """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; ConfigError while a
+    migration is under way or for a marker that does not parse."""
+    key = KeyspaceV2(store.keyspace.prefix).version
+    kv = store.get(key)
+    if kv is None:
+        return 1
+    try:
+        v = KeyspaceVersion.from_json(kv.value, key=key)
+    except SchemaError as exc:
+        raise ConfigError(f"keyspace marker {key}: {exc}") from exc
+    if v.state != "done":
+        raise ConfigError(f"keyspace marker {key} says a migration to keyspace 2 is under "
+                          f"way ({v.state}, by {v.by}): this release runs keyspace 2 once it "
+                          "is done")
+    return 2
+
+
+def orchestrator_for(store: EtcdStore, ident: str | None, stopped: threading.Event, *,
+                     wait: bool = True, poll_interval_s: float = 0.5) -> Orchestrator | None:
+    """The orchestrator of the keyspace `/vmha/version` names, asked for as long as etcd
+    does not answer (None: stopped before it did; `wait` False: asked once, and
+    StoreUnavailable raised).  `stopped` becomes its stop event."""
+    if not wait:
+        ks = keyspace_of(store)
+    else:
+        try:
+            ks = Retrying(retry=retry_if_exception_type(StoreUnavailable),
+                          stop=stop_when_event_set(stopped),
+                          wait=wait_random_exponential(multiplier=0.2, max=5.0),
+                          reraise=True)(keyspace_of, store)
+        except StoreUnavailable:
+            return None
+    orch = (OrchestratorV2 if ks == 2 else Orchestrator)(store, ident=ident,
+                                                          poll_interval_s=poll_interval_s)
+    orch.stopped = stopped
+    return orch
