@@ -54,6 +54,9 @@ def test_cluster_on_keyspace_2(etcd: EtcdCluster, fake_cluster: FakeCluster) -> 
             store.put(KS.spec(vm), spec(vm).to_json())
         for n in ("n1", "n2", "n3"):
             fc.start_agent(n)
+        # All registered before the leader places anything: the VMs spread over three.
+        wait_until(lambda: all(store.get(KS.reg(n)) for n in ("n1", "n2", "n3")), 20,
+                   what="agents registered")
         fc.start_orchestrator("o1")
         wait_until(lambda: settled(store, fc), 30, what="every VM running on keyspace 2")
         assert all(log_events(fc.agents[n], "keyspace")[0]["version"] == 2 for n in fc.agents)
@@ -64,6 +67,7 @@ def test_cluster_on_keyspace_2(etcd: EtcdCluster, fake_cluster: FakeCluster) -> 
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             # A crash of n2 (agent and guests): its VMs booted elsewhere after the fence.
             victims = vms_on(fc, "n2")
+            assert victims, "the planner spreads the VMs over the three nodes"
             fc.agents["n2"].kill()
             wait_until(lambda: store.get(KS.fence("n2")) is not None and settled(store, fc)
                        and not vms_on(fc, "n2"), 30, what="n2's VMs running elsewhere")
