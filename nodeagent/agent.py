@@ -15,9 +15,11 @@ from collections.abc import Callable
 import structlog
 
 from hypervisor.base import Hypervisor, HypervisorError
+from nodeagent.agent_v2 import AgentV2
 from nodeagent.context import AgentContext, AgentOptions
 from nodeagent.cordon import sync_cordon
 from nodeagent.execution import Execution
+from nodeagent.keyspace import read_keyspace
 from nodeagent.membership import VERSION, Membership, Registration
 from schemas.errors import TemporaryError
 from schemas.models import ClusterConfig
@@ -46,6 +48,10 @@ class NodeAgent:
         self.invalid = InvalidKeyReporter(self.ctx.log)
         self.backoff = CycleBackoff(first_s=opts.poll_interval_s, max_s=10.0)
         self.last_revision = 0  # of the last snapshot read, for the logs of a failed cycle
+        # Chosen by /vmha/version before anything else (nodeagent.keyspace); None: on
+        # keyspace 1, or not known yet (`keyspace_known`).
+        self.v2: AgentV2 | None = None
+        self.keyspace_known = False
 
     # What the CLI and tests drive the agent with.
     @property
@@ -65,7 +71,21 @@ class NodeAgent:
         return self.membership.cfg
 
     def load_config(self) -> ClusterConfig:
+        self.select_keyspace()
         return self.membership.load_config()
+
+    def select_keyspace(self) -> None:
+        """Once, before the first registration: keyspace 1 unless /vmha/version says
+        keyspace 2 is done (raises KeyspaceUndecided while a migration runs)."""
+        if self.keyspace_known:
+            return
+        keyspace = read_keyspace(self.ctx.store)
+        if keyspace == 2:
+            self.ctx.keyspace = 2
+            self.v2 = AgentV2(self.ctx)
+            self.execution.v2 = self.v2.statuses
+        self.keyspace_known = True
+        self.ctx.log.info("keyspace", version=keyspace)
 
     def request_exit(self) -> None:
         """SIGTERM: drain this node, then exit once it runs no VM."""
@@ -104,6 +124,8 @@ class NodeAgent:
             return 0
         finally:
             self.watch.stop()
+            if self.v2 is not None:
+                self.v2.close()
             m.stop()
             self.execution.stop()
 
@@ -133,20 +155,25 @@ class NodeAgent:
 
     def cycle(self) -> bool:
         """One reconcile pass.  Returns True when the agent should exit."""
+        self.select_keyspace()
         m = self.membership
         reg = m.renew(self.exiting)
         if reg is None:
             return False  # lost a registration race: the next cycle registers again
         if m.flags.fenced and not reg.keeper.valid():
             return False
-        snap = self.ctx.store.snapshot()
+        snap = (self.v2.snapshot(reg.create_revision) if self.v2 is not None
+                else self.ctx.store.snapshot())
         self.last_revision = snap.revision
         self.invalid.report(snap)
-        self.watch.ensure(snap.revision)
+        if self.v2 is None:
+            self.watch.ensure(snap.revision)
         if not m.visible(snap, reg):
             return False
         sync_cordon(self.ctx, snap, reg)
         self.execution.reconcile(snap)
+        if self.v2 is not None and m.acting_allowed():
+            self.v2.clean_up(reg.create_revision)
         if not self.exiting:
             return False
         active, inflight = self.execution.drain_state()

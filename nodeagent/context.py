@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hypervisor.base import Hypervisor
 from schemas.keys import Keyspace
+from schemas.keys_v2 import KeyspaceV2
 from store.etcd import EtcdStore
 from store.history import HistoryWriter
 
@@ -36,6 +37,34 @@ class AgentOptions:
     fenced_marker: str | None = None
 
 
+@dataclass(frozen=True)
+class AgentKeys:
+    """The keys agent `me` writes, in the keyspace it runs on (its registration, liveness
+    key, leave marker, cordon and statuses) and the config it reads."""
+
+    keyspace: Literal[1, 2]
+    reg: str
+    alive: str
+    leaving: str
+    cordon: str
+    config: str
+    _status: Callable[[str], str]
+
+    def status(self, vm: str) -> str:
+        """Keyspace 1: the VM's one status key; 2: this node's status of the VM."""
+        return self._status(vm)
+
+    @classmethod
+    def v1(cls, ks: Keyspace, me: str) -> AgentKeys:
+        return cls(1, ks.node(me), ks.alive(me), ks.leaving(me), ks.cordon(me), ks.config,
+                   ks.vm_status)
+
+    @classmethod
+    def v2(cls, ks: KeyspaceV2, me: str) -> AgentKeys:
+        return cls(2, ks.reg(me), ks.alive(me), ks.leaving(me), ks.cordon(me), ks.config,
+                   lambda vm: ks.status(me, vm))
+
+
 @dataclass
 class AgentContext:
     store: EtcdStore
@@ -46,6 +75,9 @@ class AgentContext:
     stopped: threading.Event   # set to end run()
     history: HistoryWriter
     log: Any                   # a structlog logger bound to this node
+    # The keyspace the agent runs on, chosen at its start by /vmha/version
+    # (nodeagent.keyspace); 1 until then.
+    keyspace: Literal[1, 2] = 1
 
     @property
     def me(self) -> str:
@@ -54,3 +86,13 @@ class AgentContext:
     @property
     def ks(self) -> Keyspace:
         return self.store.keyspace
+
+    @property
+    def ks2(self) -> KeyspaceV2:
+        return KeyspaceV2(self.store.keyspace.prefix)
+
+    @property
+    def keys(self) -> AgentKeys:
+        if self.keyspace == 2:
+            return AgentKeys.v2(self.ks2, self.me)
+        return AgentKeys.v1(self.ks, self.me)

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodeagent.context import AgentContext
+from schemas import writes_v2 as w
 from schemas.models import CordonMarker
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Put
@@ -19,9 +20,16 @@ def write_cordon(ctx: AgentContext, reason: str) -> None:
     """The node's cordon marker, unless one is there already (an operator's is kept)."""
     me, store = ctx.me, ctx.store
     marker = CordonMarker(node=me, reason=reason, by=f"agent:{me}", at=time.time())
-    key = ctx.ks.cordon(me)
-    if store.get(key) is None:
-        store.put(key, marker.to_json())
+    if ctx.keyspace == 2:
+        # One txn (schemas.writes_v2.agent_cordon): created only if absent.
+        write = w.agent_cordon(ctx.ks2, me, marker)
+        wrote = store.txn(write.txn.compares, write.txn.ops).succeeded
+    else:
+        key = ctx.keys.cordon
+        wrote = store.get(key) is None
+        if wrote:
+            store.put(key, marker.to_json())
+    if wrote:
         ctx.log.warning("cordoned", reason=reason)
         ctx.history.record("drain", node=me, reason=reason)
 
@@ -34,9 +42,10 @@ def sync_cordon(ctx: AgentContext, snap: ClusterSnapshot, reg: Registration) -> 
         reg.cordoned = want
         return
     value = entry.value.model_copy(update={"cordoned": want})
-    key = ctx.ks.node(ctx.me)
+    key = ctx.keys.reg
     res = ctx.store.txn([Cmp(key, "create", "==", reg.create_revision)],
                         [Put(key, value.to_json(), reg.lease_id)])
     reg.cordoned = want
     # Not written: our registration was replaced meanwhile; the next cycle sees it.
     ctx.log.info("cordon_state", cordoned=want, written=res.succeeded, revision=snap.revision)
+

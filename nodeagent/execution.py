@@ -25,6 +25,7 @@ from nodeagent.context import AgentContext
 from nodeagent.failures import Failures, carried
 from nodeagent.membership import Membership
 from nodeagent.policy import refuse_by_policy
+from nodeagent.writes_v2 import CycleStatuses
 from schemas.errors import InvariantError, SchemaError, TemporaryError
 from schemas.models import MigrationStats, VmStatus
 from schemas.snapshot import ClusterSnapshot
@@ -52,6 +53,9 @@ class Execution:
         self._busy_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self.failures = Failures(ctx, membership, self._status_txn)
+        # Keyspace 2: status writes guarded against the cycle's node view (set by the
+        # agent once it knows its keyspace).
+        self.v2: CycleStatuses | None = None
 
     @property
     def log(self) -> Any:
@@ -213,6 +217,8 @@ class Execution:
         """Write a status if unchanged since read and our registration still holds;
         False when a compare failed (a normal race: the next cycle re-reads)."""
         reg = self.m.current()
+        if self.v2 is not None:
+            return self.v2.planned(reg.create_revision, vm, status, expect_mod)
         ks = self.ctx.ks
         key = ks.vm_status(vm)
         res = self.ctx.store.txn([Cmp(key, "mod", "==", expect_mod),
@@ -221,6 +227,13 @@ class Execution:
                                  [Put(key, status.model_copy(update={
                                      "registration": reg.create_revision}).to_json())])
         return res.succeeded
+
+    def _fresh_status_txn(self, vm: str, status: VmStatus, cur_mod: int) -> bool:
+        """A status write compared on the status key read just before (`cur_mod`): on
+        keyspace 1 the VM's one key, on keyspace 2 our own."""
+        if self.v2 is None:
+            return self._status_txn(vm, status, cur_mod)
+        return self.v2.own(self.m.current().create_revision, vm, status, cur_mod)
 
     def _report(self, a: agent_plan.Report, snap: ClusterSnapshot) -> None:
         me = self.ctx.me
@@ -280,15 +293,15 @@ class Execution:
             self.ctx.wake.set()
 
     def _migrate_once(self, a: agent_plan.MigrateOut, lg: Any) -> None:
-        store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
-        cur = store.get(ks.vm_status(a.vm))
+        me = self.ctx.me
+        cur = self.ctx.store.get(self.ctx.keys.status(a.vm))
         # No job without the status that says it runs: the leader keeps a VM whose job
         # may still deliver it to a lost target out of any new placement only while it
         # can see that (orchestrator/rules/vm.py, migration_to_lost_target).
-        if not self._status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
-                                               placement_id=a.placement_id,
-                                               since=time.time()),
-                                cur.mod_revision if cur else 0):
+        if not self._fresh_status_txn(a.vm, VmStatus(vm=a.vm, node=me, state="migrating",
+                                                     placement_id=a.placement_id,
+                                                     since=time.time()),
+                                      cur.mod_revision if cur else 0):
             lg.info("migration_deferred", reason="status changed meanwhile; next cycle")
             return
         if not self.m.acting_allowed():
@@ -327,7 +340,7 @@ class Execution:
         self.state.migration_backoff[pair] = self.ctx.clock() + delay
         lg.error("migrate_failed", error=str(exc), failures=n, retry_in_s=delay)
         metrics.MIGRATIONS.labels(outcome="failed").inc()
-        cur = self.ctx.store.get(self.ctx.ks.vm_status(a.vm))
+        cur = self.ctx.store.get(self.ctx.keys.status(a.vm))
         try:
             old_error = VmStatus.from_json(cur.value).error if cur else None
         except SchemaError:
@@ -341,11 +354,11 @@ class Execution:
         """The migration job ended without the VM leaving: say in its status that it runs
         here (the leader's signal that the job ended) and why the migration did not
         complete.  Nothing to say if it is not here (it may run on the target)."""
-        cur = self.ctx.store.get(self.ctx.ks.vm_status(vm))
+        cur = self.ctx.store.get(self.ctx.keys.status(vm))
         still = self.ctx.hv.list_domains().get(vm)
         if still is None or not still.active:
             return
-        self._status_txn(vm, VmStatus(
+        self._fresh_status_txn(vm, VmStatus(
             vm=vm, node=self.ctx.me, state=still.state,  # type: ignore[arg-type]
             placement_id=placement_id, since=time.time(), error=error[:500],
             failed_target=target), cur.mod_revision if cur else 0)

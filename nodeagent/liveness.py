@@ -56,7 +56,7 @@ class Liveness:
         return self.ctx.log
 
     def key(self) -> str:
-        return self.ctx.ks.alive(self.ctx.me)
+        return self.ctx.keys.alive
 
     def put(self, lease_id: int) -> Put:
         """The write of the liveness key, for the registration's transaction."""
@@ -104,8 +104,7 @@ class Liveness:
         now replaced; "none": neither, or the replacement must wait for the next cycle."""
         seen = self.confirm(registration)
         if seen.registration:
-            if seen.liveness or not self.replace(self.ctx.ks.node(self.ctx.me),
-                                                 create_revision, cfg):
+            if seen.liveness or not self.replace(self.ctx.keys.reg, create_revision, cfg):
                 return "none"
             return "replaced"
         if seen.liveness:

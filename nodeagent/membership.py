@@ -31,9 +31,10 @@ from fencing.policy import (
 from hypervisor.fake import pid_alive
 from nodeagent.context import AgentContext
 from nodeagent.cordon import write_cordon
+from nodeagent.keyspace import read_config, stale_claims_rewritten
 from nodeagent.liveness import Liveness
 from nodeagent.selffence import LeaseFlags, SelfFence
-from schemas.errors import ConfigError, SchemaError, TemporaryError
+from schemas.errors import SchemaError, TemporaryError
 from schemas.models import (
     AgentInfo,
     Capacity,
@@ -81,11 +82,7 @@ class Membership:
     # ---- set-up ------------------------------------------------------------------------
 
     def load_config(self) -> ClusterConfig:
-        snap = self.ctx.store.snapshot()
-        bad = [e for e in snap.errors if e.key == self.ctx.ks.config]
-        if bad:
-            raise ConfigError(f"refusing to start: {bad[0]}")
-        cfg = snap.config
+        cfg = read_config(self.ctx)
         require_safe_timing(cfg)
         self.cfg = cfg
         return cfg
@@ -102,22 +99,24 @@ class Membership:
 
         False if another writer created the registration between our read and our
         write: a lost race, not an outage; the next cycle tries again."""
-        store, ks, me = self.ctx.store, self.ctx.ks, self.ctx.me
-        key = ks.node(me)
+        store, keys = self.ctx.store, self.ctx.keys
+        key = keys.reg
         if self.ctx.opts.guard_socket and self.adopt(key):
             return True
         self._wait_old_registration_gone(key)
+        if self.ctx.keyspace == 2 and not stale_claims_rewritten(self.ctx):
+            return False
         facts = self._host_facts()  # libvirt calls: before the lease's clock starts
         sent = self.ctx.clock()
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
         alive_id = self.alive.grant(self.cfg)
-        cordoned = store.get(ks.cordon(me)) is not None
+        cordoned = store.get(keys.cordon) is not None
         reg = self._registration(lease_id, cordoned, facts)
         try:
             # A leave marker of an earlier drain goes with the new registration.
             res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id),
                                                             self.alive.put(alive_id),
-                                                            Delete(ks.leaving(me))])
+                                                            Delete(keys.leaving)])
         except LeaseNotFound:
             # Granting and writing took longer than the TTL (etcd slow, or this host
             # overloaded): not an outage and not a bug; the next cycle starts afresh.
@@ -143,7 +142,7 @@ class Membership:
         moves its VMs, and the guard service, still armed with that lease's deadline, is
         petted again.  Only a registration written from this host by an agent process
         that is gone is taken over; otherwise the old lease must expire first."""
-        store, me = self.ctx.store, self.ctx.me
+        store = self.ctx.store
         old = store.get(key)
         if old is None or not old.lease:
             return False
@@ -166,13 +165,13 @@ class Membership:
         sent = self.ctx.clock()  # the held lease counts from a renewal after the facts
         if store.keepalive(old.lease) <= 0:
             return False
-        cordoned = store.get(self.ctx.ks.cordon(me)) is not None
+        cordoned = store.get(self.ctx.keys.cordon) is not None
         reg = self._registration(old.lease, cordoned, facts)
         # The liveness lease the old process left, or a new one if it is gone.
         alive_id = self.alive.adoptable() or self.alive.grant(self.cfg)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
                         [Put(key, reg.to_json(), old.lease), self.alive.put(alive_id),
-                         Delete(self.ctx.ks.leaving(me))])
+                         Delete(self.ctx.keys.leaving)])
         if not res.succeeded:
             return False
         self._hold(old.lease, alive_id, old.create_revision, sent, cordoned)
@@ -299,11 +298,11 @@ class Membership:
         then give the lease back so the node is gone at once.  The marker tells the
         leader the node left on purpose and runs nothing: no fence device is called for
         it (docs/fencing.md).  Written only while our registration holds."""
-        ks, me = self.ctx.ks, self.ctx.me
+        keys, me = self.ctx.keys, self.ctx.me
         marker = LeaveMarker(node=me, lease_id=f"{reg.lease_id:x}", reason=reason,
                              at=time.time())
-        res = self.ctx.store.txn([Cmp(ks.node(me), "create", "==", reg.create_revision)],
-                                 [Put(ks.leaving(me), marker.to_json())])
+        res = self.ctx.store.txn([Cmp(keys.reg, "create", "==", reg.create_revision)],
+                                 [Put(keys.leaving, marker.to_json())])
         self.log.info("leaving", reason=reason, marker_written=res.succeeded)
         self.ctx.store.revoke_lease(reg.lease_id)
         reg.keeper.stop()
