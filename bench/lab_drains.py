@@ -158,7 +158,8 @@ def run(rounds: int, workdir: Path) -> dict[str, Any]:
     cfg, log = external_config(workdir)
     out: dict[str, Any] = {"rounds": rounds, "guests": len(VMS), "fence_policy": "external",
                            "revoke_drains": 0, "restarts": 0, "calls_during_drains": [],
-                           "fence_records": [], "double_runs": [], "step_s": []}
+                           "fence_records": [], "double_runs": [], "step_s": [],
+                           "guests_moved": []}
     with lab_with_guests(workdir, cfg) as (lc, store):
         nodes = sorted(lc.nodes)
         checker = DoubleRunChecker(LabTruth(lc), interval=0.02)
@@ -166,9 +167,12 @@ def run(rounds: int, workdir: Path) -> dict[str, Any]:
         with checker.running():
             for kind, step in (("revoke_drains", revoke_drain), ("restarts", restart)):
                 for i in range(rounds):
+                    node = nodes[i % len(nodes)]
+                    on_node = sum(node in ns for ns in lc.ground_truth().values())
                     t0 = time.monotonic()
-                    step(lc, store, nodes[i % len(nodes)])
+                    step(lc, store, node)
                     out["step_s"].append(round(time.monotonic() - t0, 2))
+                    out["guests_moved"].append(on_node)
                     out[kind] += 1
                     out["calls_during_drains"] = fence_calls(log)
                     if out["calls_during_drains"]:
@@ -202,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     ok = not res["calls_during_drains"] and not res["fence_records"] and not res["double_runs"]
-    print(json.dumps({k: v for k, v in res.items() if k != "step_s"}, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("step_s", "guests_moved")},
+                     indent=2))
+    print(f"guests live-migrated per step: {res['guests_moved']} "
+          f"(total {sum(res['guests_moved'])})")
     return 0 if ok else 1
 
 
