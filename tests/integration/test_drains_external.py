@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from bench.lab_drains import fence_calls, logging_fence_agent
 from fencing.policy import fence_window
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
@@ -36,27 +36,9 @@ VMS = 4
 ROUNDS = int(os.environ.get("VMHA_DRAIN_ROUNDS", "6"))
 
 
-def logging_fence_agent(tmp_path: Path) -> tuple[list[str], Path]:
-    """A fence agent that appends its parameters to a log, then runs the built-in one."""
-    log = tmp_path / "fence-calls.log"
-    script = tmp_path / "fence_logged.sh"
-    script.write_text("#!/bin/sh\nin=$(cat)\n"
-                      f"printf '%s\\n--\\n' \"$in\" >> '{log}'\n"
-                      f"printf '%s\\n' \"$in\" | exec '{sys.executable}' -m fencing.fence_vmha\n")
-    script.chmod(0o755)
-    return ["/bin/sh", str(script)], log
-
-
 def calls(log: Path) -> list[str]:
     """The nodes each `off` call was for (the built-in fencer's uri names the node)."""
-    if not log.exists():
-        return []
-    out = []
-    for block in log.read_text().split("--\n"):
-        params = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
-        if params.get("action") == "off":
-            out.append(Path(params.get("uri", "")).name)
-    return out
+    return [Path(uri).name for uri in fence_calls(log)]
 
 
 def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
