@@ -57,16 +57,7 @@ def _names(value: str | None, what: str) -> list[str]:
     return names
 
 
-def _quiet_logs() -> None:
-    """The store's log lines (one per auth write) go to stderr, warnings only: stdout is
-    the command's output (`-o json` must parse), and the changes are printed there."""
-    from telemetry.logs import setup
-
-    setup(level="warning")
-
-
 def _state(auth: EtcdAuth, ks: KeyspaceV2) -> AuthState:
-    _quiet_logs()
     np = name_prefix(ks)
     try:
         return auth.state(lambda n: n == ROOT or n.startswith(np) or n.endswith("orchestrator"))

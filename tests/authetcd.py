@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from lab.localcluster import free_ports
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models_v2 import KeyspaceVersion
@@ -97,12 +95,9 @@ class TlsEtcd:
         from cli.main import main
 
         out, err = io.StringIO(), io.StringIO()
-        logs = structlog.get_config()  # the command sets up its logs; later tests keep theirs
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = main([*self.cli_args(cn), *args])
-        finally:
-            structlog.configure(**logs)
+        # main() sends the command's logs to (this) stderr and puts the caller's back.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*self.cli_args(cn), *args])
         return code, out.getvalue(), err.getvalue()
 
     def mark_keyspace_2(self, state: str = "done") -> None:
