@@ -22,8 +22,12 @@ demo-fake: setup
 
 # Every test: unit, integration and the lab suite (tests/lab; its tests skip, saying why,
 # without root, unshare, libvirtd or QEMU).
+# Two workers: the suite mostly waits (on etcd leases, guards, guests), so two share
+# CI's 2 cores; tests/conftest.py says which tests stay together.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PYTEST) -q
+	$(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: setup
 	$(PYTEST) -q tests/unit

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,24 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 # Fails the session if a process it started outlives it (and kills it).
 pytest_plugins = ["tests.leakcheck"]
+
+# The suite runs in two pytest-xdist workers (`make test`: `-n 2 --dist loadfile`).  A
+# test file stays in one worker, so its module-scoped clusters start once, and the lab's
+# files all share one worker: each lab node is a libvirtd with QEMU guests under TCG, and
+# two labs at once on 2 cores would stretch the guests' timing, not the tests' coverage.
+# (A scheduler of our own: xdist's `loadgroup` marks are lost on pytest 9's node ids.)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _FileOrLab(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/lab" if path.startswith("tests/lab/") else path
+
+    return _FileOrLab(config, log)
+
 
 # Short timing for tests (lab.configs says why); it passes the same validation as
 # production config.
