@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 from lab.procs import kill_guards_under
 
 if TYPE_CHECKING:
-    from store.etcd import EtcdStore
+    from store.etcd import EtcdStore, TlsFiles
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 T = TypeVar("T")
@@ -72,6 +72,18 @@ def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.05,
     return last
 
 
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """etcd serving clients TLS only, each with a certificate of ``cacert``'s CA
+    (``--client-cert-auth``: with auth on, its CN is the etcd user); ``probe`` is the
+    client credential the readiness check uses (lab.etcdpki makes all of them)."""
+
+    cacert: str
+    cert: str
+    key: str
+    probe: TlsFiles
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -99,6 +111,7 @@ class EtcdCluster:
     members: list[EtcdMember]
     base: Path
     _state: str = "new"
+    tls: EtcdServerTls | None = None
 
     @property
     def endpoints(self) -> str:
@@ -109,9 +122,10 @@ class EtcdCluster:
 
     def start_member(self, m: EtcdMember) -> None:
         m.data_dir.mkdir(parents=True, exist_ok=True)
+        scheme = "https" if self.tls else "http"
         cmd = [ETCD_BIN, "--name", m.name, "--data-dir", str(m.data_dir),
-               "--listen-client-urls", f"http://{m.endpoint}",
-               "--advertise-client-urls", f"http://{m.endpoint}",
+               "--listen-client-urls", f"{scheme}://{m.endpoint}",
+               "--advertise-client-urls", f"{scheme}://{m.endpoint}",
                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                "--initial-cluster", self._initial_cluster(),
                "--initial-cluster-state", "new", "--initial-cluster-token", self.base.name,
@@ -121,6 +135,9 @@ class EtcdCluster:
                # 3.4 (docs/fencing.md, "etcd settings").
                "--pre-vote",
                "--log-level", "warn", "--logger", "zap"]
+        if self.tls is not None:
+            cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                    "--trusted-ca-file", self.tls.cacert, "--client-cert-auth"]
         if m.netns is not None:  # `ip netns exec` execs etcd: m.proc is etcd itself
             cmd = ["ip", "netns", "exec", m.netns, *cmd]
         log = open(m.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -130,7 +147,8 @@ class EtcdCluster:
     def wait_ready(self, timeout: float = 15.0) -> None:
         from store.etcd import EtcdStore, StoreUnavailable
 
-        store = EtcdStore(self.endpoints, retry_budget=0.5)
+        store = EtcdStore(self.endpoints, retry_budget=0.5,
+                          tls=self.tls.probe if self.tls else None)
 
         def ready() -> bool:
             try:
@@ -160,9 +178,11 @@ class EtcdCluster:
 
 
 def start_etcd(members: int = 1, base: Path | None = None,
-               places: list[tuple[str, str]] | None = None) -> EtcdCluster:
+               places: list[tuple[str, str]] | None = None,
+               tls: EtcdServerTls | None = None) -> EtcdCluster:
     """``places``: each member's (address, network namespace), one namespace each, where
-    it listens on etcd's usual ports; by default free loopback ports here."""
+    it listens on etcd's usual ports; by default free loopback ports here.  ``tls``:
+    clients speak TLS with a client certificate (peers stay plain, on loopback)."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     base = base or Path(tempfile.mkdtemp(prefix="vmha-etcd-", dir=shm))
     ports = free_ports(2 * members) if places is None else [2379, 2380] * members
@@ -170,7 +190,7 @@ def start_etcd(members: int = 1, base: Path | None = None,
                      base / f"m{i}.log") for i in range(members)]
     for m, (host, netns) in zip(ms, places or [], strict=False):
         m.host, m.netns = host, netns
-    cluster = EtcdCluster(ms, base)
+    cluster = EtcdCluster(ms, base, tls=tls)
     try:
         for m in ms:
             cluster.start_member(m)
