@@ -32,7 +32,7 @@ from lab import (
     start_node,
 )
 from lab.configs import LAB_CONFIG
-from lab.etcdpki import node_user
+from lab.etcdpki import node_user, user
 from lab.localcluster import (
     Daemon,
     EtcdCluster,
@@ -177,30 +177,12 @@ class LabCluster:
         return EtcdStore(self.endpoints, tls=self.credential(user))
 
     def setup_auth(self) -> None:
-        """Keyspace 2 (what `vmha keyspace migrate` leaves), then `vmha auth setup` as
-        root for every node: roles, users and auth on, before any daemon starts."""
-        import subprocess
-        import sys
-        import time
+        """Keyspace 2 and `vmha auth setup` as root for every node (lab.labauth)."""
+        from lab.labauth import enable_auth
 
-        from schemas.keys_v2 import KeyspaceV2
-        from schemas.models_v2 import KeyspaceVersion
-
-        marker = KeyspaceVersion(keyspace=2, state="done", started_at=time.time(),
-                                 by="root:lab", tool_version="lab")
-        store = self.store()
-        try:
-            store.put(KeyspaceV2(self.prefix).version, marker.to_json())
-        finally:
-            store.close()
-        proc = subprocess.run([sys.executable, "-m", "vmha", *self.common("root"), "auth",
-                               "setup", "--nodes", ",".join(self.node_names),
-                               "--root-cn-only"],
-                              capture_output=True, text=True, timeout=120, check=False)
-        (self.workdir / "auth-setup.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise RuntimeError(f"vmha auth setup failed ({proc.returncode}): "
-                               f"{proc.stderr.strip()[-500:]}")
+        assert self.pki is not None
+        enable_auth(self.endpoints, self.prefix, self.pki, self.node_names,
+                    self.workdir / "auth-setup.log")
 
     def tls_ca(self, name: str) -> str | None:
         """The CA that signs node ``name`` (None: the plain, TLS-less variant)."""
@@ -232,7 +214,7 @@ class LabCluster:
         d = start_guard_service(self.guards, self.workdir, name,
                                 ["--libvirt-uri", node.uri,
                                  "--fenced-marker", str(node.fenced_marker)],
-                                tuple(self.common(node_user(name))), self.guard_extra)
+                                tuple(self.common(node_user(name, self.prefix))), self.guard_extra)
         self._changed()
         return d
 
@@ -243,7 +225,7 @@ class LabCluster:
         if self.guard_service:
             self.start_guard(name)
             extra = ["--guard-socket", str(self.guard_socket(name))]
-        d = Daemon(name, [*self.common(node_user(name)), "agent", "--name", name,
+        d = Daemon(name, [*self.common(node_user(name, self.prefix)), "agent", "--name", name,
                           "--libvirt-uri", node.uri,
                           "--memory-mib", str(self.agent_memory_mib), "--vcpus",
                           str(self.agent_vcpus), "--migration-address", node.address,
@@ -254,8 +236,9 @@ class LabCluster:
         return d
 
     def start_orchestrator(self, name: str) -> Daemon:
-        d = Daemon(name, [*self.common("orchestrator"), "orchestrator", "--name", name,
-                          "--log-format", "json"], self.workdir / f"orch-{name}.log")
+        d = Daemon(name, [*self.common(user("orchestrator", self.prefix)), "orchestrator",
+                          "--name", name, "--log-format", "json"],
+                   self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
         self._changed()
         return d

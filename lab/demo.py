@@ -34,14 +34,13 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lab.cluster import LabCluster
 from lab.commands import EXIT_INTERRUPTED, interrupts, say, wait_progress
 from lab.configs import LAB_CONFIG
-from lab.etcdpki import OPERATOR, ROOT, etcdctl_flags, node_user
+from lab.etcdpki import OPERATOR, ROOT, node_user
 from lab.localcluster import poll_until
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import VmSpec
@@ -67,10 +66,10 @@ class Demo:
 
     def etcdctl(self, user: str) -> list[str]:
         """etcdctl on the lab's etcd, logged in as ``user``."""
-        cred = self.lc.credential(user)
-        assert cred is not None
-        endpoints = ",".join(f"https://{e}" for e in self.lc.endpoints.split(","))
-        return ["etcdctl", f"--endpoints={endpoints}", *etcdctl_flags(cred)]
+        from lab.labauth import etcdctl
+
+        assert self.lc.pki is not None
+        return etcdctl(self.lc.endpoints, self.lc.pki, user)
 
     def status(self, vm: str) -> dict[str, Any] | None:
         """The VM's current status: of its nodes' status keys, the one written last."""
@@ -142,39 +141,15 @@ class Demo:
         self.timings.append(("lab up (etcd with auth, 3 libvirtd, 3 agents, 2 orchestrators)",
                              f"{time.monotonic() - t:.1f} s"))
 
-    def refused(self, user: str, what: str, write: Callable[[Any], object]) -> None:
-        """``write`` as etcd user ``user`` must be refused, the revision unchanged."""
-        from store.errors import PermissionDenied
-
-        store = self.lc.store(user)
-        try:
-            before = store.revision()
-            try:
-                write(store)
-            except PermissionDenied:
-                pass
-            else:
-                raise RuntimeError(f"etcd let {user} {what}: auth is not on")
-            after = store.revision()
-        finally:
-            store.close()
-        if after != before:
-            raise RuntimeError(f"{user} {what}: refused, yet the revision moved "
-                               f"{before} -> {after}")
-        say(f"    {user:<9} {what:<44} -> permission denied (revision {after} unchanged)")
-
     def auth(self) -> None:
+        from lab.labauth import refusals
+
+        assert self.lc.pki is not None
         n1, n2 = self.lc.node_names[:2]
         say(f"\n-- AUTH: each daemon writes only its own keys (CN={node_user(n1)} is "
             f"{n1}'s agent and guard)")
-        reg = self.store.get(KS.reg(n2))
-        assert reg is not None
-        self.refused(node_user(n1), f"put {KS.reg(n2)}",
-                     lambda s: s.put(KS.reg(n2), reg.value.decode()))
-        self.refused(node_user(n1), f"put {KS.place('web1')}",
-                     lambda s: s.put(KS.place("web1"), "{}"))
-        self.refused(OPERATOR, f"revoke {n2}'s lease ({reg.lease:x}; root's)",
-                     lambda s: s.revoke_lease(reg.lease))
+        for line in refusals(self.lc.endpoints, self.lc.prefix, self.lc.pki, n1, n2):
+            say(f"    {line}")
 
     def boot(self) -> None:
         from lab import DEFAULT_CACHE, kernel_guest_xml, tiny_guest_xml

@@ -14,19 +14,28 @@ from pathlib import Path
 
 from lab import pki
 from lab.localcluster import EtcdServerTls
+from schemas.acl import DEFAULT_PREFIX, RoleKind, RoleRef, role_name
+from schemas.keys_v2 import KeyspaceV2
 from store.etcd import TlsFiles
 
 CA_NAME = "etcd"
-#: Users of the lab's cluster besides one per node (schemas.acl's roles).
+#: etcd's own administrator (no prefix in front of it).
 ROOT = "root"
+#: The other users of a cluster on the default prefix (schemas.acl's roles, one user each).
 ORCHESTRATOR = "orchestrator"
 OPERATOR = "operator"
 MONITORING = "monitoring"
 
 
-def node_user(node: str) -> str:
-    """The etcd user (and certificate CN) of node ``node``'s agent and guard."""
-    return f"node-{node}"
+def user(kind: RoleKind, prefix: str = DEFAULT_PREFIX, node: str = "") -> str:
+    """The etcd user (the certificate's CN) `vmha auth setup` makes for role ``kind`` of
+    the cluster on ``prefix``: the role's name (``lab.a.operator`` on ``/lab/a``)."""
+    return role_name(KeyspaceV2(prefix), RoleRef(kind, node))
+
+
+def node_user(node: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The etcd user of node ``node``'s agent and guard."""
+    return user("node", prefix, node)
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,10 @@ HOLD_PHASES = ("etcd", "nodes", "agents", "started", "ready")
 
 def _operator_tls(lab_dir: Path, state: dict[str, Any]) -> TlsFiles | None:
     """The operator's credential of a lab with etcd auth on (None: auth off)."""
-    from lab.etcdpki import OPERATOR, EtcdPki
+    from lab.etcdpki import EtcdPki, user
 
-    return EtcdPki(lab_dir / "nodes").client(OPERATOR) if state.get("auth") else None
+    return (EtcdPki(lab_dir / "nodes").client(user("operator", state.get("prefix", "/vmha")))
+            if state.get("auth") else None)
 
 
 def _cluster_ready(endpoints: str, nodes: list[str], tls: TlsFiles | None = None) -> bool:
@@ -134,7 +135,7 @@ def _print_auth_info(lab_dir: Path, state: dict[str, Any]) -> None:
     # etcdctl refuses a flag that shadows its environment variable: as another user, the
     # variables are set again on the command line.
     root, as_node = (f"ETCDCTL_CERT={c.cert} ETCDCTL_KEY={c.key}"
-                     for c in (pki.client(ROOT), pki.client(node_user(node))))
+                     for c in (pki.client(ROOT), pki.client(node_user(node, ks.prefix))))
     say(f"\nTry, after `source {lab_dir / ENV_FILE}` (etcdctl as `operator`; `vmha vm`, "
         "`node` and `status` read keyspace 1, not this lab's keyspace 2):")
     say(f"  etcdctl put {ks.spec('web1')} < {lab_dir / 'guests/web1.spec.json'}"

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from lab.procs import kill_guards_under
+from schemas.acl import RoleKind, RoleRef
 
 if TYPE_CHECKING:
+    from lab.etcdpki import EtcdPki
     from store.etcd import EtcdStore, TlsFiles
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
@@ -280,13 +282,29 @@ class FakeCluster:
     guard_service: bool = False
     guards: dict[str, Daemon] = field(default_factory=dict)
     guard_extra: tuple[str, ...] = ()  # more options of each guard service
+    #: etcd with auth on (lab.labauth): each daemon logs in with its certificate of this
+    #: CA, agents and guards as their node's user, orchestrators as `orchestrator`
+    pki: EtcdPki | None = None
 
     @property
     def fake_root(self) -> Path:
         return self.workdir / "hv"
 
-    def common(self) -> list[str]:
-        return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
+    def common(self, user: str = "root") -> list[str]:
+        """``vmha``'s global options for this etcd, logged in as ``user`` with auth."""
+        flags: list[str] = []
+        if self.pki is not None:
+            from lab.etcdpki import cli_flags
+
+            flags = cli_flags(self.pki.client(user))
+        return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix, *flags]
+
+    def user(self, kind: RoleKind, node: str = "") -> str:
+        """The etcd user of role ``kind`` (lab.etcdpki.user) on this cluster's prefix."""
+        from schemas.acl import role_name
+        from schemas.keys_v2 import KeyspaceV2
+
+        return role_name(KeyspaceV2(self.prefix), RoleRef(kind, node))
 
     def guard_socket(self, name: str) -> Path:
         return guard_socket(self.workdir, name)
@@ -295,23 +313,24 @@ class FakeCluster:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         return start_guard_service(self.guards, self.workdir, name,
                                    ["--fake-root", str(self.fake_root), "--name", name],
-                                   tuple(self.common()), self.guard_extra)
+                                   tuple(self.common(self.user("node", name))), self.guard_extra)
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
         if self.guard_service:
             self.start_guard(name)
             extra = ("--guard-socket", str(self.guard_socket(name)), *extra)
-        d = Daemon(name, [*self.common(), "agent", "--name", name, "--fake-root",
-                          str(self.fake_root), "--memory-mib", str(memory_mib), "--vcpus",
-                          str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
+        d = Daemon(name, [*self.common(self.user("node", name)), "agent", "--name", name,
+                          "--fake-root", str(self.fake_root), "--memory-mib", str(memory_mib),
+                          "--vcpus", str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
                           "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         return d
 
     def start_orchestrator(self, name: str, extra: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
-                          "json", *extra], self.workdir / f"orch-{name}.log")
+        d = Daemon(name, [*self.common(self.user("orchestrator")), "orchestrator", "--name",
+                          name, "--log-format", "json", *extra],
+                   self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
         return d
 
