@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from lab.procs import kill_guards_under
-from schemas.acl import RoleKind, RoleRef
 
 if TYPE_CHECKING:
     from lab.etcdpki import EtcdPki
+    from schemas.acl import RoleKind
     from store.etcd import EtcdStore, TlsFiles
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
@@ -290,21 +290,22 @@ class FakeCluster:
     def fake_root(self) -> Path:
         return self.workdir / "hv"
 
-    def common(self, user: str = "root") -> list[str]:
-        """``vmha``'s global options for this etcd, logged in as ``user`` with auth."""
-        flags: list[str] = []
-        if self.pki is not None:
-            from lab.etcdpki import cli_flags
+    def common(self) -> list[str]:
+        return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
 
-            flags = cli_flags(self.pki.client(user))
-        return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix, *flags]
+    def common_as(self, user: str) -> list[str]:
+        """:meth:`common`, logged in as etcd user ``user`` when auth is on."""
+        if self.pki is None:
+            return self.common()
+        from lab.etcdpki import cli_flags
+
+        return [*self.common(), *cli_flags(self.pki.client(user))]
 
     def user(self, kind: RoleKind, node: str = "") -> str:
         """The etcd user of role ``kind`` (lab.etcdpki.user) on this cluster's prefix."""
-        from schemas.acl import role_name
-        from schemas.keys_v2 import KeyspaceV2
+        from lab.etcdpki import user
 
-        return role_name(KeyspaceV2(self.prefix), RoleRef(kind, node))
+        return user(kind, self.prefix, node)
 
     def guard_socket(self, name: str) -> Path:
         return guard_socket(self.workdir, name)
@@ -313,14 +314,14 @@ class FakeCluster:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         return start_guard_service(self.guards, self.workdir, name,
                                    ["--fake-root", str(self.fake_root), "--name", name],
-                                   tuple(self.common(self.user("node", name))), self.guard_extra)
+                                   tuple(self.common_as(self.user("node", name))), self.guard_extra)
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
         if self.guard_service:
             self.start_guard(name)
             extra = ("--guard-socket", str(self.guard_socket(name)), *extra)
-        d = Daemon(name, [*self.common(self.user("node", name)), "agent", "--name", name,
+        d = Daemon(name, [*self.common_as(self.user("node", name)), "agent", "--name", name,
                           "--fake-root", str(self.fake_root), "--memory-mib", str(memory_mib),
                           "--vcpus", str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
                           "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
@@ -328,7 +329,7 @@ class FakeCluster:
         return d
 
     def start_orchestrator(self, name: str, extra: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(name, [*self.common(self.user("orchestrator")), "orchestrator", "--name",
+        d = Daemon(name, [*self.common_as(self.user("orchestrator")), "orchestrator", "--name",
                           name, "--log-format", "json", *extra],
                    self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
