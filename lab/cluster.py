@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import libvirt
 
@@ -31,6 +32,7 @@ from lab import (
     start_node,
 )
 from lab.configs import LAB_CONFIG
+from lab.etcdpki import node_user, user
 from lab.localcluster import (
     Daemon,
     EtcdCluster,
@@ -40,6 +42,10 @@ from lab.localcluster import (
     start_guard_service,
 )
 from lab.procs import kill_guards_under
+
+if TYPE_CHECKING:
+    from lab.etcdpki import EtcdPki
+    from store.etcd import EtcdStore, TlsFiles
 
 __all__ = ["LAB_CONFIG", "LabCluster", "child_pids", "kill_with_children"]
 
@@ -112,6 +118,12 @@ class LabCluster:
     #: another CA instead (name -> CA name): the others do not trust them.
     tls: bool = False
     tls_ca_of: dict[str, str] = field(default_factory=dict)
+    #: etcd with auth on (docs/keyspace-v2.md, section 5): TLS with client certificates
+    #: of the lab's etcd CA (lab.etcdpki), the cluster on keyspace 2 (the marker written
+    #: before any daemon starts) and `vmha auth setup` run as root; each agent and guard
+    #: logs in as its node's user, each orchestrator as `orchestrator`.  Off: keyspace 1
+    #: on plain etcd, as the lab tests and benchmarks written for it expect.
+    auth: bool = False
     _conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,20 +133,21 @@ class LabCluster:
         """Start etcd, the lab nodes, (write ``config_json``), agents and orchestrators."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self.etcd = start_etcd(self.etcd_members, self.etcd_dir)
+            self.etcd = start_etcd(self.etcd_members, self.etcd_dir,
+                                   tls=self.pki.server(["127.0.0.1"]) if self.pki else None)
             self._changed()
             for index, name in enumerate(self.node_names):
                 self.nodes[name] = start_node(self.root, name, index,
                                               tls_ca=self.tls_ca(name))
                 self._changed()
             if config_json is not None:
-                from store.etcd import EtcdStore
-
-                store = EtcdStore(self.etcd.endpoints)
+                store = self.store()
                 try:
                     store.put(f"{self.prefix}/config", config_json)
                 finally:
                     store.close()
+            if self.auth:
+                self.setup_auth()
             for name in self.node_names:
                 self.start_agent(name)
             for i in range(1, orchestrators + 1):
@@ -143,6 +156,33 @@ class LabCluster:
             self.stop()
             raise
         return self
+
+    # ---- etcd auth ---------------------------------------------------------------------
+
+    @property
+    def pki(self) -> EtcdPki | None:
+        """The lab's etcd CA (None: etcd without TLS or auth)."""
+        from lab.etcdpki import EtcdPki
+
+        return EtcdPki(self.root) if self.auth else None
+
+    def credential(self, user: str) -> TlsFiles | None:
+        """The TLS files etcd user ``user`` logs in with (None without auth)."""
+        return self.pki.client(user) if self.pki else None
+
+    def store(self, user: str = "root") -> EtcdStore:
+        """A store on the lab's etcd as ``user`` (the caller closes it)."""
+        from store.etcd import EtcdStore
+
+        return EtcdStore(self.endpoints, tls=self.credential(user))
+
+    def setup_auth(self) -> None:
+        """Keyspace 2 and `vmha auth setup` as root for every node (lab.labauth)."""
+        from lab.labauth import enable_auth
+
+        assert self.pki is not None
+        enable_auth(self.endpoints, self.prefix, self.pki, self.node_names,
+                    self.workdir / "auth-setup.log")
 
     def tls_ca(self, name: str) -> str | None:
         """The CA that signs node ``name`` (None: the plain, TLS-less variant)."""
@@ -157,8 +197,13 @@ class LabCluster:
         assert self.etcd is not None
         return self.etcd.endpoints
 
-    def common(self) -> list[str]:
-        return ["--etcd", self.endpoints, "--prefix", self.prefix]
+    def common(self, user: str = "root") -> list[str]:
+        """``vmha``'s global options for the lab's etcd, logged in as ``user`` with auth."""
+        from lab.etcdpki import cli_flags
+
+        tls = self.credential(user)
+        return ["--etcd", self.endpoints, "--prefix", self.prefix,
+                *(cli_flags(tls) if tls else [])]
 
     def guard_socket(self, name: str) -> Path:
         return guard_socket(self.workdir, name)
@@ -169,7 +214,7 @@ class LabCluster:
         d = start_guard_service(self.guards, self.workdir, name,
                                 ["--libvirt-uri", node.uri,
                                  "--fenced-marker", str(node.fenced_marker)],
-                                tuple(self.common()), self.guard_extra)
+                                tuple(self.common(node_user(name, self.prefix))), self.guard_extra)
         self._changed()
         return d
 
@@ -180,7 +225,8 @@ class LabCluster:
         if self.guard_service:
             self.start_guard(name)
             extra = ["--guard-socket", str(self.guard_socket(name))]
-        d = Daemon(name, [*self.common(), "agent", "--name", name, "--libvirt-uri", node.uri,
+        d = Daemon(name, [*self.common(node_user(name, self.prefix)), "agent", "--name", name,
+                          "--libvirt-uri", node.uri,
                           "--memory-mib", str(self.agent_memory_mib), "--vcpus",
                           str(self.agent_vcpus), "--migration-address", node.address,
                           "--fenced-marker", str(node.fenced_marker),
@@ -190,8 +236,9 @@ class LabCluster:
         return d
 
     def start_orchestrator(self, name: str) -> Daemon:
-        d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
-                          "json"], self.workdir / f"orch-{name}.log")
+        d = Daemon(name, [*self.common(user("orchestrator", self.prefix)), "orchestrator",
+                          "--name", name, "--log-format", "json"],
+                   self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
         self._changed()
         return d

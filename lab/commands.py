@@ -77,6 +77,10 @@ def register(groups: dict[str, Any]) -> None:
     up.add_argument("--tls", action="store_true",
                     help="encrypted migration: a lab CA, node certificates, libvirtd TLS "
                          "listeners and migration_tls in the cluster config")
+    up.add_argument("--auth", action="store_true",
+                    help="etcd with authentication on (keyspace 2): TLS with a client "
+                         "certificate per etcd user, `vmha auth setup` run as root; "
+                         "the CLI logs in as operator through env.sh")
     up.set_defaults(fn=cmd_lab_up)
     down = sub.add_parser("down", help="stop every lab process and remove the lab directory")
     down.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)

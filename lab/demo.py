@@ -1,12 +1,22 @@
 """`vmha demo`: the whole story on real QEMU guests, on this machine (root).
 
-A real etcd, three lab libvirt nodes (one namespaced libvirtd each), one node agent per
-node on its libvirtd, two orchestrators; then four guests: three tiny BIOS-only ones and
-one Linux kernel guest whose console prints its uptime every second.
+A real etcd with authentication on, three lab libvirt nodes (one namespaced libvirtd
+each), one node agent per node on its libvirtd, two orchestrators; then four guests:
+three tiny BIOS-only ones and one Linux kernel guest whose console prints its uptime
+every second.
 
-1. **drain**: ``etcdctl lease revoke`` of the node that runs the Linux guest; every VM
-   there live-migrates away.  For each migration the VM's status in etcd carries the
-   total time and the downtime (libvirt's job statistics); the Linux guest's uptime
+The cluster runs on keyspace 2 with etcd's auth (docs/keyspace-v2.md, section 5): etcd
+serves TLS only to certificates of the lab's etcd CA, each daemon logs in as its own
+user (``node-n1``, ``orchestrator``, ...), and `vmha auth setup` ran as root before any
+daemon started.  The operator's writes (the specs, the uncordon) go to their keyspace-2
+keys with the operator's certificate: `vmha vm add` writes keyspace 1 until the CLI
+moves to keyspace 2 (section 7, part 5).
+
+0. **auth**: n1's certificate is refused writing n2's registration and a placement,
+   the operator's revoking a node's lease; etcd's revision does not move.
+1. **drain**: ``etcdctl lease revoke`` (as root) of the node that runs the Linux guest;
+   every VM there live-migrates away.  For each migration the VM's status in etcd carries
+   the total time and the downtime (libvirt's job statistics); the Linux guest's uptime
    keeps counting across the move.
 2. **crash**: another node dies (its agent, guard, libvirtd and QEMU are SIGKILLed).
    Once its lease has expired and the fence window has passed, its VMs cold-boot
@@ -22,7 +32,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +40,12 @@ from typing import Any
 from lab.cluster import LabCluster
 from lab.commands import EXIT_INTERRUPTED, interrupts, say, wait_progress
 from lab.configs import LAB_CONFIG
+from lab.etcdpki import OPERATOR, ROOT, node_user
 from lab.localcluster import poll_until
-from schemas import Keyspace
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models import VmSpec
 
-KS = Keyspace()
+KS = KeyspaceV2()
 TINY = ("web1", "web2", "db1")
 LINUX = "linux1"
 TINY_MIB = 32
@@ -44,7 +55,8 @@ LINUX_MIB = 96
 class Demo:
     def __init__(self, workdir: Path) -> None:
         self.wd = workdir
-        self.lc = LabCluster(workdir / "nodes", workdir / "logs", etcd_dir=workdir / "etcd")
+        self.lc = LabCluster(workdir / "nodes", workdir / "logs", etcd_dir=workdir / "etcd",
+                             auth=True)
         self.console = workdir / "guests" / f"{LINUX}.console.log"
         self.store: Any = None
         self.timings: list[tuple[str, str]] = []
@@ -52,14 +64,19 @@ class Demo:
 
     # ---- small helpers ---------------------------------------------------------------------
 
-    def vmha(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vmha", "--etcd",
-                               self.lc.endpoints, *args], capture_output=True, text=True,
-                              timeout=60, check=False)
+    def etcdctl(self, user: str) -> list[str]:
+        """etcdctl on the lab's etcd, logged in as ``user``."""
+        from lab.labauth import etcdctl
+
+        assert self.lc.pki is not None
+        return etcdctl(self.lc.endpoints, self.lc.pki, user)
 
     def status(self, vm: str) -> dict[str, Any] | None:
-        kv = self.store.get(KS.vm_status(vm))
-        return dict(json.loads(kv.value)) if kv else None
+        """The VM's current status: of its nodes' status keys, the one written last."""
+        kvs = [kv for n in self.lc.node_names if (kv := self.store.get(KS.status(n, vm)))]
+        if not kvs:
+            return None
+        return dict(json.loads(max(kvs, key=lambda kv: kv.mod_revision).value))
 
     def truth(self) -> dict[str, list[str]]:
         return self.lc.ground_truth()
@@ -98,7 +115,6 @@ class Demo:
 
     def start(self) -> None:
         from lab import DEFAULT_CACHE, ensure_kernel_artifacts
-        from store.etcd import EtcdStore
 
         t = time.monotonic()
         say("-- preparing the Linux guest's kernel and initramfs (from setup's cache)")
@@ -106,21 +122,34 @@ class Demo:
         say("-- starting etcd, 3 libvirt nodes (namespaced libvirtd), 3 agents, "
             "2 orchestrators ...")
         self.lc.start(LAB_CONFIG.to_json())
-        self.store = EtcdStore(self.lc.endpoints)
+        self.store = self.lc.store(OPERATOR)
 
         def ready() -> bool:
-            snap = self.store.snapshot()
-            return snap.leader is not None and all(n in snap.nodes for n in self.lc.node_names)
+            return self.store.get(KS.leader) is not None and all(
+                self.store.get(KS.reg(n)) for n in self.lc.node_names)
 
         wait_progress(ready, 40, "agents registered and a leader elected")
         leader = json.loads(self.store.get(KS.leader).value)["id"]
         say(f"    etcd {self.lc.endpoints}; nodes {', '.join(self.lc.node_names)}; "
             f"leader {leader}; lease TTL {LAB_CONFIG.lease_ttl_s} s, fence margin "
             f"{LAB_CONFIG.fence_margin_s} s  ({time.monotonic() - t:.1f} s)")
-        say(f"    look around in another shell:  etcdctl --endpoints {self.lc.endpoints} get "
-            f"--prefix /vmha/ --keys-only   |   vmha --etcd {self.lc.endpoints} status")
-        self.timings.append(("lab up (etcd, 3 libvirtd, 3 agents, 2 orchestrators)",
+        say(f"    etcd: TLS, client certificates, auth on; keyspace 2; users by CN: root, "
+            f"orchestrator, operator, monitoring, {', '.join(map(node_user, self.lc.node_names))}"
+            f" (CA and certificates in {self.lc.pki.dir if self.lc.pki else '-'})")
+        say(f"    look around in another shell:  {' '.join(self.etcdctl(OPERATOR))} get "
+            "--prefix /vmha/ --keys-only")
+        self.timings.append(("lab up (etcd with auth, 3 libvirtd, 3 agents, 2 orchestrators)",
                              f"{time.monotonic() - t:.1f} s"))
+
+    def auth(self) -> None:
+        from lab.labauth import refusals
+
+        assert self.lc.pki is not None
+        n1, n2 = self.lc.node_names[:2]
+        say(f"\n-- AUTH: each daemon writes only its own keys (CN={node_user(n1)} is "
+            f"{n1}'s agent and guard)")
+        for line in refusals(self.lc.endpoints, self.lc.prefix, self.lc.pki, n1, n2):
+            say(f"    {line}")
 
     def boot(self) -> None:
         from lab import DEFAULT_CACHE, kernel_guest_xml, tiny_guest_xml
@@ -128,8 +157,8 @@ class Demo:
         t = time.monotonic()
         guests = self.wd / "guests"
         guests.mkdir(parents=True, exist_ok=True)
-        say(f"\n-- BOOT: vmha vm add {' '.join(TINY)} (tiny, {TINY_MIB} MiB) and {LINUX} "
-            f"(Linux, {LINUX_MIB} MiB)")
+        say(f"\n-- BOOT: the operator adds {' '.join(TINY)} (tiny, {TINY_MIB} MiB) and {LINUX} "
+            f"(Linux, {LINUX_MIB} MiB): {KS.spec('VM')}, created with CN={OPERATOR}")
         for vm in TINY:
             (guests / f"{vm}.xml").write_text(tiny_guest_xml(vm, TINY_MIB))
             self.add(vm, TINY_MIB, guests / f"{vm}.xml")
@@ -148,9 +177,13 @@ class Demo:
         self.table()
 
     def add(self, vm: str, mib: int, xml: Path) -> None:
-        r = self.vmha("vm", "add", vm, "--memory-mib", str(mib), "--xml", str(xml))
-        if r.returncode != 0:
-            raise RuntimeError(f"vmha vm add {vm}: {r.stderr.strip()}")
+        """What `vmha vm add` does, on keyspace 2: the spec, created once, as operator."""
+        from store.etcd import Cmp, Put
+
+        key = KS.spec(vm)
+        spec = VmSpec(name=vm, domain_xml=xml.read_text(), memory_mib=mib, vcpus=1)
+        if not self.store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())]).succeeded:
+            raise RuntimeError(f"{key} exists already")
         self.rows[vm] = {"guest": "Linux" if vm == LINUX else "tiny"}
 
     def drain(self) -> str:
@@ -158,13 +191,15 @@ class Demo:
 
         node = self.truth()[LINUX][0]
         victims = sorted(vm for vm, ns in self.truth().items() if node in ns)
-        lease = json.loads(self.store.get(KS.node(node)).value)["lease_id"]
-        say(f"\n-- DRAIN {node} (runs {', '.join(victims)}): revoke its etcd lease")
-        say(f"    $ etcdctl --endpoints {self.lc.endpoints} lease revoke {lease}")
+        reg = self.store.get(KS.reg(node))
+        assert reg is not None
+        lease = f"{reg.lease:x}"
+        revoke = [*self.etcdctl(ROOT), "lease", "revoke", lease]
+        say(f"\n-- DRAIN {node} (runs {', '.join(victims)}): revoke its etcd lease (root)")
+        say(f"    $ {' '.join(revoke)}")
         before = self.uptime()
         t = time.monotonic()
-        subprocess.run(["etcdctl", "--endpoints", self.lc.endpoints, "lease", "revoke", lease],
-                       check=True, capture_output=True)
+        subprocess.run(revoke, check=True, capture_output=True, timeout=30)
 
         def done() -> bool:
             return not self.lc.node_domains(node) and self.running_as_reported(victims, node)
@@ -192,12 +227,12 @@ class Demo:
                                           f"{elapsed:.1f} s")
         cordoned = self.store.get(KS.cordon(node)) is not None
         say(f"    {node} drained in {drain_s:.1f} s; it stays cordoned ({cordoned}) until "
-            f"`vmha node uncordon {node}`")
+            f"the operator deletes {KS.cordon(node)} (`vmha node uncordon {node}`)")
         self.timings.append((f"drain of {node}: {len(victims)} live migrations",
                              f"{drain_s:.1f} s"))
         self.table()
-        r = self.vmha("node", "uncordon", node)
-        say(f"\n-- vmha node uncordon {node}: {r.stdout.strip() or r.stderr.strip()} "
+        gone = self.store.delete(KS.cordon(node))
+        say(f"\n-- uncordon {node}: {KS.cordon(node)} deleted as {OPERATOR} ({gone}) "
             "(nothing moves back by itself)")
         return node
 
@@ -216,7 +251,7 @@ class Demo:
         marks: dict[str, float] = {}
 
         def phase() -> str:
-            if "lease" not in marks and self.store.get(KS.node(node)) is None:
+            if "lease" not in marks and self.store.get(KS.reg(node)) is None:
                 marks["lease"] = time.monotonic() - t
             if "fence" not in marks and self.store.get(KS.fence(node)) is not None:
                 marks["fence"] = time.monotonic() - t
@@ -282,13 +317,14 @@ def run_lab_demo(workdir: Path | None = None) -> int:
     wd = (workdir or Path(tempfile.mkdtemp(prefix="vmha-demo-", dir="/var/tmp"))).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    say("== vmha demo: real etcd, 3 libvirt nodes with QEMU guests, 3 node agents, "
-        f"2 orchestrators (work dir {wd})")
+    say("== vmha demo: real etcd with auth on, 3 libvirt nodes with QEMU guests, 3 node "
+        f"agents, 2 orchestrators, on keyspace 2 (work dir {wd})")
     demo = Demo(wd)
     rc = 1
     with interrupts():
         try:
             demo.start()
+            demo.auth()
             demo.boot()
             drained = demo.drain()
             demo.crash(drained)

@@ -3,6 +3,10 @@
 Real etcd, two orchestrators, three node agents on the fake hypervisor (each agent's
 guard process is the fake "host"; when the agent dies the guard destroys its guests at
 the agent's deadline).  `vmha demo` without --fake runs the real-QEMU lab demo.
+
+As the lab demo, it runs with etcd's auth on, on keyspace 2 (lab.labauth): each daemon
+logs in with a certificate of its own, the operator's writes (specs, the uncordon) go to
+keyspace 2's keys with the operator's certificate, the drain's revoke is root's.
 """
 
 from __future__ import annotations
@@ -10,19 +14,23 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
 from lab.configs import LAB_CONFIG
+from lab.etcdpki import OPERATOR, ROOT, EtcdPki
+from lab.labauth import enable_auth, etcdctl, refusals
 from lab.localcluster import FakeCluster, start_etcd, wait_until
-from schemas import Keyspace
-from store.etcd import EtcdStore
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models import VmSpec
+from store.etcd import Cmp, EtcdStore, Put
 
-KS = Keyspace()
+KS = KeyspaceV2()
+NODES = ("n1", "n2", "n3")
 
 
 def say(msg: str) -> None:
@@ -47,50 +55,79 @@ def where(fc: FakeCluster) -> dict[str, list[str]]:
     return fake_ground_truth(fc.fake_root)
 
 
-def show_vms(fc: FakeCluster) -> None:
+def status(store: EtcdStore, vm: str) -> dict[str, Any]:
+    """The VM's current status: of its nodes' status keys, the one written last."""
+    kvs = [kv for n in NODES if (kv := store.get(KS.status(n, vm)))]
+    if not kvs:
+        return {}
+    return dict(json.loads(max(kvs, key=lambda kv: kv.mod_revision).value))
+
+
+def show_vms(fc: FakeCluster, store: EtcdStore | None = None) -> None:
     truth = where(fc)
-    say("    VM     RUNS ON")
+    say("    VM     RUNS ON" + ("  STATUS IN ETCD" if store else ""))
     for vm in sorted(truth):
-        say(f"    {vm:<6} {','.join(truth[vm])}")
+        st = status(store, vm) if store else {}
+        say(f"    {vm:<6} {','.join(truth[vm]):<7}"
+            + (f"  {st.get('state', '-')} on {st.get('node', '-')}" if store else ""))
+
+
+def add(store: EtcdStore, vm: str, mib: int) -> None:
+    """What `vmha vm add` does, on keyspace 2: the spec, created once, as operator."""
+    key = KS.spec(vm)
+    spec = VmSpec(name=vm, domain_xml=default_domain_xml(vm, mib, 1), memory_mib=mib, vcpus=1)
+    if not store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())]).succeeded:
+        raise RuntimeError(f"{key} exists already")
 
 
 def run_demo(workdir: Path | None = None) -> int:
     own = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="vmha-demo-"))
     wd.mkdir(parents=True, exist_ok=True)
-    say("== vmha demo: real etcd + 2 orchestrators + 3 node agents (fake hypervisor)")
+    say("== vmha demo: real etcd with auth on + 2 orchestrators + 3 node agents "
+        "(fake hypervisor), keyspace 2")
     t0 = time.monotonic()
-    etcd = start_etcd(1)
-    fc = FakeCluster(etcd, wd)
-    store = EtcdStore(etcd.endpoints)
+    pki = EtcdPki(wd)
+    etcd = start_etcd(1, tls=pki.server(["127.0.0.1"]))
+    fc = FakeCluster(etcd, wd, pki=pki)
+    store = EtcdStore(etcd.endpoints, tls=pki.client(OPERATOR))
     summary: list[tuple[str, str]] = []
     try:
-        store.put(KS.config, LAB_CONFIG.to_json())
-        say(f"-- etcd ready at {etcd.endpoints} in {time.monotonic() - t0:.2f} s; "
+        root = EtcdStore(etcd.endpoints, tls=pki.client(ROOT))
+        try:
+            root.put(KS.config, LAB_CONFIG.to_json())
+        finally:
+            root.close()
+        enable_auth(etcd.endpoints, KS.prefix, pki, NODES, wd / "auth-setup.log")
+        say(f"-- etcd ready at {etcd.endpoints} in {time.monotonic() - t0:.2f} s: TLS, a "
+            "certificate per user, auth on (vmha auth setup as root); "
             f"lease TTL {LAB_CONFIG.lease_ttl_s} s, fence margin {LAB_CONFIG.fence_margin_s} s")
-        for n in ("n1", "n2", "n3"):
+        for n in NODES:
             fc.start_agent(n, memory_mib=4096, vcpus=8, migrate_seconds=0.25)
         fc.start_orchestrator("orch-a")
         fc.start_orchestrator("orch-b")
-        wait_until(lambda: store.get(KS.leader), 15, what="a leader")
+        wait_until(lambda: store.get(KS.leader) and all(store.get(KS.reg(n)) for n in NODES),
+                   15, what="a leader and every agent registered")
         leader = json.loads(store.get(KS.leader).value)["id"]  # type: ignore[union-attr]
         say(f"-- leader elected: {leader}")
-        cli = [sys.executable, "-m", "vmha", "--etcd", etcd.endpoints]
+        say("\n-- AUTH: each daemon writes only its own keys (CN=node-n1 is n1's agent)")
+        for line in refusals(etcd.endpoints, KS.prefix, pki, "n1", "n2"):
+            say(f"    {line}")
         t = time.monotonic()
         for i in range(6):
-            subprocess.run([*cli, "vm", "add", f"vm{i}", "--memory-mib", str(512 + 256 * (i % 3))],
-                           check=True, capture_output=True)
-        say("-- declared 6 VMs (vm add); waiting for them to run ...")
+            add(store, f"vm{i}", 512 + 256 * (i % 3))
+        say(f"\n-- declared 6 VMs ({KS.spec('VM')} as {OPERATOR}); waiting for them to run ...")
         wait_until(lambda: len(where(fc)) == 6, 30, what="6 VMs running")
         summary.append(("6 VMs declared, placed and booted", f"{time.monotonic() - t:.2f} s"))
-        show_vms(fc)
+        show_vms(fc, store)
 
         victims = sorted(vm for vm, ns in where(fc).items() if "n1" in ns)
-        lease = json.loads(store.get(KS.node("n1")).value)["lease_id"]  # type: ignore[union-attr]
-        say(f"\n-- DRAIN: etcdctl lease revoke {lease}   (node n1, running {', '.join(victims)})")
+        lease = f"{store.get(KS.reg('n1')).lease:x}"  # type: ignore[union-attr]
+        say(f"\n-- DRAIN: etcdctl lease revoke {lease} as {ROOT}   (node n1, running "
+            f"{', '.join(victims)})")
         t = time.monotonic()
-        subprocess.run(["etcdctl", "--endpoints", etcd.endpoints, "lease", "revoke", lease],
-                       check=True, capture_output=True)
+        subprocess.run([*etcdctl(etcd.endpoints, pki, ROOT), "lease", "revoke", lease],
+                       check=True, capture_output=True, timeout=30)
         wait_until(lambda: not any("n1" in ns for ns in where(fc).values()), 30,
                    what="n1 empty")
         drain_s = time.monotonic() - t
@@ -100,10 +137,11 @@ def run_demo(workdir: Path | None = None) -> int:
         say(f"    n1 drained in {drain_s:.2f} s; n1 stays cordoned: "
             f"{store.get(KS.cordon('n1')) is not None}")
         summary.append((f"drain of n1 ({len(victims)} VMs, live migration)", f"{drain_s:.2f} s"))
-        show_vms(fc)
+        show_vms(fc, store)
 
-        subprocess.run([*cli, "node", "uncordon", "n1"], check=True, capture_output=True)
-        say("\n-- vmha node uncordon n1   (n1 may receive VMs again; nothing moves back by itself)")
+        store.delete(KS.cordon("n1"))
+        say(f"\n-- uncordon n1: {KS.cordon('n1')} deleted as {OPERATOR}   (n1 may receive VMs "
+            "again; nothing moves back by itself)")
 
         victims = sorted(vm for vm, ns in where(fc).items() if "n2" in ns)
         say(f"\n-- CRASH: kill -9 of n2's agent (its guard destroys {', '.join(victims)} "
@@ -111,7 +149,7 @@ def run_demo(workdir: Path | None = None) -> int:
         t = time.monotonic()
         crash_wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         fc.agents["n2"].kill()
-        wait_until(lambda: store.get(KS.node("n2")) is None, 30, what="n2 lease expiry")
+        wait_until(lambda: store.get(KS.reg("n2")) is None, 30, what="n2 lease expiry")
         say(f"    n2's lease expired after {time.monotonic() - t:.2f} s; waiting for the fence "
             "window before any cold boot ...")
         wait_until(lambda: all(where(fc).get(v) for v in victims), 30, what="VMs back")
@@ -124,13 +162,12 @@ def run_demo(workdir: Path | None = None) -> int:
                 say(f"    cold-booted {e['vm']} on {e['_daemon']}")
         summary.append((f"crash of n2 -> {len(victims)} VMs running elsewhere",
                         f"{crash_s:.2f} s"))
-        show_vms(fc)
+        show_vms(fc, store)
         doubles = {vm: ns for vm, ns in where(fc).items() if len(ns) > 1}
         say("\n== summary")
         for what, took in summary:
             say(f"    {what:<48} {took:>8}")
         say(f"    VMs running: {len(where(fc))}/6, running twice: {len(doubles)}")
-        subprocess.run([*cli, "status"], check=False)
         return 0 if len(where(fc)) == 6 and not doubles else 1
     finally:
         fc.stop()

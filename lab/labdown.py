@@ -158,7 +158,11 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         say(f"  {r['kind']:<{width}}  {r['name']:<4} pid {str(r['pid']):<8} "
             f"{'running' if r['alive'] else 'DEAD':<8} {r['detail']}")
     etcd_alive = any(r["alive"] for r in rows if r["kind"] == "etcd")
-    if etcd_alive:
+    if etcd_alive and state.get("auth"):
+        say("\n(etcd auth on, keyspace 2: `vmha status` reads keyspace 1; see the lab's "
+            "keys with `etcdctl get --prefix /vmha/ --keys-only` after `source "
+            f"{lab_dir / 'env.sh'}`)")
+    elif etcd_alive:
         from cli.status import cmd_status
 
         say("")

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli.common import EXIT_INPUT, CliError
 from lab.labdown import teardown
@@ -41,16 +41,33 @@ from lab.labstate import (
     wait_progress,
 )
 
+if TYPE_CHECKING:
+    from store.etcd import TlsFiles
+
 #: Test hook: `up` announces this phase on stdout and blocks there until interrupted.
 HOLD_ENV = "VMHA_LAB_HOLD_AT"
 HOLD_PHASES = ("etcd", "nodes", "agents", "started", "ready")
 
 
-def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
+def _operator_tls(lab_dir: Path, state: dict[str, Any]) -> TlsFiles | None:
+    """The operator's credential of a lab with etcd auth on (None: auth off)."""
+    from lab.etcdpki import EtcdPki, user
+
+    return (EtcdPki(lab_dir / "nodes").client(user("operator", state.get("prefix", "/vmha")))
+            if state.get("auth") else None)
+
+
+def _cluster_ready(endpoints: str, nodes: list[str], tls: TlsFiles | None = None) -> bool:
+    """A leader and every node registered (with ``tls``, auth on: keyspace 2's keys)."""
+    from schemas.keys_v2 import KeyspaceV2
     from store.etcd import EtcdStore, StoreUnavailable
 
-    store = EtcdStore(endpoints, retry_budget=0.5)
+    store = EtcdStore(endpoints, retry_budget=0.5, tls=tls)
     try:
+        if tls is not None:
+            ks = KeyspaceV2()
+            return store.get(ks.leader) is not None and all(store.get(ks.reg(n))
+                                                             for n in nodes)
         snap = store.snapshot()
     except StoreUnavailable:
         return False
@@ -59,13 +76,19 @@ def _cluster_ready(endpoints: str, nodes: list[str]) -> bool:
     return snap.leader is not None and all(n in snap.nodes for n in nodes)
 
 
-def _write_examples(lab_dir: Path) -> None:
-    """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built)."""
+def _write_examples(lab_dir: Path, auth: bool = False) -> None:
+    """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built);
+    with auth on, web1's keyspace-2 spec too, for `etcdctl put`."""
     from lab import DEFAULT_CACHE, ArtifactError, kernel_guest_xml, tiny_guest_xml
+    from schemas.models import VmSpec
 
     guests = lab_dir / "guests"
     guests.mkdir(exist_ok=True)
     (guests / "web1.xml").write_text(tiny_guest_xml("web1"))
+    if auth:
+        (guests / "web1.spec.json").write_text(VmSpec(
+            name="web1", domain_xml=tiny_guest_xml("web1"), memory_mib=32,
+            vcpus=1).to_json())
     with contextlib.suppress(ArtifactError, OSError):
         (guests / "k1.xml").write_text(
             kernel_guest_xml("k1", DEFAULT_CACHE, guests / "k1.console.log"))
@@ -77,8 +100,13 @@ def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
     say(f"\nlab up in {lab_dir}: {len(state['nodes'])} libvirt nodes "
         f"({', '.join(n['name'] for n in state['nodes'])}), etcd {ep} "
         f"({len(etcd_recs(state))} member(s)), one agent per node, 2 orchestrators"
-        + ("; migrations over TLS (lab CA in nodes/pki-ca-lab)" if state.get("tls") else ""))
+        + ("; migrations over TLS (lab CA in nodes/pki-ca-lab)" if state.get("tls") else "")
+        + ("; etcd auth on, keyspace 2 (etcd CA and certificates in nodes/pki-ca-etcd)"
+           if state.get("auth") else ""))
     say(f"  state: {lab_dir / STATE_FILE}    logs: {lab_dir / 'logs'}")
+    if state.get("auth"):
+        _print_auth_info(lab_dir, state)
+        return
     say("\nTry (or `source " + str(lab_dir / ENV_FILE) + "` first and drop the flags):")
     say(f"  vmha --etcd {ep} status")
     say(f"  vmha --etcd {ep} vm add web1 --memory-mib 32 --xml {lab_dir / 'guests/web1.xml'}")
@@ -94,11 +122,47 @@ def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
     say(f"  vmha lab down --dir {lab_dir}")
 
 
-def _write_env(lab_dir: Path, endpoints: str) -> None:
-    (lab_dir / ENV_FILE).write_text(
-        "# source this file to talk to the vmha lab\n"
-        f"export VMHA_ETCD={endpoints}\nexport ETCDCTL_API=3\n"
-        f"export ETCDCTL_ENDPOINTS={endpoints}\n")
+def _print_auth_info(lab_dir: Path, state: dict[str, Any]) -> None:
+    """The examples of a lab with auth on: etcdctl as the operator (env.sh); the vmha
+    CLI's vm, node and status commands work on keyspace 1 only, so far."""
+    from lab.etcdpki import ROOT, EtcdPki, node_user
+    from schemas.keys_v2 import KeyspaceV2
+
+    ks = KeyspaceV2(state.get("prefix", "/vmha"))
+    node = state["nodes"][0]["name"]
+    other = state["nodes"][-1]["name"]
+    pki = EtcdPki(lab_dir / "nodes")
+    # etcdctl refuses a flag that shadows its environment variable: as another user, the
+    # variables are set again on the command line.
+    root, as_node = (f"ETCDCTL_CERT={c.cert} ETCDCTL_KEY={c.key}"
+                     for c in (pki.client(ROOT), pki.client(node_user(node, ks.prefix))))
+    say(f"\nTry, after `source {lab_dir / ENV_FILE}` (etcdctl as `operator`; `vmha vm`, "
+        "`node` and `status` read keyspace 1, not this lab's keyspace 2):")
+    say(f"  etcdctl put {ks.spec('web1')} < {lab_dir / 'guests/web1.spec.json'}"
+        "   # vm add web1")
+    say(f"  etcdctl get --prefix {ks.prefix}/ --keys-only")
+    say(f"  etcdctl get {ks.place('web1')} --print-value-only   # where the leader put it")
+    say(f"  {as_node} etcdctl put {ks.reg(other)} x   # {node}'s certificate: refused")
+    say(f"  {root} etcdctl lease revoke $(etcdctl get {ks.reg(node)} -w json | python3 -c "
+        "'import json,sys; print(format(json.load(sys.stdin)[\"kvs\"][0][\"lease\"], \"x\"))')"
+        f"   # drain {node} (root)")
+    say(f"  etcdctl del {ks.cordon(node)}   # uncordon {node}")
+    say(f"  vmha lab status --dir {lab_dir}")
+    say(f"  vmha lab down --dir {lab_dir}")
+
+
+def _write_env(lab_dir: Path, endpoints: str, tls: TlsFiles | None = None) -> None:
+    text = ("# source this file to talk to the vmha lab\n"
+            f"export VMHA_ETCD={endpoints}\nexport ETCDCTL_API=3\n")
+    if tls is None:
+        text += f"export ETCDCTL_ENDPOINTS={endpoints}\n"
+    else:  # auth on: both log in as `operator`
+        https = ",".join(f"https://{e}" for e in endpoints.split(","))
+        text += (f"export ETCDCTL_ENDPOINTS={https}\n"
+                 f"export VMHA_ETCD_CACERT={tls.cacert} ETCDCTL_CACERT={tls.cacert}\n"
+                 f"export VMHA_ETCD_CERT={tls.cert} ETCDCTL_CERT={tls.cert}\n"
+                 f"export VMHA_ETCD_KEY={tls.key} ETCDCTL_KEY={tls.key}\n")
+    (lab_dir / ENV_FILE).write_text(text)
 
 
 def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> int:
@@ -116,6 +180,9 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     if dead_etcd or not names:
         raise CliError(f"the lab in {lab_dir} is broken (etcd {', '.join(dead_etcd)} not "
                        f"running); `vmha lab down --dir {lab_dir}`, then up again")
+    if getattr(args, "auth", False) and not state.get("auth"):
+        raise CliError(f"the lab in {lab_dir} runs without etcd auth; `vmha lab down --dir "
+                       f"{lab_dir}` first", EXIT_INPUT)
     if getattr(args, "tls", False) and not state.get("tls"):
         raise CliError(f"the lab in {lab_dir} runs without TLS; `vmha lab down --dir "
                        f"{lab_dir}` first", EXIT_INPUT)
@@ -138,7 +205,8 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     save_state(lab_dir, state)
     say(f"lab already up in {lab_dir}" + (f"; restarted {', '.join(restarted)}"
                                           if restarted else " (nothing to do)"))
-    wait_progress(lambda: _cluster_ready(state["etcd"]["endpoints"], names), 30,
+    tls = _operator_tls(lab_dir, state)
+    wait_progress(lambda: _cluster_ready(state["etcd"]["endpoints"], names, tls), 30,
           "agents registered and a leader elected")
     _print_info(lab_dir, state)
     return 0
@@ -191,7 +259,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     names = tuple(f"n{i}" for i in range(1, args.nodes + 1))
     base = {"version": 1, "dir": str(lab_dir), "created_dir": created,
             "node_names": list(names), "started_at": time.time(), "prefix": args.prefix,
-            "tls": bool(getattr(args, "tls", False))}
+            "tls": bool(getattr(args, "tls", False)),
+            "auth": bool(getattr(args, "auth", False))}
     started = time.monotonic()
     with interrupts():
         try:
@@ -200,7 +269,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             save_state(lab_dir, base)
             lc = LabCluster(lab_dir / "nodes", lab_dir / "logs", node_names=names,
                             prefix=args.prefix, etcd_members=args.etcd_members,
-                            etcd_dir=lab_dir / "etcd", tls=base["tls"])
+                            etcd_dir=lab_dir / "etcd", tls=base["tls"], auth=base["auth"])
             def changed() -> None:
                 save_state(lab_dir, cluster_state(lc, base))
                 phase = start_phase(lc, len(names))
@@ -215,11 +284,12 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             for n in state["nodes"]:
                 n["libvirtd_pid"] = lc.nodes[n["name"]].pid
             save_state(lab_dir, state)
-            _write_env(lab_dir, lc.endpoints)
+            tls = _operator_tls(lab_dir, base)
+            _write_env(lab_dir, lc.endpoints, tls)
             say(f"   etcd at {lc.endpoints}; libvirtd nodes, agents and orchestrators started")
-            wait_progress(lambda: _cluster_ready(lc.endpoints, list(names)), 40,
+            wait_progress(lambda: _cluster_ready(lc.endpoints, list(names), tls), 40,
                   "agents registered and a leader elected")
-            _write_examples(lab_dir)
+            _write_examples(lab_dir, base["auth"])
             hold_at("ready")
         except KeyboardInterrupt:
             say("\ninterrupted: tearing the lab down")

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, TypeVar
 from lab.procs import kill_guards_under
 
 if TYPE_CHECKING:
-    from store.etcd import EtcdStore
+    from lab.etcdpki import EtcdPki
+    from schemas.acl import RoleKind
+    from store.etcd import EtcdStore, TlsFiles
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 T = TypeVar("T")
@@ -72,6 +74,18 @@ def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.05,
     return last
 
 
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """etcd serving clients TLS only, each with a certificate of ``cacert``'s CA
+    (``--client-cert-auth``: with auth on, its CN is the etcd user); ``probe`` is the
+    client credential the readiness check uses (lab.etcdpki makes all of them)."""
+
+    cacert: str
+    cert: str
+    key: str
+    probe: TlsFiles
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -99,6 +113,7 @@ class EtcdCluster:
     members: list[EtcdMember]
     base: Path
     _state: str = "new"
+    tls: EtcdServerTls | None = None
 
     @property
     def endpoints(self) -> str:
@@ -109,9 +124,10 @@ class EtcdCluster:
 
     def start_member(self, m: EtcdMember) -> None:
         m.data_dir.mkdir(parents=True, exist_ok=True)
+        scheme = "https" if self.tls else "http"
         cmd = [ETCD_BIN, "--name", m.name, "--data-dir", str(m.data_dir),
-               "--listen-client-urls", f"http://{m.endpoint}",
-               "--advertise-client-urls", f"http://{m.endpoint}",
+               "--listen-client-urls", f"{scheme}://{m.endpoint}",
+               "--advertise-client-urls", f"{scheme}://{m.endpoint}",
                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                "--initial-cluster", self._initial_cluster(),
                "--initial-cluster-state", "new", "--initial-cluster-token", self.base.name,
@@ -121,6 +137,9 @@ class EtcdCluster:
                # 3.4 (docs/fencing.md, "etcd settings").
                "--pre-vote",
                "--log-level", "warn", "--logger", "zap"]
+        if self.tls is not None:
+            cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key,
+                    "--trusted-ca-file", self.tls.cacert, "--client-cert-auth"]
         if m.netns is not None:  # `ip netns exec` execs etcd: m.proc is etcd itself
             cmd = ["ip", "netns", "exec", m.netns, *cmd]
         log = open(m.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -130,7 +149,8 @@ class EtcdCluster:
     def wait_ready(self, timeout: float = 15.0) -> None:
         from store.etcd import EtcdStore, StoreUnavailable
 
-        store = EtcdStore(self.endpoints, retry_budget=0.5)
+        store = EtcdStore(self.endpoints, retry_budget=0.5,
+                          tls=self.tls.probe if self.tls else None)
 
         def ready() -> bool:
             try:
@@ -160,9 +180,11 @@ class EtcdCluster:
 
 
 def start_etcd(members: int = 1, base: Path | None = None,
-               places: list[tuple[str, str]] | None = None) -> EtcdCluster:
+               places: list[tuple[str, str]] | None = None,
+               tls: EtcdServerTls | None = None) -> EtcdCluster:
     """``places``: each member's (address, network namespace), one namespace each, where
-    it listens on etcd's usual ports; by default free loopback ports here."""
+    it listens on etcd's usual ports; by default free loopback ports here.  ``tls``:
+    clients speak TLS with a client certificate (peers stay plain, on loopback)."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     base = base or Path(tempfile.mkdtemp(prefix="vmha-etcd-", dir=shm))
     ports = free_ports(2 * members) if places is None else [2379, 2380] * members
@@ -170,7 +192,7 @@ def start_etcd(members: int = 1, base: Path | None = None,
                      base / f"m{i}.log") for i in range(members)]
     for m, (host, netns) in zip(ms, places or [], strict=False):
         m.host, m.netns = host, netns
-    cluster = EtcdCluster(ms, base)
+    cluster = EtcdCluster(ms, base, tls=tls)
     try:
         for m in ms:
             cluster.start_member(m)
@@ -260,6 +282,9 @@ class FakeCluster:
     guard_service: bool = False
     guards: dict[str, Daemon] = field(default_factory=dict)
     guard_extra: tuple[str, ...] = ()  # more options of each guard service
+    #: etcd with auth on (lab.labauth): each daemon logs in with its certificate of this
+    #: CA, agents and guards as their node's user, orchestrators as `orchestrator`
+    pki: EtcdPki | None = None
 
     @property
     def fake_root(self) -> Path:
@@ -268,6 +293,20 @@ class FakeCluster:
     def common(self) -> list[str]:
         return ["--etcd", self.etcd.endpoints, "--prefix", self.prefix]
 
+    def common_as(self, user: str) -> list[str]:
+        """:meth:`common`, logged in as etcd user ``user`` when auth is on."""
+        if self.pki is None:
+            return self.common()
+        from lab.etcdpki import cli_flags
+
+        return [*self.common(), *cli_flags(self.pki.client(user))]
+
+    def user(self, kind: RoleKind, node: str = "") -> str:
+        """The etcd user of role ``kind`` (lab.etcdpki.user) on this cluster's prefix."""
+        from lab.etcdpki import user
+
+        return user(kind, self.prefix, node)
+
     def guard_socket(self, name: str) -> Path:
         return guard_socket(self.workdir, name)
 
@@ -275,23 +314,24 @@ class FakeCluster:
         """Start node ``name``'s guard service unless it runs; wait for its socket."""
         return start_guard_service(self.guards, self.workdir, name,
                                    ["--fake-root", str(self.fake_root), "--name", name],
-                                   tuple(self.common()), self.guard_extra)
+                                   tuple(self.common_as(self.user("node", name))), self.guard_extra)
 
     def start_agent(self, name: str, memory_mib: int = 4096, vcpus: int = 8,
                     migrate_seconds: float = 0.2, extra: tuple[str, ...] = ()) -> Daemon:
         if self.guard_service:
             self.start_guard(name)
             extra = ("--guard-socket", str(self.guard_socket(name)), *extra)
-        d = Daemon(name, [*self.common(), "agent", "--name", name, "--fake-root",
-                          str(self.fake_root), "--memory-mib", str(memory_mib), "--vcpus",
-                          str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
+        d = Daemon(name, [*self.common_as(self.user("node", name)), "agent", "--name", name,
+                          "--fake-root", str(self.fake_root), "--memory-mib", str(memory_mib),
+                          "--vcpus", str(vcpus), "--fake-migrate-seconds", str(migrate_seconds),
                           "--log-format", "json", *extra], self.workdir / f"agent-{name}.log")
         self.agents[name] = d.start()
         return d
 
     def start_orchestrator(self, name: str, extra: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(name, [*self.common(), "orchestrator", "--name", name, "--log-format",
-                          "json", *extra], self.workdir / f"orch-{name}.log")
+        d = Daemon(name, [*self.common_as(self.user("orchestrator")), "orchestrator", "--name",
+                          name, "--log-format", "json", *extra],
+                   self.workdir / f"orch-{name}.log")
         self.orchestrators[name] = d.start()
         return d
 

@@ -74,8 +74,10 @@ def ensure_ca(ca_dir: Path, name: str) -> Path:
     return cert
 
 
-def _issue(ca_dir: Path, out_cert: Path, out_key: Path, cn: str, sans: list[str],
-           usage: str) -> None:
+def issue(ca_dir: Path, out_cert: Path, out_key: Path, cn: str, sans: list[str],
+          usage: str) -> None:
+    """A key and a certificate for ``cn`` signed by the CA in ``ca_dir`` (``usage``: the
+    extended key usage; ``sans``: subject alternative names, none for a client)."""
     with tempfile.TemporaryDirectory(prefix="vmha-pki-") as tmp:
         work = Path(tmp)
         _key(work / "key.pem")
@@ -85,7 +87,7 @@ def _issue(ca_dir: Path, out_cert: Path, out_key: Path, cn: str, sans: list[str]
             "basicConstraints=critical,CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment,keyAgreement\n"
             f"extendedKeyUsage={usage}\n"
-            f"subjectAltName={','.join(sans)}\n")
+            + (f"subjectAltName={','.join(sans)}\n" if sans else ""))
         _openssl("x509", "-req", "-in", str(work / "req.csr"), "-CA",
                  str(ca_dir / "cacert.pem"), "-CAkey", str(ca_dir / "cakey.pem"),
                  "-CAcreateserial", "-days", _DAYS, "-extfile", str(work / "ext.cnf"),
@@ -113,7 +115,7 @@ def install_node_pki(pki_dir: Path, ca_dir: Path, name: str, address: str,
     for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
         cert = libvirt_dir / f"{role}cert.pem"
         key = libvirt_dir / "private" / f"{role}key.pem"
-        _issue(ca_dir, cert, key, cn, sans, usage)
+        issue(ca_dir, cert, key, cn, sans, usage)
         # QEMU reads its own file names; the same identity serves both daemons.
         shutil.copyfile(cert, qemu_dir / f"{role}-cert.pem")
         shutil.copyfile(key, qemu_dir / f"{role}-key.pem")

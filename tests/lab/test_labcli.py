@@ -148,7 +148,8 @@ def test_demo_runs_on_the_lab_and_cleans_up() -> None:
     wd = Path(m.group(1))
     assert not wd.exists()
     assert all_gone(wd)
-    for needle in ("live-migrated linux1", "downtime", "the same kernel kept running",
+    for needle in ("etcd with auth on", "node-n1   put /vmha/n/n2/reg", "permission denied",
+                   "live-migrated linux1", "downtime", "the same kernel kept running",
                    "cold-booted", "fence record", "running on two nodes at once: 0  -> OK",
                    "all processes stopped"):
         assert needle in out, (needle, out)
