@@ -269,9 +269,13 @@ class Bench:
         self.res["leader_restart"] = p
 
     def errors(self) -> dict[str, int]:
-        """Lines of every process's log that name a message-size error or a failed cycle."""
+        """Lines of every process's log that name a message-size error, a failed cycle, an
+        error, a failed keepalive or a self-fence (a host starved of CPU misses renewals)."""
         pats = {"message_size": ("RESOURCE_EXHAUSTED", "larger than max"),
-                "cycle_failed": ('"cycle_failed"',), "errors": ('"level": "error"',)}
+                "cycle_failed": ('"cycle_failed"',), "errors": ('"level": "error"',),
+                "keepalive_failed": ('"keepalive_failed"',),
+                "self_fence_deadline": ('"self_fence_deadline"',),
+                "self_fenced_domain": ('"self_fenced_domain"',)}
         out = dict.fromkeys(pats, 0)
         for log in self.work.glob("*.log"):
             with open(log, errors="replace") as f:
@@ -321,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the logs and fake records")
     ap.add_argument("--out", default="results/bench-scale.json")
     a = ap.parse_args(argv)
+    # SIGTERM ends the run as Ctrl-C does: processes stopped, etcd removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(a.out)
     data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     ok = True
