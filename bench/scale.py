@@ -49,7 +49,7 @@ from bench.scale_metrics import (
 from hypervisor.fake import guest_alive
 from lab.localcluster import EtcdCluster, free_ports, start_etcd, wait_until
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import FenceRecord, VmSpec, VmStatus
+from schemas.models import ClusterConfig, FenceRecord, VmSpec, VmStatus
 from schemas.models_v2 import KeyspaceVersion
 from store.etcd import EtcdStore, Put
 
@@ -81,8 +81,11 @@ class Bench:
         self.leader: subprocess.Popen[bytes] | None = None
         self.leader_listen = f"127.0.0.1:{free_ports(1)[0]}"
         self.cycles_file = self.work / "cycles-1.txt"
+        self.config = json.loads(a.config) if a.config else {}
         self.res: dict[str, Any] = {"nodes": self.n, "vms": self.total,
-                                    "xml_bytes": a.xml_bytes, "config": "defaults",
+                                    "xml_bytes": a.xml_bytes,
+                                    "config": self.config or "defaults",
+                                    "agent_poll_s": a.agent_poll,
                                     "agents_per_process": a.agents_per_process,
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -107,7 +110,7 @@ class Bench:
         for i, names in enumerate(groups):
             self.hosts[f"agents-{i}"] = self._spawn(f"agents-{i}", [
                 "agents", "--fake-root", str(self.root), "--names", ",".join(names),
-                "--log-level", self.a.log_level])
+                "--poll-interval", str(self.a.agent_poll), "--log-level", self.a.log_level])
 
     def start_leader(self, cycles_file: Path) -> None:
         self.leader = self._spawn(cycles_file.stem.replace("cycles", "leader"), [
@@ -172,6 +175,8 @@ class Bench:
         assert store is not None
         store.put(KS.version, KeyspaceVersion(keyspace=2, state="done", started_at=time.time(),
                                               by="bench.scale", tool_version="bench").to_json())
+        if self.config:
+            store.put(KS.config, ClusterConfig(**self.config).to_json())
         t0 = time.time()
         for first in range(0, self.total, 50):
             store.txn([], [Put(KS.spec(vm), VmSpec(
@@ -181,13 +186,13 @@ class Bench:
         self.start_hosts()
         t0 = time.time()
         wait_until(lambda: store.count_only(KS.node_dir).count >= 2 * self.n,
-                   60 + self.n * 0.5, 1.0, "every agent registered")
+                   min(self.a.max_wait_s, 60 + self.n * 0.5), 1.0, "every agent registered")
         self.res["agents_registered_s"] = round(time.time() - t0, 2)
         before, t0 = scrape(self.endpoints), time.time()
         self.start_leader(self.cycles_file)
         cpu = self.cpu()
         wait_until(lambda: leader_metric(self.leader_listen, "vmha_vms", 'state="running"')
-                   == self.total, 120 + self.total * 0.2, 1.0, "every VM running")
+                   == self.total, self.a.max_wait_s, 1.0, "every VM running")
         booted = time.time() - t0
         after = self.settle()
         self.res["boot"] = {**self.phase(before, after, cpu), "running_after_s": round(booted, 2)}
@@ -321,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xml-bytes", type=int, default=4096)
     ap.add_argument("--agents-per-process", type=int, default=50)
     ap.add_argument("--idle-s", type=float, default=60.0)
+    ap.add_argument("--agent-poll", type=float, default=1.0,
+                    help="the agents' libvirt poll interval (they wake on every change of "
+                         "their keys anyway; the daemon's default is 1 s)")
+    ap.add_argument("--config", help="cluster config fields as JSON (default: the defaults)")
+    ap.add_argument("--max-wait-s", type=float, default=600.0,
+                    help="give up on a registration or boot that takes longer")
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--keep", action="store_true", help="keep the logs and fake records")
     ap.add_argument("--out", default="results/bench-scale.json")
