@@ -199,8 +199,13 @@ class Bench:
             wait_until(lambda: self.registered() >= 2 * self.n,
                        min(self.a.max_wait_s, 60 + self.n * 0.5), 2.0, "every agent registered")
         finally:
-            self.res["register"] = {**diff(before, scrape(self.endpoints)),
-                                    "cpu_per_s": cpu.read(), "keys": self.registered()}
+            reg: dict[str, Any] = {"cpu_per_s": cpu.read(), "keys": self.registered(),
+                                   "seconds": round(time.time() - t0, 1)}
+            try:
+                reg.update(diff(before, scrape(self.endpoints)))
+            except OSError as exc:  # etcd's /metrics too starved to answer: say so
+                reg["metrics_error"] = str(exc)
+            self.res["register"] = reg
         self.res["agents_registered_s"] = round(time.time() - t0, 2)
         before, t0 = scrape(self.endpoints), time.time()
         self.start_leader(self.cycles_file)
