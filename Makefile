@@ -72,12 +72,17 @@ bench-paging: setup
 		--out results/bench-paging.json
 
 # Keyspace 2 at scale (docs/keyspace-v2.md, part 8): 3 etcd members, NODES (default 50 200
-# 1000) real agents in processes of 50 on the record-only fake hypervisor, 10 VMs a node
-# with 4 kB domain XML, the leader in its own process; etcd's /metrics over boot, IDLE_S
-# (60) idle, one node crash, one drain, a leader restart; JSON and Markdown in results/.
+# 1000) real agents in processes of PER_PROCESS (50) on the record-only fake hypervisor,
+# 10 VMs a node with 4 kB domain XML, the leader in its own process; etcd's /metrics over
+# registration, boot, IDLE_S (60) idle, one node crash, one drain, a leader restart; JSON
+# and Markdown in results/.  CONFIG: cluster config fields as JSON (default: the
+# defaults), AGENT_POLL: the agents' poll (1 s), LABEL: the runs' key prefix.  On a
+# 2-core box the default config fits 50 nodes, not 200 (results/bench-scale.md).
 bench-scale: setup
 	mkdir -p results
 	$(PY) -m bench.scale --nodes $(or $(NODES),50 200 1000) --idle-s $(or $(IDLE_S),60) \
+		--agents-per-process $(or $(PER_PROCESS),50) --agent-poll $(or $(AGENT_POLL),1) \
+		$(if $(CONFIG),--config '$(CONFIG)') $(if $(LABEL),--label $(LABEL)) \
 		--out results/bench-scale.json
 
 # External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
