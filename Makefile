@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-etcd-faults bench-lab-drains bench-paging bench-placement campaign evidence clean bless clean-caches fuzz
+        bench bench-etcd-faults bench-lab-drains bench-paging bench-placement bench-scale campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -74,6 +74,20 @@ bench-paging: setup
 	mkdir -p results
 	$(PY) -m bench.paging --keys $(or $(KEYS),33000) --value-bytes $(or $(VALUE_BYTES),4096) \
 		--out results/bench-paging.json
+
+# Keyspace 2 at scale (docs/keyspace-v2.md, part 8): 3 etcd members, NODES (default 50 200
+# 1000) real agents in processes of PER_PROCESS (50) on the record-only fake hypervisor,
+# 10 VMs a node with 4 kB domain XML, the leader in its own process; etcd's /metrics over
+# registration, boot, IDLE_S (60) idle, one node crash, one drain, a leader restart; JSON
+# and Markdown in results/.  CONFIG: cluster config fields as JSON (default: the
+# defaults), AGENT_POLL: the agents' poll (1 s), LABEL: the runs' key prefix.  On a
+# 2-core box the default config fits 50 nodes, not 200 (results/bench-scale.md).
+bench-scale: setup
+	mkdir -p results
+	$(PY) -m bench.scale --nodes $(or $(NODES),50 200 1000) --idle-s $(or $(IDLE_S),60) \
+		--agents-per-process $(or $(PER_PROCESS),50) --agent-poll $(or $(AGENT_POLL),1) \
+		$(if $(CONFIG),--config '$(CONFIG)') $(if $(LABEL),--label $(LABEL)) \
+		--out results/bench-scale.json
 
 # External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
 # ROUNDS agent restarts with real QEMU guests must make no fence-agent call; a lost node must.

@@ -21,6 +21,13 @@ went away); at the switch-over the source's guest is killed and then the destina
 resumed, under both hosts' locks (a destroy on either side never interleaves with it).
 `migrate_seconds` is how long the copy takes, so a fault can land in the middle of it.
 
+**Record-only** (`record_only=True`, for benchmarks at scale: 10,000 `sleep` guests
+would need about 5 GB): a domain has no process of its own; its guest record names
+the host's process (host.pid), so it runs while that process lives and stops when a
+destroy or a migration's end marks the record stopped, or when the host process dies
+(the node losing power).  Everything else (records, locks, migrations, refusals) is
+the same code.
+
 `<root>/<node>/destroy-noop` (a fault injection for the negative controls of the
 checkers): this host's destroys, and the source side of its switch-overs, leave the
 guest process running while they report success.
@@ -89,8 +96,9 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 def guest_alive(guest: Any) -> bool:
     """Whether a record's guest process still lives: its pid with the start time it had
-    (a pid reused by another process does not count), not a zombie."""
-    if not isinstance(guest, dict):
+    (a pid reused by another process does not count), not a zombie.  A record-only
+    guest lives while its host process does, unless it was stopped."""
+    if not isinstance(guest, dict) or guest.get("stopped"):
         return False
     try:
         st = _stat(int(guest["pid"]))
@@ -126,10 +134,22 @@ def spawn_incoming(tag: str, job_pid: int) -> dict[str, int]:
                   _SH)
 
 
+def record_guest(host_pid: int) -> dict[str, Any]:
+    """A record-only guest: no process of its own, it runs while the host process
+    `host_pid` does (see the module's docstring)."""
+    st = _stat(host_pid)
+    return {"pid": host_pid, "start": st[1] if st else -1, "record_only": True}
+
+
 def kill_guest(guest: Any) -> None:
     """SIGKILL a record's guest process (if it is still that process) and wait until it
-    is gone, so a destroy that returned left nothing running."""
+    is gone, so a destroy that returned left nothing running.  A record-only guest is
+    marked stopped in place (its host process is not touched); the caller writes the
+    record."""
     if not guest_alive(guest):
+        return
+    if guest.get("record_only"):
+        guest["stopped"] = True
         return
     pid = int(guest["pid"])
     with contextlib.suppress(ProcessLookupError):
@@ -232,9 +252,10 @@ def _locked(*dirs: Path, shared: bool = False) -> Iterator[None]:
 class FakeHypervisor:
     def __init__(self, root: Path, node: str, memory_mib: int = 4096, vcpus: int = 8,
                  migrate_seconds: float = 0.2, host_pid: int | None = None,
-                 *, claim: bool = True) -> None:
+                 *, claim: bool = True, record_only: bool = False) -> None:
         """`claim`: this process (or `host_pid`) becomes the host, written to host.pid.
-        Without it the handle only looks at and acts on the host (see `attach`)."""
+        Without it the handle only looks at and acts on the host (see `attach`).
+        `record_only`: guests without processes (see the module's docstring)."""
         self.root = Path(root)
         self.node = node
         self.uri = f"{SCHEME}{self.root / node}"
@@ -243,6 +264,12 @@ class FakeHypervisor:
         self._memory = memory_mib
         self._vcpus = vcpus
         self._migrate_seconds = migrate_seconds
+        self.record_only = record_only
+        # Record-only: each record as last parsed, by (inode, mtime, size); records are
+        # replaced whole (os.replace), so an unchanged key is an unchanged record.  A
+        # thousand agents in one box list their domains every second: parsing every
+        # record again would be the fake's cost, not the agent's.
+        self._parsed: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         # Outgoing migrations of this process: VM -> (wake-up, how it ended early).
         self._jobs: dict[str, tuple[threading.Event, list[str]]] = {}
         if claim:
@@ -286,13 +313,44 @@ class FakeHypervisor:
     def _destroy_lost(self, node_dir: Path | None = None) -> bool:
         return ((node_dir or self.dir) / "destroy-noop").exists()
 
+    def _read_listed(self, path: Path) -> dict[str, Any] | None:
+        """A record for list_domains (never changed by it): parsed again only if its
+        file changed, in record-only mode."""
+        if not self.record_only:
+            return self._read(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._parsed.get(path.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        d = self._read(path)
+        if d is not None:
+            self._parsed[path.name] = (key, d)
+        return d
+
     def list_domains(self) -> dict[str, Domain]:
         out = {}
-        for path in sorted(self.ddir.glob("*.json")):
-            d = self._read(path)
+        memo: dict[tuple[Any, ...], bool] = {}  # record-only guests share their host's pid
+        paths = sorted(self.ddir.glob("*.json"))
+        if self.record_only:
+            names = {p.name for p in paths}
+            for gone in [n for n in list(self._parsed) if n not in names]:
+                self._parsed.pop(gone, None)  # other threads (migrations) list too
+        for path in paths:
+            d = self._read_listed(path)
             if d is None:
                 continue
-            alive = guest_alive(d.get("guest"))
+            g = d.get("guest")
+            if self.record_only and isinstance(g, dict):
+                gk = (g.get("pid"), g.get("start"), g.get("stopped"))
+                if gk not in memo:
+                    memo[gk] = guest_alive(g)
+                alive = memo[gk]
+            else:
+                alive = guest_alive(g)
             if d.get("incoming"):
                 if alive:  # a dead incoming copy is gone, as libvirt drops it
                     out[path.stem] = Domain(path.stem, "paused", True, True)
@@ -314,9 +372,15 @@ class FakeHypervisor:
         self._refuse_as_libvirt(name, xml)
         _refuse_if_fenced(self.dir, "start", name)
         # A host whose libvirtd is down starts nothing: the domain shows as crashed.
-        guest = spawn_guest(self._tag(name)) if pid_alive(self.host_pid) else None
+        guest = self._guest(name, self.dir, self.host_pid) if pid_alive(self.host_pid) else None
         _write_json(self._path(name), {"state": "running", "xml": mark_managed(xml),
                                        "guest": guest, "booted_at": time.time()})
+
+    def _guest(self, name: str, node_dir: Path, host_pid: int) -> dict[str, Any]:
+        """A running guest of `name` on the host at `node_dir` (process `host_pid`)."""
+        if self.record_only:
+            return record_guest(host_pid)
+        return spawn_guest(self._tag(name, node_dir))
 
     def _refuse_as_libvirt(self, name: str, xml: str) -> None:
         """What libvirt's define refuses, refused alike (HypervisorRefused, libvirt's
@@ -345,12 +409,14 @@ class FakeHypervisor:
             cur = self._read(self._path(name))
             if cur is None:
                 return
+            marked = bool(cur.get("guest") and cur["guest"].get("record_only")
+                          and guest_alive(cur["guest"]))
             if not self._destroy_lost():
                 kill_guest(cur.get("guest"))
             if cur.get("incoming"):
                 # Destroying an incoming copy fails its migration; nothing is left here.
                 self._path(name).unlink(missing_ok=True)
-            elif cur["state"] != "shutoff":
+            elif cur["state"] != "shutoff" or marked:  # a record-only guest stops on write
                 cur["state"] = "shutoff"
                 _write_json(self._path(name), cur)
 
@@ -395,7 +461,9 @@ class FakeHypervisor:
             # would count as a second running copy (a paused copy never runs).
             cur["outgoing"] = {"to": target_dir.name, "id": mid}
             _write_json(self._path(name), cur)
-            incoming = spawn_incoming(self._tag(name, target_dir), os.getpid())
+            # A record-only incoming copy lives while this (the migrating) process does.
+            incoming = (record_guest(os.getpid()) if self.record_only
+                        else spawn_incoming(self._tag(name, target_dir), os.getpid()))
             _write_json(tpath, {"state": "paused", "xml": cur["xml"], "guest": incoming,
                                 "incoming": {"from": self.node, "id": mid},
                                 "booted_at": time.time()})
@@ -403,13 +471,14 @@ class FakeHypervisor:
             self._copy_or_abort(name)
             total_ms = (time.monotonic() - start) * 1000.0
             stats = {"total_ms": round(total_ms, 1), "downtime_ms": 1.0}
-            self._switch_over(name, tpath, mid, stats)
+            self._switch_over(name, tpath, mid, stats, target_pid)
         except BaseException:
             self._abandon(name, tpath, mid)
             raise
         return MigrationStats(stats["total_ms"], stats["downtime_ms"])
 
-    def _switch_over(self, name: str, tpath: Path, mid: str, stats: dict[str, float]) -> None:
+    def _switch_over(self, name: str, tpath: Path, mid: str, stats: dict[str, float],
+                     target_pid: int) -> None:
         """Stop the source, then resume the destination: never both running."""
         target_dir = tpath.parent.parent
         with _locked(self.dir, target_dir):
@@ -424,7 +493,7 @@ class FakeHypervisor:
             lost = self._destroy_lost()
             if not lost:
                 kill_guest(cur.get("guest"))
-            resumed = spawn_guest(self._tag(name, target_dir))
+            resumed = self._guest(name, target_dir, target_pid)
             _write_json(tpath, {"state": "running", "xml": there["xml"], "guest": resumed,
                                 "booted_at": time.time(), "migrated_from": self.node,
                                 "migration": stats})

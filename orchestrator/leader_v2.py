@@ -39,7 +39,7 @@ from orchestrator import planner, txn_v2
 from orchestrator.leader import Orchestrator
 from orchestrator.model_v2 import ParseCache, leader_model
 from schemas.errors import ConfigError, SchemaError
-from schemas.keys_v2 import KeyspaceV2
+from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 from schemas.models import ClusterConfig
 from schemas.models_v2 import KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot
@@ -48,7 +48,7 @@ from store.errors import StoreCompacted, StoreError, StoreUnavailable
 from store.etcd import EtcdStore
 from store.history import HistoryWriter
 from store.paging import KeyRange
-from store.watchmodel import WatchedState
+from store.watchmodel import Change, WatchedState
 
 EXIT_KEYSPACE_CHANGED = 2
 
@@ -70,6 +70,9 @@ class OrchestratorV2(Orchestrator):
         self.catch_up_s = catch_up_s
         self._listed = False
         self._wrote_at = 0  # revision of the last write of ours the model must hold
+        # The VMs whose assignment invariant is to be checked: None after a list (all of
+        # them), then those whose keys the watch changed since (an idle cycle checks none).
+        self._upkeep_due: set[str] | None = None
         # Transactions sent and paged lists of the model, for tests and benchmarks.
         self.stats = {"txns": 0, "lists": 0}
         self.log = self.log.bind(keyspace=2)
@@ -102,7 +105,7 @@ class OrchestratorV2(Orchestrator):
         self._wrote_at = max(self._wrote_at, self.epoch or 0)
         if self._listed:
             try:
-                self.state.wait(0)
+                self._changed(self.state.wait(0))
             except StoreError as exc:  # compacted or canceled: list again
                 self._listed = False
                 self.log.warning("model_lost", error=str(exc), revision=self.state.revision,
@@ -110,6 +113,7 @@ class OrchestratorV2(Orchestrator):
         if not self._listed:
             self.state.start()
             self._listed = True
+            self._upkeep_due = None
             self.stats["lists"] += 1
         self._catch_up()
         rev, kvs = self.state.items()
@@ -127,10 +131,19 @@ class OrchestratorV2(Orchestrator):
                 if left <= 0:
                     raise StoreUnavailable(f"the watch is at revision {self.state.revision}, "
                                            f"behind this leader's write at {self._wrote_at}")
-                self.state.wait(min(left, 0.1))
+                self._changed(self.state.wait(min(left, 0.1)))
         except StoreError:
             self._listed = False  # the next cycle lists again
             raise
+
+    def _changed(self, changes: list[Change]) -> None:
+        """Note the VMs whose keys changed, for the next upkeep."""
+        if self._upkeep_due is None:
+            return
+        for c in changes:
+            ref = self.ks2.parse(c.key)
+            if isinstance(ref, KeyRefV2) and ref.vm:
+                self._upkeep_due.add(ref.vm)
 
     def _keyspace_still_2(self) -> bool:
         """This loop runs keyspace 2 only while the marker says `done`; else it stops."""
@@ -162,8 +175,13 @@ class OrchestratorV2(Orchestrator):
         this cycle; each written only if the model differs from it."""
         placed = frozenset(a.placement.vm for a in result.actions
                            if isinstance(a, planner.WritePlacement))
+        due, self._upkeep_due = self._upkeep_due, set()
         ups = [*txn_v2.confirm_offs(self.ks2, self.model, epoch, time.time()),
-               *txn_v2.assignment_upkeep(self.ks2, self.model, epoch, skip=placed)]
+               *txn_v2.assignment_upkeep(self.ks2, self.model, epoch, skip=placed, only=due)]
+        # Checked again next cycle: the planner's VMs (their write may fail) and any
+        # upkeep not written below; a write that applies comes back by the watch.
+        self._upkeep_due |= placed if due is None else placed & due
+        self._upkeep_due |= {up.vm for up in ups if up.vm}
         written = 0
         for up in ups:
             if not self.is_leader:
@@ -171,6 +189,8 @@ class OrchestratorV2(Orchestrator):
                                  revision=snap.revision)
                 break
             ok = self._send(up.write.txn)
+            if ok:
+                self._upkeep_due.discard(up.vm)
             fields = {k: v for k, v in (("vm", up.vm), ("node", up.node)) if v}
             self.log.info(up.event, **fields, reason=up.reason, written=ok, epoch=epoch,
                           revision=snap.revision)

@@ -18,7 +18,7 @@ gets no write at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from orchestrator import planner
@@ -112,14 +112,17 @@ class Upkeep:
 
 
 def assignment_upkeep(ks: KeyspaceV2, model: LeaderModel, epoch: int,
-                      skip: frozenset[str] = frozenset()) -> list[Upkeep]:
+                      skip: frozenset[str] = frozenset(),
+                      only: Collection[str] | None = None) -> list[Upkeep]:
     """The writes that restore the assignment invariant, one per VM that breaks it, in
     VM order.  `skip`: VMs the planner writes a placement for in this cycle (that write
-    puts their assignments).  A VM with an invalid key is left as it is."""
+    puts their assignments).  `only`: the VMs to check (None: every VM).  A VM with an
+    invalid key is left as it is."""
     snap = model.snapshot
     out: list[Upkeep] = []
     frozen = snap.invalid_vms
-    for vm in sorted(set(snap.placements) | set(model.assignments)):
+    vms = set(snap.placements) | set(model.assignments)
+    for vm in sorted(vms if only is None else vms.intersection(only)):
         if vm in skip or vm in frozen:
             continue
         up = _upkeep_of(ks, model, vm, epoch)

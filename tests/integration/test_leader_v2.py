@@ -16,9 +16,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from orchestrator import txn_v2
 from orchestrator.leader import Orchestrator
 from orchestrator.leader_v2 import EXIT_KEYSPACE_CHANGED, OrchestratorV2, orchestrator_for
 from schemas import Keyspace
@@ -209,6 +211,41 @@ def test_idle_cluster_costs_no_transaction(world: World, leader: Orchestrator,
     if w.ks == 2:
         assert delta["Range"] <= 1, "the model comes from the watch, not from reads"
         assert isinstance(leader, OrchestratorV2) and leader.stats["lists"] == 1
+
+
+def test_idle_leader_checks_no_assignment(world2: World, leader2: Orchestrator,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assignment invariant is checked for every VM after a list, then only for the
+    VMs whose keys changed: an idle cycle does no work per VM (at 10,000 VMs each check
+    builds an assignment, its spec's domain XML parsed again: seconds a cycle)."""
+    w = world2
+    w.register("n1")
+    vms = [f"vm{i}" for i in range(5)]
+    for vm in vms:
+        w.store.put(KS2.spec(vm), spec(vm).to_json())
+    for vm in vms:
+        w.report("n1", vm, "running", placed(w, vm)[0].id)
+    checked: list[str] = []
+    check = txn_v2._upkeep_of
+
+    def counted(ks: KeyspaceV2, model: Any, vm: str, epoch: int) -> Any:
+        checked.append(vm)
+        return check(ks, model, vm, epoch)
+
+    monkeypatch.setattr(txn_v2, "_upkeep_of", counted)
+    time.sleep(1.0)  # the reports seen, each VM checked once more
+    checked.clear()
+    cycles = leader2._cycles
+    time.sleep(2.0)
+    assert leader2._cycles - cycles >= 5
+    assert checked == [], "an idle cycle checks no VM"
+    # A spec edit: that VM is checked (and its assignment refreshed), no other.
+    edited = spec("vm1").model_copy(update={"memory_mib": 512})
+    spec_rev = w.store.put(KS2.spec("vm1"), edited.to_json())
+    wait_until(lambda: w.assignments("vm1")["n1"][0].spec_revision == spec_rev, 10,
+               what="the assignment refreshed")
+    time.sleep(0.5)
+    assert set(checked) == {"vm1"}
 
 
 def test_spec_edit_remove_and_confirm_off(world2: World, leader2: Orchestrator) -> None:
