@@ -159,8 +159,10 @@ class Membership:
             return False  # expired meanwhile: register anew once the key is gone
         # Pet first: the guard fires at its timeout after the previous process's last
         # pet, and everything below (libvirt, two reads, a write) can take seconds on
-        # a loaded host.
-        self._pet_renewed(sent)
+        # a loaded host.  Keyspace 2: only if the liveness lease was renewed too (the
+        # deadline is the minimum of both).
+        if self.ctx.keyspace == 1 or self.alive.adoptable():
+            self._pet_renewed(sent)
         facts = self._host_facts()
         sent = self.ctx.clock()  # the held lease counts from a renewal after the facts
         if store.keepalive(old.lease) <= 0:
@@ -192,15 +194,19 @@ class Membership:
 
     def _hold(self, lease_id: int, alive_id: int, create_revision: int, sent: float,
               cordoned: bool) -> None:
-        """Keep both leases renewed from now on; they were last acknowledged for `sent`."""
+        """Keep both leases renewed from now on; they were last acknowledged for `sent`.
+        Keyspace 2: in one round, the deadline the minimum of both (fencing.lease)."""
+        ks2 = self.ctx.keyspace == 2
         keeper = LeaseKeeper(self.ctx.store, self.cfg, lease_id, sent,
                              on_gone=lambda before: self.on_lease_gone(lease_id, before),
                              on_deadline=self.self_fence, on_renewed=self._on_renewed,
                              unavailable=StoreUnavailable,
-                             clock=self.ctx.clock, name=f"agent-{self.ctx.me}")
+                             clock=self.ctx.clock, name=f"agent-{self.ctx.me}",
+                             partner=alive_id if ks2 else 0,
+                             on_partner_gone=self.alive.partner_gone if ks2 else None)
         self.reg = Registration(lease_id, create_revision, keeper, cordoned)
+        self.alive.hold(alive_id, sent, self.cfg, pair=keeper if ks2 else None)
         keeper.start()
-        self.alive.hold(alive_id, sent, self.cfg)
         self.flags.revoked = self.flags.expired = self.flags.alive_gone = False
         self.fence.end("registered")
         for old in self._old_keepers:
@@ -213,7 +219,8 @@ class Membership:
     def _announce(self) -> None:
         """Tell the guard service which leases to hold while no agent is attached."""
         if self.guard is not None and self.cfg.guard_enabled and self.reg is not None:
-            self.guard.announce(LeaseTerms.of(self.reg.lease_id, self.cfg, self.alive.lease_id))
+            self.guard.announce(LeaseTerms.of(self.reg.lease_id, self.cfg, self.alive.lease_id,
+                                              paired=self.ctx.keyspace == 2))
 
     def _wait_old_registration_gone(self, key: str) -> None:
         waited = False
@@ -319,7 +326,15 @@ class Membership:
         reg = self.reg
         if reg is None or reg.lease_id != lease_id:
             return  # an old lease's keeper reporting late: already handled
-        if before_deadline:
+        if before_deadline and self.ctx.keyspace == 2:
+            # Keyspace 2: no pet and no later deadline while unregistered.  The leader's
+            # bounded liveness window relies on it (etcd's own revocations of both
+            # leases: the guard fires at most its timeout after the last pet, unless we
+            # register again first); renew() registers again at once.
+            self.flags.revoked = True
+            self.log.warning("lease_revoked", reason="lease gone while etcd answers: "
+                             "registering again; no guard pet until registered")
+        elif before_deadline:
             # etcd answered, so we are alive: the leader's fence window, counted from
             # after the revoke, lets the VMs run a little longer than the old deadline
             # while we register again (a slow etcd member must not turn a drain into
