@@ -21,7 +21,7 @@ from store.etcd import EtcdStore
 
 PROBE_INTERVAL_S = 60.0
 MEMBERS_INTERVAL_S = 5.0
-STATUS_TIMEOUT_S = 1.0
+STATUS_TIMEOUT_S = 2.0
 
 
 class LivenessProbe:
@@ -63,6 +63,10 @@ class LivenessProbe:
         self._last = choice
         return choice
 
+    def versions(self) -> dict[str, str | None]:
+        with self._lock:
+            return dict(self._versions)
+
     def current(self, cfg: ClusterConfig) -> Mode:
         return self.mode(cfg).mode
 
@@ -83,12 +87,13 @@ class LivenessProbe:
                                         "every member's version is known")
 
     def probe_once(self) -> None:
-        """Ask the member list; ask each member's version when the list changed or
-        PROBE_INTERVAL_S passed since the last time."""
+        """Ask the member list; ask each member's version when the list changed, a
+        member did not answer last time, or PROBE_INTERVAL_S passed."""
         members = self.store.members()
         now = self.clock()
         with self._lock:
             due = (members != self._members or self._probed_at is None
+                   or None in self._versions.values()
                    or now - self._probed_at >= PROBE_INTERVAL_S)
         if not due:
             return
