@@ -15,6 +15,7 @@ with agents and their guard services as processes on the fake hypervisor
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +25,17 @@ import pytest
 from bench.liveness_crash import VM, crash_once, running_on, start
 from fencing.liveness_fence import liveness_window, resolve_mode, version_fixed
 from fencing.policy import fence_window
+from hypervisor.fake import FakeHypervisor
 from lab.configs import FAST_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth
+from nodeagent.agent import AgentOptions, NodeAgent
 from orchestrator.liveness_v2 import LivenessProbe
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, NodeRegistration
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import log_events
+from tests.integration.helpers_v2 import mark_keyspace_2
 
 pytestmark = pytest.mark.integration
 
@@ -181,3 +185,74 @@ def test_a_drain_by_registration_revoke_is_no_liveness_fence(
     now = registration(store, node)
     assert now is not None and now.cordoned
     assert [e["vm"] for e in log_events(fc.agents[node], "migrate_done")] == [VM]
+
+
+class RecordingGuard:
+    """Stands for the guard service: records each pet with the registration the agent
+    held when it petted."""
+
+    pid = 0
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.pets: list[tuple[float, int, float]] = []  # (when, lease held, deadline)
+
+    def pet(self, deadline: float, timeout: float) -> bool:
+        reg = self.agent.reg
+        self.pets.append((time.monotonic(), reg.lease_id if reg else 0, deadline))
+        return True
+
+    def announce(self, terms: object) -> bool:
+        return True
+
+    def alive(self) -> bool:
+        return True
+
+    def disarm(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_no_guard_pet_while_the_registration_is_gone(etcd: EtcdCluster,
+                                                      tmp_path: Path) -> None:
+    """The premise of the bounded window: from the revoke of both leases until the new
+    registration, the agent pets its guard with nothing (keyspace 1 pets a later
+    deadline there); the new registration's first pet follows at once."""
+    store = EtcdStore(etcd.endpoints)
+    mark_keyspace_2(store)
+    store.put(KS.config, FAST_CONFIG.to_json())
+    agent = NodeAgent(store, FakeHypervisor(tmp_path, "n1"),
+                      AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
+    guard = RecordingGuard(agent)
+    agent.membership.guard = guard  # type: ignore[assignment]
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: agent.reg is not None and len(guard.pets) > 3, 15,
+                   what="registered and petting")
+        reg = agent.reg
+        assert reg is not None
+        alive = store.get(KS.alive("n1"))
+        assert alive is not None
+        store.revoke_lease(reg.lease_id)
+        store.revoke_lease(alive.lease)
+        revoked = time.monotonic()
+        wait_until(lambda: agent.reg is not None and agent.reg.lease_id != reg.lease_id, 10,
+                   what="registered again")
+        time.sleep(0.5)
+        # A renewal acknowledged just before the revoke may pet just after it.
+        late = [p for p in guard.pets if p[0] > revoked + 0.1 and p[1] in (reg.lease_id, 0)]
+        assert late == [], "petted while unregistered"
+        new = [p for p in guard.pets if p[1] == agent.reg.lease_id]
+        assert new, "the new registration pets"
+        # Every pet's deadline is the minimum over both leases, so at most the round's
+        # first send + TTL - safety: never later than the pet itself + TTL - safety.
+        ttl_less = FAST_CONFIG.lease_ttl_s - FAST_CONFIG.self_fence_safety_s
+        assert all(d <= when + ttl_less + 0.01 for when, _, d in guard.pets)
+    finally:
+        agent.stopped.set()
+        agent.wake.set()
+        t.join(10)
+        store.close()
