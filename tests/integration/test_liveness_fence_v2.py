@@ -29,7 +29,7 @@ from hypervisor.fake import FakeHypervisor
 from lab.configs import FAST_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth
 from nodeagent.agent import AgentOptions, NodeAgent
-from orchestrator.liveness_v2 import LivenessProbe
+from orchestrator.liveness_v2 import PROBE_INTERVAL_S, LivenessProbe
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, NodeRegistration
 from store.etcd import EtcdStore
@@ -63,7 +63,8 @@ def test_every_member_is_asked_its_version(etcd3: EtcdCluster) -> None:
         assert len(versions) == 3 and all(re.match(r"^\d+\.\d+\.\d+", v or "")
                                           for v in versions.values()), versions
         log = _Log()
-        probe = LivenessProbe(store, log, time.monotonic)
+        now = [0.0]
+        probe = LivenessProbe(store, log, lambda: now[0])
         auto = ClusterConfig(liveness_fence="auto")
         assert probe.current(auto) == "bounded"  # nothing asked yet: the safe mode
         wait_until(lambda: probe.probe_once() or all(probe.versions().values()), 30,
@@ -73,9 +74,12 @@ def test_every_member_is_asked_its_version(etcd3: EtcdCluster) -> None:
         assert resolve_mode("auto", versions).mode == want
         assert probe.current(ClusterConfig(liveness_fence="fast")) == "fast"
         assert [e for e, _ in log.events].count("liveness_fence_mode") >= 2
-        # A member stopped: it does not answer, so auto is bounded.
+        # A member stopped: asked again after the interval, it does not answer, so
+        # auto is bounded.
         etcd3.kill_member(etcd3.members[2])
+        now[0] += PROBE_INTERVAL_S
         probe.probe_once()
+        assert probe.versions()["m2"] is None
         assert probe.current(auto) == "bounded"
     finally:
         store.close()
