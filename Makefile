@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-etcd-faults bench-lab-drains bench-paging bench-placement bench-scale campaign evidence clean bless clean-caches fuzz
+        bench bench-etcd-faults bench-lab-drains bench-liveness bench-paging bench-placement bench-scale campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -88,6 +88,13 @@ bench-scale: setup
 		--agents-per-process $(or $(PER_PROCESS),50) --agent-poll $(or $(AGENT_POLL),1) \
 		$(if $(CONFIG),--config '$(CONFIG)') $(if $(LABEL),--label $(LABEL)) \
 		--out results/bench-scale.json
+
+# Liveness fencing on keyspace 2 (docs/keyspace-v2.md, section 4): CRASHES crashes (SIGKILL
+# of agent and guard service, guests killed) at TTL 3 on the fake hypervisor under
+# liveness_fence bounded, then fast; crash -> fence record and crash -> running (~4 min).
+bench-liveness: setup
+	mkdir -p results
+	$(PY) -m bench.liveness_crash --crashes $(or $(CRASHES),10) --out results/bench-liveness.json
 
 # External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
 # ROUNDS agent restarts with real QEMU guests must make no fence-agent call; a lost node must.

@@ -275,6 +275,9 @@ class GuardServer:
             except ValueError as exc:
                 _log("bad_message", agent_pid=c.pid, message=" ".join(parts)[:100],
                      error=str(exc))
+        elif parts[0] == "paired" and self.terms is not None and self.terms.alive_id:
+            # Keyspace 2: renew both leases in one round (fencing.lease_hold).
+            self.terms = self.terms.with_paired()
         elif parts[0] == "disarm":
             self._end_hold("agent disarmed")
             self.terms = None

@@ -11,6 +11,12 @@ a short jittered backoff between attempts; each attempt has its own deadline
 (`keepalive_timeout_s`).  fencing.policy.renewal_gap is the longest gap this leaves
 between two acknowledged renewals, and validate_timing checks it fits before the
 guard fires.
+
+A keeper may renew a second lease in the same round (`partner`: keyspace 2's liveness
+lease, docs/keyspace-v2.md section 4): the round counts as acknowledged only when etcd
+acknowledged both, so the deadline is the minimum over both leases of (last
+acknowledged send + TTL - safety).  The partner found gone is reported once
+(`on_partner_gone`) and the deadline stays where it was until a new partner is set.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ class LeaseKeeper:
                  *, on_gone: Callable[[bool], None], on_deadline: Callable[[], None] | None,
                  on_renewed: Callable[[], None] | None = None,
                  unavailable: type[BaseException] = TemporaryError,
-                 clock: Callable[[], float] = time.monotonic, name: str = "lease") -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "lease",
+                 partner: int = 0,
+                 on_partner_gone: Callable[[int], None] | None = None) -> None:
         """`on_gone(before_deadline)` fires once when etcd says the lease no longer exists:
         before the deadline that can only be a revoke (a drain); after it, an expiry.
         `on_deadline()` fires once when the deadline passes without a renewal; None: the
@@ -73,6 +81,9 @@ class LeaseKeeper:
         self.last_renew_latency_s: float | None = None
         self.deadline_passed = False
         self.gone = False
+        self.partner = partner
+        self._partner_gone = False
+        self._on_partner_gone = on_partner_gone
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._renew_loop, name=f"{name}-keepalive",
                                           daemon=True)]
@@ -116,16 +127,30 @@ class LeaseKeeper:
                     attempt=state.attempt_number, remaining_s=round(self.remaining(), 3),
                     who=self._name)
 
-    def _attempt(self) -> tuple[float, int]:
+    def set_partner(self, lease_id: int) -> None:
+        """Renew `lease_id` as the partner from the next round on (a replacement)."""
+        with self._lock:
+            self.partner, self._partner_gone = lease_id, False
+
+    def _attempt(self) -> tuple[float, int, bool]:
+        """One round: (send time, the lease's TTL, whether the partner, if any, was
+        acknowledged too)."""
         sent = self._clock()
-        return sent, self.store.keepalive(self.lease_id, self.cfg.keepalive_timeout_s)
+        ttl = self.store.keepalive(self.lease_id, self.cfg.keepalive_timeout_s)
+        with self._lock:
+            partner, gone = self.partner, self._partner_gone
+        if ttl <= 0 or not partner:
+            return sent, ttl, True
+        if gone or self.store.keepalive(partner, self.cfg.keepalive_timeout_s) <= 0:
+            return sent, ttl, False
+        return sent, ttl, True
 
     def _renew_loop(self) -> None:
         retrying = self._retrying()
         wait = self.cfg.keepalive_interval_s
         while not self._stop.wait(wait):
             try:
-                sent, ttl = retrying(self._attempt)
+                sent, ttl, both = retrying(self._attempt)
             except self._unavailable as exc:
                 # A whole interval of attempts failed: go on at once (the deadline
                 # thread fences if this lasts).
@@ -147,7 +172,10 @@ class LeaseKeeper:
             if ttl <= 0:
                 self._gone()
                 return
-            self._renewed(sent)
+            if both:
+                self._renewed(sent)
+            else:
+                self._partner_lost()
 
     def _gone(self) -> None:
         with self._lock:
@@ -158,6 +186,19 @@ class LeaseKeeper:
         # stop(): a drained agent that cannot re-register in time must still fence
         # itself by the old deadline.
         self._on_gone(before)
+
+    def _partner_lost(self) -> None:
+        """The partner lease is gone: the deadline no longer moves (it is the minimum
+        over both leases); reported once per partner."""
+        with self._lock:
+            partner, first = self.partner, not self._partner_gone
+            self._partner_gone = True
+        if first:
+            log.info("partner_lease_gone", lease=f"{self.lease_id:x}",
+                     partner=f"{partner:x}", remaining_s=round(self.remaining(), 3),
+                     who=self._name)
+            if self._on_partner_gone is not None:
+                self._on_partner_gone(partner)
 
     def extend_deadline(self, until: float) -> None:
         """Move a lease's deadline later (fencing.policy.revoked_deadline: a revoked

@@ -29,6 +29,12 @@ its liveness lease is replaced):
 The `alive` line is separate so that a guard without it still holds the registration
 lease (it logs the line as a bad message), and one with it still takes `lease` alone
 from an agent that has no liveness lease.
+
+An agent on keyspace 2 adds a line `paired`: both leases are then renewed in one round
+and a renewal pets only when both were acknowledged (`fencing.lease`, `partner`), so
+the deadline is the minimum over both, as the agent's own (docs/keyspace-v2.md,
+section 4).  A guard of an older release logs `paired` as a bad message and holds the
+two leases apart, with the registration lease's deadline.
 """
 
 from __future__ import annotations
@@ -52,18 +58,26 @@ class LeaseTerms:
     interval_s: float
     timeout_s: float
     alive_id: int = 0  # the liveness lease; 0: none
+    paired: bool = False  # keyspace 2: both renewed in one round, the deadline the minimum
 
     def line(self) -> str:
-        """The message: the `lease` line, then the `alive` line if there is one."""
+        """The message: the `lease` line, then the `alive` line if there is one (and
+        `paired` after it on keyspace 2)."""
         lease = (f"lease {self.lease_id:x} {self.ttl_s:g} {self.safety_s:g} "
                  f"{self.interval_s:g} {self.timeout_s:g}")
-        return f"{lease}\nalive {self.alive_id:x}" if self.alive_id else lease
+        if not self.alive_id:
+            return lease
+        return f"{lease}\nalive {self.alive_id:x}" + ("\npaired" if self.paired else "")
 
     def with_alive(self, args: list[str]) -> LeaseTerms:
         """The arguments after `alive`; ValueError unless one lease id."""
         if len(args) != 1 or int(args[0], 16) <= 0:
             raise ValueError(f"alive takes one lease id, got {' '.join(args)!r}")
         return dataclasses.replace(self, alive_id=int(args[0], 16))
+
+    def with_paired(self) -> LeaseTerms:
+        """After a `paired` line."""
+        return dataclasses.replace(self, paired=True)
 
     @classmethod
     def parse(cls, args: list[str]) -> LeaseTerms:
@@ -77,9 +91,11 @@ class LeaseTerms:
         return cls(lease_id, ttl, safety, interval, timeout)
 
     @classmethod
-    def of(cls, lease_id: int, cfg: ClusterConfig, alive_id: int = 0) -> LeaseTerms:
+    def of(cls, lease_id: int, cfg: ClusterConfig, alive_id: int = 0,
+           paired: bool = False) -> LeaseTerms:
         return cls(lease_id, float(cfg.lease_ttl_s), cfg.self_fence_safety_s,
-                   cfg.keepalive_interval_s, cfg.keepalive_timeout_s, alive_id)
+                   cfg.keepalive_interval_s, cfg.keepalive_timeout_s, alive_id,
+                   paired and alive_id != 0)
 
     def config(self) -> ClusterConfig:
         # Only the fields the keeper reads; the cluster's own rules were checked by the
@@ -105,16 +121,18 @@ class LeaseHold:
         # Start from the deadline the last pet carried: never later than what the agent
         # itself had earned.
         granted = deadline - (terms.ttl_s - terms.safety_s)
+        paired = terms.paired and terms.alive_id != 0
         self.keeper = LeaseKeeper(store, cfg, terms.lease_id, granted,
                                   on_gone=lambda _before: self._on_gone(),
                                   on_deadline=lambda: None, on_renewed=self._renewed,
-                                  clock=clock, name="guard-hold")
+                                  clock=clock, name="guard-hold",
+                                  partner=terms.alive_id if paired else 0)
         # The liveness lease fences nothing: renewed, its deadline not watched; if it is
         # gone the agent grants a new one when it adopts the registration.
         self.alive = (LeaseKeeper(store, cfg, terms.alive_id, granted,
                                   on_gone=lambda _before: None, on_deadline=None,
                                   clock=clock, name="guard-hold-alive")
-                      if terms.alive_id else None)
+                      if terms.alive_id and not paired else None)
 
     def start(self) -> LeaseHold:
         self.keeper.start()

@@ -221,7 +221,7 @@ class FenceDecision:
 
 def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: float,
                    wall_time: float, record: FenceRecord | None, *,
-                   left: bool = False) -> FenceDecision:
+                   left: bool = False, liveness: FenceVerdict | None = None) -> FenceDecision:
     """The cluster's fence policy applied to one lost node (no fence success yet).
 
     self:     the self-fence record after the fence window.
@@ -234,8 +234,15 @@ def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: 
     `left`: the node's agent wrote a leave marker before revoking its own lease (a drain
     that finished): no device is ever called; the self-fence record follows the fence
     window, whatever the policy (docs/fencing.md, "Drains never call a fence device").
+
+    `liveness`: keyspace 2's verdict on the node's liveness key as well
+    (`fencing.liveness_fence.liveness_verdict`); wherever self-fencing is trusted, the
+    earlier of the two verdicts decides (both are safe).
     """
     verdict = self_fence_verdict(lost_observed_at, now, cfg)
+    if liveness is not None and (liveness.fenced or (not verdict.fenced and
+                                                     liveness.remaining_s < verdict.remaining_s)):
+        verdict = liveness
     if left:
         return FenceDecision("self" if verdict.fenced else None,
                              f"node left after a drain (leave marker); {verdict.reason}")

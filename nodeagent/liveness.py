@@ -10,8 +10,11 @@ paused for longer than the TTL resumes, every lease that leader saw expire meanw
 together.  So: registration lease gone while etcd answers, liveness lease gone too ->
 not a drain (register again, keep the VMs); liveness lease alive -> a drain.
 
-The liveness lease fences nothing: its keeper watches no deadline (the registration's
-keeper does), and a liveness lease gone alone is replaced.
+The liveness lease fences nothing on keyspace 1: its keeper watches no deadline (the
+registration's keeper does), and a liveness lease gone alone is replaced.  On keyspace 2
+it has no keeper of its own: the registration's keeper renews it in the same round (its
+`partner`), so the self-fence deadline is the minimum over both leases, which the
+leader's liveness fencing relies on (fencing.liveness_fence).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Liveness:
         self.ctx = ctx
         self.lease_id = 0
         self.keeper: LeaseKeeper | None = None
+        # Keyspace 2: the registration's keeper, which renews this lease as its partner.
+        self.pair: LeaseKeeper | None = None
         self._on_gone = on_gone
 
     @property
@@ -81,16 +86,27 @@ class Liveness:
             return 0
         return kv.lease
 
-    def hold(self, lease_id: int, sent: float, cfg: ClusterConfig) -> None:
+    def hold(self, lease_id: int, sent: float, cfg: ClusterConfig,
+             pair: LeaseKeeper | None = None) -> None:
         """Renew `lease_id` from now on (last acknowledged for `sent`); the lease held
-        before stops being renewed (it is gone, or given back by `give_back`)."""
+        before stops being renewed (it is gone, or given back by `give_back`).  `pair`
+        (keyspace 2): renewed by that keeper, in its round, instead of a keeper of its
+        own."""
         if self.keeper is not None:
             self.keeper.stop()
         self.lease_id = lease_id
+        if pair is not None:
+            self.keeper, self.pair = None, pair
+            pair.set_partner(lease_id)
+            return
         self.keeper = LeaseKeeper(self.ctx.store, cfg, lease_id, sent,
                                   on_gone=lambda _before: self._gone(lease_id),
                                   on_deadline=None, unavailable=StoreUnavailable,
                                   clock=self.ctx.clock, name=f"alive-{self.ctx.me}").start()
+
+    def partner_gone(self, lease_id: int) -> None:
+        """The registration's keeper found this lease gone (keyspace 2)."""
+        self._gone(lease_id)
 
     def _gone(self, lease_id: int) -> None:
         if lease_id == self.lease_id:
@@ -128,7 +144,7 @@ class Liveness:
     def _renewed_within_ttl(self, cfg: ClusterConfig) -> bool:
         """The liveness lease was acknowledged less than a TTL ago (its keeper's
         deadline is that acknowledgement's send time + TTL - safety)."""
-        keeper = self.keeper
+        keeper = self.keeper or self.pair
         return keeper is not None and (
             self.ctx.clock() < keeper.deadline + cfg.self_fence_safety_s)
 
@@ -155,7 +171,7 @@ class Liveness:
         if not res.succeeded:
             self.ctx.store.revoke_lease(new)
             return False
-        self.hold(new, sent, cfg)
+        self.hold(new, sent, cfg, pair=self.pair)
         self.log.warning("liveness_lease_replaced", old_lease=f"{old:x}", lease=f"{new:x}",
                          reason="the liveness lease was gone, the registration lease not: "
                                 "nothing to drain")

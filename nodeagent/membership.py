@@ -29,26 +29,19 @@ from fencing.policy import (
     self_fence_deadline,
 )
 from hypervisor.fake import pid_alive
+from nodeagent import reregister
 from nodeagent.context import AgentContext
 from nodeagent.cordon import write_cordon
 from nodeagent.keyspace import read_config, stale_claims_rewritten
 from nodeagent.liveness import Liveness
+from nodeagent.reregister import VERSION as VERSION
 from nodeagent.selffence import LeaseFlags, SelfFence
 from schemas.errors import SchemaError, TemporaryError
-from schemas.models import (
-    AgentInfo,
-    Capacity,
-    ClusterConfig,
-    CpuInfo,
-    LeaveMarker,
-    NodeRegistration,
-)
+from schemas.models import ClusterConfig, LeaveMarker, NodeRegistration
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Delete, Put
 from store.etcd import LeaseNotFound, StoreUnavailable
 from telemetry import metrics
-
-VERSION = "0.1.0"
 
 
 class NotRegistered(TemporaryError):
@@ -74,6 +67,8 @@ class Membership:
         self._old_keepers: list[LeaseKeeper] = []
         self.fence = SelfFence(ctx, self.flags)
         self.alive = Liveness(ctx, self._on_alive_gone)
+        self.facts: reregister.HostFacts | None = None  # of the last registration
+        self.revoked: reregister.Revoked | None = None  # keyspace 2: not classified yet
 
     @property
     def log(self) -> Any:
@@ -106,12 +101,12 @@ class Membership:
         self._wait_old_registration_gone(key)
         if self.ctx.keyspace == 2 and not stale_claims_rewritten(self.ctx):
             return False
-        facts = self._host_facts()  # libvirt calls: before the lease's clock starts
+        facts = self.facts = reregister.host_facts(self.ctx)  # before the lease is granted
         sent = self.ctx.clock()
         lease_id = store.grant_lease(self.cfg.lease_ttl_s)
         alive_id = self.alive.grant(self.cfg)
         cordoned = store.get(keys.cordon) is not None
-        reg = self._registration(lease_id, cordoned, facts)
+        reg = reregister.registration(self.ctx, lease_id, cordoned, facts)
         try:
             # A leave marker of an earlier drain goes with the new registration.
             res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, reg.to_json(), lease_id),
@@ -130,7 +125,7 @@ class Membership:
                           reason="another writer created this node's registration first; "
                                  "registering again once it is gone")
             return False
-        self._hold(lease_id, alive_id, res.revision, sent, cordoned)
+        self.hold_new(lease_id, alive_id, res.revision, sent, cordoned)
         self.log.info("registered", lease=f"{lease_id:x}", liveness_lease=f"{alive_id:x}",
                       revision=res.revision, cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
         return True
@@ -159,14 +154,15 @@ class Membership:
             return False  # expired meanwhile: register anew once the key is gone
         # Pet first: the guard fires at its timeout after the previous process's last
         # pet, and everything below (libvirt, two reads, a write) can take seconds on
-        # a loaded host.
-        self._pet_renewed(sent)
-        facts = self._host_facts()
+        # a loaded host.  Keyspace 2: once both leases are renewed (D = the minimum).
+        if self.ctx.keyspace == 1 or self.alive.adoptable():
+            self._pet_renewed(sent)
+        facts = self.facts = reregister.host_facts(self.ctx)
         sent = self.ctx.clock()  # the held lease counts from a renewal after the facts
         if store.keepalive(old.lease) <= 0:
             return False
         cordoned = store.get(self.ctx.keys.cordon) is not None
-        reg = self._registration(old.lease, cordoned, facts)
+        reg = reregister.registration(self.ctx, old.lease, cordoned, facts)
         # The liveness lease the old process left, or a new one if it is gone.
         alive_id = self.alive.adoptable() or self.alive.grant(self.cfg)
         res = store.txn([Cmp(key, "create", "==", old.create_revision)],
@@ -174,7 +170,7 @@ class Membership:
                          Delete(self.ctx.keys.leaving)])
         if not res.succeeded:
             return False
-        self._hold(old.lease, alive_id, old.create_revision, sent, cordoned)
+        self.hold_new(old.lease, alive_id, old.create_revision, sent, cordoned)
         self.log.warning("registration_adopted", lease=f"{old.lease:x}",
                          liveness_lease=f"{alive_id:x}",
                          revision=old.create_revision, previous_pid=prev.agent.pid,
@@ -190,17 +186,21 @@ class Membership:
         if not self.guard.pet(self_fence_deadline(sent, self.cfg), guard_timeout(self.cfg)):
             self.log.error("guard_lost", reason="cannot reach the guard process")
 
-    def _hold(self, lease_id: int, alive_id: int, create_revision: int, sent: float,
-              cordoned: bool) -> None:
-        """Keep both leases renewed from now on; they were last acknowledged for `sent`."""
+    def hold_new(self, lease_id: int, alive_id: int, create_revision: int, sent: float,
+                 cordoned: bool) -> None:
+        """Keep both leases renewed from now on; they were last acknowledged for `sent`.
+        Keyspace 2: in one round, the deadline the minimum of both (fencing.lease)."""
+        ks2 = self.ctx.keyspace == 2
         keeper = LeaseKeeper(self.ctx.store, self.cfg, lease_id, sent,
                              on_gone=lambda before: self.on_lease_gone(lease_id, before),
                              on_deadline=self.self_fence, on_renewed=self._on_renewed,
                              unavailable=StoreUnavailable,
-                             clock=self.ctx.clock, name=f"agent-{self.ctx.me}")
+                             clock=self.ctx.clock, name=f"agent-{self.ctx.me}",
+                             partner=alive_id if ks2 else 0,
+                             on_partner_gone=self.alive.partner_gone if ks2 else None)
         self.reg = Registration(lease_id, create_revision, keeper, cordoned)
+        self.alive.hold(alive_id, sent, self.cfg, pair=keeper if ks2 else None)
         keeper.start()
-        self.alive.hold(alive_id, sent, self.cfg)
         self.flags.revoked = self.flags.expired = self.flags.alive_gone = False
         self.fence.end("registered")
         for old in self._old_keepers:
@@ -213,7 +213,8 @@ class Membership:
     def _announce(self) -> None:
         """Tell the guard service which leases to hold while no agent is attached."""
         if self.guard is not None and self.cfg.guard_enabled and self.reg is not None:
-            self.guard.announce(LeaseTerms.of(self.reg.lease_id, self.cfg, self.alive.lease_id))
+            self.guard.announce(LeaseTerms.of(self.reg.lease_id, self.cfg, self.alive.lease_id,
+                                              paired=self.ctx.keyspace == 2))
 
     def _wait_old_registration_gone(self, key: str) -> None:
         waited = False
@@ -228,21 +229,6 @@ class Membership:
                 waited = True
             self.ctx.stopped.wait(0.2)
 
-    def _host_facts(self) -> tuple[Capacity, CpuInfo]:
-        hv = self.ctx.hv
-        mem, vcpus = hv.capacity()
-        return Capacity(memory_mib=mem, vcpus=vcpus), CpuInfo(model=hv.cpu_model())
-
-    def _registration(self, lease_id: int, cordoned: bool,
-                      facts: tuple[Capacity, CpuInfo]) -> NodeRegistration:
-        return NodeRegistration(
-            name=self.ctx.me, lease_id=f"{lease_id:x}", libvirt_uri=self.ctx.hv.uri,
-            migration_address=self.ctx.opts.migration_address,
-            capacity=facts[0], cpu=facts[1],
-            cordoned=cordoned, agent=AgentInfo(pid=os.getpid(), hostname=socket.gethostname(),
-                                               version=VERSION),
-            registered_at=time.time())
-
     def renew(self, exiting: bool) -> Registration | None:
         """The start of a cycle: register if needed; on a revoke (or SIGTERM) cordon the
         node; after a revoke or an expiry register again.  None: not registered yet."""
@@ -254,6 +240,9 @@ class Membership:
         # Read the keeper thread's flags once: a revoke flagged between two reads
         # would re-register the node without its cordon (a drain that drains nothing).
         revoked, expired = self.flags.revoked, self.flags.expired
+        if self.ctx.keyspace == 2 and revoked and not expired:
+            return reregister.register_first(self, self.reg, exiting)
+        reregister.classify(self)  # keyspace 2: a revoke still to classify (etcd did not answer)
         again = revoked or expired
         if (revoked or self.flags.alive_gone) and not expired:
             revoked, again = self._revoked_by_whom(self.reg, revoked)
@@ -262,7 +251,7 @@ class Membership:
                         "agent stopping (SIGTERM): drain")
         if again:
             # The old keeper keeps watching the old deadline until we hold a new lease.
-            self._old_keepers.append(self.reg.keeper)
+            self.keep_old_deadline(self.reg.keeper)
             self.reg = None
             if not self.register():
                 return None
@@ -279,6 +268,9 @@ class Membership:
         elif who == "operator" and not revoked:
             self.on_lease_gone(reg.lease_id, True)  # before the registration's keeper saw it
         return who == "operator", who in ("operator", "etcd")
+
+    def keep_old_deadline(self, keeper: LeaseKeeper) -> None:
+        self._old_keepers.append(keeper)
 
     def visible(self, snap: ClusterSnapshot, reg: Registration) -> bool:
         """True if the snapshot shows our own registration (not an older or newer one)."""
@@ -319,7 +311,13 @@ class Membership:
         reg = self.reg
         if reg is None or reg.lease_id != lease_id:
             return  # an old lease's keeper reporting late: already handled
-        if before_deadline:
+        if before_deadline and self.ctx.keyspace == 2:
+            # No pet, no later deadline while unregistered (the leader's bounded window
+            # relies on it); renew() registers again at once (nodeagent.reregister).
+            self.flags.revoked = True
+            self.log.warning("lease_revoked", reason="lease gone while etcd answers: "
+                             "registering again; no guard pet until registered")
+        elif before_deadline:
             # etcd answered, so we are alive: the leader's fence window, counted from
             # after the revoke, lets the VMs run a little longer than the old deadline
             # while we register again (a slow etcd member must not turn a drain into

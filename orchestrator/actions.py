@@ -8,7 +8,7 @@ names, which is where the leader and the tools import them from.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.models import Placement
 from schemas.snapshot import ClusterSnapshot
@@ -64,6 +64,9 @@ class Plan:
     actions: tuple[Action, ...]
     lost_since: Mapping[str, float]
     summary: str
+    # Lost nodes whose liveness key is gone too, first seen so (keyspace 2's liveness
+    # fencing; empty when it is off): the caller hands it back next cycle.
+    both_gone_since: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def writes(self) -> tuple[Action, ...]:

@@ -245,8 +245,7 @@ class Orchestrator:
             self.wake.set()  # decide on a snapshot that shows the new fence records
             return None
         started = self.clock()
-        result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
-                              lost_since=self.lost_since)
+        result = self._plan(snap, epoch)
         metrics.PLACEMENT_CYCLE_SECONDS.observe(self.clock() - started)
         self._observe(snap)
         for node in sorted(set(self.lost_since) - set(result.lost_since)):
@@ -282,6 +281,10 @@ class Orchestrator:
             self.log.info("cycle", summary=result.summary, written=written, epoch=epoch,
                           decide_ms=round((self.clock() - started) * 1000, 2))
         return result
+
+    def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:
+        return planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
+                            lost_since=self.lost_since)
 
     def _observe(self, snap: ClusterSnapshot) -> None:
         """Gauges from the snapshot; the end of each lost node's incident per VM."""

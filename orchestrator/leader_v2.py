@@ -37,6 +37,7 @@ from tenacity import (
 
 from orchestrator import planner, txn_v2
 from orchestrator.leader import Orchestrator
+from orchestrator.liveness_v2 import LivenessProbe
 from orchestrator.model_v2 import ParseCache, leader_model
 from schemas.errors import ConfigError, SchemaError
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
@@ -76,6 +77,10 @@ class OrchestratorV2(Orchestrator):
         # Transactions sent and paged lists of the model, for tests and benchmarks.
         self.stats = {"txns": 0, "lists": 0}
         self.log = self.log.bind(keyspace=2)
+        # Liveness fencing (fencing.liveness_fence): the mode, and when this term first
+        # saw each lost node's liveness key gone too (kept like `lost_since`).
+        self.liveness = LivenessProbe(store, self.log, clock)
+        self.both_gone_since: dict[str, float] = {}
 
     # ---- config: read only (the orchestrator's role does not write it) --------------
 
@@ -99,7 +104,26 @@ class OrchestratorV2(Orchestrator):
             # and a term of its own starts from a fresh list).
             self.state.close()
             self.state, self._listed = self._new_state(), False
-        return super().campaign()
+        elected = super().campaign()
+        if elected:
+            # A new term counts from its own observations (from its first list: later
+            # than the real deletions, so the windows can only grow).
+            self.both_gone_since = {}
+            self.liveness.elected()
+        return elected
+
+    def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:
+        """The planner with the liveness mode of this cycle (section 4)."""
+        result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
+                              lost_since=self.lost_since,
+                              liveness=self.liveness.current(self.cfg),
+                              both_gone_since=self.both_gone_since)
+        for node in sorted(set(result.both_gone_since) - set(self.both_gone_since)):
+            self.log.info("node_liveness_gone", node=node, epoch=epoch,
+                          reason="registration and liveness keys both gone: the liveness "
+                                 "fence window starts")
+        self.both_gone_since = dict(result.both_gone_since)
+        return result
 
     def _read(self) -> ClusterSnapshot:
         self._wrote_at = max(self._wrote_at, self.epoch or 0)
@@ -160,6 +184,7 @@ class OrchestratorV2(Orchestrator):
     def _stop_watches(self) -> None:
         self.all_watch.stop()
         self.state.close()
+        self.liveness.stop()
 
     # ---- writes -----------------------------------------------------------------------
 

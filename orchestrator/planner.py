@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from fencing.liveness_fence import Mode
 from orchestrator.actions import (
     Action,
     ClearFence,
@@ -58,8 +59,12 @@ __all__ = [
 
 
 def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
-         lost_since: Mapping[str, float]) -> Plan:
-    """One cycle's decisions; the rules and their order are in orchestrator.rules."""
+         lost_since: Mapping[str, float], liveness: Mode = "off",
+         both_gone_since: Mapping[str, float] | None = None) -> Plan:
+    """One cycle's decisions; the rules and their order are in orchestrator.rules.
+    `liveness`, `both_gone_since`: keyspace 2's liveness fencing (fencing.liveness_fence;
+    the previous plan's `both_gone_since` goes back in, as `lost_since` does)."""
     st = run_cycle(CycleInput.of(snap, epoch=epoch, now=now, wall_time=wall_time,
-                                 lost_since=lost_since))
-    return Plan(tuple(st.actions), st.lost, st.summary())
+                                 lost_since=lost_since, liveness=liveness,
+                                 both_gone_since=both_gone_since))
+    return Plan(tuple(st.actions), st.lost, st.summary(), st.both_gone)

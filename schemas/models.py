@@ -242,6 +242,11 @@ class ClusterConfig(Model):
     # again, cordoned) before its fence device is called.  A node that left with a leave
     # marker (a drain that finished) is never fenced by a device.
     revoke_grace_s: float = Field(default=3.0, ge=0)
+    # Keyspace 2 (docs/keyspace-v2.md, section 4; fencing.liveness_fence): how soon the
+    # leader may fence a lost node whose liveness key is gone too.  auto: fast when every
+    # etcd member is 3.4 >= 3.4.28, 3.5 >= 3.5.11 or >= 3.6.0, else bounded; off: the
+    # fence window alone, as on keyspace 1 (which ignores this field).
+    liveness_fence: Literal["auto", "fast", "bounded", "off"] = "auto"
 
 
 class Capacity(Model):

@@ -65,6 +65,7 @@ from store.errors import (
 from store.keepalive import KeepaliveRing
 from store.paging import KeyRange, Page, RangeCount, count_range, list_range, raw_kv
 from store.ring import EndpointRing
+from store.versions import member_versions
 
 __all__ = ["Cmp", "Delete", "EtcdStore", "LeaseNotFound", "PermissionDenied", "Put",
            "StoreCompacted", "StoreError", "StoreRejected", "StoreUnavailable", "TlsFiles",
@@ -242,6 +243,17 @@ class EtcdStore:
     def call_auth(self) -> tuple[Any, Any]:
         """The client's per-call credentials and metadata, for calls on own channels."""
         return self._client.call_credentials, self._client.metadata
+
+    def members(self) -> list[tuple[str, list[str]]]:
+        """The cluster's members: (name, client URLs) each, sorted."""
+        return sorted(self._call("member list", lambda: [
+            (m.name or f"{m.id:x}", list(m.client_urls)) for m in self._client.members]))
+
+    def member_versions(self, members: list[tuple[str, list[str]]],
+                        timeout: float = 1.0) -> dict[str, str | None]:
+        """Each member's server version (None: no answer), `store.versions`."""
+        return member_versions(members, self._tls.credentials() if self._tls else None,
+                               self.call_auth, timeout)
 
     # ---- writes ------------------------------------------------------------------------
 

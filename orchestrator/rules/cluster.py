@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from fencing.liveness_fence import liveness_verdict
 from fencing.policy import fence_decision
 from orchestrator import rebalance
 from orchestrator.actions import ClearFence, ClearMove, FenceNode
@@ -26,8 +27,9 @@ def fence_lost_nodes(st: CycleState) -> None:
     snap, inp = st.inp.snap, st.inp
     for node, since in st.lost.items():
         fe = snap.fences.get(node)
+        lv = liveness_verdict(st.both_gone.get(node), inp.now, inp.cfg, inp.liveness)
         d = fence_decision(inp.cfg, node, since, inp.now, inp.wall_time,
-                           fe.value if fe else None, left=node in snap.leaving)
+                           fe.value if fe else None, left=node in snap.leaving, liveness=lv)
         st.fence_why[node] = d.reason
         if d.method is not None:
             st.actions.append(FenceNode(node, lease_id="", reason=d.reason, method=d.method,

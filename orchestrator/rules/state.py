@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fencing.liveness_fence import Mode, track_both_gone
 from orchestrator.actions import Action, FenceNode, Wait, WritePlacement
 from orchestrator.placement import Placer
 from orchestrator.rules.facts import migration_in_flight, track_lost
@@ -30,16 +31,22 @@ class CycleInput:
     lost_since: Mapping[str, float]  # the previous cycle's, as the leader kept it
     running: tuple[str, ...]  # VMs whose spec says running, in decision order
     max_priority: int
+    # Keyspace 2's liveness fencing (fencing.liveness_fence): the mode the leader
+    # resolved, and when it first saw each lost node's liveness key gone too.  "off"
+    # (keyspace 1, and every caller that does not say): the fence window alone.
+    liveness: Mode = "off"
+    both_gone_since: Mapping[str, float] = field(default_factory=dict)
 
     @staticmethod
     def of(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
-           lost_since: Mapping[str, float]) -> CycleInput:
+           lost_since: Mapping[str, float], liveness: Mode = "off",
+           both_gone_since: Mapping[str, float] | None = None) -> CycleInput:
         running = [vm for vm, e in snap.specs.items() if e.value.state == "running"]
         prio = {vm: snap.specs[vm].value.priority for vm in running}
         # Higher priority first (restart order and first pick of capacity), then by name.
         order = tuple(sorted(running, key=lambda v: (-prio[v], v)))
         return CycleInput(snap, epoch, now, wall_time, lost_since, order,
-                          max(prio.values(), default=0))
+                          max(prio.values(), default=0), liveness, both_gone_since or {})
 
     @property
     def cfg(self) -> ClusterConfig:
@@ -76,12 +83,17 @@ class CycleState:
     fence_why: dict[str, str] = field(default_factory=dict)  # lost node -> fence verdict
     # Cold boots placed by an exact search (orchestrator.placement.place_batch), if any.
     batch: dict[str, str | None] | None = None
+    # Lost nodes whose liveness key is gone too -> first seen so (liveness fencing only).
+    both_gone: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def start(inp: CycleInput) -> CycleState:
         snap = inp.snap
-        return CycleState(inp, Placer.from_snapshot(snap), count_inflight(snap),
-                          track_lost(snap, inp.lost_since, inp.now))
+        lost = track_lost(snap, inp.lost_since, inp.now)
+        both = ({} if inp.liveness == "off" else
+                track_both_gone(lost, snap.alive, inp.both_gone_since, inp.now))
+        return CycleState(inp, Placer.from_snapshot(snap), count_inflight(snap), lost,
+                          both_gone=both)
 
     # ---- writing decisions -------------------------------------------------------------
 

@@ -112,3 +112,93 @@ def test_failing_renewed_callback_does_not_end_renewal() -> None:
         assert enough.wait(5.0), "renewal stopped after its callback failed"
     finally:
         keeper.stop()
+
+
+class TwoLeases:
+    """Lease 1 always renewed; lease 2 (the partner) until `partner_gone` is set."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.partner_gone = False
+        self.calls: list[tuple[int, float]] = []
+
+    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
+        self.calls.append((lease_id, self.clock[0]))
+        self.clock[0] += 0.1  # each keepalive takes 0.1 (virtual) s
+        return 0 if lease_id == 2 and self.partner_gone else 6
+
+
+def test_a_partner_lease_is_renewed_in_the_same_round_and_bounds_the_deadline() -> None:
+    """Keyspace 2: both leases in one round; the deadline counts from the round's first
+    send only when both were acknowledged, and stays put while the partner is gone."""
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.05, keepalive_timeout_s=0.1,
+                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    now = [100.0]
+    store = TwoLeases(now)
+    gone: list[int] = []
+    renewals = threading.Semaphore(0)
+    keeper = LeaseKeeper(store, cfg, 1, 100.0, on_gone=lambda _: None, on_deadline=None,
+                         on_renewed=renewals.release, clock=lambda: now[0],
+                         partner=2, on_partner_gone=gone.append)
+    keeper.start()
+    try:
+        assert renewals.acquire(timeout=5)
+        pairs = [(a[0], b[0]) for a, b in zip(store.calls[::2], store.calls[1::2],
+                                              strict=False)]
+        assert pairs and all(p == (1, 2) for p in pairs), store.calls
+        first_send = store.calls[-2][1]
+        assert keeper.deadline == self_fence_deadline(first_send, cfg)
+        store.partner_gone = True
+        deadline = time.monotonic() + 5
+        while not gone and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone == [2]
+        frozen = keeper.deadline
+        time.sleep(0.3)  # rounds go on: the registration lease renewed, not the deadline
+        assert keeper.deadline == frozen and gone == [2]
+        assert [c for c in store.calls[-4:] if c[0] == 2] == [], "a gone partner is not asked"
+        # A replacement partner: the deadline moves again.
+        store.partner_gone = False
+        keeper.set_partner(3)
+        while keeper.deadline == frozen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert keeper.deadline > frozen and any(c[0] == 3 for c in store.calls)
+    finally:
+        keeper.stop()
+
+
+def test_without_a_partner_one_keepalive_a_round() -> None:
+    cfg = ClusterConfig(keepalive_interval_s=0.05)
+    now = [0.0]
+    store = TwoLeases(now)
+    renewals = threading.Semaphore(0)
+    keeper = LeaseKeeper(store, cfg, 1, 0.0, on_gone=lambda _: None, on_deadline=None,
+                         on_renewed=renewals.release, clock=lambda: now[0])
+    keeper.start()
+    try:
+        assert renewals.acquire(timeout=5) and renewals.acquire(timeout=5)
+    finally:
+        keeper.stop()
+    assert {lease for lease, _ in store.calls} == {1}
+
+
+def test_lease_terms_say_paired_after_the_alive_line() -> None:
+    from fencing.lease_hold import LeaseHold, LeaseTerms
+
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.3, keepalive_timeout_s=0.25,
+                        etcd_election_timeout_s=0.5, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    terms = LeaseTerms.of(0x10, cfg, 0x11, paired=True)
+    assert terms.line().splitlines() == ["lease 10 3 0.5 0.3 0.25", "alive 11", "paired"]
+    parsed = LeaseTerms.parse(terms.line().splitlines()[0].split()[1:]).with_alive(["11"])
+    assert parsed.with_paired() == terms
+    assert not LeaseTerms.of(0x10, cfg, 0, paired=True).paired  # nothing to pair with
+    assert LeaseTerms.of(0x10, cfg, 0x11).line().splitlines()[-1] == "alive 11"
+    # The hold renews both in one round (one keeper, the liveness lease its partner).
+    hold = LeaseHold(TwoLeases([0.0]), terms, 10.0, lambda _d: None, lambda: None,
+                     clock=lambda: 0.0)
+    assert hold.alive is None and hold.keeper.partner == 0x11
+    apart = LeaseHold(TwoLeases([0.0]), LeaseTerms.of(0x10, cfg, 0x11), 10.0,
+                      lambda _d: None, lambda: None, clock=lambda: 0.0)
+    assert apart.alive is not None and apart.keeper.partner == 0

@@ -55,7 +55,8 @@ def leader_cycle(world: World, snap: ClusterSnapshot) -> None:
     for name, entry in snap.nodes.items():
         ld.last_leases[name] = entry.value.lease_id
     result = planner.plan(snap, epoch=ld.epoch, now=world.t, wall_time=world.wall,
-                          lost_since=ld.lost_since)
+                          lost_since=ld.lost_since, liveness=ld.liveness,  # type: ignore[arg-type]
+                          both_gone_since=ld.both_gone_since)
     for node in sorted(set(ld.lost_since) - set(result.lost_since)):
         if node in snap.nodes:
             world.emit("leader", "node-back", node, reason="registered again before being "
@@ -64,6 +65,10 @@ def leader_cycle(world: World, snap: ClusterSnapshot) -> None:
         world.emit("leader", "node-lost", node, reason="registration (lease) gone; fence "
                                                         "window starts")
     ld.lost_since = dict(result.lost_since)
+    for node in sorted(set(result.both_gone_since) - set(ld.both_gone_since)):
+        world.emit("leader", "node-dead", node, reason="liveness key gone too; liveness "
+                                                        f"fence window ({ld.liveness}) starts")
+    ld.both_gone_since = dict(result.both_gone_since)
     waited: set[str] = set()
     for action in result.actions:
         if isinstance(action, planner.Wait):

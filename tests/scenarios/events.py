@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fencing.policy import guard_timeout
 from schemas.models import (
     ClusterConfig,
     CordonMarker,
@@ -107,7 +108,7 @@ def node_crash(w: World, name: str) -> None:
     n.domains.clear()
     n.busy.clear()
     n.agent = "down"
-    w.lease_gone(name)
+    w.lease_gone(name, alive_too=True)
     w.changed()
 
 
@@ -123,7 +124,7 @@ def node_partition(w: World, name: str, *how: str) -> None:
     _self_fence(w, n, "lease not renewed before the deadline (etcd unreachable)",
                 keep_incoming=keep)
     n.agent = "down"
-    w.lease_gone(name)
+    w.lease_gone(name, alive_too=True)
 
 
 def agent_kill(w: World, name: str) -> None:
@@ -132,7 +133,7 @@ def agent_kill(w: World, name: str) -> None:
     if w.store.snapshot().config.guard_enabled:
         _self_fence(w, n, "guard: agent gone, domains destroyed")
     n.agent = "down"
-    w.lease_gone(name)
+    w.lease_gone(name, alive_too=True)
 
 
 def lease_revoked(w: World, name: str, *how: str) -> None:
@@ -151,6 +152,25 @@ def lease_revoked(w: World, name: str, *how: str) -> None:
         return
     _cordon(w, name, "lease revoked (drain)", f"agent:{name}")
     w.register(name)
+
+
+def etcd_revokes(w: World, name: str, *how: str) -> None:
+    """etcd revokes both leases of a live agent (a raft leader paused past the TTL,
+    etcd #12528): both keys go.  The agent pets its guard no more while unregistered and
+    registers again, uncordoned, at once; `late S`: S seconds later; `stuck`: never.
+    The guard fires at the latest min(2 x keepalive_timeout + guard timeout, TTL -
+    safety) after the revoke (the last pet came before it), unless it registered."""
+    n = w.node(name)
+    w.lease_gone(name, alive_too=True)
+    cfg = w.store.snapshot().config
+    if "stuck" not in how and "late" not in how:
+        w.register(name)
+        return
+    fires = min(2 * cfg.keepalive_timeout_s + guard_timeout(cfg),
+                cfg.lease_ttl_s - cfg.self_fence_safety_s)
+    n.agent, n.deadline, n.back_cordoned = "stuck", w.t + fires, False
+    if "late" in how:
+        n.back_at = w.t + float(how[how.index("late") + 1])
 
 
 def agent_stop(w: World, name: str) -> None:
@@ -197,7 +217,9 @@ def tick_timers(w: World) -> None:
     for n in w.nodes.values():
         if n.agent == "stuck" and n.back_at is not None and w.t >= n.back_at:
             n.back_at = None
-            _cordon(w, n.name, "lease revoked (drain)", f"agent:{n.name}")
+            if n.back_cordoned:
+                _cordon(w, n.name, "lease revoked (drain)", f"agent:{n.name}")
+            n.back_cordoned = True
             w.register(n.name)
             continue
         if n.agent == "stuck" and n.deadline is not None and w.t >= n.deadline:
@@ -300,6 +322,7 @@ def leader_change(w: World) -> None:
     new = w.store.get(KS.leader)
     assert new is not None
     w.leader.epoch, w.leader.lost_since, w.leader.external = new.create_revision, {}, set()
+    w.leader.both_gone_since = {}
     w.leader.waits = {}
     w.leader.enabled = True
 
@@ -323,7 +346,7 @@ HANDLERS: dict[str, Callable[..., None]] = {
     "domain-crash": domain_crash, "boot-refused": boot_refused,
     "domain-start": lambda w, vm, node: _start_dom(w, vm, node),
     "fence-device": fence_device, "fence-confirm": fence_confirm,
-    "leader-change": leader_change, "config": config,
+    "leader-change": leader_change, "etcd-revokes": etcd_revokes, "config": config,
 }
 
 

@@ -28,7 +28,7 @@ from tests.scenarios.model import (
 DEFAULT_REVISION = 100
 TOP_KEYS = {"comment", "revision", "epoch", "tick_s", "auto_migrate", "leader", "agents",
             "config", "nodes", "cordons", "fences", "vms", "placements", "statuses", "moves",
-            "domains", "refuse"}
+            "domains", "refuse", "liveness"}
 
 
 def domain_xml(name: str) -> str:
@@ -118,7 +118,16 @@ def load_world(data: dict[str, Any]) -> World:
     if top > store.revision:
         raise ScenarioError(f"start.json: revision {store.revision} is below a key's "
                             f"mod_revision {top}")
-    world = World(store, nodes, LeaderSim(enabled=bool(data.get("leader", True)), epoch=epoch),
+    liveness = str(data.get("liveness", "off"))
+    if liveness not in ("off", "fast", "bounded"):
+        raise ScenarioError(f"start.json: liveness {liveness!r} is not off, fast or bounded")
+    if liveness != "off":  # each registered node's liveness key
+        for name, n in nodes.items():
+            if n.token:
+                keys.put(KS.alive(name), {"schema": 1, "node": name, "lease_id": "1a2c",
+                                          "at": WALL0}, 0x1A2C)
+    world = World(store, nodes, LeaderSim(enabled=bool(data.get("leader", True)), epoch=epoch,
+                                          liveness=liveness),
                   tick_s=float(data.get("tick_s", 1.0)),
                   auto_migrate=bool(data.get("auto_migrate", False)))
     _load_domains(world, data)

@@ -137,6 +137,7 @@ class NodeSim:
     refuse: dict[str, str] = field(default_factory=dict)  # VM -> the error its boot gets
     deadline: float | None = None  # a stuck agent self-fences at this virtual time
     back_at: float | None = None  # a revoked agent registers again at this virtual time
+    back_cordoned: bool = True  # ... cordoned (a drain), or not (etcd revoked both leases)
 
     def domains_view(self) -> dict[str, Domain]:
         return {vm: d.domain(vm) for vm, d in self.domains.items()}
@@ -148,6 +149,10 @@ class LeaderSim:
     epoch: int = 1
     lost_since: dict[str, float] = field(default_factory=dict)
     last_leases: dict[str, str] = field(default_factory=dict)
+    # Keyspace 2's liveness fencing ("liveness" in start.json): the mode the leader
+    # resolved; "off" (every older scenario): no liveness keys are simulated at all.
+    liveness: str = "off"
+    both_gone_since: dict[str, float] = field(default_factory=dict)
     external: set[str] = field(default_factory=set)  # nodes whose fence device runs
     waits: dict[str, str] = field(default_factory=dict)  # VM -> its last logged wait
 
@@ -199,12 +204,18 @@ class World:
                "registered_at": self.wall}
         self.store.put(KS.node(name), reg, lease=self.leases)
         self.store.delete(KS.leaving(name))  # same transaction in nodeagent.membership
+        if self.leader.liveness != "off":  # the liveness key, in the same transaction
+            self.store.put(KS.alive(name), {"schema": 1, "node": name,
+                                            "lease_id": f"{self.leases:x}", "at": self.wall})
         rec = self.store.get(KS.node(name))
         assert rec is not None
         n.token, n.agent, n.deadline = rec.create_revision, "up", None
         self.emit(name, "register", name, f"lease {self.leases:x}",
                   "cordoned" if reg["cordoned"] else "")
 
-    def lease_gone(self, name: str) -> None:
-        """The node's registration disappears (lease expired or revoked)."""
+    def lease_gone(self, name: str, alive_too: bool = False) -> None:
+        """The node's registration disappears (lease expired or revoked); `alive_too`:
+        its liveness key as well (both leases expired, or etcd revoked both)."""
         self.store.delete(KS.node(name))
+        if alive_too and self.store.get(KS.alive(name)) is not None:
+            self.store.delete(KS.alive(name))
