@@ -43,12 +43,13 @@ from schemas.models import (
     LeaveMarker,
     NodeRegistration,
 )
+from schemas.models_v2 import RELEASE
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Delete, Put
 from store.etcd import LeaseNotFound, StoreUnavailable
 from telemetry import metrics
 
-VERSION = "0.1.0"
+VERSION = RELEASE  # recorded in each registration; `vmha keyspace migrate` checks it
 
 
 class NotRegistered(TemporaryError):

@@ -172,8 +172,8 @@ def want_v2(ks2: KeyspaceV2, v1: V1State, v2_specs: Mapping[str, RawKV]
             ) -> tuple[dict[str, bytes], int]:
     """What keyspace 2's owned keys must hold for `v1`: every copy, and the assignment
     of each placement on each node it names, made with the spec as copied to keyspace 2
-    (`v2_specs`, for its mod_revision).  Also how many assignments wait for their spec
-    to be copied first (a second pass writes them)."""
+    (`v2_specs`, for its mod_revision).  Also how many assignment keys wait for their
+    spec to be copied first (a second pass writes them)."""
     want = {s.dest: s.value for s in v1.sources}
     pending = 0
     for vm, pe in sorted(v1.snapshot.placements.items()):
@@ -184,7 +184,7 @@ def want_v2(ks2: KeyspaceV2, v1: V1State, v2_specs: Mapping[str, RawKV]
             continue  # no assignment: pending/failed, spec removed, or frozen by a bad key
         copied = v2_specs.get(vm)
         if copied is None or copied.value != _raw(v1, spec):
-            pending += 1
+            pending += len(nodes)
             continue
         value = _assignment(vm, copied.mod_revision, p, spec.value)
         if value is not None:
@@ -348,6 +348,8 @@ def switch_txn(ks1: Keyspace, me: str, *, to: Literal[1, 2], token: int, reg_val
     ks2 = KeyspaceV2(ks1.prefix)
     old = (ks1.node(me), ks1.alive(me)) if to == 2 else (ks2.reg(me), ks2.alive(me))
     new = (ks2.reg(me), ks2.alive(me)) if to == 2 else (ks1.node(me), ks1.alive(me))
+    ops: list[Op] = [Put(new[0], reg_value, reg_lease)]
+    if alive_lease:  # none while the liveness lease is being replaced
+        ops.append(Put(new[1], alive_value, alive_lease))
     return Txn((Cmp(old[0], "create", "==", token), Cmp(new[0], "create", "==", 0)),
-               (Put(new[0], reg_value, reg_lease), Put(new[1], alive_value, alive_lease),
-                Delete(old[0]), Delete(old[1])))
+               (*ops, Delete(old[0]), Delete(old[1])))
