@@ -288,6 +288,7 @@ class Refusals:
     leader: str = ""
     config: str = ""
     conflicts: tuple[str, ...] = ()
+    in_flight: tuple[str, ...] = ()
 
     @property
     def messages(self) -> list[str]:
@@ -304,13 +305,17 @@ class Refusals:
             more = f" and {len(self.conflicts) - 10} more" if len(self.conflicts) > 10 else ""
             out.append(f"keyspace 2's keys already hold something else: {shown}{more}; "
                        "delete them (nothing runs on keyspace 2 before the migration)")
+        if self.in_flight:
+            out.append(f"live migration(s) in flight: {', '.join(self.in_flight)}; wait for "
+                       "them to finish (a frozen agent would not report their end)")
         return out
 
 
 def check(v1: V1State, leader: RawKV | None, config: RawKV | None, d: Diff,
           started: bool) -> Refusals:
     """Step 1: every registered agent and the leader run a release that freezes, the
-    config parses, and (before the marker exists) keyspace 2's keys are empty or equal."""
+    config parses, and, before the marker exists, keyspace 2's keys are empty or equal
+    and no live migration is in flight."""
     old = []
     for node, kv in sorted(v1.registrations.items()):
         try:
@@ -335,8 +340,12 @@ def check(v1: V1State, leader: RawKV | None, config: RawKV | None, d: Diff,
             config_schema_2(config.value)
         except SchemaError as exc:
             why_config = f"the cluster config does not parse ({exc}); fix it first"
-    return Refusals(tuple(old), why_leader, why_config,
-                    tuple(d.conflicts) if not started else ())
+    snap = v1.snapshot
+    moving = sorted({vm for vm, pe in snap.placements.items() if pe.value.kind == "migrate"}
+                    | {vm for vm, se in snap.statuses.items() if se.value.state == "migrating"})
+    if started:
+        return Refusals(tuple(old), why_leader, why_config)
+    return Refusals(tuple(old), why_leader, why_config, tuple(d.conflicts), tuple(moving))
 
 
 def switch_txn(ks1: Keyspace, me: str, *, to: Literal[1, 2], token: int, reg_value: str,
