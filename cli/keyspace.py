@@ -82,7 +82,8 @@ def _print(data: dict[str, Any], dry: bool) -> None:
     state = (data["marker"] or {}).get("state", "absent")
     print(f"keyspace {data['keyspace']} (marker {state}) at revision {data['revision']}"
           f"{'; dry run: nothing written' if dry else ''}")
-    print(f"keyspace 1 keys: {data['keyspace_1_keys'] or 'none'}")
+    held = ", ".join(f"{k} {n}" for k, n in sorted(data["keyspace_1_keys"].items()))
+    print(f"keyspace 1 keys to copy: {held or 'none'}")
     print(f"agents on keyspace 1: {', '.join(regs1) or 'none'}; on keyspace 2: "
           f"{', '.join(regs2) or 'none'}; leader: {data['leader'] or 'none'}")
     steps = data["steps_left"]
