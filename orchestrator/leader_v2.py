@@ -207,8 +207,8 @@ class OrchestratorV2(Orchestrator):
 
 
 def keyspace_of(store: EtcdStore) -> int:
-    """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; ConfigError while a
-    migration is under way or for a marker that does not parse."""
+    """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; MigrationUnderWay
+    (a ConfigError) while a migration is under way or for a marker that does not parse."""
     key = KeyspaceV2(store.keyspace.prefix).version
     kv = store.get(key)
     if kv is None:
@@ -216,7 +216,8 @@ def keyspace_of(store: EtcdStore) -> int:
     try:
         v = KeyspaceVersion.from_json(kv.value, key=key)
     except SchemaError as exc:
-        raise ConfigError(f"keyspace marker {key}: {exc}") from exc
+        # Waited out like a migration: guessing a keyspace could find no VM in it.
+        raise MigrationUnderWay(f"keyspace marker {key}: {exc}") from exc
     if v.state != "done":
         raise MigrationUnderWay(f"keyspace marker {key} says a migration to keyspace 2 is "
                                 f"under way ({v.state}, by {v.by}): this release runs "

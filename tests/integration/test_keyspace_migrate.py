@@ -305,3 +305,42 @@ def test_keyspace_1_code_refuses_a_migrated_config(store: EtcdStore, tmp_path: P
     with pytest.raises(ConfigError, match="vmha keyspace migrate"):
         Orchestrator(store, ident="o1").ensure_config()
     assert ClusterConfig.from_json(store.get(KS1.config).value).schema_ == 2  # type: ignore[union-attr]
+
+
+def test_a_frozen_agent_acts_on_nothing(store: EtcdStore, tmp_path: Path) -> None:
+    """Any marker (here one that does not parse) freezes a running keyspace-1 agent: a
+    spec removed meanwhile does not make it destroy the domain; it does once the
+    marker is gone."""
+    from schemas.models import Placement
+
+    hv = FakeHypervisor(tmp_path, "n1")
+    store.put(KS1.vm_spec("vm1"), spec("vm1").to_json())
+    store.put(KS1.vm_placement("vm1"), Placement(id="p1", vm="vm1", node="n1", kind="boot",
+                                                 epoch=1, reason="t", decided_at=1.0).to_json())
+    agent, t = start_agent(store, hv, "n1")
+    try:
+        wait_until(lambda: active(hv) == ["vm1"], 20, what="vm1 running")
+        store.put(KS2.version, "{")
+        wait_until(lambda: agent.frozen_state == "invalid", 10, what="n1 frozen")
+        rev = store.revision()
+        store.delete(KS1.vm_spec("vm1"))
+        time.sleep(1.0)  # five of its cycles
+        assert active(hv) == ["vm1"] and agent.ctx.keyspace == 1
+        assert store.revision() == rev + 1, "the frozen agent wrote"
+        store.delete(KS2.version)
+        wait_until(lambda: active(hv) == [], 10, what="vm1 destroyed once unfrozen")
+    finally:
+        stop_agent(agent, t)
+
+
+def test_a_restarted_orchestrator_waits_for_the_migration(store: EtcdStore) -> None:
+    store.put(KS2.version, mig.marker_json("switching", "t", "0.2.0", 1.0))
+    got: list[Orchestrator | None] = []
+    th = threading.Thread(target=lambda: got.append(
+        orchestrator_for(store, "o1", threading.Event())), daemon=True)
+    th.start()
+    time.sleep(1.0)
+    assert got == [] and store.get(KS2.leader) is None
+    store.put(KS2.version, mig.marker_json("done", "t", "0.2.0", 1.0))
+    th.join(10)
+    assert len(got) == 1 and isinstance(got[0], OrchestratorV2)

@@ -261,7 +261,7 @@ def test_marker_chooses_the_keyspace_and_a_change_stops_the_loop(
     assert orchestrator_for(store, "o2", stop) is None
     store.put(KS2.version, "{")
     with pytest.raises(ConfigError, match="keyspace marker"):
-        orchestrator_for(store, "o2", threading.Event())
+        orchestrator_for(store, "o2", threading.Event(), wait=False)
     store.delete(KS2.version)
     orch = orchestrator_for(store, "o2", threading.Event())
     assert type(orch) is Orchestrator
