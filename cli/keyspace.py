@@ -17,7 +17,7 @@ import getpass
 from typing import Any
 
 from cli.common import EXIT_FAIL, CliError, _out, _store
-from cli.migrate import Migration, MigrationError, View
+from cli.migrate import Migration, MigrationError, View, leader_name
 from schemas import migration as mig
 from schemas.errors import SchemaError
 from schemas.models_v2 import KeyspaceVersion
@@ -59,7 +59,7 @@ def describe(m: Migration, view: View) -> dict[str, Any]:
         "keyspace_1_keys": view.v1.counts,
         "agents_on_keyspace_1": sorted(view.v1.registrations),
         "agents_on_keyspace_2": sorted(view.v2_regs),
-        "leader": m._leader_name(view) if view.leader else None,
+        "leader": leader_name(view.leader) if view.leader else None,
         "copy": {"create": creates, "overwrite": len(d.update), "delete": len(d.extra),
                  "equal": d.same},
         "conflicts": d.conflicts if view.marker is None else [],

@@ -73,7 +73,7 @@ class Migration:
     store: EtcdStore
     by: str
     wait_s: float = 60.0
-    poll_s: float = 0.2
+    poll_s: float = 0.5
     say: Callable[[str], None] = print
     # Called after each step (tests stop the tool there, as a kill would).
     after_step: Callable[[str], None] = lambda _step: None
@@ -134,8 +134,7 @@ class Migration:
             self._send("marker migrating", Txn(
                 (Cmp(self.ks2.version, "create", "==", 0),),
                 (Put(self.ks2.version, self._marker("migrating", None)),)))
-        self._wait("the leader to stop (it stops when it sees the marker)",
-                   lambda v: [self._leader_name(v)] if v.leader is not None else [])
+        self._wait("the leader to stop (it stops when it sees the marker)", self._leader)
         self.say("freeze: marker migrating; no leader; agents write nothing")
 
     def step_copy(self, delete_extras: bool = True) -> None:
@@ -157,8 +156,7 @@ class Migration:
 
     def step_switch(self) -> None:
         self._set_marker("switching", ("migrating",))
-        self._wait("every agent to move its registration to keyspace 2",
-                   lambda v: sorted(v.v1.registrations))
+        self._wait("every agent to move its registration to keyspace 2", self._on_keyspace_1)
         self.say("switch: every registered agent is on keyspace 2")
 
     def step_clean(self) -> None:
@@ -172,7 +170,7 @@ class Migration:
         for _ in range(MAX_PASSES):
             # An agent that registered on keyspace 1 meanwhile moves by itself.
             self._wait("every agent to move its registration to keyspace 2",
-                       lambda v: sorted(v.v1.registrations))
+                       self._on_keyspace_1)
             # Writes of keyspace 1 that landed after the copy (an agent that had not
             # seen the marker yet) reach keyspace 2 before their source goes.
             self.step_copy(delete_extras=False)
@@ -202,7 +200,7 @@ class Migration:
                                  "back; run `vmha keyspace migrate` to finish it")
         self._set_marker("migrating", ("switching", "migrating"))
         self._wait("every agent to move its registration back to keyspace 1",
-                   lambda v: sorted(v.v2_regs))
+                   self._on_keyspace_2)
         for _ in range(MAX_PASSES):
             view = self.read()
             if not view.have:
@@ -250,12 +248,32 @@ class Migration:
                                  "run the command again")
         return res.succeeded
 
-    def _wait(self, what: str, laggards: Callable[[View], list[str]]) -> None:
-        """Until `laggards` of a fresh read is empty, naming them every 5 s."""
+    # What the waits read: only the keys they are about, not the whole prefix.
+
+    def _leader(self) -> list[str]:
+        kv = self.store.get(self.ks2.leader)
+        return [] if kv is None else [leader_name(kv)]
+
+    def _on_keyspace_1(self) -> list[str]:
+        nodes = self.store.keyspace.node("")
+        return sorted(k[len(nodes):] for page in self.store.list_pages(nodes, keys_only=True)
+                      for k in (kv.key for kv in page.kvs))
+
+    def _on_keyspace_2(self) -> list[str]:
+        out = []
+        for page in self.store.list_pages(self.ks2.node_dir, keys_only=True):
+            for kv in page.kvs:
+                ref = self.ks2.parse(kv.key)
+                if isinstance(ref, KeyRefV2) and ref.kind == "reg":
+                    out.append(ref.node)
+        return sorted(out)
+
+    def _wait(self, what: str, laggards: Callable[[], list[str]]) -> None:
+        """Until `laggards()` is empty, naming them every 5 s."""
         until = time.monotonic() + self.wait_s
         told = 0.0
         while True:
-            names = laggards(self.read())
+            names = laggards()
             if not names:
                 return
             now = time.monotonic()
@@ -269,10 +287,12 @@ class Migration:
                 told = now
             time.sleep(self.poll_s)
 
-    @staticmethod
-    def _leader_name(view: View) -> str:
-        try:
-            data: Any = json.loads(view.leader.value) if view.leader else {}
-            return f"leader {data.get('id')} on {data.get('host')} (pid {data.get('pid')})"
-        except (ValueError, AttributeError, RecursionError):
-            return "a leader whose record does not parse"
+
+
+def leader_name(kv: RawKV) -> str:
+    """How the tool names the leader record `kv` (it may not parse)."""
+    try:
+        data: Any = json.loads(kv.value)
+        return f"leader {data.get('id')} on {data.get('host')} (pid {data.get('pid')})"
+    except (ValueError, AttributeError, RecursionError):
+        return "a leader whose record does not parse"
