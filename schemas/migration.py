@@ -26,7 +26,7 @@ from schemas.keys import Keyspace, valid_name
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, LeaderRecord, NodeRegistration, Placement, VmSpec
 from schemas.models_v2 import Assignment, KeyspaceVersion, release_at_least
-from schemas.snapshot import ClusterSnapshot, Entry, RawKV
+from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.txn import Cmp, Delete, Op, Put, Txn
 from schemas.writes_v2 import MAX_BATCH_OPS
 
@@ -175,6 +175,7 @@ def want_v2(ks2: KeyspaceV2, v1: V1State, v2_specs: Mapping[str, RawKV]
     (`v2_specs`, for its mod_revision).  Also how many assignment keys wait for their
     spec to be copied first (a second pass writes them)."""
     want = {s.dest: s.value for s in v1.sources}
+    raw = {s.key: s.value for s in v1.sources}
     pending = 0
     for vm, pe in sorted(v1.snapshot.placements.items()):
         p = pe.value
@@ -183,7 +184,7 @@ def want_v2(ks2: KeyspaceV2, v1: V1State, v2_specs: Mapping[str, RawKV]
         if not nodes or spec is None or vm in v1.snapshot.invalid_vms:
             continue  # no assignment: pending/failed, spec removed, or frozen by a bad key
         copied = v2_specs.get(vm)
-        if copied is None or copied.value != _raw(v1, spec):
+        if copied is None or copied.value != raw.get(spec.key):
             pending += len(nodes)
             continue
         value = _assignment(vm, copied.mod_revision, p, spec.value)
@@ -191,13 +192,6 @@ def want_v2(ks2: KeyspaceV2, v1: V1State, v2_specs: Mapping[str, RawKV]
             for node in nodes:
                 want[ks2.assignment(node, vm)] = value
     return want, pending
-
-
-def _raw(v1: V1State, spec: Entry[VmSpec]) -> bytes | None:
-    for s in v1.sources:
-        if s.key == spec.key:
-            return s.value
-    return None
 
 
 def _assignment(vm: str, spec_revision: int, p: Placement, spec: VmSpec) -> bytes | None:
