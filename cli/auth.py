@@ -32,10 +32,11 @@ from cli.authplan import (
     setup_changes,
 )
 from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
-from schemas import ClusterConfig, SchemaError
+from schemas import SchemaError
 from schemas.acl import name_prefix, node_ref, role_name
 from schemas.keys import valid_name
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
+from schemas.migration import config_schema_2
 from schemas.models_v2 import KeyspaceVersion
 from store.auth import AuthState, EtcdAuth
 from store.etcd import Cmp, EtcdStore, PermissionDenied, Put
@@ -148,7 +149,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
         password = _root_password()
     if config_absent and not args.dry_run:
         # Before auth is enabled (last): the orchestrator's role no longer writes it.
-        store.txn([Cmp(ks.config, "create", "==", 0)], [Put(ks.config, ClusterConfig().to_json())])
+        # "schema": 2, as `vmha keyspace migrate` leaves it: keyspace 1's code refuses it.
+        store.txn([Cmp(ks.config, "create", "==", 0)], [Put(ks.config, config_schema_2(None))])
         if args.output != "json":
             print(said)
     return _run(args, auth, changes, {"config": config}, password)

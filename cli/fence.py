@@ -11,7 +11,7 @@ import getpass
 import time
 from typing import Any
 
-from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store, _store_v1
 from schemas import FenceRecord
 from schemas.keys import valid_name
 from store.etcd import Cmp, EtcdStore, Put
@@ -20,7 +20,7 @@ from store.etcd import Cmp, EtcdStore, Put
 def cmd_confirm_off(args: argparse.Namespace) -> int:
     if not valid_name(args.name):
         raise CliError(f"invalid node name {args.name!r}", EXIT_INPUT)
-    store = _store(args)
+    store = _store_v1(args, "node confirm-off")
     # The leader rewrites a failed record at each retry of the fence device (every
     # fence_retry_max_s at most): a write that lost that race is tried again on a fresh
     # read; each try still requires the node unregistered and the record unchanged.

@@ -12,7 +12,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cli import auth, completion, config, daemons, fence, history, node, sim, status, vm, web
+from cli import (
+    auth,
+    completion,
+    config,
+    daemons,
+    fence,
+    history,
+    keyspace,
+    node,
+    sim,
+    status,
+    vm,
+    web,
+)
 from cli.common import (
     EXIT_ETCD,
     EXIT_FAIL,
@@ -28,7 +41,7 @@ from cli.status import cmd_status
 BUILTIN: tuple[Registrar, ...] = (daemons.register, vm.register, node.register,
                                   status.register, config.register, completion.register,
                                   history.register, web.register, fence.register, sim.register,
-                                  auth.register)
+                                  auth.register, keyspace.register)
 
 __all__ = ["EXIT_ETCD", "EXIT_FAIL", "EXIT_INPUT", "CliError", "Registrar", "build_parser",
            "cmd_status", "default_domain_xml", "main"]

@@ -17,6 +17,7 @@ from cli.common import (
     _node_rows,
     _out,
     _store,
+    _store_v1,
     _ts,
     node_state,
 )
@@ -49,7 +50,7 @@ def cmd_node_list(args: argparse.Namespace) -> int:
 
 
 def cmd_node_uncordon(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store_v1(args, "node uncordon")
     key = store.keyspace.cordon(args.name)
     if store.get(key) is None:
         if store.get(store.keyspace.node(args.name)) is None:
@@ -101,7 +102,7 @@ def cmd_node_show(args: argparse.Namespace) -> int:
 
 
 def cmd_node_cordon(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store_v1(args, "node cordon")
     if store.get(store.keyspace.node(args.name)) is None:
         raise CliError(f"unknown node {args.name!r} (not registered)", EXIT_INPUT)
     marker = CordonMarker(node=args.name, reason=args.reason, by="cli", at=time.time())
@@ -117,7 +118,7 @@ def _progress(done: int, total: int, width: int = 30) -> str:
 
 def cmd_node_drain(args: argparse.Namespace) -> int:
     """Revoke the node's lease, exactly what `etcdctl lease revoke` does."""
-    store = _store(args)
+    store = _store_v1(args, "node drain")
     kv = store.get(store.keyspace.node(args.name))
     if kv is None:
         raise CliError(f"node {args.name!r} is not registered (nothing to drain)", EXIT_INPUT)

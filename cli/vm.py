@@ -18,6 +18,7 @@ from cli.common import (
     _first_error,
     _out,
     _store,
+    _store_v1,
     _ts,
     default_domain_xml,
 )
@@ -100,7 +101,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
         raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
                        EXIT_INPUT) from None
     refuse_oversized(spec.to_json(), f"vm {args.name}")
-    store = _store(args)
+    store = _store_v1(args, "vm add")
     key = store.keyspace.vm_spec(args.name)
     snap = store.snapshot()
     refuse_by_policy(snap, spec)
@@ -126,7 +127,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_remove(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store_v1(args, "vm remove")
     ks = store.keyspace
     if store.get(ks.vm_spec(args.name)) is None:
         raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
@@ -218,7 +219,7 @@ def cmd_vm_show(args: argparse.Namespace) -> int:
 
 
 def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -> VmSpec:
-    store = _store(args)
+    store = _store_v1(args, "vm start/stop/edit")
     key = store.keyspace.vm_spec(args.name)
     kv = store.get(key)
     if kv is None:
@@ -277,7 +278,7 @@ def cmd_vm_edit(args: argparse.Namespace) -> int:
 def cmd_vm_migrate(args: argparse.Namespace) -> int:
     """Ask the leader to live-migrate a running VM to a node (a request, not a command:
     the leader checks capacity, constraints, migration group and slots)."""
-    store = _store(args)
+    store = _store_v1(args, "vm migrate")
     ks = store.keyspace
     snap = store.snapshot()
     if args.name not in snap.specs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import structlog
 
@@ -19,8 +20,9 @@ from nodeagent.agent_v2 import AgentV2
 from nodeagent.context import AgentContext, AgentOptions
 from nodeagent.cordon import sync_cordon
 from nodeagent.execution import Execution
-from nodeagent.keyspace import read_keyspace
+from nodeagent.keyspace import KeyspaceUndecided, read_keyspace
 from nodeagent.membership import VERSION, Membership, Registration
+from nodeagent.switch import frozen
 from schemas.errors import TemporaryError
 from schemas.models import ClusterConfig
 from store.etcd import EtcdStore, StoreUnavailable
@@ -52,6 +54,9 @@ class NodeAgent:
         # keyspace 1, or not known yet (`keyspace_known`).
         self.v2: AgentV2 | None = None
         self.keyspace_known = False
+        # The marker state this agent is frozen by (nodeagent.switch); None: not frozen.
+        self.frozen_state: str | None = None
+        self._history_v1 = self.ctx.history
 
     # What the CLI and tests drive the agent with.
     @property
@@ -75,17 +80,38 @@ class NodeAgent:
         return self.membership.load_config()
 
     def select_keyspace(self) -> None:
-        """Once, before the first registration: keyspace 1 unless /vmha/version says
-        keyspace 2 is done (raises KeyspaceUndecided while a migration runs)."""
-        if self.keyspace_known:
+        """Before each registration (the first, and any after a lost lease): keyspace 1
+        unless /vmha/version says keyspace 2 is done (raises KeyspaceUndecided while a
+        migration runs).  A registered agent follows the marker in `nodeagent.switch`."""
+        if self.keyspace_known and self.membership.reg is not None:
             return
         keyspace = read_keyspace(self.ctx.store)
-        if keyspace == 2:
-            self.ctx.keyspace = 2
-            self.v2 = AgentV2(self.ctx)
-            self.execution.v2 = self.v2.statuses
+        if self.keyspace_known and keyspace == self.ctx.keyspace:
+            return
+        if keyspace == 1 and self.ctx.keyspace == 2:
+            # On a migrated cluster keyspace 1 holds no VM: never guess it back.
+            raise KeyspaceUndecided("the keyspace marker is gone but this agent ran "
+                                    "keyspace 2: waiting, unregistered; restart it to "
+                                    "run keyspace 1")
+        self.enter_keyspace(keyspace)
         self.keyspace_known = True
         self.ctx.log.info("keyspace", version=keyspace)
+
+    def enter_keyspace(self, keyspace: Literal[1, 2]) -> None:
+        """Read and write `keyspace` from now on (its node view, status guards and
+        history on keyspace 2)."""
+        ctx = self.ctx
+        if keyspace == 2 and self.v2 is None:
+            self.watch.stop()
+            ctx.keyspace = 2
+            self.v2 = AgentV2(ctx)
+            self.execution.v2 = self.v2.statuses
+        elif keyspace == 1 and self.v2 is not None:
+            self.v2.close()
+            self.v2 = None
+            self.execution.v2 = None
+            ctx.history = self._history_v1
+        ctx.keyspace = keyspace
 
     def request_exit(self) -> None:
         """SIGTERM: drain this node, then exit once it runs no VM."""
@@ -168,6 +194,8 @@ class NodeAgent:
         self.invalid.report(snap)
         if self.v2 is None:
             self.watch.ensure(snap.revision)
+        if frozen(self, reg, snap):
+            return False  # a keyspace migration under way: write nothing
         if not m.visible(snap, reg):
             return False
         sync_cordon(self.ctx, snap, reg)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent.liveness import CONFIRM_DELAY_S
 from schemas.models import AgentInfo, Capacity, CpuInfo, NodeRegistration
+from schemas.models_v2 import RELEASE
 from schemas.txn import Cmp, Delete, Put
 from store.etcd import LeaseNotFound, StoreUnavailable
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from nodeagent.context import AgentContext
     from nodeagent.membership import Membership, Registration
 
-VERSION = "0.1.0"
+VERSION = RELEASE  # recorded in each registration; `vmha keyspace migrate` checks it
 
 HostFacts = tuple[Capacity, CpuInfo]
 

@@ -30,6 +30,7 @@ from orchestrator import planner, txn_builder
 from orchestrator.actions import frozen_by_invalid_key
 from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
+from schemas.models_v2 import RELEASE
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Put, Txn
 from store.etcd import EtcdStore, StoreUnavailable
@@ -39,6 +40,10 @@ from telemetry import metrics
 from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 
 log = structlog.get_logger("vmha.orchestrator")
+
+# run()'s exit code when the keyspace marker names another keyspace than the one this
+# loop runs: the service manager starts it again, on the keyspace the marker names.
+EXIT_KEYSPACE_CHANGED = 2
 
 __all__ = ["ConfigError", "Orchestrator"]
 
@@ -138,7 +143,7 @@ class Orchestrator:
         sent = self.clock()
         lease_id = self.store.grant_lease(self.cfg.lease_ttl_s)
         rec = LeaderRecord(id=self.ident, host=socket.gethostname(), pid=os.getpid(),
-                           lease_id=f"{lease_id:x}", elected_at=time.time())
+                           lease_id=f"{lease_id:x}", elected_at=time.time(), version=RELEASE)
         res = self.store.txn([Cmp(self.ks.leader, "create", "==", 0)],
                              [Put(self.ks.leader, rec.to_json(), lease_id)])
         if not res.succeeded:
@@ -232,6 +237,9 @@ class Orchestrator:
         snap = self._read()
         self.last_revision = snap.revision
         self.invalid.report(snap)
+        if snap.keyspace_marked:
+            self._stop_for_migration()
+            return None
         if snap.leader is None or snap.leader.create_revision != epoch:
             self.step_down("leader key no longer ours")
             return None
@@ -285,6 +293,16 @@ class Orchestrator:
     def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:
         return planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
                             lost_since=self.lost_since)
+
+    def _stop_for_migration(self) -> None:
+        """Keyspace 1 with the marker present: a migration started (docs/keyspace-v2.md,
+        section 6).  The leader writes nothing more and stops; restarted, it waits for
+        the migration to finish (`orchestrator.leader_v2.orchestrator_for`)."""
+        self.log.error("keyspace_changed", epoch=self.epoch,
+                       reason="the keyspace marker appeared: a migration to keyspace 2 "
+                              "started; stopping without a decision")
+        self.exit_code = EXIT_KEYSPACE_CHANGED
+        self.stopped.set()
 
     def _observe(self, snap: ClusterSnapshot) -> None:
         """Gauges from the snapshot; the end of each lost node's incident per VM."""

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import structlog
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -36,7 +37,7 @@ from tenacity import (
 )
 
 from orchestrator import planner, txn_v2
-from orchestrator.leader import Orchestrator
+from orchestrator.leader import EXIT_KEYSPACE_CHANGED, Orchestrator
 from orchestrator.liveness_v2 import LivenessProbe
 from orchestrator.model_v2 import ParseCache, leader_model
 from schemas.errors import ConfigError, SchemaError
@@ -51,7 +52,11 @@ from store.history import HistoryWriter
 from store.paging import KeyRange
 from store.watchmodel import Change, WatchedState
 
-EXIT_KEYSPACE_CHANGED = 2
+log = structlog.get_logger("vmha.orchestrator")
+
+
+class MigrationUnderWay(ConfigError):
+    """The marker says a keyspace migration runs: no orchestrator decides until done."""
 
 
 class OrchestratorV2(Orchestrator):
@@ -247,8 +252,8 @@ class OrchestratorV2(Orchestrator):
 
 
 def keyspace_of(store: EtcdStore) -> int:
-    """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; ConfigError while a
-    migration is under way or for a marker that does not parse."""
+    """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; MigrationUnderWay
+    (a ConfigError) while a migration is under way or for a marker that does not parse."""
     key = KeyspaceV2(store.keyspace.prefix).version
     kv = store.get(key)
     if kv is None:
@@ -256,28 +261,33 @@ def keyspace_of(store: EtcdStore) -> int:
     try:
         v = KeyspaceVersion.from_json(kv.value, key=key)
     except SchemaError as exc:
-        raise ConfigError(f"keyspace marker {key}: {exc}") from exc
+        # Waited out like a migration: guessing a keyspace could find no VM in it.
+        raise MigrationUnderWay(f"keyspace marker {key}: {exc}") from exc
     if v.state != "done":
-        raise ConfigError(f"keyspace marker {key} says a migration to keyspace 2 is under "
-                          f"way ({v.state}, by {v.by}): this release runs keyspace 2 once it "
-                          "is done")
+        raise MigrationUnderWay(f"keyspace marker {key} says a migration to keyspace 2 is "
+                                f"under way ({v.state}, by {v.by}): this release runs "
+                                "keyspace 2 once it is done")
     return 2
 
 
 def orchestrator_for(store: EtcdStore, ident: str | None, stopped: threading.Event, *,
                      wait: bool = True, poll_interval_s: float = 0.5) -> Orchestrator | None:
     """The orchestrator of the keyspace `/vmha/version` names, asked for as long as etcd
-    does not answer (None: stopped before it did; `wait` False: asked once, and
-    StoreUnavailable raised).  `stopped` becomes its stop event."""
+    does not answer and while a migration is under way (None: stopped before either
+    ended; `wait` False: asked once, and StoreUnavailable or MigrationUnderWay raised).
+    `stopped` becomes its stop event."""
     if not wait:
         ks = keyspace_of(store)
     else:
         try:
-            ks = Retrying(retry=retry_if_exception_type(StoreUnavailable),
+            ks = Retrying(retry=retry_if_exception_type((StoreUnavailable, MigrationUnderWay)),
                           stop=stop_when_event_set(stopped),
-                          wait=wait_random_exponential(multiplier=0.2, max=5.0),
+                          wait=wait_random_exponential(multiplier=0.2, max=2.0),
+                          before_sleep=lambda st: log.warning(
+                              "waiting_for_keyspace", attempt=st.attempt_number,
+                              reason=str(st.outcome.exception() if st.outcome else "")),
                           reraise=True)(keyspace_of, store)
-        except StoreUnavailable:
+        except (StoreUnavailable, MigrationUnderWay):
             return None
     orch = (OrchestratorV2 if ks == 2 else Orchestrator)(store, ident=ident,
                                                           poll_interval_s=poll_interval_s)

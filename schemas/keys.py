@@ -105,6 +105,10 @@ class Keyspace(PrefixKeys):
             return KeyRef("config")
         if parts == ["leader"]:
             return KeyRef("leader")
+        if parts == ["version"]:
+            # The keyspace marker (docs/keyspace-v2.md, section 6): absent on keyspace 1;
+            # a daemon of keyspace 1 that sees it freezes.
+            return KeyRef("version")
         if len(parts) == 2 and parts[0] in ("nodes", "cordon", "fence", "leaving",
                                                  "alive"):
             return KeyRef({"nodes": "node", "cordon": "cordon", "fence": "fence",

@@ -26,6 +26,8 @@ from schemas.keys import valid_name
 from schemas.secrets import CredentialRef, check_param_key, refuse_control
 
 SCHEMA_VERSION = 1
+# The cluster config's "schema" once the cluster runs keyspace 2 (`vmha keyspace migrate`).
+CONFIG_SCHEMA_KEYSPACE_2 = 2
 
 # The largest value vmha parses (and the CLI writes).  Every real value is a few kB (a
 # spec's domain XML is the largest); anything bigger is refused unread, so a hostile
@@ -47,6 +49,8 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
     schema_: Literal[1] = Field(default=1, alias="schema")
+    # The "schema" values this model reads (only the cluster config has a second one).
+    schema_versions: ClassVar[frozenset[int]] = frozenset({SCHEMA_VERSION})
     # The largest value of this model that is parsed; only a value that embeds others
     # (keyspace 2's `Assignment`: a placement and a spec) has a larger one.
     max_value_bytes: ClassVar[int] = MAX_VALUE_BYTES
@@ -74,10 +78,11 @@ class Model(BaseModel):
     @classmethod
     def parse_dict(cls, data: dict[str, Any], key: str = "<value>") -> Self:
         version = data.get("schema", SCHEMA_VERSION)
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in cls.schema_versions:
             shown = repr(version)[:80]
+            known = " or ".join(str(v) for v in sorted(cls.schema_versions))
             raise SchemaError(key, "schema", f"unsupported schema version {shown} "
-                                             f"(this vmha reads version {SCHEMA_VERSION})")
+                                             f"(this vmha reads version {known})")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -163,7 +168,15 @@ FenceKey = Annotated[str, AfterValidator(_fence_key)]
 
 
 class ClusterConfig(Model):
-    """Cluster-wide timing and policy; see fencing.policy for the rules that tie them."""
+    """Cluster-wide timing and policy; see fencing.policy for the rules that tie them.
+
+    `"schema": 2` marks the config of a cluster migrated to keyspace 2 (same fields):
+    keyspace 2's readers take either, keyspace 1's refuse 2 (`schemas.snapshot`), so a
+    daemon that reads keyspace 1 refuses to start on a migrated cluster rather than find
+    no VM there and destroy its domains (docs/keyspace-v2.md, section 6)."""
+
+    schema_: Literal[1, 2] = Field(default=1, alias="schema")  # type: ignore[assignment]
+    schema_versions: ClassVar[frozenset[int]] = frozenset({1, CONFIG_SCHEMA_KEYSPACE_2})
 
     # Timing (docs/fencing.md, "Timing rules"; fencing.policy.validate_timing).
     lease_ttl_s: int = Field(default=6, ge=1, le=60)
@@ -356,6 +369,9 @@ class LeaderRecord(Model):
     pid: int
     lease_id: str
     elected_at: float
+    # The orchestrator's release ("" from releases before it was recorded): `vmha
+    # keyspace migrate` refuses a leader that cannot freeze for it.
+    version: str = ""
 
 
 class VmSpec(Model):

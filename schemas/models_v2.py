@@ -13,7 +13,28 @@ from schemas.models import MAX_VALUE_BYTES, Model, Placement, VmSpec, _check_nam
 # MAX_VALUE_BYTES on its own key, plus the defaults a re-serialised spec spells out.
 ASSIGNMENT_MAX_BYTES = 2 * MAX_VALUE_BYTES + 16 * 1024
 
-KeyspaceState = Literal["migrating", "switching", "done"]
+# `vmha keyspace migrate`'s steps (section 6): `migrating` (keyspace 1 frozen, copy),
+# `switching` (agents move their registrations), `cleaning` (keyspace 1's keys go; no
+# rollback from here), `done` (keyspace 2 runs).
+KeyspaceState = Literal["migrating", "switching", "cleaning", "done"]
+FROZEN_STATES: frozenset[str] = frozenset({"migrating", "switching", "cleaning"})
+
+# This release, as agents (`agent.version`) and the leader (`version`) record it.  The
+# first that freezes for `vmha keyspace migrate` and switches keyspace while running
+# (the "bridge" of section 6) is BRIDGE_RELEASE; the tool refuses older daemons.
+RELEASE = "0.2.0"
+BRIDGE_RELEASE = "0.2.0"
+
+
+def release_at_least(version: str, minimum: str = BRIDGE_RELEASE) -> bool:
+    """`version` ("X.Y.Z", as registered) is `minimum` or newer; "" or junk is not."""
+    def parts(v: str) -> tuple[int, ...] | None:
+        try:
+            return tuple(int(x) for x in v.split("."))
+        except ValueError:
+            return None
+    got, want = parts(version), parts(minimum)
+    return got is not None and want is not None and got >= want
 
 
 class Assignment(Model):

@@ -33,6 +33,13 @@ from schemas.models import (
     VmSpec,
     VmStatus,
 )
+from schemas.models_v2 import KeyspaceVersion
+
+# Why keyspace 1 refuses the config of a migrated cluster ("schema": 2).
+CONFIG_SCHEMA_2_REFUSAL = (
+    'this config has "schema": 2: the cluster was migrated to keyspace 2 by `vmha keyspace '
+    'migrate` (docs/keyspace.md, "Keyspace version 2"), and this daemon reads keyspace 1, '
+    "where it would find no VM and destroy its domains. Run a release that reads keyspace 2")
 
 T = TypeVar("T", bound=Model)
 
@@ -83,6 +90,7 @@ _MODELS: dict[str, type[Model]] = {
     "vm_placement": Placement,
     "vm_status": VmStatus,
     "vm_move": MoveRequest,
+    "version": KeyspaceVersion,
 }
 
 # Which field of each model must equal the name in its key.
@@ -116,6 +124,15 @@ class ClusterSnapshot:
     moves: Mapping[str, Entry[MoveRequest]] = field(default_factory=dict)
     errors: tuple[SchemaError, ...] = ()
     invalid: tuple[InvalidKey, ...] = ()
+    # `/vmha/version` (keyspace 1 only; keyspace 2's models keep it apart).
+    keyspace_marker: Entry[KeyspaceVersion] | None = None
+
+    @property
+    def keyspace_marked(self) -> bool:
+        """`/vmha/version` exists, valid or not: a migration started, and a daemon of
+        keyspace 1 must write nothing (docs/keyspace-v2.md, section 6, "Freeze")."""
+        return self.keyspace_marker is not None or any(i.kind == "version"
+                                                       for i in self.invalid)
 
     @property
     def invalid_vms(self) -> frozenset[str]:
@@ -170,6 +187,7 @@ class ClusterSnapshot:
             moves=maps["vm_move"],  # type: ignore[arg-type]
             errors=tuple(i.error for i in invalid),
             invalid=tuple(invalid),
+            keyspace_marker=singles.get("version"),  # type: ignore[arg-type]
         )
 
     def is_cordoned(self, node: str) -> bool:
@@ -187,6 +205,8 @@ def _parse_one(ref: KeyRef, key: str, raw: bytes) -> Model:
         raise SchemaError(key, "", f"invalid name {ref.name[:80]!r} in the key (1-63 chars "
                                    "of a-z, 0-9, '.', '_', '-')")
     value = _MODELS[ref.kind].from_json(raw, key=key)
+    if isinstance(value, ClusterConfig) and value.schema_ != 1:
+        raise SchemaError(key, "schema", CONFIG_SCHEMA_2_REFUSAL)
     name_field = _NAME_FIELD.get(ref.kind)
     if name_field and getattr(value, name_field) != ref.name:
         raise SchemaError(key, name_field, f"is {str(getattr(value, name_field))[:80]!r} but "

@@ -66,6 +66,11 @@ PAGES: list[tuple[str, str, list[list[str]]]] = [
     ("fence-list", "Every fence record.", [["fence", "list"]]),
     ("node-confirm-off", "Record by hand that a lost node is off (manual fence).",
      [["node", "confirm-off", "n2"]]),
+    ("keyspace-show", "Which keyspace the cluster runs, what each holds, the migration's "
+     "steps left.", [["keyspace", "show"]]),
+    ("keyspace-migrate", "Migrate keyspace 1 to keyspace 2: check, freeze, copy, switch, "
+     "clean, done; resumable, with a dry run and a rollback.",
+     [["keyspace", "migrate", "--dry-run"]]),
     ("auth-setup", "Create vmha's etcd roles and users, then enable auth (keyspace 2 only; "
      "this cluster is on keyspace 1, so it refuses).",
      [["auth", "setup", "--nodes", "n1,n2,n3", "--dry-run"]]),
@@ -184,7 +189,7 @@ def _cmd_words(argv: list[str]) -> list[str]:
             break
         out.append(w)
     # the command path is the leading words that are sub-commands (at most two)
-    return out[:2] if out and out[0] in ("vm", "node", "config", "auth") else out[:1]
+    return out[:2] if out and out[0] in ("vm", "node", "config", "auth", "keyspace") else out[:1]
 
 
 if __name__ == "__main__":

@@ -290,11 +290,15 @@ def test_marker_chooses_the_keyspace_and_a_change_stops_the_loop(
     store.put(KS2.version, MARKER.model_copy(update={"state": "migrating"}).to_json())
     wait_until(lambda: leader2.stopped.is_set(), 10, what="the loop stops")
     assert leader2.exit_code == EXIT_KEYSPACE_CHANGED
-    with pytest.raises(ConfigError, match="migration to keyspace 2 is under way"):
-        orchestrator_for(store, "o2", threading.Event())
+    with pytest.raises(ConfigError, match=r"migration to keyspace 2 is\s+under way"):
+        orchestrator_for(store, "o2", threading.Event(), wait=False)
+    # Waiting (the daemon), it returns once the migration is done, or None if stopped.
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    assert orchestrator_for(store, "o2", stop) is None
     store.put(KS2.version, "{")
     with pytest.raises(ConfigError, match="keyspace marker"):
-        orchestrator_for(store, "o2", threading.Event())
+        orchestrator_for(store, "o2", threading.Event(), wait=False)
     store.delete(KS2.version)
     orch = orchestrator_for(store, "o2", threading.Event())
     assert type(orch) is Orchestrator

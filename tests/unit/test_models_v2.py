@@ -125,7 +125,7 @@ def test_keyspace_version_states(state: str) -> None:
     ({"keyspace": "2"}, "keyspace", "integer 2"),
     ({"keyspace": True}, "keyspace", "integer 2"),
     ({"keyspace": None}, "keyspace", "integer 2"),
-    ({"state": "frozen"}, "state", "'migrating', 'switching' or 'done'"),
+    ({"state": "frozen"}, "state", "'migrating', 'switching', 'cleaning' or 'done'"),
     ({"started_at": "yesterday"}, "started_at", "number"),
     ({"schema": 2}, "schema", "unsupported schema version"),
     ({"frozen_at": 1.0}, "frozen_at", "Extra inputs"),
