@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_INPUT, CliError, _out, _store
+from cli.cluster import open_cluster
+from cli.common import EXIT_INPUT, CliError, _out
 from cli.vm import refuse_oversized
 from schemas import ClusterConfig, Keyspace, SchemaError
 from schemas.secrets import plain_secrets, redact_config
@@ -48,7 +49,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     if args.file:
         cfg = read_cluster_config(args.file)
     else:
-        snap = _store(args).snapshot()
+        snap = open_cluster(args).snapshot()
         bad = [e for e in snap.errors if e.key == Keyspace(args.prefix).config]
         if bad:
             raise CliError(str(bad[0]), EXIT_INPUT)
@@ -65,15 +66,15 @@ def cmd_config_apply(args: argparse.Namespace) -> int:
         print("refused: nothing written", file=sys.stderr)
         return EXIT_INPUT
     refuse_oversized(cfg.to_json(), args.file)
-    store = _store(args)
-    rev = store.put(store.keyspace.config, cfg.to_json())
-    print(f"config written to {store.keyspace.config} (revision {rev}); agents read it when "
+    cluster = open_cluster(args)
+    rev = cluster.set_config(cfg)
+    print(f"config written to {cluster.config_key} (revision {rev}); agents read it when "
           "they (re)register, the leader at its next cycle")
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
+    snap = open_cluster(args).snapshot()
     # Secrets are never printed; credential references (file names) are.
     _out(args, redact_config(snap.config.model_dump(by_alias=True, mode="json")), None)
     return 0
