@@ -60,6 +60,11 @@ class Cluster:
     def snapshot(self) -> ClusterSnapshot:
         return self.store.snapshot()
 
+    def snapshot_to_export(self) -> ClusterSnapshot:
+        """The snapshot with keyspace 1's keys, as `vmha snapshot` files hold them
+        (docs/snapshot-format.md), whichever keyspace the cluster runs."""
+        return self.snapshot()
+
     def superseded(self) -> dict[str, tuple[Entry[VmStatus], ...]]:
         """Per VM, the status keys the current-status rule passed over in the last
         snapshot: keyspace 1 has one status key per VM, so none."""

@@ -19,12 +19,14 @@ done`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 from cli.cluster import Cluster
 from orchestrator.model_v2 import LeaderModel, leader_model
 from schemas import writes_v2
 from schemas.events import Event
+from schemas.keys import Keyspace
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, CordonMarker, MoveRequest, VmSpec, VmStatus
 from schemas.models_v2 import ConfirmOff
@@ -71,6 +73,22 @@ class ClusterV2(Cluster):
 
     def snapshot(self) -> ClusterSnapshot:
         return self.model().snapshot
+
+    def snapshot_to_export(self) -> ClusterSnapshot:
+        """Each entry under the key keyspace 1 gives it (the config and the leader keep
+        theirs): a snapshot file reads the same, and `vmha simulate` loads it, whichever
+        keyspace it was taken on."""
+        snap, ks1 = self.snapshot(), Keyspace(self.ks2.prefix)
+
+        def rekeyed(entries: Any, key: Any) -> dict[str, Any]:
+            return {n: dataclasses.replace(e, key=key(n)) for n, e in entries.items()}
+
+        return dataclasses.replace(
+            snap, nodes=rekeyed(snap.nodes, ks1.node), cordons=rekeyed(snap.cordons, ks1.cordon),
+            fences=rekeyed(snap.fences, ks1.fence), leaving=rekeyed(snap.leaving, ks1.leaving),
+            alive=rekeyed(snap.alive, ks1.alive), specs=rekeyed(snap.specs, ks1.vm_spec),
+            placements=rekeyed(snap.placements, ks1.vm_placement),
+            statuses=rekeyed(snap.statuses, ks1.vm_status), moves=rekeyed(snap.moves, ks1.vm_move))
 
     def superseded(self) -> dict[str, tuple[Entry[VmStatus], ...]]:
         model = self.last_model or self.model()

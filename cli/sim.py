@@ -21,7 +21,7 @@ from orchestrator.placement import Placer, node_group
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    snap = open_cluster(args).snapshot()
+    snap = open_cluster(args).snapshot_to_export()
     print(json.dumps(simulate.export_snapshot(snap, args.prefix), indent=1, sort_keys=True))
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import simulate
 from schemas import writes_v2 as w
 from schemas.events import Event, event_id
 from schemas.keys import Keyspace
@@ -146,6 +147,12 @@ def _strip(data: Any) -> Any:
     return data
 
 
+def _by_key(snapshot_file: dict[str, Any]) -> dict[str, Any]:
+    """A `vmha snapshot` file's values by key, the prefix replaced by /P."""
+    prefix = snapshot_file["prefix"]
+    return {k["key"].replace(prefix, "/P", 1): k["value"] for k in snapshot_file["keys"]}
+
+
 COMMANDS = [("vm", "list"), ("node", "list"), ("fence", "list"), ("history",),
             ("history", "--node", "n1"), ("history", "--vm", "web2"),
             ("history", "--kind", "fence"), ("config", "show"), ("vm", "show", "web2"),
@@ -164,6 +171,12 @@ def test_every_listing_prints_the_same_json_on_both_keyspaces(etcd: EtcdCluster)
                 one.pop("planner_now"), two.pop("planner_now")
             assert _strip(one) == _strip(two), args
             assert one, args  # each shows something of the cluster
+        # `vmha snapshot` files hold keyspace 1's keys (docs/snapshot-format.md): the same.
+        one, two = (_by_key(as_json(ep, prefix, "snapshot")) for prefix in ("/k1", "/k2"))
+        assert one == two and "/P/vms/web2/status" in two
+        loaded = simulate.load_snapshot(as_json(ep, "/k2", "snapshot"))
+        assert sorted(loaded.specs) == ["web1", "web2", "web3", "web4", "web5"]
+        assert loaded.statuses["web2"].value.node == "n1" and sorted(loaded.nodes) == ["n1", "n2"]
         assert [e["kind"] for e in as_json(ep, "/k2", "history")] == [
             "leader_elected", "boot", "node_lost", "migration", "fence"]
         vms = {v["name"]: v for v in as_json(ep, "/k2", "vm", "list")}
