@@ -45,22 +45,6 @@ def _store(args: argparse.Namespace) -> Any:
     return EtcdStore(args.etcd, Keyspace(args.prefix), tls=tls)
 
 
-def _store_v1(args: argparse.Namespace, what: str) -> Any:
-    """The store for a command that writes keyspace 1's keys: refused once a migration
-    to keyspace 2 has started, where no daemon would read what it writes."""
-    from schemas.keys_v2 import KeyspaceV2
-
-    store = _store(args)
-    marker = KeyspaceV2(args.prefix).version
-    if store.get(marker) is not None:
-        raise CliError(f"`vmha {what}` writes keyspace 1's keys, and {marker} exists: the "
-                       "cluster is migrating to, or runs, keyspace 2, whose daemons would "
-                       "not read them. Nothing written. Until this command moves to "
-                       "keyspace 2, write keyspace 2's keys with etcdctl (docs/keyspace.md, "
-                       '"Keyspace version 2")', EXIT_FAIL)
-    return store
-
-
 def default_domain_xml(name: str, memory_mib: int, vcpus: int) -> str:
     """A disk-less BIOS guest: enough for the fake and the test driver."""
     return (f"<domain type='qemu'><name>{name}</name>"

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _store
+from cli.cluster import open_cluster
+from cli.common import EXIT_INPUT, CliError, _out
 from cli.vm import refuse_oversized
 from schemas import ClusterConfig, Keyspace, SchemaError
-from schemas.keys_v2 import KeyspaceV2
-from schemas.models_v2 import KeyspaceVersion
 from schemas.secrets import plain_secrets, redact_config
 
 
@@ -50,7 +49,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     if args.file:
         cfg = read_cluster_config(args.file)
     else:
-        snap = _store(args).snapshot()
+        snap = open_cluster(args).snapshot()
         bad = [e for e in snap.errors if e.key == Keyspace(args.prefix).config]
         if bad:
             raise CliError(str(bad[0]), EXIT_INPUT)
@@ -61,42 +60,21 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _for_keyspace(store: Any, cfg: ClusterConfig) -> ClusterConfig:
-    """The config with the "schema" of the keyspace the cluster runs: 2 once keyspace
-    1's keys are being deleted or gone (so a daemon of keyspace 1 keeps refusing to
-    start), else 1 (a 2 would stop every daemon of keyspace 1)."""
-    kv = store.get(KeyspaceV2(store.keyspace.prefix).version)
-    state = None
-    if kv is not None:
-        try:
-            state = KeyspaceVersion.from_json(kv.value, kv.key).state
-        except SchemaError as exc:
-            raise CliError(f"the keyspace marker does not parse ({exc}): nothing written",
-                           EXIT_FAIL) from None
-    migrated = state in ("cleaning", "done")
-    if cfg.schema_ == 2 and not migrated:
-        raise CliError('"schema": 2 is the config of a cluster migrated to keyspace 2 '
-                       "(`vmha keyspace migrate`); this one is not: nothing written",
-                       EXIT_INPUT)
-    return cfg.model_copy(update={"schema_": 2 if migrated else 1})
-
-
 def cmd_config_apply(args: argparse.Namespace) -> int:
     cfg = read_cluster_config(args.file)
     if _unsafe(cfg):
         print("refused: nothing written", file=sys.stderr)
         return EXIT_INPUT
-    store = _store(args)
-    cfg = _for_keyspace(store, cfg)
     refuse_oversized(cfg.to_json(), args.file)
-    rev = store.put(store.keyspace.config, cfg.to_json())
-    print(f"config written to {store.keyspace.config} (revision {rev}); agents read it when "
+    cluster = open_cluster(args)
+    rev = cluster.set_config(cfg)
+    print(f"config written to {cluster.config_key} (revision {rev}); agents read it when "
           "they (re)register, the leader at its next cycle")
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
+    snap = open_cluster(args).snapshot()
     # Secrets are never printed; credential references (file names) are.
     _out(args, redact_config(snap.config.model_dump(by_alias=True, mode="json")), None)
     return 0

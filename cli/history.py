@@ -9,9 +9,10 @@ import sys
 import time
 from typing import Any
 
-from cli.common import EXIT_INPUT, CliError, _out, _parse_time, _store, _ts
+from cli.cluster import open_cluster
+from cli.common import EXIT_INPUT, CliError, _out, _parse_time, _ts
 from schemas.events import EVENT_KINDS, Event
-from store.history import EventFilter, read_events
+from store.history import EventFilter
 
 
 def _filter(args: argparse.Namespace) -> EventFilter:
@@ -24,7 +25,8 @@ def _filter(args: argparse.Namespace) -> EventFilter:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    events, errors = read_events(_store(args), _filter(args))
+    flt = _filter(args)  # bad input is refused before etcd is asked anything
+    events, errors = open_cluster(args).events(flt)
     if args.limit:
         events = events[-args.limit:]
     rows = [e.model_dump(by_alias=True, mode="json") for e in events]
@@ -96,13 +98,13 @@ def nines_label(a: float) -> str:
 
 
 def cmd_availability(args: argparse.Namespace) -> int:
-    store = _store(args)
+    cluster = open_cluster(args)
     end = _parse_time(args.until) if args.until else time.time()
     start = _parse_time(args.since) if args.since else end - 86400.0
     if end <= start:
         raise CliError("--since must be before --until", EXIT_INPUT)
-    events, _ = read_events(store)
-    snap = store.snapshot()
+    events, _ = cluster.events()
+    snap = cluster.snapshot()
     downs = outages(events, start, end)
     window = end - start
     rows: list[dict[str, Any]] = []

@@ -1,6 +1,7 @@
-"""`vmha node`: list and inspect nodes, cordon and uncordon them, drain one (a lease
-revoke, as `etcdctl lease revoke` does).  `vmha node confirm-off` is a fence command
-(cli.fence)."""
+"""`vmha node`: list and inspect nodes, cordon and uncordon them, drain one (keyspace 1:
+a lease revoke, as `etcdctl lease revoke` does; keyspace 2: a cordon, the operator's
+role cannot revoke leases, or with `--revoke` the lease revoke, root's credential).
+`vmha node confirm-off` is a fence command (cli.fence)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ import sys
 import time
 from typing import Any
 
+from cli.cluster import open_cluster
 from cli.common import (
     EXIT_FAIL,
     EXIT_INPUT,
     CliError,
     _node_rows,
     _out,
-    _store,
-    _store_v1,
     _ts,
     node_state,
 )
@@ -38,8 +38,8 @@ def _vms_on(snap: Any, node: str) -> list[str]:
 
 
 def cmd_node_list(args: argparse.Namespace) -> int:
-    store = _store(args)
-    rows = _node_rows(store.snapshot(), store)
+    cluster = open_cluster(args)
+    rows = _node_rows(cluster.snapshot(), cluster.store)
     table = [["NAME", "STATE", "LEASE", "TTL", "FREE MEM", "VCPU"]] + [
         [r["name"], node_state(r),
          r["lease_id"] or "-", r["lease_ttl_s"] if r["lease_ttl_s"] is not None else "-",
@@ -50,21 +50,21 @@ def cmd_node_list(args: argparse.Namespace) -> int:
 
 
 def cmd_node_uncordon(args: argparse.Namespace) -> int:
-    store = _store_v1(args, "node uncordon")
-    key = store.keyspace.cordon(args.name)
-    if store.get(key) is None:
-        if store.get(store.keyspace.node(args.name)) is None:
+    cluster = open_cluster(args)
+    if cluster.store.get(cluster.cordon_key(args.name)) is None:
+        if cluster.store.get(cluster.reg_key(args.name)) is None:
             raise CliError(f"unknown node {args.name!r}", EXIT_INPUT)
         print(f"node/{args.name} is not cordoned")
         return 0
-    store.delete(key)
+    cluster.uncordon(args.name)
     print(f"node/{args.name} uncordoned")
     return 0
 
 
 def cmd_node_show(args: argparse.Namespace) -> int:
-    store = _store(args)
-    snap = store.snapshot()
+    cluster = open_cluster(args)
+    store = cluster.store
+    snap = cluster.snapshot()
     reg = snap.nodes.get(args.name)
     if reg is None and args.name not in snap.cordons and args.name not in snap.fences:
         raise CliError(f"unknown node {args.name!r}", EXIT_INPUT)
@@ -102,11 +102,10 @@ def cmd_node_show(args: argparse.Namespace) -> int:
 
 
 def cmd_node_cordon(args: argparse.Namespace) -> int:
-    store = _store_v1(args, "node cordon")
-    if store.get(store.keyspace.node(args.name)) is None:
+    cluster = open_cluster(args)
+    if cluster.store.get(cluster.reg_key(args.name)) is None:
         raise CliError(f"unknown node {args.name!r} (not registered)", EXIT_INPUT)
-    marker = CordonMarker(node=args.name, reason=args.reason, by="cli", at=time.time())
-    store.put(store.keyspace.cordon(args.name), marker.to_json())
+    cluster.cordon(CordonMarker(node=args.name, reason=args.reason, by="cli", at=time.time()))
     print(f"node/{args.name} cordoned (its VMs live-migrate away)")
     return 0
 
@@ -117,16 +116,24 @@ def _progress(done: int, total: int, width: int = 30) -> str:
 
 
 def cmd_node_drain(args: argparse.Namespace) -> int:
-    """Revoke the node's lease, exactly what `etcdctl lease revoke` does."""
-    store = _store_v1(args, "node drain")
-    kv = store.get(store.keyspace.node(args.name))
+    """Keyspace 1, or `--revoke`: revoke the node's lease, exactly what `etcdctl lease
+    revoke` does.  Keyspace 2: cordon it (docs/keyspace-v2.md, section 5); the leader
+    live-migrates its VMs away as from any cordoned node."""
+    cluster = open_cluster(args)
+    store = cluster.store
+    kv = store.get(cluster.reg_key(args.name))
     if kv is None:
         raise CliError(f"node {args.name!r} is not registered (nothing to drain)", EXIT_INPUT)
     lease = json.loads(kv.value)["lease_id"]
-    before = _vms_on(store.snapshot(), args.name)
-    store.revoke_lease(int(lease, 16))
+    before = _vms_on(cluster.snapshot(), args.name)
+    if cluster.version == 1 or args.revoke:
+        store.revoke_lease(int(lease, 16))
+        how = f"lease {lease} revoked"
+    else:
+        cluster.cordon(CordonMarker(node=args.name, reason="drain", by="cli", at=time.time()))
+        how = f"cordoned ({cluster.cordon_key(args.name)})"
     if args.output != "json":
-        print(f"node/{args.name}: lease {lease} revoked; draining {len(before)} VM(s)")
+        print(f"node/{args.name}: {how}; draining {len(before)} VM(s)")
     if not args.wait:
         if args.output == "json":
             _out(args, {"node": args.name, "lease_id": lease, "vms": before}, None)
@@ -134,7 +141,7 @@ def cmd_node_drain(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     left = before
     while time.monotonic() < deadline:
-        left = _vms_on(store.snapshot(), args.name)
+        left = _vms_on(cluster.snapshot(), args.name)
         if args.output != "json" and sys.stdout.isatty():
             print("\r  " + _progress(len(before) - len(left), len(before)), end="", flush=True)
         if not left:
@@ -170,8 +177,11 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("name")
     p.add_argument("--reason", default="cordoned by operator")
     p.set_defaults(fn=cmd_node_cordon)
-    p = node.add_parser("drain", help="revoke the node's lease, as etcdctl lease revoke does")
+    p = node.add_parser("drain", help="move every VM off the node (keyspace 1: revoke its "
+                        "lease, as etcdctl lease revoke does; keyspace 2: cordon it)")
     p.add_argument("name")
+    p.add_argument("--revoke", action="store_true",
+                   help="keyspace 2: revoke the node's lease instead (root's credential)")
     p.add_argument("--wait", action="store_true", help="show progress until the node is empty")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(fn=cmd_node_drain)

@@ -7,19 +7,21 @@ by its node."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from cli.common import EXIT_INPUT, _out, _store
+from cli.cluster import open_cluster
+from cli.common import EXIT_INPUT, _out
 from schemas.domain_policy import policy_violations
 
 
 def cmd_vm_check(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
+    snap = open_cluster(args).snapshot()
     cfg = snap.config
     if args.file:
         from cli.config import read_cluster_config  # cli.config imports cli.vm
 
         cfg = read_cluster_config(args.file)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(snap.specs):
         refused = policy_violations(snap.specs[name].value.domain_xml, name, cfg)
         rows.append({"vm": name, "allowed": not refused, "refused": refused})

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_INPUT, CliError, _out, _store
+from cli.cluster import open_cluster
+from cli.common import EXIT_INPUT, CliError, _out
 from orchestrator import planner, simulate
 from orchestrator.placement import Placer, node_group
 
@@ -20,7 +21,7 @@ from orchestrator.placement import Placer, node_group
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
+    snap = open_cluster(args).snapshot_to_export()
     print(json.dumps(simulate.export_snapshot(snap, args.prefix), indent=1, sort_keys=True))
     return 0
 
@@ -125,7 +126,7 @@ def explain_data(snap: Any, vm: str) -> dict[str, Any]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    data = explain_data(_store(args).snapshot(), args.vm)
+    data = explain_data(open_cluster(args).snapshot(), args.vm)
     if args.output == "json":
         print(json.dumps(data, indent=1, sort_keys=True))
         return 0

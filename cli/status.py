@@ -1,5 +1,7 @@
 """`vmha status`: one screen with the leader and its epoch, the nodes, the VMs and any
-invalid keys.
+invalid keys; in JSON also the superseded statuses (keyspace 2: a VM's status keys that
+the current-status rule passed over, e.g. the source's after a migration; keyspace 1
+has none, the list is empty).
 
 Invalid keys are shown as data, never interpreted: a key or message may hold newlines,
 control characters or bytes that were not UTF-8 (escaped as `\\xNN` by the store), so
@@ -10,20 +12,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.common import _node_rows, _out, _store
+from cli.cluster import open_cluster
+from cli.common import _node_rows, _out
 from cli.node import cmd_node_list
 from cli.vm import cmd_vm_list
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = _store(args)
-    snap = store.snapshot()
+    cluster = open_cluster(args)
+    snap = cluster.snapshot()
     leader = snap.leader
-    data = {
+    data: dict[str, Any] = {
         "revision": snap.revision,
         "leader": ({"id": leader.value.id, "epoch": leader.create_revision,
                     "since": leader.value.elected_at} if leader else None),
-        "nodes": _node_rows(snap, store),
+        "nodes": _node_rows(snap, cluster.store),
         "invalid_keys": [str(i.error) for i in snap.invalid],
         "invalid": [{"key": i.key, "key_revision": i.mod_revision, "kind": i.kind,
                      "name": i.name or None, "error": i.error.message}
@@ -38,6 +41,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "since": s.since if s else None, "placed_on": p.node if p else None,
                     "reason": p.reason if p else None})
     data["vms"] = vms
+    data["superseded"] = [{"vm": vm, "node": e.value.node, "state": e.value.state,
+                           "since": e.value.since, "key": e.key,
+                           "key_revision": e.mod_revision}
+                          for vm, entries in sorted(cluster.superseded().items())
+                          for e in entries]
     if args.output == "json":
         _out(args, data, None)  # json.dumps escapes control and non-ASCII characters
         return 0

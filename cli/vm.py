@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cli.cluster import open_cluster
 from cli.common import (
     EXIT_FAIL,
     EXIT_INPUT,
@@ -17,8 +18,6 @@ from cli.common import (
     _ago,
     _first_error,
     _out,
-    _store,
-    _store_v1,
     _ts,
     default_domain_xml,
 )
@@ -28,8 +27,7 @@ from schemas import MAX_VALUE_BYTES, SchemaError, VmSpec
 from schemas.domain_policy import DomainPolicyError, check_domain_xml
 from schemas.models import MoveRequest, Placement, VmStatus, domain_uuid
 from schemas.snapshot import ClusterSnapshot
-from store.etcd import Cmp, Put
-from store.history import EventFilter, read_events
+from store.history import EventFilter
 
 # ---- add (placement options, admission control: N+1) ------------------------------------
 
@@ -101,9 +99,9 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
         raise CliError(str(SchemaError(f"vm {args.name}", "", _first_error(exc))),
                        EXIT_INPUT) from None
     refuse_oversized(spec.to_json(), f"vm {args.name}")
-    store = _store_v1(args, "vm add")
-    key = store.keyspace.vm_spec(args.name)
-    snap = store.snapshot()
+    cluster = open_cluster(args)
+    key = cluster.spec_key(args.name)
+    snap = cluster.snapshot()
     refuse_by_policy(snap, spec)
     clash = identity_clash(snap, spec)
     if clash:
@@ -116,7 +114,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
                 raise CliError(f"admission refused ({verdict.message}); the cluster policy "
                                "is admission=refuse (use --force to add anyway)", EXIT_INPUT)
             print(f"warning: {verdict.message}", file=sys.stderr)
-    res = store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())])
+    res = cluster.add_spec(spec)
     if not res.succeeded:
         raise CliError(f"VM {args.name!r} already exists ({key})", EXIT_INPUT)
     print(f"vm/{args.name} added ({key}, revision {res.revision})")
@@ -127,18 +125,20 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_remove(args: argparse.Namespace) -> int:
-    store = _store_v1(args, "vm remove")
-    ks = store.keyspace
-    if store.get(ks.vm_spec(args.name)) is None:
+    cluster = open_cluster(args)
+    kv = cluster.store.get(cluster.spec_key(args.name))
+    if kv is None:
         raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
-    store.delete(ks.vm_spec(args.name))
+    if not cluster.remove_spec(args.name, kv.mod_revision):
+        raise CliError(f"{cluster.spec_key(args.name)} changed meanwhile; nothing removed, "
+                       "try again", EXIT_FAIL)
     print(f"vm/{args.name} removed (its node destroys and undefines it)")
     return 0
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
-    snap = _store(args).snapshot()
-    rows = []
+    snap = open_cluster(args).snapshot()
+    rows: list[dict[str, Any]] = []
     for name in sorted(snap.specs):
         spec = snap.specs[name].value
         p = snap.placements[name].value if name in snap.placements else None
@@ -175,16 +175,15 @@ def _short(text: str | None, width: int = 160) -> str:
 
 
 def cmd_vm_show(args: argparse.Namespace) -> int:
-    store = _store(args)
-    snap = store.snapshot()
-    ks = store.keyspace
+    cluster = open_cluster(args)
+    snap = cluster.snapshot()
     if args.name not in snap.specs:
-        bad = [str(e) for e in snap.errors if e.key == ks.vm_spec(args.name)]
+        bad = [str(e) for e in snap.errors if e.key == cluster.spec_key(args.name)]
         raise CliError(bad[0] if bad else f"no VM named {args.name!r}", EXIT_INPUT)
     spec = snap.specs[args.name].value
     p = snap.placements.get(args.name)
     s = snap.statuses.get(args.name)
-    events, _ = read_events(store, EventFilter(vm=args.name))
+    events, _ = cluster.events(EventFilter(vm=args.name))
     data = {
         "spec": spec.model_dump(by_alias=True, mode="json", exclude={"domain_xml"}),
         "placement": p.value.model_dump(by_alias=True, mode="json") if p else None,
@@ -219,9 +218,9 @@ def cmd_vm_show(args: argparse.Namespace) -> int:
 
 
 def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -> VmSpec:
-    store = _store_v1(args, "vm start/stop/edit")
-    key = store.keyspace.vm_spec(args.name)
-    kv = store.get(key)
+    cluster = open_cluster(args)
+    key = cluster.spec_key(args.name)
+    kv = cluster.store.get(key)
     if kv is None:
         raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
     try:
@@ -231,13 +230,13 @@ def _update_spec(args: argparse.Namespace, change: Callable[[VmSpec], VmSpec]) -
     except (SchemaError, ValueError) as exc:
         raise CliError(str(exc), EXIT_INPUT) from None
     if new.domain_xml != old.domain_xml:
-        snap = store.snapshot()
+        snap = cluster.snapshot()
         refuse_by_policy(snap, new)
         clash = identity_clash(snap, new)
         if clash:
             raise CliError(clash, EXIT_INPUT)
     refuse_oversized(new.to_json(), f"vm {args.name}")
-    res = store.txn([Cmp(key, "mod", "==", kv.mod_revision)], [Put(key, new.to_json())])
+    res = cluster.edit_spec(new, kv.mod_revision)
     if not res.succeeded:
         raise CliError(f"{key} changed while editing; try again", EXIT_FAIL)
     return new
@@ -278,9 +277,8 @@ def cmd_vm_edit(args: argparse.Namespace) -> int:
 def cmd_vm_migrate(args: argparse.Namespace) -> int:
     """Ask the leader to live-migrate a running VM to a node (a request, not a command:
     the leader checks capacity, constraints, migration group and slots)."""
-    store = _store_v1(args, "vm migrate")
-    ks = store.keyspace
-    snap = store.snapshot()
+    cluster = open_cluster(args)
+    snap = cluster.snapshot()
     if args.name not in snap.specs:
         raise CliError(f"no VM named {args.name!r}", EXIT_INPUT)
     if args.to not in snap.nodes:
@@ -295,13 +293,14 @@ def cmd_vm_migrate(args: argparse.Namespace) -> int:
         print(f"vm/{args.name} already runs on {args.to}")
         return 0
     req = MoveRequest(vm=args.name, to=args.to, by="cli", requested_at=time.time())
-    store.put(ks.vm_move(args.name), req.to_json())
-    print(f"vm/{args.name}: move {st.value.node} -> {args.to} requested ({ks.vm_move(args.name)})")
+    cluster.request_move(req)
+    print(f"vm/{args.name}: move {st.value.node} -> {args.to} requested "
+          f"({cluster.move_key(args.name)})")
     if not args.wait:
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        snap = store.snapshot()
+        snap = cluster.snapshot()
         st = snap.statuses.get(args.name)
         if st is not None and st.value.node == args.to and st.value.state == "running":
             m = st.value.migration

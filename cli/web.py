@@ -12,15 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _parse_time, _store
+from cli.cluster import Cluster, open_cluster
+from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _out, _parse_time
 from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
-from store.history import read_events
 
 
-def _node_states(store: Any) -> dict[str, str]:
+def _node_states(cluster: Cluster) -> dict[str, str]:
     from cli.webserver import node_rows
 
-    return {r["name"]: r["state"] for r in node_rows(store.snapshot(), store)}
+    return {r["name"]: r["state"] for r in node_rows(cluster.snapshot(), cluster.store)}
 
 
 def render(g: MigrationGraph, fmt: str, renderer: str, node_states: dict[str, str]) -> str:
@@ -55,9 +55,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
     until = _parse_time(args.until) if args.until else None
     if since is not None and until is not None and until <= since:
         raise CliError("--since must be before --until", EXIT_INPUT)
-    store = _store(args)
-    states = _node_states(store)
-    events, errors = read_events(store)
+    cluster = open_cluster(args)
+    states = _node_states(cluster)
+    events, errors = cluster.events()
     g = graph_from_events(events, nodes=states, since=since, until=until)
     doc = render(g, fmt, args.renderer, states) if fmt else None
     if out_file and doc is not None:
@@ -104,9 +104,10 @@ def cmd_web(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), EXIT_INPUT) from None
     since = _parse_time(args.since) if args.since else None
-    store = _store(args)
+    cluster = open_cluster(args)
     try:
-        server = WebServer((host, port), StateSource(store, since=since))
+        server = WebServer((host, port), StateSource(cluster.store, since=since,
+                                                     cluster=cluster))
     except OSError as exc:
         raise CliError(f"cannot listen on {args.listen}: {exc}", EXIT_FAIL) from None
     if not is_loopback(host):
@@ -124,7 +125,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
         server.server_close()
-        store.close()
+        cluster.store.close()
     return 0
 
 

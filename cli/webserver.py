@@ -9,8 +9,9 @@ A stdlib HTTP server (one thread per request) that serves
     /api/graph.dot   the same as DOT text
     /healthz         "ok"
 
-Read-only by construction: it holds an EtcdStore but only calls snapshot(), get_prefix()
-(via read_events) and lease_ttl(); every method but GET/HEAD is answered 405.  The page
+Read-only by construction: it holds an EtcdStore but only reads the state and the
+history (`cli.cluster`, on the keyspace the marker names) and calls lease_ttl(); every
+method but GET/HEAD is answered 405.  The page
 loads nothing from outside (a Content-Security-Policy says so).  When it listens on a
 loopback address it answers only requests whose Host header names a loopback address,
 so a web page elsewhere cannot read the cluster state through DNS rebinding.
@@ -33,10 +34,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from cli.cluster import Cluster
 from cli.common import _node_rows, node_state
 from cli.graph import MigrationGraph, graph_from_events, graph_to_json, to_dot, to_svg
 from store.etcd import EtcdStore
-from store.history import read_events
 
 log = structlog.get_logger("vmha.web")
 
@@ -102,8 +103,12 @@ class StateSource:
     however many browsers poll."""
 
     def __init__(self, store: EtcdStore, since: float | None = None, max_age: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cluster: Cluster | None = None) -> None:
+        """`cluster`: the keyspace to read (`cli.cluster.open_cluster`; default: keyspace 1
+        of `store`)."""
         self.store = store
+        self.cluster = cluster or Cluster(store)
         self.since = since
         self.max_age = max_age
         self.clock = clock
@@ -118,7 +123,7 @@ class StateSource:
             return self._cached
 
     def _read(self, now: float) -> Cached:
-        snap = self.store.snapshot()
+        snap = self.cluster.snapshot()
         rows = node_rows(snap, self.store)
         node_states = {r["name"]: r["state"] for r in rows}
         vms = []
@@ -132,7 +137,7 @@ class StateSource:
                         "placement": p.kind if p else None,
                         "from_node": p.from_node if p else None,
                         "error": s.error if s else None})
-        events, _ = read_events(self.store)
+        events, _ = self.cluster.events()
         graph = graph_from_events(events, nodes=node_states, since=self.since)
         leader = snap.leader
         gj = graph_to_json(graph)

@@ -8,9 +8,8 @@ every second.
 The cluster runs on keyspace 2 with etcd's auth (docs/keyspace-v2.md, section 5): etcd
 serves TLS only to certificates of the lab's etcd CA, each daemon logs in as its own
 user (``node-n1``, ``orchestrator``, ...), and `vmha auth setup` ran as root before any
-daemon started.  The operator's writes (the specs, the uncordon) go to their keyspace-2
-keys with the operator's certificate: `vmha vm add` writes keyspace 1 until the CLI
-moves to keyspace 2 (section 7, part 5).
+daemon started.  The operator's writes (`vmha vm add`, `vmha node uncordon`) are `vmha`
+commands with the operator's certificate, on keyspace 2.
 
 0. **auth**: n1's certificate is refused writing n2's registration and a placement,
    the operator's revoking a node's lease; etcd's revision does not move.
@@ -43,7 +42,6 @@ from lab.configs import LAB_CONFIG
 from lab.etcdpki import OPERATOR, ROOT, node_user
 from lab.localcluster import poll_until
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import VmSpec
 
 KS = KeyspaceV2()
 TINY = ("web1", "web2", "db1")
@@ -158,7 +156,7 @@ class Demo:
         guests = self.wd / "guests"
         guests.mkdir(parents=True, exist_ok=True)
         say(f"\n-- BOOT: the operator adds {' '.join(TINY)} (tiny, {TINY_MIB} MiB) and {LINUX} "
-            f"(Linux, {LINUX_MIB} MiB): {KS.spec('VM')}, created with CN={OPERATOR}")
+            f"(Linux, {LINUX_MIB} MiB): `vmha vm add` with CN={OPERATOR} ({KS.spec('VM')})")
         for vm in TINY:
             (guests / f"{vm}.xml").write_text(tiny_guest_xml(vm, TINY_MIB))
             self.add(vm, TINY_MIB, guests / f"{vm}.xml")
@@ -176,14 +174,16 @@ class Demo:
                              f"{time.monotonic() - t:.1f} s"))
         self.table()
 
-    def add(self, vm: str, mib: int, xml: Path) -> None:
-        """What `vmha vm add` does, on keyspace 2: the spec, created once, as operator."""
-        from store.etcd import Cmp, Put
+    def vmha(self, *args: str) -> str:
+        """`vmha ARGS` as the operator (its certificate); its output."""
+        from lab.labauth import vmha_as
 
-        key = KS.spec(vm)
-        spec = VmSpec(name=vm, domain_xml=xml.read_text(), memory_mib=mib, vcpus=1)
-        if not self.store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())]).succeeded:
-            raise RuntimeError(f"{key} exists already")
+        assert self.lc.pki is not None
+        return vmha_as(self.lc.endpoints, self.lc.prefix, self.lc.pki, OPERATOR, *args)
+
+    def add(self, vm: str, mib: int, xml: Path) -> None:
+        """`vmha vm add` as the operator."""
+        self.vmha("vm", "add", vm, "--memory-mib", str(mib), "--xml", str(xml))
         self.rows[vm] = {"guest": "Linux" if vm == LINUX else "tiny"}
 
     def drain(self) -> str:
@@ -231,8 +231,8 @@ class Demo:
         self.timings.append((f"drain of {node}: {len(victims)} live migrations",
                              f"{drain_s:.1f} s"))
         self.table()
-        gone = self.store.delete(KS.cordon(node))
-        say(f"\n-- uncordon {node}: {KS.cordon(node)} deleted as {OPERATOR} ({gone}) "
+        out = self.vmha("node", "uncordon", node)
+        say(f"\n-- vmha node uncordon {node} as {OPERATOR}: {out.strip()} "
             "(nothing moves back by itself)")
         return node
 

@@ -5,8 +5,9 @@ guard process is the fake "host"; when the agent dies the guard destroys its gue
 the agent's deadline).  `vmha demo` without --fake runs the real-QEMU lab demo.
 
 As the lab demo, it runs with etcd's auth on, on keyspace 2 (lab.labauth): each daemon
-logs in with a certificate of its own, the operator's writes (specs, the uncordon) go to
-keyspace 2's keys with the operator's certificate, the drain's revoke is root's.
+logs in with a certificate of its own, the operator's writes (`vmha vm add`, `vmha node
+uncordon`) are `vmha` commands with the operator's certificate, the drain's revoke is
+root's.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
 from lab.configs import LAB_CONFIG
 from lab.etcdpki import OPERATOR, ROOT, EtcdPki
-from lab.labauth import enable_auth, etcdctl, refusals
+from lab.labauth import enable_auth, etcdctl, refusals, vmha_as
 from lab.localcluster import FakeCluster, start_etcd, wait_until
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import VmSpec
-from store.etcd import Cmp, EtcdStore, Put
+from store.etcd import EtcdStore
 
 KS = KeyspaceV2()
 NODES = ("n1", "n2", "n3")
@@ -72,14 +71,6 @@ def show_vms(fc: FakeCluster, store: EtcdStore | None = None) -> None:
             + (f"  {st.get('state', '-')} on {st.get('node', '-')}" if store else ""))
 
 
-def add(store: EtcdStore, vm: str, mib: int) -> None:
-    """What `vmha vm add` does, on keyspace 2: the spec, created once, as operator."""
-    key = KS.spec(vm)
-    spec = VmSpec(name=vm, domain_xml=default_domain_xml(vm, mib, 1), memory_mib=mib, vcpus=1)
-    if not store.txn([Cmp(key, "create", "==", 0)], [Put(key, spec.to_json())]).succeeded:
-        raise RuntimeError(f"{key} exists already")
-
-
 def run_demo(workdir: Path | None = None) -> int:
     own = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="vmha-demo-"))
@@ -114,9 +105,13 @@ def run_demo(workdir: Path | None = None) -> int:
         for line in refusals(etcd.endpoints, KS.prefix, pki, "n1", "n2"):
             say(f"    {line}")
         t = time.monotonic()
+        say(f"\n-- vmha vm add vm0 .. vm5 as {OPERATOR} (keyspace 2: {KS.spec('VM')})")
         for i in range(6):
-            add(store, f"vm{i}", 512 + 256 * (i % 3))
-        say(f"\n-- declared 6 VMs ({KS.spec('VM')} as {OPERATOR}); waiting for them to run ...")
+            vm, mib = f"vm{i}", 512 + 256 * (i % 3)
+            out = vmha_as(etcd.endpoints, KS.prefix, pki, OPERATOR, "vm", "add", vm,
+                          "--memory-mib", str(mib))
+            say(f"    $ vmha vm add {vm} --memory-mib {mib}: {out.strip()}")
+        say("-- declared 6 VMs; waiting for them to run ...")
         wait_until(lambda: len(where(fc)) == 6, 30, what="6 VMs running")
         summary.append(("6 VMs declared, placed and booted", f"{time.monotonic() - t:.2f} s"))
         show_vms(fc, store)
@@ -139,8 +134,8 @@ def run_demo(workdir: Path | None = None) -> int:
         summary.append((f"drain of n1 ({len(victims)} VMs, live migration)", f"{drain_s:.2f} s"))
         show_vms(fc, store)
 
-        store.delete(KS.cordon("n1"))
-        say(f"\n-- uncordon n1: {KS.cordon('n1')} deleted as {OPERATOR}   (n1 may receive VMs "
+        out = vmha_as(etcd.endpoints, KS.prefix, pki, OPERATOR, "node", "uncordon", "n1")
+        say(f"\n-- vmha node uncordon n1 as {OPERATOR}: {out.strip()}   (n1 may receive VMs "
             "again; nothing moves back by itself)")
 
         victims = sorted(vm for vm, ns in where(fc).items() if "n2" in ns)

@@ -1,5 +1,6 @@
 """etcd auth on a local cluster (the lab's and the fake demo's): turning it on the way an
-operator does (docs/operator-guide.md, "etcd authentication"), and showing that it holds.
+operator does (docs/operator-guide.md, "etcd authentication"), `vmha` as one of its users
+(the operator's writes), and showing that it holds.
 
 Both need the cluster's etcd to serve TLS with client certificates of the lab's etcd CA
 (:mod:`lab.etcdpki`) and no daemon running yet.
@@ -7,6 +8,8 @@ Both need the cluster's etcd to serve TLS with client certificates of the lab's 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 import time
@@ -41,6 +44,21 @@ def enable_auth(endpoints: str, prefix: str, pki: EtcdPki, nodes: Sequence[str],
     if proc.returncode != 0:
         raise RuntimeError(f"vmha auth setup failed ({proc.returncode}): "
                            f"{proc.stderr.strip()[-500:]}")
+
+
+def vmha_as(endpoints: str, prefix: str, pki: EtcdPki, user: str, *args: str) -> str:
+    """`vmha ARGS` in this process, logged in as etcd user ``user`` (its certificate):
+    its output; RuntimeError naming its error if it fails."""
+    from cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--etcd", endpoints, "--prefix", prefix, *cli_flags(pki.client(user)),
+                     *args])
+    if code != 0:
+        raise RuntimeError(f"vmha {' '.join(args)} as {user} failed ({code}): "
+                           f"{err.getvalue().strip()[-500:]}")
+    return out.getvalue()
 
 
 def _refused(endpoints: str, pki: EtcdPki, user: str, what: str,

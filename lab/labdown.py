@@ -158,16 +158,19 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
         say(f"  {r['kind']:<{width}}  {r['name']:<4} pid {str(r['pid']):<8} "
             f"{'running' if r['alive'] else 'DEAD':<8} {r['detail']}")
     etcd_alive = any(r["alive"] for r in rows if r["kind"] == "etcd")
-    if etcd_alive and state.get("auth"):
-        say("\n(etcd auth on, keyspace 2: `vmha status` reads keyspace 1; see the lab's "
-            "keys with `etcdctl get --prefix /vmha/ --keys-only` after `source "
-            f"{lab_dir / 'env.sh'}`)")
-    elif etcd_alive:
+    if etcd_alive:
         from cli.status import cmd_status
 
         say("")
+        prefix = state.get("prefix", "/vmha")
+        tls: dict[str, str | None] = {}
+        if state.get("auth"):  # etcd auth on: `vmha status` as the lab's operator
+            from lab.etcdpki import EtcdPki, user
+
+            cred = EtcdPki(lab_dir / "nodes").client(user("operator", prefix))
+            tls = {"etcd_cacert": cred.cacert, "etcd_cert": cred.cert, "etcd_key": cred.key}
         ns = argparse.Namespace(**{**vars(args), "etcd": state["etcd"]["endpoints"],
-                                   "prefix": state.get("prefix", "/vmha")})
+                                   "prefix": prefix, **tls})
         with contextlib.suppress(Exception):  # display only
             cmd_status(ns)
     return 0 if up else EXIT_FAIL

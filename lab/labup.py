@@ -76,19 +76,13 @@ def _cluster_ready(endpoints: str, nodes: list[str], tls: TlsFiles | None = None
     return snap.leader is not None and all(n in snap.nodes for n in nodes)
 
 
-def _write_examples(lab_dir: Path, auth: bool = False) -> None:
-    """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built);
-    with auth on, web1's keyspace-2 spec too, for `etcdctl put`."""
+def _write_examples(lab_dir: Path) -> None:
+    """Guest XML files an operator can `vmha vm add` (a kernel guest if it can be built)."""
     from lab import DEFAULT_CACHE, ArtifactError, kernel_guest_xml, tiny_guest_xml
-    from schemas.models import VmSpec
 
     guests = lab_dir / "guests"
     guests.mkdir(exist_ok=True)
     (guests / "web1.xml").write_text(tiny_guest_xml("web1"))
-    if auth:
-        (guests / "web1.spec.json").write_text(VmSpec(
-            name="web1", domain_xml=tiny_guest_xml("web1"), memory_mib=32,
-            vcpus=1).to_json())
     with contextlib.suppress(ArtifactError, OSError):
         (guests / "k1.xml").write_text(
             kernel_guest_xml("k1", DEFAULT_CACHE, guests / "k1.console.log"))
@@ -123,8 +117,8 @@ def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
 
 
 def _print_auth_info(lab_dir: Path, state: dict[str, Any]) -> None:
-    """The examples of a lab with auth on: etcdctl as the operator (env.sh); the vmha
-    CLI's vm, node and status commands work on keyspace 1 only, so far."""
+    """The examples of a lab with auth on: `vmha` and etcdctl as the operator (env.sh);
+    as root or a node, their certificates set again on the command line."""
     from lab.etcdpki import ROOT, EtcdPki, node_user
     from schemas.keys_v2 import KeyspaceV2
 
@@ -133,20 +127,22 @@ def _print_auth_info(lab_dir: Path, state: dict[str, Any]) -> None:
     other = state["nodes"][-1]["name"]
     pki = EtcdPki(lab_dir / "nodes")
     # etcdctl refuses a flag that shadows its environment variable: as another user, the
-    # variables are set again on the command line.
-    root, as_node = (f"ETCDCTL_CERT={c.cert} ETCDCTL_KEY={c.key}"
-                     for c in (pki.client(ROOT), pki.client(node_user(node, ks.prefix))))
-    say(f"\nTry, after `source {lab_dir / ENV_FILE}` (etcdctl as `operator`; `vmha vm`, "
-        "`node` and `status` read keyspace 1, not this lab's keyspace 2):")
-    say(f"  etcdctl put {ks.spec('web1')} < {lab_dir / 'guests/web1.spec.json'}"
-        "   # vm add web1")
+    # variables are set again on the command line (vmha takes them the same way).
+    as_root, as_node = (pki.client(ROOT), pki.client(node_user(node, ks.prefix)))
+    say(f"\nTry, after `source {lab_dir / ENV_FILE}` (vmha and etcdctl log in as `operator`):")
+    say("  vmha status")
+    say(f"  vmha vm add web1 --memory-mib 32 --xml {lab_dir / 'guests/web1.xml'}")
+    if (lab_dir / "guests" / "k1.xml").exists():
+        say(f"  vmha vm add k1 --memory-mib 96 --xml {lab_dir / 'guests/k1.xml'}"
+            f"   # a Linux guest; tail -f {lab_dir / 'guests/k1.console.log'}")
+    say("  vmha vm list")
+    say(f"  vmha node drain {node} --wait   # keyspace 2: a cordon; its VMs move live")
+    say(f"  vmha node uncordon {node}")
+    say(f"  VMHA_ETCD_CERT={as_root.cert} VMHA_ETCD_KEY={as_root.key} vmha node drain {node} "
+        "--revoke   # the lease revoke: root's")
     say(f"  etcdctl get --prefix {ks.prefix}/ --keys-only")
-    say(f"  etcdctl get {ks.place('web1')} --print-value-only   # where the leader put it")
-    say(f"  {as_node} etcdctl put {ks.reg(other)} x   # {node}'s certificate: refused")
-    say(f"  {root} etcdctl lease revoke $(etcdctl get {ks.reg(node)} -w json | python3 -c "
-        "'import json,sys; print(format(json.load(sys.stdin)[\"kvs\"][0][\"lease\"], \"x\"))')"
-        f"   # drain {node} (root)")
-    say(f"  etcdctl del {ks.cordon(node)}   # uncordon {node}")
+    say(f"  ETCDCTL_CERT={as_node.cert} ETCDCTL_KEY={as_node.key} etcdctl put {ks.reg(other)} x"
+        f"   # {node}'s certificate: refused")
     say(f"  vmha lab status --dir {lab_dir}")
     say(f"  vmha lab down --dir {lab_dir}")
 
@@ -289,7 +285,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
             say(f"   etcd at {lc.endpoints}; libvirtd nodes, agents and orchestrators started")
             wait_progress(lambda: _cluster_ready(lc.endpoints, list(names), tls), 40,
                   "agents registered and a leader elected")
-            _write_examples(lab_dir, base["auth"])
+            _write_examples(lab_dir)
             hold_at("ready")
         except KeyboardInterrupt:
             say("\ninterrupted: tearing the lab down")

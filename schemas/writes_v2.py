@@ -262,6 +262,13 @@ def vm_edit(ks: KeyspaceV2, spec: VmSpec, mod_revision: int) -> Write:
                   [Put(ks.spec(spec.name), spec.to_json())])
 
 
+def vm_remove(ks: KeyspaceV2, vm: str, mod_revision: int) -> Write:
+    """`vm remove`: the spec as read goes (an edit meanwhile keeps it); the leader then
+    deletes the placement and its assignments (`remove_placement`)."""
+    return _write("vm remove", OPERATOR, [unchanged(ks.spec(vm), mod_revision)],
+                  [Delete(ks.spec(vm))])
+
+
 def request_move(ks: KeyspaceV2, move: MoveRequest) -> Write:
     return _write("move request", OPERATOR, [], [Put(ks.move(move.vm), move.to_json())])
 

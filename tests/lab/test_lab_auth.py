@@ -1,5 +1,6 @@
 """`vmha lab up --auth`: the lab with etcd authentication on, on keyspace 2, used the way
-its printed examples say (etcdctl through env.sh as `operator`), then `vmha lab down`.
+its printed examples say (vmha and etcdctl through env.sh as `operator`), then `vmha lab
+down`.
 
 Root only; skipped without libvirtd / QEMU / unshare / etcd (same check as `vmha lab up`).
 """
@@ -19,7 +20,6 @@ from lab.commands import missing_prerequisite
 from lab.etcdpki import EtcdPki, node_user
 from lab.localcluster import wait_until
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import VmSpec
 from schemas.models_v2 import KeyspaceVersion
 from store.errors import PermissionDenied
 from store.etcd import EtcdStore, StoreError
@@ -43,11 +43,6 @@ def env_of(lab: Path) -> dict[str, str]:
                 name, _, value = pair.partition("=")
                 env[name] = value
     return env
-
-
-def etcdctl(lab: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["etcdctl", *args], env=env_of(lab), input=stdin, text=True,
-                          capture_output=True, timeout=30, check=False)
 
 
 def running_on(store: EtcdStore, vm: str, nodes: list[str]) -> str | None:
@@ -88,16 +83,18 @@ def test_lab_up_with_auth(tmp_path: Path) -> None:
             version = operator.get(KS.version)
             assert version is not None
             assert KeyspaceVersion.from_json(version.value).state == "done"
-            # the printed `vm add`: etcdctl as operator, from env.sh, puts the spec file
-            m = re.search(r"etcdctl put (\S+) < (\S+)", r.stdout)
-            assert m is not None and m.group(1) == KS.spec("web1"), r.stdout
-            spec = Path(m.group(2)).read_text()
-            assert VmSpec.from_json(spec).name == "web1"
-            put = etcdctl(lab, "put", m.group(1), stdin=spec)
-            assert put.returncode == 0, put.stderr
+            # the printed `vm add`: vmha as operator, from env.sh, on keyspace 2
+            m = re.search(r"^  vmha (vm add web1 .*)$", r.stdout, re.MULTILINE)
+            assert m is not None, r.stdout
+            env = env_of(lab)
+            add = run_vmha(*m.group(1).split(), env=env)
+            assert add.returncode == 0 and KS.spec("web1") in add.stdout, add.stdout + add.stderr
             node = wait_until(lambda: running_on(operator, "web1", nodes), 60, 0.2,
                               "web1 running on keyspace 2")
             assert node is not None and operator.get(KS.assignment(node, "web1")) is not None
+            listed = run_vmha("-o", "json", "vm", "list", env=env)
+            assert [(v["name"], v["node"], v["state"]) for v in json.loads(listed.stdout)] == [
+                ("web1", node, "running")], listed.stdout + listed.stderr
             # n1's certificate writes nothing of n2's, nor a placement
             before = operator.revision()
             for key in (KS.reg("n2"), KS.status("n2", "web1"), KS.place("web1")):
@@ -119,7 +116,8 @@ def test_lab_up_with_auth(tmp_path: Path) -> None:
             operator.close()
             n1.close()
         r = run_vmha("lab", "status", "--dir", str(lab))
-        assert r.returncode == 0 and "etcd auth on" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "leader: " in r.stdout, r.stdout + r.stderr
+        assert re.search(r"^web1 +running", r.stdout, re.MULTILINE), r.stdout
     r = run_vmha("lab", "down", "--dir", str(lab))
     assert r.returncode == 0, r.stdout + r.stderr
     assert not lab.exists()

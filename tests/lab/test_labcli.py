@@ -151,6 +151,7 @@ def test_demo_runs_on_the_lab_and_cleans_up() -> None:
     for needle in ("etcd with auth on", "node-n1   put /vmha/n/n2/reg", "permission denied",
                    "live-migrated linux1", "downtime", "the same kernel kept running",
                    "cold-booted", "fence record", "running on two nodes at once: 0  -> OK",
+                   "`vmha vm add` with CN=operator", "vmha node uncordon",
                    "all processes stopped"):
         assert needle in out, (needle, out)
     # Its duration is reported, not asserted: speed targets live in benchmarks.

@@ -97,6 +97,7 @@ def table(ks: KeyspaceV2, me: str, peer: str, third: str) -> list[w.Write]:
         w.node_event(ks, me, event(f"agent:{me}")),
         w.vm_add(ks, spec()),
         w.vm_edit(ks, spec(), 12),
+        w.vm_remove(ks, "web1", 12),
         w.request_move(ks, MoveRequest(vm="web1", to=peer, by="op", requested_at=1.0)),
         w.cordon(ks, CordonMarker(node=third, reason="maintenance", by="op", at=1.0)),
         w.uncordon(ks, third),
@@ -109,7 +110,7 @@ ROWS = {"election", "placement", "placement removed", "spec refresh", "fence rec
         "fence record (manual)", "clear fence", "clear move", "history (leader)",
         "history prune", "registration", "adoption", "own key", "own cordon",
         "status report", "status clean-up", "stale claims", "history (agent)", "vm add",
-        "vm edit", "move request", "cordon", "uncordon", "confirm off", "config"}
+        "vm edit", "vm remove", "move request", "cordon", "uncordon", "confirm off", "config"}
 
 # Besides its writer, the roles etcd would also let send a write (all reviewed: none
 # lets a node act for the leader or for another node).  The orchestrator may write
@@ -294,3 +295,5 @@ def test_operator_spec_writes() -> None:
     assert w.vm_add(KS, spec()).txn.compares == (cmp("/vmha/spec/web1", "create", 0),)
     assert w.vm_edit(KS, spec(), 12).txn.compares == (cmp("/vmha/spec/web1", "mod", 12),)
     assert w.vm_edit(KS, spec(), 12).txn.ops == (Put("/vmha/spec/web1", spec().to_json()),)
+    assert w.vm_remove(KS, "web1", 12).txn.compares == (cmp("/vmha/spec/web1", "mod", 12),)
+    assert w.vm_remove(KS, "web1", 12).txn.ops == (Delete("/vmha/spec/web1"),)
