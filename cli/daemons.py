@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from cli.common import EXIT_INPUT, CliError, _first_error, _store, global_defaults
 from schemas.keys import valid_name
 from schemas.models import Capacity
@@ -159,6 +161,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from orchestrator.leader import EXIT_KEYSPACE_CHANGED
     from orchestrator.leader_v2 import orchestrator_for
     from telemetry import logs, metrics
 
@@ -166,26 +169,40 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     logs.setup(args.log_format)
     if not args.validate_config:
         metrics.serve(args.metrics_listen)
-    stopped = threading.Event()
+    shutdown = threading.Event()
+    current = threading.Event()  # the stop event of the orchestrator choosing or running
     orch: Orchestrator | None = None
 
     def stop(*_: object) -> None:
-        stopped.set()
+        shutdown.set()
+        current.set()
         if orch is not None:
             orch.wake.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # The keyspace /vmha/version names (absent: keyspace 1), asked until etcd answers.
-    orch = orchestrator_for(_store(args), args.name, stopped,
-                            wait=not args.validate_config)
-    if orch is None:
-        return 0
-    if args.validate_config:
-        orch.ensure_config()
-        print("config ok")
-        return 0
-    return orch.run()
+    while True:
+        # The keyspace /vmha/version names (absent: keyspace 1), asked until etcd answers
+        # and waited for while a migration runs.
+        orch = orchestrator_for(_store(args), args.name, current,
+                                wait=not args.validate_config)
+        if orch is None:
+            return 0
+        if args.validate_config:
+            orch.ensure_config()
+            print("config ok")
+            return 0
+        code = orch.run()
+        orch.store.close()
+        if code != EXIT_KEYSPACE_CHANGED or shutdown.is_set():
+            return code
+        # The marker changed under the loop (a migration started or ended): this process
+        # chooses again rather than exit, so no value in etcd stops the daemon; it has
+        # resigned, and waits unelected until the keyspace it names is runnable.
+        structlog.get_logger("vmha.orchestrator").info(
+            "keyspace_reselect", reason="the keyspace marker changed: choosing the keyspace "
+                                        "again in this process")
+        current = threading.Event()
 
 
 def register(groups: dict[str, Any]) -> None:

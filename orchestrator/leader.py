@@ -42,7 +42,7 @@ from telemetry.invalid_keys import CycleBackoff, InvalidKeyReporter
 log = structlog.get_logger("vmha.orchestrator")
 
 # run()'s exit code when the keyspace marker names another keyspace than the one this
-# loop runs: the service manager starts it again, on the keyspace the marker names.
+# loop runs: `vmha orchestrator` chooses again in the same process (cli.daemons).
 EXIT_KEYSPACE_CHANGED = 2
 
 __all__ = ["ConfigError", "Orchestrator"]
@@ -296,11 +296,11 @@ class Orchestrator:
 
     def _stop_for_migration(self) -> None:
         """Keyspace 1 with the marker present: a migration started (docs/keyspace-v2.md,
-        section 6).  The leader writes nothing more and stops; restarted, it waits for
-        the migration to finish (`orchestrator.leader_v2.orchestrator_for`)."""
+        section 6).  The leader writes nothing more and resigns; its process then waits
+        for the migration to finish (`orchestrator.leader_v2.orchestrator_for`)."""
         self.log.error("keyspace_changed", epoch=self.epoch,
                        reason="the keyspace marker appeared: a migration to keyspace 2 "
-                              "started; stopping without a decision")
+                              "started; resigning without a decision")
         self.exit_code = EXIT_KEYSPACE_CHANGED
         self.stopped.set()
 

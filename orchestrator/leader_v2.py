@@ -18,7 +18,8 @@ Same election, lease, config, fencing and planner as `orchestrator.leader` (keys
 
 Which keyspace runs is chosen at start by `/vmha/version` (`orchestrator_for`): absent,
 keyspace 1 as before; `keyspace 2, done`, this one.  A marker that changes while it runs
-stops it (exit code 2), so that it starts again on the keyspace the marker names.
+ends its loop (run() returns EXIT_KEYSPACE_CHANGED, the lease revoked), and `vmha
+orchestrator` chooses again in the same process: no etcd value stops the daemon.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ class OrchestratorV2(Orchestrator):
         if v is not None and v.value.state == "done":
             return True
         self.log.error("keyspace_changed", state=v.value.state if v else "absent",
-                       reason="the keyspace marker no longer says keyspace 2 done: stopping "
-                              "to start again on the keyspace it names")
+                       reason="the keyspace marker no longer says keyspace 2 done: resigning "
+                              "to choose again the keyspace it names")
         self.exit_code = EXIT_KEYSPACE_CHANGED
         self.stopped.set()
         return False

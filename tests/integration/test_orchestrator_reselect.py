@@ -1,0 +1,77 @@
+"""`vmha orchestrator` follows the keyspace marker in its own process.
+
+A value in etcd must never stop a daemon.  When `/vmha/version` appears under a running
+keyspace-1 leader (a migration starts), the leader resigns and writes nothing more; the
+process then waits, unelected, and runs keyspace 2's leader once the marker says
+`done`.  Before, the process exited (code 2) and depended on a service manager to start
+it again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import migration as mig
+from schemas.keys import Keyspace
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models import CONFIG_SCHEMA_KEYSPACE_2
+from store.etcd import EtcdStore
+from tests.conftest import TEST_CONFIG
+from tests.harness import EtcdCluster, wait_until
+
+pytestmark = pytest.mark.integration
+
+KS1, KS2 = Keyspace(), KeyspaceV2()
+
+
+@pytest.fixture
+def store(etcd: EtcdCluster) -> Iterator[EtcdStore]:
+    s = EtcdStore(etcd.endpoints)
+    s.put(KS1.config, TEST_CONFIG.to_json())
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _leader(store: EtcdStore, key: str) -> dict[str, object] | None:
+    kv = store.get(key)
+    return None if kv is None else dict(json.loads(kv.value))
+
+
+def test_the_process_resigns_at_the_marker_and_leads_keyspace_2_when_done(
+        etcd: EtcdCluster, store: EtcdStore, tmp_path: Path) -> None:
+    log = tmp_path / "orch.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints,
+                                 "orchestrator", "--name", "o1", "--log-format", "json"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        first = wait_until(lambda: _leader(store, KS1.leader), 30, 0.1,
+                           "o1 leads keyspace 1")
+        assert first is not None and first["id"] == "o1", first
+        store.put(KS2.version, mig.marker_json("migrating", "t", "0.2.0", 1.0))
+        wait_until(lambda: store.get(KS1.leader) is None, 30, 0.1, "o1 resigned")
+        time.sleep(1.0)  # it would have exited by now
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert store.get(KS1.leader) is None  # and is not elected while migrating
+
+        store.put(KS1.config,
+                  TEST_CONFIG.model_copy(update={"schema_": CONFIG_SCHEMA_KEYSPACE_2}).to_json())
+        store.put(KS2.version, mig.marker_json("done", "t", "0.2.0", 1.0))
+        second = wait_until(lambda: _leader(store, KS2.leader), 30, 0.1,
+                            "o1 leads keyspace 2")
+        assert second is not None and second["id"] == "o1" and second["pid"] == proc.pid, second
+        assert proc.poll() is None
+        assert '"keyspace_reselect"' in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0, log.read_text()[-2000:]
