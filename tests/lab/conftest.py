@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 
@@ -10,3 +15,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "lab: needs root, unshare, libvirtd and QEMU; starts libvirt nodes and TCG guests",
     )
+
+
+@pytest.fixture
+def lab_dir() -> Iterator[Path]:
+    """A lab root short enough for libvirtd's AF_UNIX socket paths (108 bytes) wherever
+    pytest puts its temporary directories: under xdist they gain a `popen-gwN/` level,
+    and a long test name then made `vmha lab up` refuse the root.  Removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
+    try:
+        yield root / "lab"
+    finally:
+        shutil.rmtree(root)

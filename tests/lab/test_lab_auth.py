@@ -54,8 +54,8 @@ def running_on(store: EtcdStore, vm: str, nodes: list[str]) -> str | None:
     return str(st["node"]) if st["state"] == "running" else None
 
 
-def test_lab_up_with_auth(tmp_path: Path) -> None:
-    lab = tmp_path / "lab"
+def test_lab_up_with_auth(lab_dir: Path) -> None:
+    lab = lab_dir
     nodes = ["n1", "n2"]
     with lab_down_on_failure(str(lab)):
         r = run_vmha("lab", "up", "--auth", "--dir", str(lab), "--nodes", "2")

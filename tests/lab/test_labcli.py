@@ -60,8 +60,8 @@ def all_gone(lab: Path) -> bool:
     return not procs_mentioning(lab)
 
 
-def test_up_status_idempotent_restart_down(tmp_path: Path) -> None:
-    lab = tmp_path / "lab"
+def test_up_status_idempotent_restart_down(lab_dir: Path) -> None:
+    lab = lab_dir
     try:
         r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
         assert r.returncode == 0, r.stdout + r.stderr
@@ -118,8 +118,8 @@ def test_up_status_idempotent_restart_down(tmp_path: Path) -> None:
 #: Where `up` is interrupted: in the middle of starting (every libvirt node up, no agent
 #: yet) and with every process started (before the cluster is ready).
 @pytest.mark.parametrize("phase", ["nodes", "started"])
-def test_ctrl_c_during_up_tears_everything_down(tmp_path: Path, phase: str) -> None:
-    lab = tmp_path / "lab"
+def test_ctrl_c_during_up_tears_everything_down(lab_dir: Path, phase: str) -> None:
+    lab = lab_dir
     env = dict(os.environ, VMHA_LAB_HOLD_AT=phase)
     with lab_down_on_failure(str(lab)), Lines("lab", "up", "--dir", str(lab), env=env) as up:
         held = up.wait_for(f"holding at phase {phase}", timeout=180)
