@@ -18,31 +18,26 @@ import argparse
 from typing import ClassVar, Literal
 
 from cli.common import EXIT_FAIL, EXIT_INPUT, CliError, _store
-from schemas.errors import SchemaError
+from schemas import marker
 from schemas.events import Event
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, CordonMarker, MoveRequest, VmSpec, VmStatus
-from schemas.models_v2 import KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot, Entry, RawKV
 from store.etcd import Cmp, EtcdStore, Put, TxnResult
 from store.history import EventFilter, read_events
 
 
-def keyspace_of(marker: RawKV | None, key: str) -> Literal[1, 2]:
+def keyspace_of(value: RawKV | None, key: str) -> Literal[1, 2]:
     """The keyspace a value of the marker selects; CliError (exit 1) for none."""
-    if marker is None:
-        return 1
     try:
-        v = KeyspaceVersion.from_json(marker.value, key)
-    except SchemaError as exc:
-        raise CliError(f"the keyspace marker {key} does not parse ({exc}): refusing to "
-                       "guess which keyspace this cluster runs; nothing written", EXIT_FAIL
-                       ) from None
-    if v.state != "done":
-        raise CliError(f"keyspace migration in progress ({key} says {v.state}, by {v.by}): "
-                       "nothing read or written; run the command again once `vmha keyspace "
-                       "migrate` is done", EXIT_FAIL)
-    return 2
+        return marker.keyspace_of(value, key)
+    except marker.KeyspaceUndecided as exc:
+        if exc.state is None:
+            raise CliError(f"{exc}: refusing to guess which keyspace this cluster runs; "
+                           "nothing written", EXIT_FAIL) from None
+        raise CliError(f"keyspace migration in progress ({key} says {exc.state}, by "
+                       f"{exc.by}): nothing read or written; run the command again once "
+                       "`vmha keyspace migrate` is done", EXIT_FAIL) from None
 
 
 class Cluster:

@@ -14,30 +14,12 @@ from typing import Literal
 
 from nodeagent.context import AgentContext
 from nodeagent.writes_v2 import AgentWrites
-from schemas.errors import ConfigError, SchemaError, TemporaryError
+from schemas.errors import ConfigError, SchemaError
 from schemas.keys_v2 import KeyspaceV2
+from schemas.marker import KeyspaceUndecided as KeyspaceUndecided
+from schemas.marker import keyspace_of as keyspace_of
 from schemas.models import ClusterConfig
-from schemas.models_v2 import KeyspaceVersion
-from schemas.snapshot import RawKV
 from store.etcd import EtcdStore
-
-
-class KeyspaceUndecided(TemporaryError):
-    """The marker says neither keyspace 1 nor a finished keyspace 2: wait."""
-
-
-def keyspace_of(version: RawKV | None, key: str) -> Literal[1, 2]:
-    """The keyspace a marker value selects (pure); raises KeyspaceUndecided."""
-    if version is None:
-        return 1
-    try:
-        marker = KeyspaceVersion.from_json(version.value, key)
-    except SchemaError as exc:
-        raise KeyspaceUndecided(f"refusing to pick a keyspace: {exc}") from exc
-    if marker.state != "done":
-        raise KeyspaceUndecided(f"keyspace migration under way ({marker.state}, by "
-                                f"{marker.by}): this agent waits for it to finish")
-    return 2
 
 
 def read_keyspace(store: EtcdStore) -> Literal[1, 2]:

@@ -41,10 +41,10 @@ from orchestrator import planner, txn_v2
 from orchestrator.leader import EXIT_KEYSPACE_CHANGED, Orchestrator
 from orchestrator.liveness_v2 import LivenessProbe
 from orchestrator.model_v2 import ParseCache, leader_model
-from schemas.errors import ConfigError, SchemaError
+from schemas import marker
+from schemas.errors import ConfigError
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 from schemas.models import ClusterConfig
-from schemas.models_v2 import KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Txn
 from store.errors import StoreCompacted, StoreError, StoreUnavailable
@@ -254,21 +254,14 @@ class OrchestratorV2(Orchestrator):
 
 def keyspace_of(store: EtcdStore) -> int:
     """1 if `/vmha/version` is absent, 2 if it says keyspace 2 done; MigrationUnderWay
-    (a ConfigError) while a migration is under way or for a marker that does not parse."""
+    (a ConfigError) while a migration is under way or for a marker that does not parse:
+    waited out alike, since guessing a keyspace could find no VM in it."""
     key = KeyspaceV2(store.keyspace.prefix).version
-    kv = store.get(key)
-    if kv is None:
-        return 1
     try:
-        v = KeyspaceVersion.from_json(kv.value, key=key)
-    except SchemaError as exc:
-        # Waited out like a migration: guessing a keyspace could find no VM in it.
-        raise MigrationUnderWay(f"keyspace marker {key}: {exc}") from exc
-    if v.state != "done":
-        raise MigrationUnderWay(f"keyspace marker {key} says a migration to keyspace 2 is "
-                                f"under way ({v.state}, by {v.by}): this release runs "
-                                "keyspace 2 once it is done")
-    return 2
+        return marker.keyspace_of(store.get(key), key)
+    except marker.KeyspaceUndecided as exc:
+        raise MigrationUnderWay(f"{exc}: this release runs keyspace 2 once it is done"
+                                ) from exc
 
 
 def orchestrator_for(store: EtcdStore, ident: str | None, stopped: threading.Event, *,
