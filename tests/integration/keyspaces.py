@@ -89,6 +89,11 @@ class ClusterView:
         e = self.reg_entry(node)
         return e.value if e else None
 
+    def registered(self, node: str) -> bool:
+        """One get of the node's registration key (named by the CLI's keyspace), for
+        polls whose timing matters: a snapshot reads the whole keyspace."""
+        return self.store.get(self.cluster.reg_key(node)) is not None
+
     def cordoned(self, node: str) -> bool:
         """The cordon marker exists (the registration's flag is `reg(node).cordoned`)."""
         return node in self.snapshot().cordons
@@ -121,8 +126,9 @@ class ClusterView:
         return self.snapshot().leader
 
     def leader_id(self) -> str | None:
-        e = self.leader()
-        return e.value.id if e else None
+        """One get: the leader key is the same on both keyspaces (`PrefixKeys.leader`)."""
+        kv = self.store.get(self.store.keyspace.leader)
+        return LeaderRecord.from_json(kv.value).id if kv else None
 
     def events(self) -> list[Any]:
         return self.cluster.events()[0]

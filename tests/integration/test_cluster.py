@@ -62,7 +62,7 @@ def test_agent_crash_reboots_vms_elsewhere_once_after_fence_window(
     with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
         killed_at = time.time()
         fc.agents["n2"].kill()  # host crash: the fake's guests die with their host process
-        wait_until(lambda: store.reg("n2") is None, 10, interval=0.02,
+        wait_until(lambda: not store.registered("n2"), 10, interval=0.02,
                    what="n2's lease to expire")
         expired_seen_at = time.time()
         wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in victims), 20,
