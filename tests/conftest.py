@@ -115,10 +115,15 @@ def store(etcd: EtcdCluster) -> Iterator[EtcdStore]:
 
 
 def make_fake_cluster(etcd: EtcdCluster, tmp_path: Path,
-                      config: ClusterConfig = TEST_CONFIG) -> FakeCluster:
+                      config: ClusterConfig = TEST_CONFIG, keyspace: int = 1) -> FakeCluster:
+    """The config written and, for `keyspace` 2, its marker (before any daemon starts:
+    tests.integration.keyspaces)."""
+    from tests.integration.keyspaces import mark_keyspace
+
     s = EtcdStore(etcd.endpoints)
     s.put("/vmha/config", config.to_json())
     s.close()
+    mark_keyspace(etcd.endpoints, keyspace)
     return FakeCluster(etcd, tmp_path)
 
 

@@ -46,13 +46,15 @@ class Leader:
         self.epoch = store.put(KS.leader, '{"schema": 1}')
         self.n = 0
 
-    def place(self, vm: str, node: str, from_node: str | None = None) -> int:
-        """Place `vm` (its spec added first if absent), reading what it replaces."""
+    def place(self, vm: str, node: str, from_node: str | None = None,
+              pid: str | None = None) -> int:
+        """Place `vm` (its spec added first if absent), reading what it replaces; `pid`
+        names the placement (default `pN`, N counting this leader's placements)."""
         self.n += 1
         spec_kv = self.store.get(KS.spec(vm))
         spec_rev = (spec_kv.mod_revision if spec_kv is not None
                     else self.operator.put(KS.spec(vm), spec(vm).to_json()))
-        p = Placement(id=f"p{self.n}", vm=vm, node=node, from_node=from_node,
+        p = Placement(id=pid or f"p{self.n}", vm=vm, node=node, from_node=from_node,
                       kind="migrate" if from_node else "boot", epoch=self.epoch,
                       reason="test", decided_at=time.time())
         place = self.store.get(KS.place(vm))
@@ -62,6 +64,20 @@ class Leader:
         return send(self.store, w.placement(
             KS, p, epoch=self.epoch, place_mod=place.mod_revision if place else 0,
             spec=spec(vm), spec_revision=spec_rev, assignments_seen=seen))
+
+    def remove(self, vm: str) -> int:
+        """`vm remove` as the leader follows it: the spec deleted (the operator's write),
+        then the placement and its assignments."""
+        kv = self.operator.get(KS.spec(vm))
+        assert kv is not None
+        send(self.operator, w.vm_remove(KS, vm, kv.mod_revision))
+        place = self.store.get(KS.place(vm))
+        seen = {KS.parse(kv.key).node: kv.mod_revision
+                for kv in self.store.get_prefix(KS.assignment_dir)
+                if kv.key.endswith(f"/{vm}")}
+        return send(self.store, w.remove_placement(
+            KS, vm, epoch=self.epoch, place_mod=place.mod_revision if place else 0,
+            assignments_seen=seen))
 
     def place_new(self, vm: str, node: str) -> int:
         """Add and place a VM without a read (for tests that count etcd's reads)."""

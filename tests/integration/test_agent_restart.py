@@ -13,7 +13,6 @@ vmha-guard.service runs it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -25,20 +24,20 @@ import pytest
 from fencing.policy import guard_timeout
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
-from schemas import ClusterConfig, Keyspace
-from store.etcd import EtcdStore
+from schemas import ClusterConfig
 from tests.conftest import make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import domain_record, log_events
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 
 pytestmark = pytest.mark.integration
-KS = Keyspace()
 CFG = ClusterConfig()  # the defaults: what `systemctl restart` meets in production
 
 
 def cluster(etcd: EtcdCluster, tmp_path: Path, nodes: int = 3, vms: int = 6,
-            extra: tuple[str, ...] = (), guard_extra: tuple[str, ...] = ()) -> FakeCluster:
-    fc = make_fake_cluster(etcd, tmp_path, CFG)
+            extra: tuple[str, ...] = (), guard_extra: tuple[str, ...] = (),
+            keyspace: int = 1) -> FakeCluster:
+    fc = make_fake_cluster(etcd, tmp_path, CFG, keyspace)
     fc.guard_service = True
     fc.guard_extra = guard_extra
     for i in range(1, nodes + 1):
@@ -58,13 +57,13 @@ def on(fc: FakeCluster, node: str) -> dict[str, float]:
             for vm, ns in fake_ground_truth(fc.fake_root).items() if node in ns}
 
 
-def stays_in_place(fc: FakeCluster, store: EtcdStore, node: str, before: dict[str, float],
+def stays_in_place(fc: FakeCluster, store: ClusterView, node: str, before: dict[str, float],
                    checker: DoubleRunChecker) -> None:
     # Past the old lease's TTL, the guard's timeout and the leader's fence window.
     time.sleep(CFG.lease_ttl_s + CFG.fence_margin_s + 2.0)
     assert on(fc, node) == before  # same VMs, same boots: nothing moved, nothing rebooted
     assert len(fake_ground_truth(fc.fake_root)) == 6
-    assert store.get(KS.fence(node)) is None  # the leader never fenced the node
+    assert store.fence(node) is None  # the leader never fenced the node
     assert checker.violations == []
     assert fc.guards[node].alive()
     assert '"guard_fired"' not in fc.guards[node].log_text()
@@ -74,28 +73,28 @@ def stays_in_place(fc: FakeCluster, store: EtcdStore, node: str, before: dict[st
             assert e["vm"] not in before or other == node, e
 
 
-def alive_lease(store: EtcdStore, node: str) -> int:
+def alive_lease(store: ClusterView, node: str) -> int:
     """The lease of the node's liveness key (nodeagent.liveness); 0: none."""
-    kv = store.get(KS.alive(node))
-    return kv.lease if kv is not None else 0
+    return store.alive_lease(node)
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_agent_sigkilled_and_restarted_within_the_ttl_keeps_its_vms(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
-    fc = cluster(etcd, tmp_path)
-    store = EtcdStore(etcd.endpoints)
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
+    fc = cluster(etcd, tmp_path, keyspace=keyspace)
+    store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n2")
         assert before
-        lease = json.loads(store.get(KS.node("n2")).value)["lease_id"]  # type: ignore[union-attr]
+        lease = store.reg("n2").lease_id  # type: ignore[union-attr]
         alive = alive_lease(store, "n2")
         assert alive
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             fc.agents["n2"].kill()  # a crash, or the OOM killer
             fc.start_agent("n2")  # systemd's Restart=
             stays_in_place(fc, store, "n2", before, checker)
-        reg = json.loads(store.get(KS.node("n2")).value)  # type: ignore[union-attr]
-        assert reg["lease_id"] == lease and reg["agent"]["pid"] == fc.agents["n2"].pid
+        reg = store.reg("n2")
+        assert reg is not None and reg.lease_id == lease and reg.agent.pid == fc.agents["n2"].pid
         assert alive_lease(store, "n2") == alive  # both leases adopted
     finally:
         fc.stop()
@@ -108,7 +107,7 @@ def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
     has run out since the old one's last pet.  The guard service holds the lease
     meanwhile (fencing.lease_hold), so it does not fire and nothing moves."""
     fc = cluster(etcd, tmp_path)
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n2")
         assert before
@@ -131,21 +130,21 @@ def test_sigusr2_restarts_in_place(etcd: EtcdCluster, tmp_path: Path) -> None:
     """Also: the liveness lease gone while the agent restarts (revoked here): the new
     process adopts the registration with a new liveness lease, no drain."""
     fc = cluster(etcd, tmp_path)
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n1")
-        lease = json.loads(store.get(KS.node("n1")).value)["lease_id"]  # type: ignore[union-attr]
+        lease = store.reg("n1").lease_id  # type: ignore[union-attr]
         alive = alive_lease(store, "n1")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
             old = fc.agents["n1"]
             old.signal(signal.SIGUSR2)
             assert old.proc is not None and old.proc.wait(20) == 75  # RestartForceExitStatus
-            store.revoke_lease(alive)
+            store.store.revoke_lease(alive)
             fc.start_agent("n1")
             stays_in_place(fc, store, "n1", before, checker)
-        assert store.get(KS.cordon("n1")) is None  # not drained
-        reg = json.loads(store.get(KS.node("n1")).value)  # type: ignore[union-attr]
-        assert reg["lease_id"] == lease
+        assert not store.cordoned("n1")  # not drained
+        reg = store.reg("n1")
+        assert reg is not None and reg.lease_id == lease
         assert alive_lease(store, "n1") not in (0, alive)
     finally:
         fc.stop()
@@ -167,7 +166,7 @@ def test_systemctl_restart_restarts_in_place(etcd: EtcdCluster, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
     fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "restart"))
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n3")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
@@ -176,7 +175,7 @@ def test_systemctl_restart_restarts_in_place(etcd: EtcdCluster, tmp_path: Path,
             assert old.proc is not None and old.proc.wait(20) == 0
             fc.start_agent("n3", extra=("--systemd-unit", "vmha-agent.service"))
             stays_in_place(fc, store, "n3", before, checker)
-        assert store.get(KS.cordon("n3")) is None
+        assert not store.cordoned("n3")
     finally:
         fc.stop()
         store.close()
@@ -186,7 +185,7 @@ def test_systemctl_stop_still_drains_and_disarms(etcd: EtcdCluster, tmp_path: Pa
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", os.environ["PATH"])
     fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "stop"))
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     try:
         victims = on(fc, "n3")
         assert victims
@@ -197,7 +196,7 @@ def test_systemctl_stop_still_drains_and_disarms(etcd: EtcdCluster, tmp_path: Pa
         for vm in victims:
             (node,) = truth[vm]
             assert domain_record(fc.fake_root, node, vm)["migrated_from"] == "n3"  # type: ignore[index]
-        assert store.get(KS.cordon("n3")) is not None and store.get(KS.node("n3")) is None
+        assert store.cordoned("n3") and store.reg("n3") is None
         time.sleep(CFG.lease_ttl_s)
         assert fc.guards["n3"].alive()  # disarmed: it keeps waiting for an agent
         assert '"guard_disarmed"' in fc.guards["n3"].log_text()
@@ -207,12 +206,13 @@ def test_systemctl_stop_still_drains_and_disarms(etcd: EtcdCluster, tmp_path: Pa
         store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_not_restarted_the_guard_destroys_the_vms_before_the_fence_window_ends(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     # The guard holds the lease for a restarting agent up to its restart grace (20 s by
     # default); 5 s here takes the same path sooner.
-    fc = cluster(etcd, tmp_path, guard_extra=("--restart-grace-s", "5"))
-    store = EtcdStore(etcd.endpoints)
+    fc = cluster(etcd, tmp_path, guard_extra=("--restart-grace-s", "5"), keyspace=keyspace)
+    store = ClusterView(etcd.endpoints)
     try:
         victims = on(fc, "n2")
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
@@ -225,12 +225,13 @@ def test_not_restarted_the_guard_destroys_the_vms_before_the_fence_window_ends(
             wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in victims),
                        30, what="victims running elsewhere")
         assert checker.violations == [], checker.violations
-        fence = json.loads(store.get(KS.fence("n2")).value)  # type: ignore[union-attr]
+        fence = store.fence("n2")
+        assert fence is not None
         truth = fake_ground_truth(fc.fake_root)
         for vm in victims:
             (node,) = truth[vm]
             assert node != "n2"
-            assert domain_record(fc.fake_root, node, vm)["booted_at"] >= fence["fenced_at"]  # type: ignore[index]
+            assert domain_record(fc.fake_root, node, vm)["booted_at"] >= fence.fenced_at  # type: ignore[index]
             # The guard's destroy came first: the domain on n2 is recorded as destroyed.
             old = domain_record(fc.fake_root, "n2", vm)
             assert old is None or old["state"] != "running", old
@@ -243,13 +244,13 @@ def test_a_drain_that_cannot_finish_destroys_revokes_and_exits(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     """One node: its VMs have nowhere to go, so the drain on stop cannot finish."""
     fc = cluster(etcd, tmp_path, nodes=1, vms=6, extra=("--drain-timeout-s", "3"))
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     try:
         agent = fc.agents["n1"]
         agent.signal(signal.SIGINT)  # a stop that is not a restart (no systemd here)
         assert agent.proc is not None and agent.proc.wait(30) == 1
         assert fake_ground_truth(fc.fake_root) == {}
-        assert store.get(KS.node("n1")) is None  # revoked, not left to expire
+        assert store.reg("n1") is None  # revoked, not left to expire
         assert log_events(agent, "drain_given_up")
         assert fc.guards["n1"].alive() and '"guard_fired"' not in fc.guards["n1"].log_text()
     finally:

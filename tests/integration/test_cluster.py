@@ -6,20 +6,35 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
-from schemas import Keyspace, NodeRegistration, Placement
+from schemas import Keyspace, Placement
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import domain_record, log_events
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 
 pytestmark = pytest.mark.integration
 
 KS = Keyspace()
+
+
+@pytest.fixture
+def fc(etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> Iterator[FakeCluster]:
+    """The fake cluster on `keyspace` (each test below runs on keyspace 1 and 2)."""
+    from tests.conftest import make_fake_cluster
+
+    cluster = make_fake_cluster(etcd, tmp_path, keyspace=keyspace)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def boot_cluster(fc: FakeCluster, etcd: EtcdCluster, vms: int = 6, nodes: int = 3) -> None:
@@ -37,22 +52,17 @@ def vms_on(fc: FakeCluster, node: str) -> list[str]:
     return sorted(vm for vm, ns in fake_ground_truth(fc.fake_root).items() if node in ns)
 
 
-def leader_id(store: EtcdStore) -> str | None:
-    kv = store.get(KS.leader)
-    return json.loads(kv.value)["id"] if kv else None
-
-
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_agent_crash_reboots_vms_elsewhere_once_after_fence_window(
-        etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
-    fc = fake_cluster
+        etcd: EtcdCluster, fc: FakeCluster) -> None:
     boot_cluster(fc, etcd)
     victims = vms_on(fc, "n2")
     assert victims, "the planner spreads 6 VMs over 3 nodes"
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
         killed_at = time.time()
         fc.agents["n2"].kill()  # host crash: the fake's guests die with their host process
-        wait_until(lambda: store.get(KS.node("n2")) is None, 10, interval=0.02,
+        wait_until(lambda: not store.registered("n2"), 10, interval=0.02,
                    what="n2's lease to expire")
         expired_seen_at = time.time()
         wait_until(lambda: all(fake_ground_truth(fc.fake_root).get(v) for v in victims), 20,
@@ -74,22 +84,24 @@ def test_agent_crash_reboots_vms_elsewhere_once_after_fence_window(
         boots = [e for n in ("n1", "n3") for e in log_events(fc.agents[n], "boot")
                  if e["vm"] == vm]
         assert len(boots) == 1, boots
-    fence = json.loads(store.get(KS.fence("n2")).value)  # type: ignore[union-attr]
-    assert fence["method"] == "self" and fence["outcome"] == "success"
+    fence = store.fence("n2")
+    assert fence is not None and fence.method == "self" and fence.outcome == "success"
     for vm in victims:
         (node,) = truth[vm]
-        assert domain_record(fc.fake_root, node, vm)["booted_at"] >= fence["fenced_at"]  # type: ignore[index]
-    assert fence["duration_s"] >= TEST_CONFIG.fence_margin_s
+        assert domain_record(fc.fake_root, node, vm)["booted_at"] >= fence.fenced_at  # type: ignore[index]
+    assert fence.duration_s >= TEST_CONFIG.fence_margin_s
     store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_lease_revoke_drains_by_live_migration_and_cordons(
-        etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
-    fc = fake_cluster
+        etcd: EtcdCluster, fc: FakeCluster) -> None:
     boot_cluster(fc, etcd)
-    store = EtcdStore(etcd.endpoints)
+    store = ClusterView(etcd.endpoints)
     victims = vms_on(fc, "n1")
-    lease = json.loads(store.get(KS.node("n1")).value)["lease_id"]  # type: ignore[union-attr]
+    before = store.reg_entry("n1")
+    assert before is not None
+    lease = f"{before.lease:x}"
     with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
         subprocess.run(["etcdctl", "--endpoints", etcd.endpoints, "lease", "revoke", lease],
                        check=True, capture_output=True)
@@ -109,25 +121,25 @@ def test_lease_revoke_drains_by_live_migration_and_cordons(
         boots = [e for n in fc.agents for e in log_events(fc.agents[n], "boot") if e["vm"] == vm]
         assert len(boots) == 1, boots
     # The node stays registered (new lease) but cordoned, and receives nothing new.
-    reg = NodeRegistration.from_json(store.get(KS.node("n1")).value)  # type: ignore[union-attr]
-    assert reg.cordoned and reg.lease_id != lease
-    assert store.get(KS.cordon("n1")) is not None
+    reg = store.reg_entry("n1")
+    assert reg is not None and reg.value.cordoned and reg.lease != before.lease
+    assert store.cordoned("n1")
     assert vmha(etcd, "vm", "add", "late", "--memory-mib", "256").returncode == 0
     wait_until(lambda: fake_ground_truth(fc.fake_root).get("late"), 10, what="late VM running")
     assert fake_ground_truth(fc.fake_root)["late"] != ["n1"]
     # Uncordon: schedulable again; the emptiest node (n1) gets the next VM.
     r = vmha(etcd, "node", "uncordon", "n1")
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: not NodeRegistration.from_json(
-        store.get(KS.node("n1")).value).cordoned, 10, what="registration uncordoned")  # type: ignore[union-attr]
+    wait_until(lambda: not store.reg("n1").cordoned, 10,  # type: ignore[union-attr]
+               what="registration uncordoned")
     assert vmha(etcd, "vm", "add", "after", "--memory-mib", "256").returncode == 0
     wait_until(lambda: fake_ground_truth(fc.fake_root).get("after"), 10, what="after running")
     assert fake_ground_truth(fc.fake_root)["after"] == ["n1"]
     store.close()
 
 
-def test_sigterm_drains_then_exits(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
-    fc = fake_cluster
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_sigterm_drains_then_exits(etcd: EtcdCluster, fc: FakeCluster) -> None:
     boot_cluster(fc, etcd)
     victims = vms_on(fc, "n3")
     assert victims
@@ -140,52 +152,52 @@ def test_sigterm_drains_then_exits(etcd: EtcdCluster, fake_cluster: FakeCluster)
         (node,) = truth[vm]
         assert node != "n3"
         assert domain_record(fc.fake_root, node, vm)["migrated_from"] == "n3"  # type: ignore[index]
-    store = EtcdStore(etcd.endpoints)
-    assert store.get(KS.cordon("n3")) is not None
-    store.close()
+    with ClusterView(etcd.endpoints) as view:
+        assert view.cordoned("n3")
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_leader_kill_failover_within_ttl_plus_1s_and_no_decision_lost(
-        etcd3: EtcdCluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        etcd3: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     from tests.conftest import make_fake_cluster
 
-    fc = make_fake_cluster(etcd3, tmp_path)
+    fc = make_fake_cluster(etcd3, tmp_path, keyspace=keyspace)
     try:
         boot_cluster(fc, etcd3, vms=2)
-        store = EtcdStore(etcd3.endpoints)
-        old = leader_id(store)
+        store = ClusterView(etcd3.endpoints)
+        old = store.leader_id()
         assert old in fc.orchestrators
-        fc.orchestrators[old].kill()  # type: ignore[index]
+        fc.orchestrators[old].kill()
         killed = time.monotonic()
         # A decision is needed while there is no leader: it must not be lost.
         assert vmha(etcd3, "vm", "add", "during", "--memory-mib", "256").returncode == 0
-        new = wait_until(lambda: (lid := leader_id(store)) and lid != old and lid, 10,
+        new = wait_until(lambda: (lid := store.leader_id()) and lid != old and lid, 10,
                          interval=0.02, what="new leader")
         failover = time.monotonic() - killed
         assert failover <= TEST_CONFIG.lease_ttl_s + 1.0, failover
         wait_until(lambda: fake_ground_truth(fc.fake_root).get("during"), 10,
                    what="VM declared during failover running")
-        p = Placement.from_json(store.get(KS.vm_placement("during")).value)  # type: ignore[union-attr]
-        assert p.epoch == store.get(KS.leader).create_revision  # type: ignore[union-attr]
+        p = store.placement("during")
+        assert p is not None and p.epoch == store.leader().create_revision  # type: ignore[union-attr]
         assert new != old
         store.close()
     finally:
         fc.stop()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_paused_leader_is_deposed_and_its_writes_are_rejected(
-        etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
-    fc = fake_cluster
+        etcd: EtcdCluster, fc: FakeCluster) -> None:
     boot_cluster(fc, etcd, vms=2)
-    store = EtcdStore(etcd.endpoints)
-    old = leader_id(store)
+    store = ClusterView(etcd.endpoints)
+    old = store.leader_id()
     assert old is not None
-    old_epoch = store.get(KS.leader).create_revision  # type: ignore[union-attr]
+    old_epoch = store.leader().create_revision  # type: ignore[union-attr]
     paused = fc.orchestrators[old]
     paused.signal(signal.SIGSTOP)
-    wait_until(lambda: (lid := leader_id(store)) and lid != old and lid, 10,
+    wait_until(lambda: (lid := store.leader_id()) and lid != old and lid, 10,
                what="new leader while the old one is paused")
-    new_epoch = store.get(KS.leader).create_revision  # type: ignore[union-attr]
+    new_epoch = store.leader().create_revision  # type: ignore[union-attr]
     assert new_epoch > old_epoch
     # Give the paused leader work to do the moment it resumes.
     assert vmha(etcd, "vm", "add", "wake", "--memory-mib", "256").returncode == 0
@@ -196,10 +208,10 @@ def test_paused_leader_is_deposed_and_its_writes_are_rejected(
     # Every placement in etcd comes from an epoch that was leader when written:
     # nothing from the old epoch was written after the new leader took over.
     for vm in ("vm0", "vm1", "wake"):
-        p = Placement.from_json(store.get(KS.vm_placement(vm)).value)  # type: ignore[union-attr]
-        assert p.epoch in (old_epoch, new_epoch)
-    wake = Placement.from_json(store.get(KS.vm_placement("wake")).value)  # type: ignore[union-attr]
-    assert wake.epoch == new_epoch
+        p = store.placement(vm)
+        assert p is not None and p.epoch in (old_epoch, new_epoch)
+    wake = store.placement("wake")
+    assert wake is not None and wake.epoch == new_epoch
     accepted_late = [e for e in log_events(paused, "placement")
                      if e.get("written") and e["epoch"] == old_epoch and e["vm"] == "wake"]
     assert accepted_late == []

@@ -16,6 +16,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster
 from tests.integration.helpers import domain_record, log_events
+from tests.integration.keyspaces import ClusterView
 from tests.integration.test_vm_failures import events, spec, status, status_when
 from tests.unit.test_domain_policy import PCI_HOSTDEV, REFUSED, with_devices
 
@@ -86,28 +87,29 @@ def test_cli_refuses_each_element_naming_it_and_allows_it_when_configured(
 def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: Path) -> None:
     fc = make_fake_cluster(etcd, tmp_path, CONFIG)
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)  # reads, on the keyspace the marker names
     try:
         fc.start_agent("n1")
         fc.start_orchestrator("o1")
         for case in CASES:
             store.put(KS.vm_spec(_vm(case)), spec(_vm(case), _xml(case)).to_json())
         store.put(KS.vm_spec("gpu"), spec("gpu", with_devices("gpu", PCI_HOSTDEV)).to_json())
-        status_when(store, "gpu", lambda s: s.state == "running", 30, "allowed gpu running")
+        status_when(view, "gpu", lambda s: s.state == "running", 30, "allowed gpu running")
         for case in CASES:
             vm, named = _vm(case), REFUSED[case][2]
-            st = status_when(store, vm, lambda s: bool(s.error) and s.boot_failures >= 2, 30,
+            st = status_when(view, vm, lambda s: bool(s.error) and s.boot_failures >= 2, 30,
                              f"{vm} refused twice")
             assert named in (st.error or "") and "domain policy" in (st.error or ""), st
             assert st.state == "stopped" and st.node == "n1"
             assert st.retry_at is not None and st.failed_at is not None
             assert domain_record(fc.fake_root, "n1", vm) is None  # nothing defined
-            assert events(store, vm, "boot") == []  # nothing started
-            assert len(events(store, vm, "boot_failed")) == 1  # recorded once
+            assert events(view, vm, "boot") == []  # nothing started
+            assert len(events(view, vm, "boot_failed")) == 1  # recorded once
         refusals = log_events(fc.agents["n1"], "domain_policy_refused")
         # logged once per VM, though each was refused at least twice
         assert sorted(r["vm"] for r in refusals) == sorted(_vm(c) for c in CASES)
         assert domain_record(fc.fake_root, "n1", "gpu") is not None
-        st_gpu = status(store, "gpu")
+        st_gpu = status(view, "gpu")
         assert st_gpu is not None and not st_gpu.error
         # The operator allows it: the running agent applies the new config (no restart);
         # `vm start` re-arms a VM its node had given up on.
@@ -116,11 +118,12 @@ def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: P
         store.put(KS.config, CONFIG.model_copy(update={"domain_policy_allow": allow})
                   .to_json())
         assert vmha(etcd, "vm", "start", vm).returncode == 0
-        status_when(store, vm, lambda s: s.state == "running", 30, f"{vm} allowed, running")
+        status_when(view, vm, lambda s: s.state == "running", 30, f"{vm} allowed, running")
         assert domain_record(fc.fake_root, "n1", vm) is not None
     finally:
         fc.stop()
         store.close()
+        view.close()
 
 
 NODE_XML = """<node>
@@ -146,6 +149,7 @@ def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
     node.write_text(NODE_XML)
     hv = LibvirtHypervisor(f"test://{node}")
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)
     store.put(KS.config, CONFIG.to_json())
     xmls = {"gpu": with_devices("gpu", PCI_HOSTDEV), "gpu2": with_devices("gpu2", PCI_HOSTDEV),
             "shadow": with_devices("shadow", disk("/etc/shadow"))}
@@ -158,12 +162,12 @@ def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
-        status_when(store, "gpu", lambda s: s.state == "running", 20, "allowed gpu running")
+        status_when(view, "gpu", lambda s: s.state == "running", 20, "allowed gpu running")
         for vm, named in (("gpu2", "<hostdev>"), ("shadow", "'/etc/shadow'")):
-            st = status_when(store, vm, lambda s: bool(s.error), 20, f"{vm} refused")
+            st = status_when(view, vm, lambda s: bool(s.error), 20, f"{vm} refused")
             assert "domain policy refuses vm " + vm in (st.error or "")
             assert named in (st.error or "") and st.state == "stopped"
-        status_when(store, "gpu2", lambda s: s.boot_failures >= 2, 20, "gpu2 retried")
+        status_when(view, "gpu2", lambda s: s.boot_failures >= 2, 20, "gpu2 retried")
         domains = hv.list_domains()
         assert domains["gpu"].active and "gpu2" not in domains and "shadow" not in domains
     finally:
@@ -171,6 +175,7 @@ def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
         agent.wake.set()
         t.join(5)
         store.close()
+        view.close()
 
 
 def test_vm_check_lists_specs_the_policy_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:

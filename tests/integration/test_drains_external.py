@@ -21,14 +21,13 @@ from bench.lab_drains import fence_calls, logging_fence_agent
 from fencing.policy import fence_window
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
-from schemas import ClusterConfig, Keyspace, NodeRegistration
+from schemas import ClusterConfig, NodeRegistration
 from schemas.models import FenceDevice
-from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 
 pytestmark = pytest.mark.integration
-KS = Keyspace()
 NODES = ("n1", "n2", "n3")
 VMS = 4
 # Per kind; VMHA_DRAIN_ROUNDS=20 runs the 20 + 20 of issue 12 (as measured there);
@@ -41,9 +40,9 @@ def calls(log: Path) -> list[str]:
     return [Path(uri).name for uri in fence_calls(log)]
 
 
-def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
-    kv = store.get(KS.node(node))
-    return (kv.create_revision, NodeRegistration.from_json(kv.value)) if kv else None
+def registration(store: ClusterView, node: str) -> tuple[int, NodeRegistration] | None:
+    e = store.reg_entry(node)
+    return (e.create_revision, e.value) if e else None
 
 
 def drained(fc: FakeCluster, node: str) -> bool:
@@ -55,30 +54,31 @@ def all_running(fc: FakeCluster) -> bool:
     return len(truth) == VMS and all(len(ns) == 1 for ns in truth.values())
 
 
-def uncordon(store: EtcdStore, node: str) -> None:
-    store.delete(KS.cordon(node))
+def uncordon(store: ClusterView, node: str) -> None:
+    store.cluster.uncordon(node)
     wait_until(lambda: (r := registration(store, node)) is not None and not r[1].cordoned,
                20, what=f"{node} uncordoned")
 
 
-def revoke_drain(fc: FakeCluster, store: EtcdStore, node: str) -> None:
-    before = registration(store, node)
+def revoke_drain(fc: FakeCluster, store: ClusterView, node: str) -> None:
+    before = store.reg_entry(node)
     assert before is not None
-    store.revoke_lease(int(before[1].lease_id, 16))
-    wait_until(lambda: (r := registration(store, node)) is not None and r[0] != before[0]
-               and r[1].cordoned, 20, what=f"{node} registered again, cordoned")
+    store.store.revoke_lease(before.lease)
+    wait_until(lambda: (r := registration(store, node)) is not None
+               and r[0] != before.create_revision and r[1].cordoned, 20,
+               what=f"{node} registered again, cordoned")
     wait_until(lambda: drained(fc, node) and all_running(fc), 30, what=f"{node} drained")
     uncordon(store, node)
 
 
-def restart(fc: FakeCluster, store: EtcdStore, node: str) -> None:
+def restart(fc: FakeCluster, store: ClusterView, node: str) -> None:
     fc.agents[node].signal(signal.SIGTERM)
     wait_until(lambda: not fc.agents[node].alive(), 30, what=f"{node}'s agent drained, exited")
     assert drained(fc, node) and all_running(fc)
-    assert store.get(KS.leaving(node)) is not None  # written before its revoke
+    assert store.leaving(node)  # written before its revoke
     fc.start_agent(node)
     wait_until(lambda: registration(store, node) is not None, 20, what=f"{node} registered")
-    assert store.get(KS.leaving(node)) is None  # gone with the new registration
+    assert not store.leaving(node)  # gone with the new registration
     uncordon(store, node)
 
 
@@ -91,9 +91,10 @@ def external_config(tmp_path: Path) -> tuple[ClusterConfig, Path]:
                                            timeout_s=20)}}), log
 
 
-def start_cluster(etcd: EtcdCluster, tmp_path: Path, cfg: ClusterConfig) -> FakeCluster:
-    """NODES agents, two orchestrators, VMS VMs running."""
-    fc = make_fake_cluster(etcd, tmp_path, cfg)
+def start_cluster(etcd: EtcdCluster, tmp_path: Path, cfg: ClusterConfig,
+                  keyspace: int = 1) -> FakeCluster:
+    """NODES agents, two orchestrators, VMS VMs running, on `keyspace`."""
+    fc = make_fake_cluster(etcd, tmp_path, cfg, keyspace)
     for n in NODES:
         fc.start_agent(n)
     fc.start_orchestrator("o1")
@@ -105,11 +106,13 @@ def start_cluster(etcd: EtcdCluster, tmp_path: Path, cfg: ClusterConfig) -> Fake
     return fc
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_drains_and_restarts_make_no_fence_call_a_loss_does(etcd: EtcdCluster,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path,
+                                                            keyspace: int) -> None:
     cfg, log = external_config(tmp_path)
-    fc = start_cluster(etcd, tmp_path, cfg)
-    store = EtcdStore(etcd.endpoints)
+    fc = start_cluster(etcd, tmp_path, cfg, keyspace)
+    store = ClusterView(etcd.endpoints)
     try:
         started = time.monotonic()
         with DoubleRunChecker(FakeTruth(fc.fake_root)).running() as checker:
@@ -122,7 +125,7 @@ def test_drains_and_restarts_make_no_fence_call_a_loss_does(etcd: EtcdCluster,
             # Past every grace and fence window the last of them started.
             time.sleep(cfg.revoke_grace_s + fence_window(cfg) + 1.0)
             assert calls(log) == []
-            assert store.get_prefix(KS.root + "fence/") == []
+            assert store.fences() == {}
             assert checker.violations == []
             print(f"\n{ROUNDS} revoke drains + {ROUNDS} restarts: 0 fence calls, "
                   f"{time.monotonic() - started:.0f} s")

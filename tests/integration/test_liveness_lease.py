@@ -21,38 +21,30 @@ import pytest
 from fencing.policy import fence_window
 from hypervisor.fake import fake_ground_truth
 from lab.invariants import DoubleRunChecker, FakeTruth
-from schemas import ClusterConfig, Keyspace, NodeRegistration
-from store.etcd import EtcdStore
+from schemas import ClusterConfig
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import domain_record, log_events
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 from tests.integration.test_drains_external import (
     NODES,
     calls,
     external_config,
+    registration,
     start_cluster,
 )
 
 pytestmark = pytest.mark.integration
-KS = Keyspace()
-# Written without Keyspace.alive so that the test also runs on a vmha without the key.
-ALIVE = KS.root + "alive/"
 
 
-def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
-    kv = store.get(KS.node(node))
-    return (kv.create_revision, NodeRegistration.from_json(kv.value)) if kv else None
+def alive_lease(store: ClusterView, node: str) -> int:
+    return store.alive_lease(node)
 
 
-def alive_lease(store: EtcdStore, node: str) -> int:
-    kv = store.get(ALIVE + node)
-    return kv.lease if kv is not None else 0
-
-
-def start(etcd: EtcdCluster, tmp_path: Path, policy: str
+def start(etcd: EtcdCluster, tmp_path: Path, policy: str, keyspace: int = 1
           ) -> tuple[FakeCluster, ClusterConfig, Path | None]:
     cfg, log = (TEST_CONFIG, None) if policy != "external" else external_config(tmp_path)
-    return start_cluster(etcd, tmp_path, cfg), cfg, log
+    return start_cluster(etcd, tmp_path, cfg, keyspace), cfg, log
 
 
 def busiest(fc: FakeCluster) -> str:
@@ -66,19 +58,21 @@ def boots(fc: FakeCluster) -> dict[str, Any]:
     return {vm: (ns, domain_record(fc.fake_root, ns[0], vm)) for vm, ns in truth.items()}
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 @pytest.mark.parametrize("policy", ["self", "external"])
 def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path: Path,
-                                                    policy: str) -> None:
+                                                    policy: str, keyspace: int) -> None:
     """Both of a node's leases revoked at once, as the resumed stale leader does: the
     agent registers again uncordoned and keeps its VMs; nothing moves, nothing is
     fenced, no fence device is called."""
-    fc, cfg, log = start(etcd, tmp_path, policy)
-    store = EtcdStore(etcd.endpoints)
+    fc, cfg, log = start(etcd, tmp_path, policy, keyspace)
+    store = ClusterView(etcd.endpoints)
     try:
         node = busiest(fc)
         before = registration(store, node)
-        assert before is not None
-        leases = [int(before[1].lease_id, 16)]
+        reg_lease = store.reg_entry(node)
+        assert before is not None and reg_lease is not None
+        leases = [reg_lease.lease]
         if alive_lease(store, node):
             leases.append(alive_lease(store, node))
         was = boots(fc)
@@ -91,7 +85,7 @@ def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path:
             os.kill(agent_pid, signal.SIGSTOP)
             try:
                 for lease in leases:
-                    store.revoke_lease(lease)
+                    store.store.revoke_lease(lease)
             finally:
                 os.kill(agent_pid, signal.SIGCONT)
             wait_until(lambda: (r := registration(store, node)) is not None
@@ -101,14 +95,14 @@ def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path:
         assert checker.violations == []
         after = registration(store, node)
         assert after is not None and not after[1].cordoned, "revoked by etcd: not a drain"
-        assert store.get(KS.cordon(node)) is None
+        assert not store.cordoned(node)
         assert boots(fc) == was, "no VM moved, stopped or rebooted"
-        assert store.get_prefix(KS.root + "fence/") == []
+        assert store.fences() == {}
         if log is not None:
             assert calls(log) == []
         new_alive = alive_lease(store, node)
         assert new_alive and new_alive not in leases
-        assert after[1].lease_id != before[1].lease_id
+        assert store.reg_entry(node).lease not in leases  # type: ignore[union-attr]
         (warn,) = log_events(fc.agents[node], "leases_revoked_by_etcd")
         assert warn["level"] == "warning"
         assert {warn["lease"], warn["liveness_lease"]} == {f"{x:x}" for x in leases}
@@ -118,24 +112,26 @@ def test_both_leases_revoked_by_etcd_is_not_a_drain(etcd: EtcdCluster, tmp_path:
         store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_liveness_lease_revoked_alone_is_replaced_no_drain(etcd: EtcdCluster,
-                                                          tmp_path: Path) -> None:
-    fc, cfg, _ = start(etcd, tmp_path, "self")
-    store = EtcdStore(etcd.endpoints)
+                                                          tmp_path: Path,
+                                                          keyspace: int) -> None:
+    fc, cfg, _ = start(etcd, tmp_path, "self", keyspace)
+    store = ClusterView(etcd.endpoints)
     try:
         node = busiest(fc)
         before = registration(store, node)
         old = alive_lease(store, node)
         assert before is not None and old
         was = boots(fc)
-        store.revoke_lease(old)
+        store.store.revoke_lease(old)
         wait_until(lambda: alive_lease(store, node) not in (0, old), 10,
                    what="a new liveness lease")
         time.sleep(fence_window(cfg) + 1.0)
         assert registration(store, node) == before, "the registration is untouched"
-        assert store.get(KS.cordon(node)) is None
+        assert not store.cordoned(node)
         assert boots(fc) == was
-        assert store.get_prefix(KS.root + "fence/") == []
+        assert store.fences() == {}
         (ev,) = log_events(fc.agents[node], "liveness_lease_replaced")
         assert ev["old_lease"] == f"{old:x}"
         assert ev["lease"] == f"{alive_lease(store, node):x}"
