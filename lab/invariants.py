@@ -238,16 +238,22 @@ class HistoryChecker:
     at its revision; every status was written while its node was registered, under the
     registration current at its revision (the one the status names).
 
-    On keyspace 2 (``ks`` a :class:`KeyspaceV2`) every assignment also carries, in its
-    placement, the epoch of the leader at its revision, and a status belongs to the node
-    its key names.  A ``stopped`` status without a registration may be written while
-    its node is not registered: the stale-claim rewrite before a new registration,
-    compared on the registration absent (docs/keyspace-v2.md, section 1)."""
+    On keyspace 2 (``ks`` a :class:`KeyspaceV2`) every assignment (what an agent acts
+    on) holds the VM's placement as etcd held it at the assignment's revision, naming
+    the assignment's node (the leader writes both in one transaction, and repairs
+    assignments to match: an assignment that differs was written by someone else, a
+    stale leader); a status belongs to the node its key names.  A ``stopped`` status
+    without a registration may be written while its node is not registered: the
+    stale-claim rewrite before a new registration, compared on the registration absent
+    (docs/keyspace-v2.md, section 1)."""
 
     def __init__(self, store: EtcdStore, ks: Keyspace | KeyspaceV2 | None = None) -> None:
         self.store = store
         self.ks: Keyspace | KeyspaceV2 = ks or Keyspace()
         self.last_rev = 0
+        self._seen_at_last: set[str] = set()  # the keys of revision last_rev seen
+        self._placements: dict[str, Any] = {}  # keyspace 2: VM -> its placement now
+        self._assignments: list[tuple[int, str, str, Any]] = []  # of revision last_rev
         self.leader_terms: dict[int, int | None] = {}  # epoch -> revision that ended it
         self.regs: dict[str, list[list[int | None]]] = {}  # node -> [[create, end]]
         self.violations: list[dict[str, Any]] = []
@@ -266,12 +272,20 @@ class HistoryChecker:
         with self._lock:
             for ev in events:
                 self._event(ev)
+            self._judge_assignments()  # a response holds whole revisions
 
     def _event(self, ev: Any) -> None:
         rev = int(ev.mod_revision)
-        if rev <= self.last_rev:
-            return
         key = decode_key(ev.key)  # never raises: a hostile key is just not one of ours
+        # One transaction's keys share a revision (keyspace 2's placement and its
+        # assignments): a re-established watch may deliver that revision again, so
+        # skip only the keys of it already seen.
+        if rev < self.last_rev or (rev == self.last_rev and key in self._seen_at_last):
+            return
+        if rev > self.last_rev:
+            self._seen_at_last = set()
+            self._judge_assignments()
+        self._seen_at_last.add(key)
         deleted = type(ev).__name__ == "DeleteEvent"
         got = classify(self.ks, key)
         self.last_rev = rev
@@ -282,6 +296,8 @@ class HistoryChecker:
             self._leader(rev, int(ev.create_revision), deleted)
         elif kind == "node":
             self._registration(node, rev, int(ev.create_revision), deleted)
+        elif kind == "vm_placement" and deleted:
+            self._placements.pop(self._vm(key), None)
         elif not deleted:
             self._write(kind, key, rev, ev.value, node)
 
@@ -315,6 +331,8 @@ class HistoryChecker:
         except Exception:  # noqa: BLE001 - deep nesting, not UTF-8: the daemons ignore it too
             return
         if kind == "vm_placement":
+            if isinstance(self.ks, KeyspaceV2):
+                self._placements[self._vm(key)] = data
             self.checked["placement"] += 1
             self._check_epoch(rev, int(data.get("epoch", -1)), key)
         elif kind == "fence" and data.get("method") in ("self", "external"):
@@ -322,12 +340,30 @@ class HistoryChecker:
             self._check_epoch(rev, int(data.get("epoch", -1)), key)
         elif kind == "assignment":
             self.checked["assignment"] += 1
-            place = data.get("placement")
-            epoch = place.get("epoch", -1) if isinstance(place, dict) else -1
-            self._check_epoch(rev, epoch if isinstance(epoch, int) else -1, key)
+            # Judged once the whole revision is in (its placement may come after it).
+            self._assignments.append((rev, key, node, data.get("placement")))
         elif kind == "vm_status":
             self.checked["status"] += 1
             self._check_status(key, rev, data, node)
+
+    def _vm(self, key: str) -> str:
+        ref = self.ks.parse(key)
+        return ref.vm if isinstance(ref, KeyRefV2) else ""
+
+    def _judge_assignments(self) -> None:
+        """The assignments of revisions before the next one: each holds its VM's
+        placement as etcd held it then, naming the assignment's node."""
+        for rev, key, node, held in self._assignments:
+            place = self._placements.get(self._vm(key))
+            if place is None or held != place:
+                why = f"assignment to {node} differs from the placement at {rev}"
+            elif node not in (place.get("node"), place.get("from_node")):
+                why = f"assignment to {node}, which the placement at {rev} does not name"
+            else:
+                continue
+            self.violations.append({"invariant": "I3", "key": key, "revision": rev,
+                                    "why": why})
+        self._assignments.clear()
 
     def _check_status(self, key: str, rev: int, data: dict[str, Any], owner: str = "") -> None:
         """A status is written while its node is registered, and under the registration
@@ -366,7 +402,8 @@ class HistoryChecker:
                 with contextlib.suppress(Exception):  # the old watch is dead anyway
                     self.store.client.cancel_watch(self._cancel)
             self._cancel = self.store.client.add_watch_prefix_callback(
-                self.ks.root, self._cb, start_revision=self.last_rev + 1)
+                # From last_rev itself: a revision cut off mid-way is delivered whole.
+                self.ks.root, self._cb, start_revision=max(self.last_rev, 1))
             self._broken = False
         except Exception:  # noqa: BLE001 - etcd unavailable: _broken says try again
             self._broken = True

@@ -17,6 +17,7 @@ from schemas import ClusterConfig, Keyspace
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2, UnknownKey
 from schemas.models import FenceRecord, Placement, VmSpec, VmStatus
 from schemas.models_v2 import Assignment, KeyspaceVersion
+from schemas.txn import Put
 from store.etcd import EtcdStore
 from tests.harness import EtcdCluster
 
@@ -129,7 +130,7 @@ def test_keyspace_2_stale_writes_are_flagged(etcd: EtcdCluster) -> None:
         assert hc.caught_up() and hc.violations == [], hc.violations
         store.delete(KS2.leader)
         store.put(KS2.place("v"), placement(epoch).to_json())             # stale epoch
-        store.put(KS2.assignment("n2", "v"), assignment(epoch, "n2"))     # stale epoch
+        store.put(KS2.assignment("n2", "v"), assignment(epoch, "n2"))     # not the placement
         store.put(KS2.fence("n9"), fence(epoch))                          # stale epoch
         store.delete(KS2.reg("n1"))
         store.put(KS2.status("n1", "v"), status("n1", registration=reg))  # stale agent
@@ -142,7 +143,8 @@ def test_keyspace_2_stale_writes_are_flagged(etcd: EtcdCluster) -> None:
         store.client.put(KS2.place("y"), b"[" * 5000 + b"]" * 5000)
         assert hc.caught_up()
         whys = sorted(v["why"] for v in hc.violations)
-        assert sum(f"epoch {epoch} was not the leader" in w for w in whys) == 3, whys
+        assert sum(f"epoch {epoch} was not the leader" in w for w in whys) == 2, whys
+        assert sum("assignment to n2 differs from the placement" in w for w in whys) == 1
         assert sum("status from n1 while not registered" in w for w in whys) == 2, whys
         assert len(whys) == 5, whys
         assert hc.checked["assignment"] == 2 and hc.checked["stale_claim_rewrite"] == 1
@@ -205,3 +207,43 @@ def test_keyspace_2_registrations_pending_and_marker(etcd: EtcdCluster, tmp_path
         assert not visibly_pending(store, "big")  # keyspace 1's key is not there
     finally:
         store.close()
+
+
+@pytest.mark.integration
+def test_every_key_of_one_transaction_is_checked(etcd: EtcdCluster) -> None:
+    """Keyspace 2's leader writes a placement and its assignments in one transaction:
+    one revision for all of them.  Each is checked, not only the first the watch
+    delivers (the checker skipped the rest as already seen), and an assignment is
+    judged against the placement at its revision."""
+    store = EtcdStore(etcd.endpoints)
+    hc = HistoryChecker(EtcdStore(etcd.endpoints), KS2)
+    hc.ensure()
+    try:
+        epoch = store.put(KS2.leader, json.dumps({"id": "a"}))
+        store.txn([], [Put(KS2.place("v"), placement(epoch).to_json()),
+                       Put(KS2.assignment("n1", "v"), assignment(epoch))])
+        assert hc.caught_up() and hc.violations == [], hc.violations
+        assert hc.checked["placement"] == 1 and hc.checked["assignment"] == 1, hc.checked
+        store.delete(KS2.leader)
+        stale = store.txn([], [Put(KS2.place("v"), placement(epoch, "n2").to_json()),
+                               Put(KS2.assignment("n2", "v"), assignment(epoch, "n2")),
+                               Put(KS2.fence("n9"), fence(epoch))]).revision
+        assert hc.caught_up()
+        # The placement's stale epoch is flagged; its assignment matches it.
+        assert sorted(v["key"] for v in hc.violations) == [
+            KS2.fence("n9"), KS2.place("v")], hc.violations
+        assert {v["revision"] for v in hc.violations} == {stale}
+        # An assignment naming a node its placement does not, or of another placement.
+        hc.violations.clear()
+        store.txn([], [Put(KS2.assignment("n3", "v"), assignment(epoch, "n2"))])
+        store.txn([], [Put(KS2.assignment("n1", "v"), assignment(epoch, "n1"))])
+        # A new leader's repair: the assignment as the placement is, epoch and all.
+        store.put(KS2.leader, json.dumps({"id": "b"}))
+        store.put(KS2.assignment("n2", "v"), assignment(epoch, "n2"))
+        assert hc.caught_up()
+        assert [v["why"] for v in hc.violations] == [
+            f"assignment to n3, which the placement at {stale + 1} does not name",
+            f"assignment to n1 differs from the placement at {stale + 2}"], hc.violations
+    finally:
+        store.close()
+        hc.store.close()
