@@ -118,12 +118,14 @@ bench-placement: setup
 
 # Fault campaign (fencing): seeded random faults on a 3-member etcd + fake hypervisor
 # cluster; exit 1 on any invariant violation or needless self-fence.
-# SEEDS/STEPS/MINUTES/JOBS (seeds run in parallel) to taste.
+# SEEDS/STEPS/MINUTES/JOBS (seeds run in parallel) to taste; KEYSPACE=2 runs the cluster
+# on keyspace 2 (results/campaign-v2.json).
 campaign: setup
 	mkdir -p results
 	$(PY) -m bench.campaign --seeds $(or $(SEEDS),1 2 3 4 5 6 7 8) --steps $(or $(STEPS),125) \
 		--minutes $(or $(MINUTES),90) --jobs $(or $(JOBS),1) --timing $(or $(TIMING),default) \
-		--out results/campaign.json
+		--keyspace $(or $(KEYSPACE),1) \
+		--out results/campaign$(if $(filter 2,$(KEYSPACE)),-v2).json
 
 # The same on the lab (root; real QEMU, tiny guests; ~5 min): SEED, FAULTS to taste.
 campaign-lab: setup-lab

@@ -61,12 +61,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.campaign_classic import ClassicFaults, xml
-from bench.campaign_core import KS, CampaignCore, StepResult
+from bench.campaign_core import CampaignCore, StepResult
 from bench.campaign_faults import NEW_FAULTS, NewFaults
+from bench.campaign_keys import CampaignKeys
 from bench.campaign_moves import MOVE_FAULTS, MoveFaults
 from bench.common import pct
 from bench.dropproxy import DropProxy
 from bench.tcpproxy import Proxy
+from fencing.liveness_fence import liveness_window
 from hypervisor.fake import kill_guests
 from lab.configs import FAST_CONFIG, LAB_CONFIG
 from lab.invariants import DoubleRunChecker, FakeTruth, HistoryChecker
@@ -94,8 +96,9 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
                  guard: bool = True, fence_policy: str = "self",
                  faults: tuple[str, ...] = ALL_FAULTS, converge_s: float = 40.0,
                  verbose: bool = True, config: ClusterConfig = FAST_CONFIG,
-                 migrate_seconds: float = 1.0) -> None:
-        super().__init__(seed, vms, converge_s, verbose, FakeTruth(workdir / "hv"))
+                 migrate_seconds: float = 1.0, keyspace: int = 1) -> None:
+        super().__init__(seed, vms, converge_s, verbose, FakeTruth(workdir / "hv"),
+                         CampaignKeys(keyspace))
         self.base_config = config
         self.rng = random.Random(seed)
         self.workdir = workdir
@@ -139,9 +142,10 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
         self.etcd = start_etcd(3, base=None)
         self.store = EtcdStore(self.etcd.endpoints, retry_budget=1.0, timeout=1.0)
         self.history = HistoryChecker(EtcdStore(self.etcd.endpoints, retry_budget=1.0,
-                                                timeout=1.0))
+                                                timeout=1.0), self.keys.layout)
         self.history.ensure()
-        self.store.put(KS.config, self.config().to_json())
+        self.keys.prepare(self.store)  # keyspace 2's marker, before any daemon starts
+        self.store.put(self.keys.config, self.keys.config_json(self.config()))
         self.drops = [DropProxy(m.client_port) for m in self.etcd.members]
         for n in self.nodes:
             self.proxies[n] = [Proxy(d.port) for d in self.drops]
@@ -150,7 +154,7 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
             self.start_orch(o)
         poll_until(lambda: set(self.registrations()) >= set(self.nodes), 30)
         for vm in self.vms:
-            self.store.put(KS.vm_spec(vm), VmSpec(name=vm, domain_xml=xml(vm, 512),
+            self.store.put(self.keys.spec(vm), VmSpec(name=vm, domain_xml=xml(vm, 512),
                                                   memory_mib=512, vcpus=1).to_json())
         self.sampler = DoubleRunChecker(self.source, interval=0.01).start()
         self.start_supervisor()
@@ -257,8 +261,7 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
         replaced.update(self.replaced_by_fault)  # agents a fault killed or drained
         # An adopted registration shows its worth only past the old lease's TTL and the
         # leader's fence window.
-        cfg = self.base_config
-        wait = cfg.lease_ttl_s + cfg.fence_margin_s + 1.0 if kind == "agent_restart" else 0.0
+        wait = self.restart_wait() if kind == "agent_restart" else 0.0
         rec.converged = self.wait_settled(self.converge_s, t0=t0, rec=rec, watch=watch,
                                           replaced=replaced, min_wait=wait)
         if kind == "agent_restart":
@@ -270,6 +273,17 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
         if not self.history.caught_up():
             rec.notes.append("history watch behind")
         return rec
+
+    def restart_wait(self) -> float:
+        """How long an agent restart is watched: past the old lease's TTL and the
+        leader's fence window after it (keyspace 1: the margin, as always measured;
+        keyspace 2: the liveness window of `bounded`, the longest mode `auto` resolves
+        to, section 4 of docs/keyspace-v2.md)."""
+        cfg = self.config()
+        window = cfg.fence_margin_s
+        if self.keys.version == 2:
+            window = max(window, liveness_window(cfg, "bounded") or 0.0)
+        return cfg.lease_ttl_s + window + 1.0
 
     # ---- results -----------------------------------------------------------------------
 
@@ -284,7 +298,8 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
         rec = self.recovery_times()
         checks = self.checks()
         return {
-            "seed": self.seed, "guard": self.guard, "fence_policy": self.fence_policy,
+            "seed": self.seed, "keyspace": self.keys.version, "guard": self.guard,
+            "fence_policy": self.fence_policy,
             **{k: checks[k] for k in ("faults", "by_kind", "violations",
                                       "violation_samples", "self_fences",
                                       "self_fences_by_node", "needless_self_fences",
@@ -319,14 +334,15 @@ class Campaign(CampaignCore, ClassicFaults, NewFaults, MoveFaults):
 def run_campaign(seed: int, steps: int, *, workdir: Path | None = None, guard: bool = True,
                  fence_policy: str = "self", faults: tuple[str, ...] = ALL_FAULTS,
                  deadline: float | None = None, verbose: bool = True,
-                 timing: str = "fast", migrate_seconds: float = 1.0) -> dict[str, Any]:
+                 timing: str = "fast", migrate_seconds: float = 1.0,
+                 keyspace: int = 1) -> dict[str, Any]:
     wd = workdir or Path(tempfile.mkdtemp(prefix=f"vmha-campaign-{seed}-"))
     # I2: every VM runs again within 40 s of the heal with the test timing; the
     # default timing's TTL (6 s) and fence window (18-19.5 s) take longer.
     c = Campaign(seed, wd, guard=guard, fence_policy=fence_policy, faults=faults,
                  verbose=verbose, config=TIMINGS[timing],
                  converge_s=40.0 if timing == "fast" else 60.0,
-                 migrate_seconds=migrate_seconds)
+                 migrate_seconds=migrate_seconds, keyspace=keyspace)
     try:
         c.start()
         c.run(steps, deadline)
@@ -415,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the fault kinds drawn from (default: all)")
     ap.add_argument("--migrate-seconds", type=float, default=1.0,
                     help="how long a fake live migration takes (kills land mid-way)")
+    ap.add_argument("--keyspace", type=int, choices=[1, 2], default=1,
+                    help="the keyspace the cluster runs (2: its marker written before the "
+                         "daemons start) and the checkers read")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     if a.lost_destroy_control:
@@ -435,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     # Seeds in parallel, each its own cluster (a fault campaign mostly waits).
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         futs = [pool.submit(run_seed, seed, a.steps, a.policy, a.minutes, started_wall,
-                            tuple(a.faults), a.migrate_seconds, a.timing)
+                            tuple(a.faults), a.migrate_seconds, a.timing, a.keyspace)
                 for seed in a.seeds]
         for fut in as_completed(futs):
             got = fut.result()
@@ -455,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_seed(seed: int, steps: int, policy: str, minutes: float | None,
              started_wall: float, faults: tuple[str, ...] = ALL_FAULTS,
-             migrate_seconds: float = 1.0, timing: str = "fast") -> dict[str, Any] | None:
+             migrate_seconds: float = 1.0, timing: str = "fast",
+             keyspace: int = 1) -> dict[str, Any] | None:
     """One seed's campaign in a worker process; the budget counts from ``started_wall``."""
     left = None if minutes is None else started_wall + minutes * 60 - time.time()
     if left is not None and left <= 0:
@@ -463,7 +483,7 @@ def run_seed(seed: int, steps: int, policy: str, minutes: float | None,
     deadline = None if left is None else time.monotonic() + left
     policy = policy if policy != "mixed" else ("self" if seed % 2 else "both")
     return run_campaign(seed, steps, fence_policy=policy, deadline=deadline, faults=faults,
-                        migrate_seconds=migrate_seconds, timing=timing)
+                        migrate_seconds=migrate_seconds, timing=timing, keyspace=keyspace)
 
 
 def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[str, Any]:
@@ -479,6 +499,7 @@ def totals(runs: list[dict[str, Any]], wall_s: float, argv: list[str]) -> dict[s
                 key = "needed" if n not in st["needless"] else "needless"
                 fenced[f"{st['kind']}:{key}"] = fenced.get(f"{st['kind']}:{key}", 0) + 1
     return {"args": argv, "seeds": [r["seed"] for r in runs],
+            "keyspace": sorted({r.get("keyspace", 1) for r in runs}),
             "faults": sum(r["faults"] for r in runs), "by_kind": dict(sorted(by_kind.items())),
             "violations": sum(r["violations"] for r in runs),
             "self_fences": sum(r["self_fences"] for r in runs),

@@ -8,7 +8,8 @@ import signal
 import time
 from pathlib import Path
 
-from bench.campaign_core import KS, StepResult
+from bench.campaign_core import StepResult
+from bench.campaign_keys import CampaignKeys
 from bench.tcpproxy import Proxy
 from lab.invariants import HistoryChecker, visibly_pending
 from lab.localcluster import Daemon, EtcdCluster, poll_until
@@ -27,6 +28,7 @@ class ClassicFaults:
 
     etcd: EtcdCluster | None
     store: EtcdStore | None
+    keys: CampaignKeys
     history: HistoryChecker | None
     rng: random.Random
     agents: dict[str, Daemon]
@@ -134,11 +136,11 @@ class ClassicFaults:
         store = self.store
         assert store is not None
         big = f"big{i}"
-        store.put(KS.vm_spec(big), VmSpec(name=big, domain_xml=xml(big, 100000),
+        store.put(self.keys.spec(big), VmSpec(name=big, domain_xml=xml(big, 100000),
                                           memory_mib=100000, vcpus=1).to_json())
-        if not poll_until(lambda: visibly_pending(store, big), 10):
+        if not poll_until(lambda: visibly_pending(store, big, self.keys.layout), 10):
             rec.notes.append("I4: unplaceable VM not visibly pending")
             self.i4.append({"invariant": "I4", "vm": big})
-        store.delete(KS.vm_spec(big))
-        store.delete(KS.vm_placement(big))
+        store.delete(self.keys.spec(big))
+        store.delete(self.keys.place(big))
         rec.target = big

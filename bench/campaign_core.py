@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.campaign_keys import CampaignKeys
 from bench.common import pct
 from lab.invariants import DoubleRunChecker, HistoryChecker, Truth, TruthSource
 from lab.localcluster import Daemon, poll_until
@@ -103,8 +104,10 @@ class CampaignCore:
     settle_interval = 0.05
 
     def __init__(self, seed: int, vms: int, converge_s: float, verbose: bool,
-                 source: TruthSource) -> None:
+                 source: TruthSource, keys: CampaignKeys | None = None) -> None:
         self.seed = seed
+        # The keyspace the cluster runs (and the checkers read): 1 unless told.
+        self.keys = keys or CampaignKeys()
         self.vms = [f"vm{i}" for i in range(vms)]
         self.converge_s = converge_s
         self.verbose = verbose
@@ -224,14 +227,14 @@ class CampaignCore:
         return dict(json.loads(kv.value)) if kv else None
 
     def leader(self) -> str | None:
-        d = self.get_json(KS.leader)
+        d = self.get_json(self.keys.leader)
         return str(d["id"]) if d else None
 
     def leader_rev(self) -> int | None:
         """The leader's epoch (its key's create revision)."""
         assert self.store is not None
         try:
-            kv = self.store.get(KS.leader)
+            kv = self.store.get(self.keys.leader)
         except StoreUnavailable:
             return None
         return int(kv.create_revision) if kv else None
@@ -240,10 +243,11 @@ class CampaignCore:
         """Node -> the create revision of its registration (new after a re-register)."""
         assert self.store is not None
         try:
-            return {kv.key.rsplit("/", 1)[1]: kv.create_revision
-                    for kv in self.store.get_prefix(KS.prefix + "/nodes/")}
+            kvs = self.store.get_prefix(self.keys.reg_scan)
         except StoreUnavailable:
             return {}
+        return {node: kv.create_revision for kv in kvs
+                if (node := self.keys.reg_node(kv.key)) is not None}
 
     # ---- I2: settling --------------------------------------------------------------------
 

@@ -25,10 +25,10 @@ import signal
 import time
 from pathlib import Path
 
-from bench.campaign_core import KS, StepResult
+from bench.campaign_core import StepResult
+from bench.campaign_keys import CampaignKeys
 from bench.dropproxy import DropProxy
 from bench.etcd_faults import member_answers
-from bench.fuzz_values import PATTERNS, key_for
 from lab.localcluster import Daemon, EtcdCluster, EtcdMember, poll_until
 from schemas import ClusterConfig
 from store.etcd import EtcdStore
@@ -63,6 +63,7 @@ class NewFaults:
 
     etcd: EtcdCluster | None
     store: EtcdStore | None
+    keys: CampaignKeys
     rng: random.Random
     drops: list[DropProxy]
     agents: dict[str, Daemon]
@@ -170,7 +171,7 @@ class NewFaults:
             bad.append(f"registration {reg} -> {after_reg} (not adopted)")
         if after != before:
             bad.append(f"VMs on {node} {before} -> {after}")
-        if self.store.get(KS.fence(node)) is not None:
+        if self.store.get(self.keys.fence(node)) is not None:
             bad.append(f"fence record for {node}")
         if bad:
             rec.notes.append("agent restart: " + "; ".join(bad))
@@ -202,8 +203,10 @@ class NewFaults:
         running = {n: d for n, d in self._daemon_list().items() if d.alive()}
         before = {vm: sorted(ns) for vm, ns in self.truth().items()}
         keys = []
-        for pattern in self.rng.sample(PATTERNS, 4):
-            key = key_for(KS, pattern, self.rng.choice(_NAMES) + str(i).encode())
+        # Indices, so keyspace 1 draws the patterns it always drew for a seed.
+        for pattern in self.rng.sample(range(self.keys.pattern_count), 4):
+            key = self.keys.hostile_key(pattern, self.rng.choice(_NAMES) + str(i).encode(),
+                                        node)
             self.store.client.put(key, _hostile_value(self.rng))
             keys.append(key)
         rec.target = f"{len(keys)} keys"

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.campaign_core import KS, StepResult
+from bench.campaign_core import StepResult
+from bench.campaign_keys import CampaignKeys
 from lab.localcluster import Daemon, poll_until
 from schemas.models import CordonMarker, MoveRequest
 from store.etcd import EtcdStore, StoreUnavailable
@@ -44,6 +45,7 @@ class MoveFaults:
     """Needs the campaign's store, rng, agents, nodes, fake root and observers."""
 
     store: EtcdStore | None
+    keys: CampaignKeys
     rng: random.Random
     agents: dict[str, Daemon]
     nodes: list[str]
@@ -103,7 +105,7 @@ class MoveFaults:
 
     def _request_move(self, rec: StepResult, vm: str, to: str) -> None:
         assert self.store is not None
-        self.store.put(KS.vm_move(vm), MoveRequest(vm=vm, to=to, by="campaign",
+        self.store.put(self.keys.move(vm), MoveRequest(vm=vm, to=to, by="campaign",
                                                    requested_at=time.time()).to_json())
         rec.notes.append(f"move {vm} -> {to}")
 
@@ -117,14 +119,14 @@ class MoveFaults:
     def _cordoned(self, node: str) -> bool:
         assert self.store is not None
         try:
-            return self.store.get(KS.cordon(node)) is not None
+            return self.store.get(self.keys.cordon(node)) is not None
         except StoreUnavailable:
             return True
 
     def _revoke(self, rec: StepResult, node: str) -> bool:
         """``vmha node drain``: the node's lease revoked; whether there was one."""
         assert self.store is not None
-        reg = self.get_json(KS.node(node))
+        reg = self.get_json(self.keys.reg(node))
         created = self.registrations().get(node)
         if reg is None or created is None:
             rec.notes.append(f"{node} not registered: no drain")
@@ -137,7 +139,7 @@ class MoveFaults:
         assert self.store is not None
         if not poll_until(lambda: not self.vms_on(node) and self._cordoned(node), EMPTY_S, 0.1):
             rec.notes.append(f"{node} not empty (or not cordoned) {EMPTY_S} s after its drain")
-        self.store.delete(KS.cordon(node))
+        self.store.delete(self.keys.cordon(node))
 
     # ---- faults ----------------------------------------------------------------------
 
@@ -201,7 +203,7 @@ class MoveFaults:
         finally:
             if held:  # the killed target's VMs need somewhere to go
                 assert self.store is not None
-                self.store.delete(KS.cordon(self.svc_node))
+                self.store.delete(self.keys.cordon(self.svc_node))
         self._uncordon_when_empty(rec, node)
 
     def _cordon_for_drain(self, rec: StepResult, node: str) -> bool:
@@ -210,17 +212,17 @@ class MoveFaults:
         assert self.store is not None
         if self._cordoned(node):
             return False
-        self.store.put(KS.cordon(node), CordonMarker(
+        self.store.put(self.keys.cordon(node), CordonMarker(
             node=node, reason="campaign drain_kill_target", by="campaign",
             at=time.time()).to_json())
-        if not poll_until(lambda: (self.get_json(KS.node(node)) or {}).get("cordoned"),
+        if not poll_until(lambda: (self.get_json(self.keys.reg(node)) or {}).get("cordoned"),
                           10.0, 0.05):
             rec.notes.append(f"{node}'s registration did not show its cordon")
         return True
 
     def _fault_rebalance(self, rec: StepResult, node: str, i: int) -> None:
         assert self.store is not None
-        cfg_kv = self.store.get(KS.config)
+        cfg_kv = self.store.get(self.keys.config)
         assert cfg_kv is not None
         cfg = json.loads(cfg_kv.value)
         on = json.loads(json.dumps(cfg))
@@ -228,16 +230,16 @@ class MoveFaults:
             "enabled": True, "interval_s": 1.0, "max_moves": 4, "min_gain": 0.002}
         busiest = max(self.nodes, key=lambda n: len(self.vms_on(n)))
         rec.target = busiest
-        self.store.put(KS.config, json.dumps(on))
+        self.store.put(self.keys.config, json.dumps(on))
         try:
-            self.store.put(KS.cordon(busiest), CordonMarker(
+            self.store.put(self.keys.cordon(busiest), CordonMarker(
                 node=busiest, reason="campaign rebalance", by="campaign",
                 at=time.time()).to_json())
             self._uncordon_when_empty(rec, busiest)
             if not poll_until(lambda: self.vms_on(busiest), 20.0, 0.1):
                 rec.notes.append(f"the rebalancer moved nothing back onto {busiest}")
         finally:
-            self.store.put(KS.config, json.dumps(cfg))
+            self.store.put(self.keys.config, json.dumps(cfg))
 
 
 __all__ = ["MOVE_FAULTS", "MOVE_KILLS", "MoveFaults"]

@@ -30,7 +30,9 @@ from hypervisor.fake import fake_ground_truth
 from lab.localcluster import poll_until
 from schemas import Keyspace
 from schemas.keys import decode_key
+from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 from schemas.models import FenceRecord, Model, Placement, VmStatus
+from schemas.models_v2 import Assignment
 from store.etcd import EtcdStore, StoreUnavailable
 
 #: VM name -> the nodes it runs on, as a ground-truth source sees it.
@@ -195,10 +197,13 @@ class DoubleRunChecker:
         return out
 
 
-def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | None = None) -> bool:
-    """I4: the VM's placement says ``pending`` or ``failed``, with a reason."""
+def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | KeyspaceV2 | None = None) -> bool:
+    """I4: the VM's placement says ``pending`` or ``failed``, with a reason (on either
+    keyspace: ``ks`` is its layout)."""
+    ks = ks or Keyspace()
+    key = ks.place(vm) if isinstance(ks, KeyspaceV2) else ks.vm_placement(vm)
     try:
-        kv = store.get((ks or Keyspace()).vm_placement(vm))
+        kv = store.get(key)
     except StoreUnavailable:
         return False
     p = json.loads(kv.value) if kv else None
@@ -206,23 +211,55 @@ def visibly_pending(store: EtcdStore, vm: str, ks: Keyspace | None = None) -> bo
 
 
 _MODELS: dict[str, type[Model]] = {"vm_placement": Placement, "fence": FenceRecord,
-                                   "vm_status": VmStatus}
+                                   "vm_status": VmStatus, "assignment": Assignment}
+#: Keyspace 2's kinds the checker follows, by the names keyspace 1 gives them.
+_V2_KINDS = {"leader": "leader", "reg": "node", "place": "vm_placement", "fence": "fence",
+             "status": "vm_status", "assignment": "assignment"}
+
+
+def classify(ks: Keyspace | KeyspaceV2, key: str) -> tuple[str, str] | None:
+    """What :class:`HistoryChecker` makes of ``key``: (kind in keyspace 1's terms, the
+    node it names or ``""``), or None for a key it does not follow.  Each layout parses
+    its own keys (on keyspace 2 a status or an assignment names its node in the key)."""
+    if isinstance(ks, KeyspaceV2):
+        ref2 = ks.parse(key)
+        if not isinstance(ref2, KeyRefV2) or ref2.kind not in _V2_KINDS:
+            return None
+        return _V2_KINDS[ref2.kind], ref2.node
+    ref = ks.parse(key)
+    if ref is None:
+        return None
+    return ref.kind, ref.name if ref.kind == "node" else ""
 
 
 class HistoryChecker:
     """I3 over etcd's history, from a watch that starts at revision 1: every placement
     and leader-written fence record carries the epoch of the leader key that existed
     at its revision; every status was written while its node was registered, under the
-    registration current at its revision (the one the status names)."""
+    registration current at its revision (the one the status names).
 
-    def __init__(self, store: EtcdStore, ks: Keyspace | None = None) -> None:
+    On keyspace 2 (``ks`` a :class:`KeyspaceV2`) every assignment (what an agent acts
+    on) holds the VM's placement as etcd held it at the assignment's revision, naming
+    the assignment's node (the leader writes both in one transaction, and repairs
+    assignments to match: an assignment that differs was written by someone else, a
+    stale leader); a status belongs to the node its key names.  A ``stopped`` status
+    without a registration may be written while its node is not registered: the
+    stale-claim rewrite before a new registration, compared on the registration absent
+    (docs/keyspace-v2.md, section 1)."""
+
+    def __init__(self, store: EtcdStore, ks: Keyspace | KeyspaceV2 | None = None) -> None:
         self.store = store
-        self.ks = ks or Keyspace()
+        self.ks: Keyspace | KeyspaceV2 = ks or Keyspace()
         self.last_rev = 0
+        self._seen_at_last: set[str] = set()  # the keys of revision last_rev seen
+        self._placements: dict[str, Any] = {}  # keyspace 2: VM -> its placement now
+        self._assignments: list[tuple[int, str, str, Any]] = []  # of revision last_rev
         self.leader_terms: dict[int, int | None] = {}  # epoch -> revision that ended it
         self.regs: dict[str, list[list[int | None]]] = {}  # node -> [[create, end]]
         self.violations: list[dict[str, Any]] = []
         self.checked = {"placement": 0, "status": 0, "fence": 0}
+        if isinstance(self.ks, KeyspaceV2):
+            self.checked |= {"assignment": 0, "stale_claim_rewrite": 0}
         self._lock = threading.Lock()
         self._cancel: Any = None
         self._broken = True
@@ -235,23 +272,34 @@ class HistoryChecker:
         with self._lock:
             for ev in events:
                 self._event(ev)
+            self._judge_assignments()  # a response holds whole revisions
 
     def _event(self, ev: Any) -> None:
         rev = int(ev.mod_revision)
-        if rev <= self.last_rev:
-            return
         key = decode_key(ev.key)  # never raises: a hostile key is just not one of ours
-        deleted = type(ev).__name__ == "DeleteEvent"
-        ref = self.ks.parse(key)
-        self.last_rev = rev
-        if ref is None:
+        # One transaction's keys share a revision (keyspace 2's placement and its
+        # assignments): a re-established watch may deliver that revision again, so
+        # skip only the keys of it already seen.
+        if rev < self.last_rev or (rev == self.last_rev and key in self._seen_at_last):
             return
-        if ref.kind == "leader":
+        if rev > self.last_rev:
+            self._seen_at_last = set()
+            self._judge_assignments()
+        self._seen_at_last.add(key)
+        deleted = type(ev).__name__ == "DeleteEvent"
+        got = classify(self.ks, key)
+        self.last_rev = rev
+        if got is None:
+            return
+        kind, node = got
+        if kind == "leader":
             self._leader(rev, int(ev.create_revision), deleted)
-        elif ref.kind == "node":
-            self._registration(ref.name, rev, int(ev.create_revision), deleted)
+        elif kind == "node":
+            self._registration(node, rev, int(ev.create_revision), deleted)
+        elif kind == "vm_placement" and deleted:
+            self._placements.pop(self._vm(key), None)
         elif not deleted:
-            self._write(ref.kind, key, rev, ev.value)
+            self._write(kind, key, rev, ev.value, node)
 
     def _leader(self, rev: int, created: int, deleted: bool) -> None:
         if not deleted:
@@ -270,7 +318,7 @@ class HistoryChecker:
         elif not ivs or ivs[-1][0] != created:
             ivs.append([created, None])
 
-    def _write(self, kind: str, key: str, rev: int, value: bytes) -> None:
+    def _write(self, kind: str, key: str, rev: int, value: bytes, node: str = "") -> None:
         model = _MODELS.get(kind)
         try:
             # A value its model refuses is data the daemons skip, never a decision.
@@ -283,23 +331,53 @@ class HistoryChecker:
         except Exception:  # noqa: BLE001 - deep nesting, not UTF-8: the daemons ignore it too
             return
         if kind == "vm_placement":
+            if isinstance(self.ks, KeyspaceV2):
+                self._placements[self._vm(key)] = data
             self.checked["placement"] += 1
             self._check_epoch(rev, int(data.get("epoch", -1)), key)
         elif kind == "fence" and data.get("method") in ("self", "external"):
             self.checked["fence"] += 1
             self._check_epoch(rev, int(data.get("epoch", -1)), key)
+        elif kind == "assignment":
+            self.checked["assignment"] += 1
+            # Judged once the whole revision is in (its placement may come after it).
+            self._assignments.append((rev, key, node, data.get("placement")))
         elif kind == "vm_status":
             self.checked["status"] += 1
-            self._check_status(key, rev, data)
+            self._check_status(key, rev, data, node)
 
-    def _check_status(self, key: str, rev: int, data: dict[str, Any]) -> None:
+    def _vm(self, key: str) -> str:
+        ref = self.ks.parse(key)
+        return ref.vm if isinstance(ref, KeyRefV2) else ""
+
+    def _judge_assignments(self) -> None:
+        """The assignments of revisions before the next one: each holds its VM's
+        placement as etcd held it then, naming the assignment's node."""
+        for rev, key, node, held in self._assignments:
+            place = self._placements.get(self._vm(key))
+            if place is None or held != place:
+                why = f"assignment to {node} differs from the placement at {rev}"
+            elif node not in (place.get("node"), place.get("from_node")):
+                why = f"assignment to {node}, which the placement at {rev} does not name"
+            else:
+                continue
+            self.violations.append({"invariant": "I3", "key": key, "revision": rev,
+                                    "why": why})
+        self._assignments.clear()
+
+    def _check_status(self, key: str, rev: int, data: dict[str, Any], owner: str = "") -> None:
         """A status is written while its node is registered, and under the registration
         current at that revision when it names one (a stale agent's write names an
-        older registration of the same node)."""
-        node = data.get("node", "")
+        older registration of the same node).  ``owner``: the node its key names
+        (keyspace 2), else the value's."""
+        node = owner or data.get("node", "")
         current = [c for c, end in self.regs.get(node, [])
                    if c is not None and c <= rev and (end is None or rev < end)]
         writer = data.get("registration")
+        if (not current and owner and data.get("state") == "stopped"
+                and writer is None):
+            self.checked["stale_claim_rewrite"] += 1
+            return
         if not current:
             why = f"status from {node} while not registered"
         elif isinstance(writer, int) and writer not in current:
@@ -324,7 +402,8 @@ class HistoryChecker:
                 with contextlib.suppress(Exception):  # the old watch is dead anyway
                     self.store.client.cancel_watch(self._cancel)
             self._cancel = self.store.client.add_watch_prefix_callback(
-                self.ks.root, self._cb, start_revision=self.last_rev + 1)
+                # From last_rev itself: a revision cut off mid-way is delivered whole.
+                self.ks.root, self._cb, start_revision=max(self.last_rev, 1))
             self._broken = False
         except Exception:  # noqa: BLE001 - etcd unavailable: _broken says try again
             self._broken = True
