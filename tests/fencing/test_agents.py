@@ -11,7 +11,10 @@ from hypervisor.fake import FakeHypervisor, fake_ground_truth
 from schemas.models import FenceDevice
 
 
-def device(tmp: Path, mode: str, timeout: float = 2.0, verify: bool = True) -> FenceDevice:
+# A device's timeout covers a Python start of the fake agent: generous, so that a loaded
+# machine slows the tests that expect success without failing them (the hang test sets
+# its own).
+def device(tmp: Path, mode: str, timeout: float = 10.0, verify: bool = True) -> FenceDevice:
     (tmp / "mode").write_text(mode)
     return FenceDevice(agent=[sys.executable, "-m", "bench.fence_fault"],
                        params={"uri": "fake://" + str(tmp) + "/{node}",

@@ -262,7 +262,12 @@ def test_another_nodes_churn_costs_no_read(etcd: EtcdCluster, v2store: EtcdStore
         leader.place("web", "n1")
         wait_until(lambda: running(store, "n1", "web", "p1"), 15, what="web running")
         assert agent.v2 is not None
-        stats = agent.v2.watch.state.stats
+        state = agent.v2.watch.state
+        # The agent's own status write comes back on its watch: counted before the churn.
+        own = store.get(KS.status("n1", "web"))
+        assert own is not None
+        wait_until(lambda: state.revision >= own.mod_revision, 10, what="n1's watch caught up")
+        stats = state.stats
         events, reads = stats["events"], ranges_served(etcd)
         for i in range(20):
             leader.place_new(f"other{i}", "n2")
