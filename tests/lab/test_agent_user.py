@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,14 @@ def _skip_reason() -> str | None:
     for tool in ("unshare", "libvirtd", "qemu-system-x86_64"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
             return f"needs {tool} (see lab/APT_PACKAGES.txt)"
+    # The other user runs this checkout's Python and code: every directory above them
+    # must let others through (a clone under /root or in a `mktemp -d` does not).
+    for path in (Path(sys.executable), ROOT):
+        for d in path.parents:
+            mode = os.stat(d).st_mode
+            if not mode & stat.S_IXOTH:
+                return (f"{d} is closed to other users (mode {stat.S_IMODE(mode):o}): the test "
+                        "runs this checkout as nobody")
     return None
 
 
