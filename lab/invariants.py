@@ -419,7 +419,7 @@ class HistoryChecker:
         except StoreUnavailable:
             return False
         with self._lock:
-            return self.last_rev >= cur - 1 or self._only_foreign_after(cur)
+            return self.last_rev >= cur or self._only_foreign_after(cur)
 
     def _only_foreign_after(self, cur: int) -> bool:
         # History events live outside the watched prefix; probe the tail once.
