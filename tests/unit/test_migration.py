@@ -1,10 +1,11 @@
 """`schemas.migration`: the plan of `vmha keyspace migrate` on keyspace-1 states held as
-values, and the copy run to its end against a dict that applies transactions as etcd
-does (compares, then every op, one revision)."""
+values, and the copy run to its end against a real etcd applying the plan's
+transactions."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from schemas.models_v2 import Assignment, release_at_least
 from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.snapshot_v2 import parse_kv
 from schemas.txn import Cmp, Delete, Put, Txn
+from store.etcd import EtcdStore
+from tests.harness import EtcdCluster
 from tests.unit.builders import (
     alive_value,
     boot,
@@ -36,38 +39,45 @@ from tests.unit.builders import (
 KS1, KS2 = Keyspace(), KeyspaceV2()
 
 
-class FakeEtcd:
-    """Keys with create and mod revisions; a txn applies whole or not at all."""
+class RealEtcd:
+    """A real etcd holding the given keys (values as given, revisions etcd's own, no
+    leases: none of these tests renews one); the plan's transactions are applied by it."""
 
-    def __init__(self, kvs: list[RawKV]) -> None:
-        self.kv = {kv.key: kv for kv in kvs}
-        self.revision = max((kv.mod_revision for kv in kvs), default=1)
+    def __init__(self, store: EtcdStore, kvs: list[RawKV]) -> None:
+        self.store = store
+        for kv in kvs:
+            store.put(kv.key, kv.value.decode())
+
+    @property
+    def kv(self) -> dict[str, RawKV]:
+        return {kv.key: kv for kv in self.store.get_prefix(KS1.root)}
+
+    @property
+    def revision(self) -> int:
+        return self.store.revision()
 
     def txn(self, t: Txn) -> bool:
-        for c in t.compares:
-            kv = self.kv.get(c.key)
-            got = 0 if kv is None else (kv.create_revision if c.target == "create"
-                                        else kv.mod_revision)
-            assert c.op == "==" and c.target in ("create", "mod")
-            if got != c.value:
-                return False
         assert len(t.ops) <= 64
-        self.revision += 1
-        for op in t.ops:
-            if isinstance(op, Put):
-                old = self.kv.get(op.key)
-                self.kv[op.key] = RawKV(op.key, op.value.encode(),
-                                        old.create_revision if old else self.revision,
-                                        self.revision, op.lease)
-            else:
-                self.kv.pop(op.key, None)
-        return True
+        return self.store.txn(list(t.compares), list(t.ops)).succeeded
 
     def items(self) -> list[RawKV]:
-        return [self.kv[k] for k in sorted(self.kv)]
+        kv = self.kv
+        return [kv[k] for k in sorted(kv)]
 
     def owned(self) -> dict[str, RawKV]:
         return {k: kv for k, kv in self.kv.items() if mig.owned(KS2, k)}
+
+
+MakeEtcd = Callable[[list[RawKV]], RealEtcd]
+
+
+@pytest.fixture
+def real(etcd: EtcdCluster) -> Iterator[MakeEtcd]:
+    store = EtcdStore(etcd.endpoints)
+    try:
+        yield lambda kvs: RealEtcd(store, kvs)
+    finally:
+        store.close()
 
 
 def v1_cluster() -> list[RawKV]:
@@ -128,7 +138,7 @@ def test_each_key_of_keyspace_1_goes_where_section_6_says() -> None:
                                                "/vmha/alive/n1", "/vmha/nodes/n1"}
 
 
-def _converge(etcd: FakeEtcd) -> tuple[int, int]:
+def _converge(etcd: RealEtcd) -> tuple[int, int]:
     """Copy passes until nothing is left to do: (passes, transactions)."""
     txns = 0
     for passes in range(1, 6):
@@ -145,8 +155,9 @@ def _converge(etcd: FakeEtcd) -> tuple[int, int]:
     raise AssertionError("the copy does not settle")
 
 
-def test_the_copy_settles_with_assignments_as_the_leader_writes_them() -> None:
-    etcd = FakeEtcd(v1_cluster())
+@pytest.mark.integration
+def test_the_copy_settles_with_assignments_as_the_leader_writes_them(real: MakeEtcd) -> None:
+    etcd = real(v1_cluster())
     passes, _ = _converge(etcd)
     assert passes == 3  # specs and the rest, then the assignments, then nothing to do
     spec_kv = etcd.kv["/vmha/spec/web1"]
@@ -164,10 +175,11 @@ def test_the_copy_settles_with_assignments_as_the_leader_writes_them() -> None:
                                                                     "/vmha/vms/bad2/status"))
 
 
-def test_a_migrate_placement_is_assigned_to_both_nodes() -> None:
+@pytest.mark.integration
+def test_a_migrate_placement_is_assigned_to_both_nodes(real: MakeEtcd) -> None:
     kvs = [raw("/vmha/vms/db/spec", spec_value("db"), 3),
            raw("/vmha/vms/db/placement", placement_value("db", migrate("n1", "n2")), 4)]
-    etcd = FakeEtcd(kvs)
+    etcd = real(kvs)
     _converge(etcd)
     assert sorted(k for k in etcd.kv if k.startswith(KS2.assignment_dir)) == [
         "/vmha/a/n1/db", "/vmha/a/n2/db"]
@@ -191,8 +203,10 @@ def test_batches_hold_at_most_64_ops_each_compared() -> None:
         (kv.key, kv.mod_revision) for kv in kvs}
 
 
-def test_a_changed_key_is_overwritten_and_an_extra_one_deleted_on_the_version_seen() -> None:
-    etcd = FakeEtcd(v1_cluster())
+@pytest.mark.integration
+def test_a_changed_key_is_overwritten_and_an_extra_one_deleted_on_the_version_seen(
+        real: MakeEtcd) -> None:
+    etcd = real(v1_cluster())
     _converge(etcd)
     # A late write of keyspace 1 (an agent that had not yet seen the marker) and a
     # stray key in keyspace 2.
@@ -214,8 +228,9 @@ def test_a_changed_key_is_overwritten_and_an_extra_one_deleted_on_the_version_se
     assert b'"p2"' in etcd.kv["/vmha/n/n1/vm/web1"].value
 
 
-def test_clean_then_rollback_delete_exactly_what_the_copy_wrote() -> None:
-    etcd = FakeEtcd(v1_cluster())
+@pytest.mark.integration
+def test_clean_then_rollback_delete_exactly_what_the_copy_wrote(real: MakeEtcd) -> None:
+    etcd = real(v1_cluster())
     before = {kv.key for kv in etcd.items()}
     _converge(etcd)
     copied = set(etcd.owned())
