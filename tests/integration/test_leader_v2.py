@@ -361,7 +361,13 @@ def test_watch_compacted_while_away_relists_and_decides(etcd3: EtcdCluster) -> N
         others = EtcdStore(",".join(m.endpoint for m in etcd3.members if m is not member),
                            timeout=0.5, retry_budget=5.0)
         w = World(etcd3, others, 2, {})
+        # The hardest start: the watch has seen the newest revision when its member stops.
+        seen = setup.put(KS2.spec("vm1"), spec("vm1").to_json())
+        wait_until(lambda: leader.state.revision >= seen, 10, what="the model saw the write")
         with stopped(member):
+            # Two writes: a watch that saw revision R resumes from R+1, and etcd refuses
+            # it only if the compaction is past that (compacting at R+1 keeps R+1).
+            others.put(KS2.spec("vm2"), spec("vm2").to_json())
             others.put(KS2.spec("vm2"), spec("vm2").to_json())
             others.client.compact(others.revision())
             stall(leader.state, clock)
