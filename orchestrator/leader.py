@@ -26,7 +26,7 @@ from tenacity import (
 from fencing.agents import ExternalFencer, FenceResult, missing_credentials
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
-from orchestrator import planner, txn_builder
+from orchestrator import planner, replan, txn_builder
 from orchestrator.actions import frozen_by_invalid_key
 from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
@@ -81,6 +81,9 @@ class Orchestrator:
         self.last_revision = 0  # of the last snapshot read, for the logs of a failed cycle
         self.exit_code = 0  # run()'s, once stopped
         self.writes: txn_builder.LeaderWrites = txn_builder.Writes(self.ks)
+        self.quiet: replan.Quiet | None = None  # the last plan, if it had nothing to do
+        self.max_quiet_s = replan.MAX_QUIET_S
+        self.plans = 0  # cycles that planned (the others found nothing changed)
 
     # ---- config ------------------------------------------------------------------------
 
@@ -252,8 +255,17 @@ class Orchestrator:
         if self._record_external_results(snap, epoch):
             self.wake.set()  # decide on a snapshot that shows the new fence records
             return None
+        self._cycles += 1
+        if self._cycles % 600 == 1:
+            self._prune_history()
         started = self.clock()
+        q = self.quiet
+        if q is not None and replan.still_quiet(q, epoch=epoch, revision=snap.revision,
+                                                now=started, max_quiet_s=self.max_quiet_s):
+            return q.plan  # nothing changed: the same empty plan (orchestrator.replan)
         result = self._plan(snap, epoch)
+        self.plans += 1
+        self.quiet = replan.quiet(result, epoch=epoch, revision=snap.revision, now=started)
         metrics.PLACEMENT_CYCLE_SECONDS.observe(self.clock() - started)
         self._observe(snap)
         for node in sorted(set(self.lost_since) - set(result.lost_since)):
@@ -265,9 +277,6 @@ class Orchestrator:
                                 reason="registration (lease) gone; fence window starts")
         self.lost_since = dict(result.lost_since)
         written = 0
-        self._cycles += 1
-        if self._cycles % 600 == 1:
-            self._prune_history()
         for action in result.actions:
             frozen = frozen_by_invalid_key(action, snap)
             if frozen:

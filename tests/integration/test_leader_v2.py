@@ -198,19 +198,48 @@ def test_idle_cluster_costs_no_transaction(world: World, leader: Orchestrator,
     w.report("n1", "vm1", "running", p.id)
     time.sleep(1.0)  # the leader sees the report (no decision follows)
     rev, counts, cycles = w.store.revision(), etcd_counts(w.etcd), leader._cycles
+    plans = leader.plans
     time.sleep(3.0)
     after, rev2 = etcd_counts(w.etcd), w.store.revision()
     delta = {m: after.get(m, 0) - counts.get(m, 0) for m in ("Txn", "Range", "Put")}
     ran = leader._cycles - cycles
     with capsys.disabled():
-        print(f"\nidle 3 s, keyspace {w.ks}: {ran} cycles, etcd requests {delta}")
+        print(f"\nidle 3 s, keyspace {w.ks}: {ran} cycles, {leader.plans - plans} plans, "
+              f"etcd requests {delta}")
     assert ran >= 10
+    assert leader.plans == plans, "nothing changed, so nothing was planned (replan.py)"
     assert delta["Txn"] == 0 and delta["Put"] == 0
     # Our own revision() read is the one Range of keyspace 2's window.
     assert rev2 == rev
     if w.ks == 2:
         assert delta["Range"] <= 1, "the model comes from the watch, not from reads"
         assert isinstance(leader, OrchestratorV2) and leader.stats["lists"] == 1
+
+
+def test_a_quiet_leader_plans_again_on_a_change_and_after_max_quiet(
+        world: World, leader: Orchestrator) -> None:
+    """A quiet plan stands while the revision stays; any write under the prefix, or
+    `max_quiet_s` passing, makes the next cycle plan (a freed rebalance budget, or a
+    time rule added later, is seen at the latest then)."""
+    w = world
+    w.register("n1")
+    w.store.put(w.spec_key("vm1"), spec("vm1").to_json())
+    p, _ = placed(w, "vm1")
+    w.report("n1", "vm1", "running", p.id)
+    wait_until(lambda: leader.quiet is not None and leader.quiet.revision >= w.store.revision(),
+               10, what="a quiet plan of the current revision")
+    plans = leader.plans
+    w.report("n1", "vm1", "running", p.id)  # a new `since`: a new revision, same facts
+    wait_until(lambda: leader.plans > plans, 10, what="a plan of the new revision")
+    wait_until(lambda: leader.quiet is not None, 10, what="quiet again")
+    plans = leader.plans
+    leader.max_quiet_s = 0.5
+    wait_until(lambda: leader.plans >= plans + 2, 10, what="plans with no change, 0.5 s apart")
+    # A node lost is never quiet: every cycle plans until it is fenced and the VM moved.
+    w.register("n2")
+    w.lose("n1")
+    p2, _ = placed(w, "vm1", not_on="n1")
+    assert p2.node == "n2"
 
 
 def test_idle_leader_checks_no_assignment(world2: World, leader2: Orchestrator,
