@@ -25,12 +25,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import log_events
-from tests.integration.keyspaces import (
-    KEYSPACES,
-    ClusterView,
-    keyspaces_failing_on_2,
-    mark_keyspace,
-)
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -122,9 +117,7 @@ def _cluster(etcd: EtcdCluster, tmp_path: Path, nodes: tuple[str, ...],
     return fc
 
 
-@pytest.mark.parametrize("keyspace", keyspaces_failing_on_2(
-    "keyspace 2: the status of a VM whose placement failed is cleaned up by its node (no "
-    "assignment, no domain), so `vmha vm show` loses its error and boot_failures"))
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_shared_uuid_written_into_etcd_errors_backs_off_then_fails(
         etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     fc = _cluster(etcd, tmp_path, ("n1",), keyspace)
@@ -160,9 +153,7 @@ def test_shared_uuid_written_into_etcd_errors_backs_off_then_fails(
         store.close()
 
 
-@pytest.mark.parametrize("keyspace", keyspaces_failing_on_2(
-    "keyspace 2: one boot_failed event per node for the same error (the relocation's "
-    "node cannot read the status the first node reported it in)"))
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_xml_the_hypervisor_rejects_is_relocated_once_then_failed(
         etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     fc = _cluster(etcd, tmp_path, ("n1", "n2"), keyspace)
