@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import TypeVar
 
 from nodeagent.context import AgentContext
 from nodeagent.view_v2 import NodeWatch, assignments_of
@@ -29,12 +28,10 @@ from nodeagent.writes_v2 import (
     own_status_mods,
 )
 from schemas.models import Model, Placement, VmStatus
-from schemas.snapshot import ClusterSnapshot
+from schemas.snapshot import ClusterSnapshot, InvalidKey
 from schemas.snapshot_v2 import ParsedKV, node_snapshot, parse_kv
 from store.history import HistoryWriter
 from store.paging import KeyRange
-
-M = TypeVar("M", bound=Model)
 
 # How long a cycle waits for the view to show the agent's own last write.  Only to save
 # a write: a cycle planning on a view without it would send the same report again, and
@@ -56,6 +53,7 @@ class AgentV2:
         self.statuses = CycleStatuses(self.writes)
         self._own: dict[str, int] = {}
         self._assigned: frozenset[str] = frozenset()
+        self._kept: dict[str, int] = {}  # VM -> own status revision last logged as kept
         self._pump: threading.Thread | None = None
         self.next_resync = 0.0  # ctx.clock() time of the next listing (set at each)
         # Node events under the node's own history prefix (its role writes only there).
@@ -101,7 +99,13 @@ class AgentV2:
         held = self._assigned | {vm for vm in self._own if self._assignment_key(vm)}
         for vm, mod in cleanups(self._own, held, domains):
             if self._record_kept(vm):
+                if self._kept.get(vm) != mod:  # logged once a version, not every pass
+                    self._kept[vm] = mod
+                    self.ctx.log.info("status_kept", vm=vm, reason="why vmha gave up on "
+                                      "it here: its placement names this node in "
+                                      "failed_nodes (or is not read yet)")
                 continue
+            self._kept.pop(vm, None)
             done = self.writes.cleanup(token, vm, mod)
             self.ctx.log.info("status_cleaned_up", vm=vm, written=done,
                               reason="no assignment and no domain here")
@@ -112,21 +116,25 @@ class AgentV2:
     def _record_kept(self, vm: str) -> bool:
         """Our status of `vm` counts failures and its placement, as the watch holds it,
         names us among the nodes given up on; or the placement is not watched yet (the
-        next view watches it: decided then)."""
+        next view watches it: decided then), or does not parse (its VM is left alone)."""
         ks, me = self.ctx.ks2, self.ctx.me
-        status = self._parsed(ks.status(me, vm), VmStatus)
-        if status is None or not (status.boot_failures or status.crashes):
+        status = self._parsed(ks.status(me, vm))
+        if not isinstance(status, VmStatus) or not (status.boot_failures or status.crashes):
             return False
         if KeyRange.key(ks.place(vm)) not in self.watch.peers:
             return True
-        return keeps_record(me, status, self._parsed(ks.place(vm), Placement))
+        placement = self._parsed(ks.place(vm))
+        if placement is not None and not isinstance(placement, Placement):
+            return True
+        return keeps_record(me, status, placement)
 
-    def _parsed(self, key: str, model: type[M]) -> M | None:
+    def _parsed(self, key: str) -> Model | InvalidKey | None:
+        """The watched key's value, its report if it does not parse, None if absent."""
         kv = self.watch.state.get(key)
         res = parse_kv(self.ctx.ks2, kv) if kv is not None else None
-        if isinstance(res, ParsedKV) and isinstance(res.entry.value, model):
-            return res.entry.value
-        return None
+        if res is None:
+            return None
+        return res.entry.value if isinstance(res, ParsedKV) else res.invalid
 
     def close(self) -> None:
         self.watch.close()
