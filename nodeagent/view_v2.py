@@ -132,8 +132,9 @@ class NodeWatch:
 
     The owner calls `start()` (list, then watch), `wait()` for changes (it raises
     `StoreCompacted`/`StoreRejected` when the owner must `start()` again), and `view()`
-    at each cycle, which follows the peers named by the assignments (watching or
-    dropping their keys) and adds the targeted gets of orphan domains."""
+    at each cycle, which follows the peers named by the assignments and the placements
+    of its failure records (watching or dropping those keys) and adds the targeted gets
+    of orphan domains."""
 
     def __init__(self, store: EtcdStore, ks: KeyspaceV2, me: str, **watch_opts: Any) -> None:
         self.store, self.ks, self.me = store, ks, me
@@ -177,6 +178,7 @@ class NodeWatch:
 
     @property
     def peers(self) -> frozenset[KeyRange]:
+        """The keys followed beyond its own: `peer_ranges` and `record_ranges`."""
         return self._peers
 
     def own_kvs(self) -> list[RawKV]:
@@ -184,8 +186,9 @@ class NodeWatch:
         return self.state.items()[1]
 
     def view(self, managed: Sequence[str]) -> NodeView:
-        """The node view now: the watched keys, the peers the assignments name, and the
-        placement and spec of each managed domain without an assignment."""
+        """The node view now: the watched keys, the peers the assignments name, the
+        placements of its failure records, and the placement and spec of each managed
+        domain without an assignment."""
         if not self.ready:
             raise ViewNotReady(f"{self.me}: no current listing of its keys")
         rev, kvs = self.state.items()
@@ -204,7 +207,7 @@ class NodeWatch:
         return NodeView(self.me, rev, (*kvs, *extra))
 
     def _follow(self, want: frozenset[KeyRange]) -> None:
-        """Watch the peers' keys now named, drop the others.  Each range is changed on
+        """Watch the keys now followed, drop the others.  Each range is changed on
         its own: a failure leaves `_peers` saying what is watched, and the next view
         carries on from there."""
         for keys in sorted(self._peers - want, key=lambda r: r.start):
