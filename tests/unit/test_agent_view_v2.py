@@ -19,6 +19,7 @@ from nodeagent.view_v2 import (
     peer_ranges,
     record_ranges,
 )
+from schemas.acl import node_ref, role
 from schemas.keys_v2 import KeyspaceV2
 from schemas.snapshot import RawKV
 from schemas.snapshot_v2 import NodeView, node_snapshot
@@ -103,6 +104,13 @@ def test_a_node_follows_the_placement_of_each_failure_it_records() -> None:
     assert sorted(failure_records(KS, "n1", kvs, ["defined"])) == ["bad", "crashy"]
     assert record_ranges(KS, "n1", kvs, ["defined"]) == {KeyRange.key(KS.place("bad")),
                                                          KeyRange.key(KS.place("crashy"))}
+    # Each key followed (single keys) is one the node's role may read, not write.
+    followed = {("n1", r) for r in record_ranges(KS, "n1", kvs, ["defined"])}
+    followed |= {("n2", r) for r in peer_ranges(KS, "n2", [
+        assignment_kv("n2", "bad", boot("n2", "p2", failed_nodes=["n1"]))])}
+    assert len(followed) == 3 and all(r.end == b"" for _, r in followed)
+    assert all(role(KS, node_ref(n)).can_read(r.start)
+               and not role(KS, node_ref(n)).can_write(r.start) for n, r in followed)
     place = raw(KS.place("bad"), placement_value("bad", {"kind": "failed", "node": None,
                                                          "id": "p2", "failed_nodes": ["n1"]}))
     mine = held("n1", [*kvs, place], {})
