@@ -178,6 +178,11 @@ def test_agent_with_node_credentials(etcd_auth: TlsEtcd, tmp_path: Path) -> None
         wait_until(lambda: agent.v2 is not None and len(agent.v2.watch.peers) == 2, 10,
                    what="n2 watched as a peer")
         assert agent.ctx.keyspace == 2 and active(hv) == ["web"]
+        # A VM relocated here after n2 gave up on it: n1 reads n2's status of it too.
+        leader.place("app", "n1", failed_nodes=("n2",))
+        wait_until(lambda: running(etcd_auth.root, "n1", "app", f"p{leader.n}"), 15,
+                   what="app running")
+        assert agent.v2 is not None and KeyRange.key(KS.status("n2", "app")) in agent.v2.watch.peers
         assert etcd_auth.root.get(KS.reg("n2")).mod_revision == n2_reg  # type: ignore[union-attr]
         assert etcd_auth.root.get_prefix(KS.node_history("n1")), "history under its prefix"
     finally:
