@@ -3,7 +3,9 @@ section 3, "Agent"): the snapshot comes from its node view (`nodeagent.view_v2`,
 watch of its own keys, a thread waking the agent on each change) instead of a read of
 the whole prefix; status writes are guarded against that view
 (`nodeagent.writes_v2.CycleStatuses`); and after each pass the agent deletes its own
-statuses of VMs it neither is assigned nor holds a domain of.
+statuses of VMs it neither is assigned nor holds a domain of, but the record of why vmha
+gave up on a VM here, kept while the VM's placement names this node in `failed_nodes`
+(`nodeagent.writes_v2.keeps_record`).
 
 `NodeAgent` selects this by `/vmha/version` (`nodeagent.keyspace`); everything else
 (registration, leases, guard, drain, self-fence, the plan and its execution) is the
@@ -18,10 +20,18 @@ import time
 
 from nodeagent.context import AgentContext
 from nodeagent.view_v2 import NodeWatch, assignments_of
-from nodeagent.writes_v2 import AgentWrites, CycleStatuses, cleanups, own_status_mods
-from schemas.snapshot import ClusterSnapshot
-from schemas.snapshot_v2 import node_snapshot
+from nodeagent.writes_v2 import (
+    AgentWrites,
+    CycleStatuses,
+    cleanups,
+    keeps_record,
+    own_status_mods,
+)
+from schemas.models import Model, Placement, VmStatus
+from schemas.snapshot import ClusterSnapshot, InvalidKey
+from schemas.snapshot_v2 import ParsedKV, node_snapshot, parse_kv
 from store.history import HistoryWriter
+from store.paging import KeyRange
 
 # How long a cycle waits for the view to show the agent's own last write.  Only to save
 # a write: a cycle planning on a view without it would send the same report again, and
@@ -43,6 +53,7 @@ class AgentV2:
         self.statuses = CycleStatuses(self.writes)
         self._own: dict[str, int] = {}
         self._assigned: frozenset[str] = frozenset()
+        self._kept: dict[str, int] = {}  # VM -> own status revision last logged as kept
         self._pump: threading.Thread | None = None
         self.next_resync = 0.0  # ctx.clock() time of the next listing (set at each)
         # Node events under the node's own history prefix (its role writes only there).
@@ -81,17 +92,49 @@ class AgentV2:
 
     def clean_up(self, token: int) -> None:
         """Delete our own statuses of VMs with neither an assignment nor a domain here
-        (section 1, "Clean-up"); each delete compared on what the view saw."""
+        (section 1, "Clean-up"), but the records of why vmha gave up on a VM here while
+        its placement says so; each delete compared on what the view saw."""
         domains = self.ctx.hv.list_domains()
         # An assignment key that does not parse still counts: its VM is left alone.
         held = self._assigned | {vm for vm in self._own if self._assignment_key(vm)}
         for vm, mod in cleanups(self._own, held, domains):
+            if self._record_kept(vm):
+                if self._kept.get(vm) != mod:  # logged once a version, not every pass
+                    self._kept[vm] = mod
+                    self.ctx.log.info("status_kept", vm=vm, reason="why vmha gave up on "
+                                      "it here: its placement names this node in "
+                                      "failed_nodes (or is not read yet)")
+                continue
+            self._kept.pop(vm, None)
             done = self.writes.cleanup(token, vm, mod)
             self.ctx.log.info("status_cleaned_up", vm=vm, written=done,
                               reason="no assignment and no domain here")
 
     def _assignment_key(self, vm: str) -> bool:
         return self.watch.state.get(self.ctx.ks2.assignment(self.ctx.me, vm)) is not None
+
+    def _record_kept(self, vm: str) -> bool:
+        """Our status of `vm` counts failures and its placement, as the watch holds it,
+        names us among the nodes given up on; or the placement is not watched yet (the
+        next view watches it: decided then), or does not parse (its VM is left alone)."""
+        ks, me = self.ctx.ks2, self.ctx.me
+        status = self._parsed(ks.status(me, vm))
+        if not isinstance(status, VmStatus) or not (status.boot_failures or status.crashes):
+            return False
+        if KeyRange.key(ks.place(vm)) not in self.watch.peers:
+            return True
+        placement = self._parsed(ks.place(vm))
+        if placement is not None and not isinstance(placement, Placement):
+            return True
+        return keeps_record(me, status, placement)
+
+    def _parsed(self, key: str) -> Model | InvalidKey | None:
+        """The watched key's value, its report if it does not parse, None if absent."""
+        kv = self.watch.state.get(key)
+        res = parse_kv(self.ctx.ks2, kv) if kv is not None else None
+        if res is None:
+            return None
+        return res.entry.value if isinstance(res, ParsedKV) else res.invalid
 
     def close(self) -> None:
         self.watch.close()

@@ -12,8 +12,14 @@ A managed domain without an assignment (rare: an agent restarted, a removed VM) 
 looked up by targeted gets of its placement and spec, as keyspace 1's snapshot showed
 them.
 
-The range choice is pure (`own_ranges`, `peer_ranges`, `orphans`); `NodeWatch` is the
-I/O around it.
+Failures on keyspace 2 (docs/keyspace.md): the statuses of the nodes a VM was given up
+on (the assignment's `failed_nodes`) are watched like a migration peer's status, so the
+next node sees the error they report; and an own status that counts failures, of a VM
+with neither an assignment nor a domain here, has its VM's placement watched: the agent
+keeps that status while the placement names it among the nodes given up on.
+
+The range choice is pure (`own_ranges`, `peer_ranges`, `record_ranges`, `orphans`);
+`NodeWatch` is the I/O around it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import structlog
 
 from schemas.errors import TemporaryError
 from schemas.keys_v2 import KeyspaceV2
+from schemas.models import VmStatus
 from schemas.models_v2 import Assignment
 from schemas.snapshot import RawKV
 from schemas.snapshot_v2 import NodeView, ParsedKV, parse_kv
@@ -34,8 +41,8 @@ from store.etcd import EtcdStore
 from store.paging import KeyRange
 from store.watchmodel import Change, WatchedState
 
-__all__ = ["NodeWatch", "ViewNotReady", "assignments_of", "orphans", "own_ranges",
-           "peer_ranges"]
+__all__ = ["NodeWatch", "ViewNotReady", "assignments_of", "failure_records", "orphans",
+           "own_ranges", "peer_ranges", "record_ranges"]
 
 log = structlog.get_logger("vmha.agent")
 
@@ -67,25 +74,57 @@ def assignments_of(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV]) -> dict[str, A
 
 def peer_ranges(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV]) -> frozenset[KeyRange]:
     """The peers' keys `me` needs: for each assignment naming another node (a
-    migration), that node's registration and its status of the VM."""
+    migration), that node's registration and its status of the VM; and the status of
+    the VM of each node its placement gave up on (`failed_nodes`)."""
     out: set[KeyRange] = set()
     for vm, a in assignments_of(ks, me, kvs).items():
         for peer in a.peers(me):
             out.add(KeyRange.key(ks.reg(peer)))
+        for peer in a.status_peers(me):
             out.add(KeyRange.key(ks.status(peer, vm)))
     return frozenset(out)
 
 
-def orphans(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV], managed: Iterable[str]) -> list[str]:
-    """The managed domains with no assignment key at all (valid or not: an invalid
-    one leaves its VM alone, so nothing else is read for it)."""
+def _assigned_vms(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV]) -> set[str]:
+    """The VMs with an assignment key of `me`'s, valid or not."""
     assigned: set[str] = set()
     prefix = ks.assignments(me)
     for kv in kvs:
         if kv.key.startswith(prefix):
             ref = ks.parse(kv.key)
             assigned.add(ref.vm or kv.key[len(prefix):])
-    return sorted(set(managed) - assigned)
+    return assigned
+
+
+def orphans(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV], managed: Iterable[str]) -> list[str]:
+    """The managed domains with no assignment key at all (valid or not: an invalid
+    one leaves its VM alone, so nothing else is read for it)."""
+    return sorted(set(managed) - _assigned_vms(ks, me, kvs))
+
+
+def failure_records(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV],
+                    managed: Iterable[str]) -> dict[str, VmStatus]:
+    """`me`'s own statuses that count failures (`boot_failures`, `crashes`) of VMs with
+    no assignment key and no managed domain here, by VM: each may be the record of why
+    vmha gave up on its VM here, kept while the VM's placement says so."""
+    kvs = list(kvs)
+    skip = _assigned_vms(ks, me, kvs) | set(managed)
+    prefix = ks.statuses(me)
+    out: dict[str, VmStatus] = {}
+    for kv in kvs:
+        if not kv.key.startswith(prefix) or ks.parse(kv.key).vm in skip:
+            continue  # parsed only when it may count: most statuses have an assignment
+        res = parse_kv(ks, kv)
+        if (isinstance(res, ParsedKV) and isinstance(res.entry.value, VmStatus)
+                and (res.entry.value.boot_failures or res.entry.value.crashes)):
+            out[res.ref.vm] = res.entry.value
+    return out
+
+
+def record_ranges(ks: KeyspaceV2, me: str, kvs: Iterable[RawKV],
+                  managed: Iterable[str]) -> frozenset[KeyRange]:
+    """The placement key of each VM of `failure_records`."""
+    return frozenset(KeyRange.key(ks.place(vm)) for vm in failure_records(ks, me, kvs, managed))
 
 
 class NodeWatch:
@@ -93,8 +132,9 @@ class NodeWatch:
 
     The owner calls `start()` (list, then watch), `wait()` for changes (it raises
     `StoreCompacted`/`StoreRejected` when the owner must `start()` again), and `view()`
-    at each cycle, which follows the peers named by the assignments (watching or
-    dropping their keys) and adds the targeted gets of orphan domains."""
+    at each cycle, which follows the peers named by the assignments and the placements
+    of its failure records (watching or dropping those keys) and adds the targeted gets
+    of orphan domains."""
 
     def __init__(self, store: EtcdStore, ks: KeyspaceV2, me: str, **watch_opts: Any) -> None:
         self.store, self.ks, self.me = store, ks, me
@@ -138,6 +178,7 @@ class NodeWatch:
 
     @property
     def peers(self) -> frozenset[KeyRange]:
+        """The keys followed beyond its own: `peer_ranges` and `record_ranges`."""
         return self._peers
 
     def own_kvs(self) -> list[RawKV]:
@@ -145,12 +186,14 @@ class NodeWatch:
         return self.state.items()[1]
 
     def view(self, managed: Sequence[str]) -> NodeView:
-        """The node view now: the watched keys, the peers the assignments name, and the
-        placement and spec of each managed domain without an assignment."""
+        """The node view now: the watched keys, the peers the assignments name, the
+        placements of its failure records, and the placement and spec of each managed
+        domain without an assignment."""
         if not self.ready:
             raise ViewNotReady(f"{self.me}: no current listing of its keys")
         rev, kvs = self.state.items()
-        want = peer_ranges(self.ks, self.me, kvs)
+        want = peer_ranges(self.ks, self.me, kvs) | record_ranges(self.ks, self.me, kvs,
+                                                                  managed)
         if want != self._peers:
             self._follow(want)
             rev, kvs = self.state.items()
@@ -164,7 +207,7 @@ class NodeWatch:
         return NodeView(self.me, rev, (*kvs, *extra))
 
     def _follow(self, want: frozenset[KeyRange]) -> None:
-        """Watch the peers' keys now named, drop the others.  Each range is changed on
+        """Watch the keys now followed, drop the others.  Each range is changed on
         its own: a failure leaves `_peers` saying what is watched, and the next view
         carries on from there."""
         for keys in sorted(self._peers - want, key=lambda r: r.start):

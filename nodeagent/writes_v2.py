@@ -17,7 +17,8 @@ the registration is not ours any more): the caller re-reads and plans again.
   active here becomes `stopped`, in batches compared on the registration still absent,
   so a returning node never shows a stale claim while registered.
 * **Clean-up**: the agent deletes its own status of a VM once it has neither an
-  assignment nor a domain (active or defined) for it.
+  assignment nor a domain (active or defined) for it, unless the status is the record
+  of why vmha gave up on the VM here (`keeps_record`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 from schemas import writes_v2 as w
 from schemas.errors import InvariantError
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
-from schemas.models import RUNNING_STATES, CordonMarker, LeaveMarker, VmStatus
+from schemas.models import RUNNING_STATES, CordonMarker, LeaveMarker, Placement, VmStatus
 from schemas.snapshot import ClusterSnapshot, RawKV
 from schemas.snapshot_v2 import ParsedKV, parse_kv
 from schemas.txn import TxnResult
 from store.etcd import EtcdStore
 
-__all__ = ["AgentWrites", "CycleStatuses", "StatusGuard", "cleanups", "own_status_mods",
-           "stale_claims", "status_guard"]
+__all__ = ["AgentWrites", "CycleStatuses", "StatusGuard", "cleanups", "keeps_record",
+           "own_status_mods", "stale_claims", "status_guard"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,15 @@ def cleanups(own: Mapping[str, int], assigned: Iterable[str], domains: Iterable[
     assignment nor a domain (active or defined) here."""
     keep = set(assigned) | set(domains)
     return [(vm, mod) for vm, mod in sorted(own.items()) if vm not in keep]
+
+
+def keeps_record(me: str, status: VmStatus, placement: Placement | None) -> bool:
+    """An own status that counts failures stays, without assignment or domain, while
+    the VM's placement names `me` among the nodes it gave up on: it is why vmha gave up
+    here (`vmha vm show` of a `failed` VM shows it, as keyspace 1's single key did; the
+    next node reads it, `nodeagent.view_v2`).  `placement` None: none any more."""
+    return (bool(status.boot_failures or status.crashes) and placement is not None
+            and me in placement.failed_nodes)
 
 
 class AgentWrites:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from schemas.keys import valid_name
 from schemas.models import MAX_VALUE_BYTES, Model, Placement, VmSpec, _check_name
 
 # An assignment embeds a placement and a spec, each of which may be up to
@@ -78,6 +79,15 @@ class Assignment(Model):
     def peers(self, me: str) -> tuple[str, ...]:
         """The other node of a migration, as seen from `me`."""
         return tuple(n for n in self.nodes if n != me)
+
+    def status_peers(self, me: str) -> tuple[str, ...]:
+        """The nodes whose status of the VM `me` reads: the other node of a migration,
+        and the nodes the VM was given up on (`failed_nodes`), whose last status says why
+        (docs/keyspace.md, "Failures on keyspace 2"): keyspace 1's single status key
+        showed it to the next node, which records a `boot_failed` event only for an
+        error it does not show.  A name that is not a node's is skipped."""
+        given_up = [n for n in self.placement.failed_nodes if valid_name(n)]
+        return tuple(n for n in dict.fromkeys([*self.nodes, *given_up]) if n != me)
 
 
 class KeyspaceVersion(Model):

@@ -154,8 +154,9 @@ class NodeView:
     """What agent `me` holds of etcd (section 3, "Agent"): its assignments
     (`/vmha/a/ME/`), its own keys (`/vmha/n/ME/`), `/vmha/config`, `/vmha/cordon/ME`,
     `/vmha/version`, the registration and status of VM of each peer an assignment of VM
-    names, and `/vmha/place/VM` and `/vmha/spec/VM` of managed domains without an
-    assignment.  Any other key in `kvs` is ignored."""
+    names (and the status of each node its placement gave up on), and `/vmha/place/VM`
+    and `/vmha/spec/VM` of managed domains without an assignment (`place/VM` also of a
+    VM whose failures `me`'s own status records).  Any other key in `kvs` is ignored."""
 
     me: str
     revision: int
@@ -168,7 +169,8 @@ def node_snapshot(ks: KeyspaceV2, view: NodeView) -> ClusterSnapshot:
     assignment's placement entry carries the assignment's key and revisions; its spec
     entry the spec's key and `spec_revision`); `nodes` = `me` and each peer an
     assignment names; `statuses` = the current one of `me`'s own and the named peer's
-    keys; `cordons`, `alive`, `leaving` = `me`'s own.  A VM without an assignment takes
+    keys, and the keys of the nodes the placement gave up on (`failed_nodes`);
+    `cordons`, `alive`, `leaving` = `me`'s own.  A VM without an assignment takes
     its placement and spec from the targeted reads of `/vmha/place/VM` and
     `/vmha/spec/VM`.  No leader, fence record or move: the agent reads none."""
     me = view.me
@@ -186,6 +188,7 @@ def node_snapshot(ks: KeyspaceV2, view: NodeView) -> ClusterSnapshot:
             refused.append(res)
     peers_of = {vm: set(a.value.peers(me)) for vm, a in assigned.items()}
     peers = set().union(*peers_of.values()) if peers_of else set()
+    status_peers = {vm: set(a.value.status_peers(me)) for vm, a in assigned.items()}
 
     def relevant(kind: KeyKind | Literal[""], node: str, vm: str) -> bool:
         if kind in ("assignment", "cordon", "alive", "leaving"):
@@ -193,7 +196,7 @@ def node_snapshot(ks: KeyspaceV2, view: NodeView) -> ClusterSnapshot:
         if kind == "reg":
             return node == me or node in peers
         if kind == "status":
-            return node == me or node in peers_of.get(vm, ())
+            return node == me or node in status_peers.get(vm, ())
         if kind in ("place", "spec"):
             return vm not in assigned
         return kind in ("config", "version", "")  # "": under the prefix, but no kind

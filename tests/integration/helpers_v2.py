@@ -46,24 +46,30 @@ class Leader:
         self.epoch = store.put(KS.leader, '{"schema": 1}')
         self.n = 0
 
-    def place(self, vm: str, node: str, from_node: str | None = None,
-              pid: str | None = None) -> int:
-        """Place `vm` (its spec added first if absent), reading what it replaces; `pid`
-        names the placement (default `pN`, N counting this leader's placements)."""
+    def place(self, vm: str, node: str | None, from_node: str | None = None,
+              pid: str | None = None, *, failed_nodes: tuple[str, ...] = (),
+              vm_spec: VmSpec | None = None) -> int:
+        """Place `vm` (its spec, `vm_spec` or the default, added first if absent),
+        reading what it replaces; `pid` names the placement (default `pN`, N counting
+        this leader's placements).  `node` None: a `failed` placement, giving up on
+        `failed_nodes`."""
         self.n += 1
+        the_spec = vm_spec or spec(vm)
         spec_kv = self.store.get(KS.spec(vm))
         spec_rev = (spec_kv.mod_revision if spec_kv is not None
-                    else self.operator.put(KS.spec(vm), spec(vm).to_json()))
+                    else self.operator.put(KS.spec(vm), the_spec.to_json()))
+        kind = "failed" if node is None else "migrate" if from_node else "boot"
         p = Placement(id=pid or f"p{self.n}", vm=vm, node=node, from_node=from_node,
-                      kind="migrate" if from_node else "boot", epoch=self.epoch,
-                      reason="test", decided_at=time.time())
+                      kind=kind, epoch=self.epoch, reason="test", decided_at=time.time(),
+                      failed_nodes=list(failed_nodes),
+                      spec_revision=spec_rev if kind == "failed" else None)
         place = self.store.get(KS.place(vm))
         seen = {KS.parse(kv.key).node: kv.mod_revision
                 for kv in self.store.get_prefix(KS.assignment_dir)
                 if kv.key.endswith(f"/{vm}")}
         return send(self.store, w.placement(
             KS, p, epoch=self.epoch, place_mod=place.mod_revision if place else 0,
-            spec=spec(vm), spec_revision=spec_rev, assignments_seen=seen))
+            spec=the_spec, spec_revision=spec_rev, assignments_seen=seen))
 
     def remove(self, vm: str) -> int:
         """`vm remove` as the leader follows it: the spec deleted (the operator's write),

@@ -23,6 +23,7 @@ from schemas.errors import ConfigError
 from schemas.keys import Keyspace
 from schemas.models import NodeRegistration, VmStatus
 from store.etcd import EtcdStore
+from store.paging import KeyRange
 from tests.authetcd import TlsEtcd
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, FakeCluster, wait_until
@@ -177,8 +178,50 @@ def test_agent_with_node_credentials(etcd_auth: TlsEtcd, tmp_path: Path) -> None
         wait_until(lambda: agent.v2 is not None and len(agent.v2.watch.peers) == 2, 10,
                    what="n2 watched as a peer")
         assert agent.ctx.keyspace == 2 and active(hv) == ["web"]
+        # A VM relocated here after n2 gave up on it: n1 reads n2's status of it too.
+        leader.place("app", "n1", failed_nodes=("n2",))
+        wait_until(lambda: running(etcd_auth.root, "n1", "app", f"p{leader.n}"), 15,
+                   what="app running")
+        assert agent.v2 is not None and KeyRange.key(KS.status("n2", "app")) in agent.v2.watch.peers
         assert etcd_auth.root.get(KS.reg("n2")).mod_revision == n2_reg  # type: ignore[union-attr]
         assert etcd_auth.root.get_prefix(KS.node_history("n1")), "history under its prefix"
+    finally:
+        stop(agent, t)
+
+
+def test_the_status_a_node_gave_up_with_stays_while_the_placement_names_it(
+        v2store: EtcdStore, tmp_path: Path) -> None:
+    """n1 gives up on a VM whose domain XML its hypervisor refuses.  Its status (the
+    error, boot_failures) stays while the placement names n1 in failed_nodes, `failed`
+    or relocated, as keyspace 1's one status key did (docs/keyspace.md, "Failures on
+    keyspace 2"); n1 watches that placement key, and once the VM is removed its status
+    is cleaned up and the key no longer watched."""
+    store = v2store
+    store.put(KS.config, TEST_CONFIG.model_copy(update={
+        "max_boot_failures_per_node": 2, "failure_backoff_initial_s": 0.2,
+        "failure_backoff_max_s": 0.4}).to_json())
+    bad = spec("bad").model_copy(update={"domain_xml": spec("bad").domain_xml.replace(
+        "<domain type='qemu'>", "<domain type='bogus'>")})
+    leader = Leader(store)
+    agent, t = start_agent(store, FakeHypervisor(tmp_path, "n1"), "n1")
+    place = KeyRange.key(KS.place("bad"))
+    try:
+        leader.place("bad", "n1", vm_spec=bad)
+        wait_until(lambda: (s := status(store, "n1", "bad")) is not None
+                   and s.boot_failures == 2, 15, what="n1 gave up on bad")
+        leader.place("bad", None, failed_nodes=("n1",), vm_spec=bad)  # the assignment goes
+        time.sleep(1.0)  # five clean-up passes (poll 0.2 s)
+        kept = status(store, "n1", "bad")
+        assert kept is not None and kept.boot_failures == 2 and "bogus" in (kept.error or "")
+        assert agent.v2 is not None and agent.v2.watch.peers == {place}
+        leader.place("bad", "n2", failed_nodes=("n1",), vm_spec=bad)  # relocated
+        time.sleep(1.0)
+        assert status(store, "n1", "bad") == kept
+        leader.remove("bad")
+        wait_until(lambda: store.get(KS.status("n1", "bad")) is None, 10,
+                   what="n1's status cleaned up")
+        wait_until(lambda: agent.v2 is not None and agent.v2.watch.peers == frozenset(), 10,
+                   what="the placement no longer watched")
     finally:
         stop(agent, t)
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,12 +26,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import log_events
-from tests.integration.keyspaces import (
-    KEYSPACES,
-    ClusterView,
-    keyspaces_failing_on_2,
-    mark_keyspace,
-)
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -113,6 +109,17 @@ def test_cli_refuses_a_second_vm_with_the_same_domain_uuid(etcd: EtcdCluster,
                 str(tmp_path / "web1.xml")).returncode == 0
 
 
+def refusals(fc: FakeCluster, nodes: tuple[str, ...], at_least: int) -> list[dict[str, Any]]:
+    """The agents' `boot_refused` log events, once there are `at_least`: an agent logs
+    each after its status write, which the leader may act on first."""
+    def probe() -> list[dict[str, Any]] | None:
+        out = [e for n in nodes for e in log_events(fc.agents[n], "boot_refused")]
+        return out if len(out) >= at_least else None
+    found = wait_until(probe, 10, what=f"{at_least} boot_refused events logged")
+    assert found is not None
+    return found
+
+
 def _cluster(etcd: EtcdCluster, tmp_path: Path, nodes: tuple[str, ...],
              keyspace: int) -> FakeCluster:
     fc = make_fake_cluster(etcd, tmp_path, CONFIG, keyspace)
@@ -122,9 +129,7 @@ def _cluster(etcd: EtcdCluster, tmp_path: Path, nodes: tuple[str, ...],
     return fc
 
 
-@pytest.mark.parametrize("keyspace", keyspaces_failing_on_2(
-    "keyspace 2: the status of a VM whose placement failed is cleaned up by its node (no "
-    "assignment, no domain), so `vmha vm show` loses its error and boot_failures"))
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_shared_uuid_written_into_etcd_errors_backs_off_then_fails(
         etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     fc = _cluster(etcd, tmp_path, ("n1",), keyspace)
@@ -141,7 +146,7 @@ def test_shared_uuid_written_into_etcd_errors_backs_off_then_fails(
         # bounded: n1 gives up after 3 refusals; no other node, so the leader marks it failed
         p = placement_when(store, "web2", "failed", 30)
         assert "3 boot failures on n1" in p.reason and "already defined" in p.reason
-        refused = log_events(fc.agents["n1"], "boot_refused")
+        refused = refusals(fc, ("n1",), 3)
         assert len(refused) == 3
         # backed off: each retry waited longer than the one before (as the status said)
         waits = [r["retry_in_s"] for r in refused]
@@ -160,9 +165,7 @@ def test_shared_uuid_written_into_etcd_errors_backs_off_then_fails(
         store.close()
 
 
-@pytest.mark.parametrize("keyspace", keyspaces_failing_on_2(
-    "keyspace 2: one boot_failed event per node for the same error (the relocation's "
-    "node cannot read the status the first node reported it in)"))
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_xml_the_hypervisor_rejects_is_relocated_once_then_failed(
         etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     fc = _cluster(etcd, tmp_path, ("n1", "n2"), keyspace)
@@ -172,7 +175,7 @@ def test_xml_the_hypervisor_rejects_is_relocated_once_then_failed(
         p = placement_when(store, "bad", "failed", 40)
         assert sorted(p.failed_nodes) == ["n1", "n2"]
         assert "max_relocate 1" in p.reason and "bogus" in p.reason
-        refused = [e for n in ("n1", "n2") for e in log_events(fc.agents[n], "boot_refused")]
+        refused = refusals(fc, ("n1", "n2"), 6)
         assert len(refused) == 6  # 3 per node, then given up
         failed_events = len(events(store, "bad", "boot_failed"))
         # vm start re-arms it (the spec changed): it is placed again

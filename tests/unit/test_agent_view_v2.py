@@ -11,12 +11,20 @@ import pytest
 
 from hypervisor.base import Domain
 from nodeagent.plan import plan
-from nodeagent.view_v2 import assignments_of, orphans, own_ranges, peer_ranges
+from nodeagent.view_v2 import (
+    assignments_of,
+    failure_records,
+    orphans,
+    own_ranges,
+    peer_ranges,
+    record_ranges,
+)
+from schemas.acl import node_ref, role
 from schemas.keys_v2 import KeyspaceV2
 from schemas.snapshot import RawKV
 from schemas.snapshot_v2 import NodeView, node_snapshot
 from store.paging import KeyRange
-from tests.unit.builders import boot, cluster, migrate, raw
+from tests.unit.builders import boot, cluster, migrate, placement_value, raw, status_value
 from tests.unit.test_agent_plan import NODES, NOW, SCENARIOS
 from tests.unit.test_snapshot_v2 import DIFFERENT, assignment_kv, status_kv, to_v2
 
@@ -56,6 +64,62 @@ def test_peers_follow_the_assignments() -> None:
     assert peer_ranges(KS, "n1", kvs[2:3]) == frozenset()
 
 
+def failed_status(node: str, vm: str, mod: int, **counts: Any) -> RawKV:
+    return raw(KS.status(node, vm), status_value(vm, {
+        "node": node, "state": "stopped", "placement_id": "p1", "error": f"refused on {node}",
+        **(counts or {"boot_failures": 3})}), mod)
+
+
+def test_the_nodes_given_up_on_are_read_for_their_status_alone() -> None:
+    """The relocation's node reads the status of each node its placement gave up on,
+    not their registrations (no migration peer); a bad name is read for nothing."""
+    kvs = [assignment_kv("n2", "bad", boot("n2", "p2", failed_nodes=["n1", "n2", "../x"])),
+           assignment_kv("n2", "web", migrate("n3", "n2", failed_nodes=["n3"]))]
+    assert peer_ranges(KS, "n2", kvs) == {KeyRange.key(k) for k in (
+        KS.status("n1", "bad"), KS.reg("n3"), KS.status("n3", "web"))}
+    # What it holds: the newest of its own and their statuses is the VM's current one,
+    # the error keyspace 1's single key showed it; another node's is not held.
+    n1 = failed_status("n1", "bad", 50)
+    n3 = failed_status("n3", "bad", 55)
+    mine = held("n2", [*kvs, n1, n3], {})
+    assert n1 in mine and n3 not in mine
+    snap = node_snapshot(KS, NodeView("n2", 60, tuple(mine)))
+    assert snap.statuses["bad"].value.error == "refused on n1"
+    own = failed_status("n2", "bad", 58)
+    snap = node_snapshot(KS, NodeView("n2", 60, tuple(held("n2", [*kvs, n1, own], {}))))
+    assert snap.statuses["bad"].value.node == "n2"
+
+
+def test_a_node_follows_the_placement_of_each_failure_it_records() -> None:
+    """An own status counting failures, with neither an assignment nor a managed domain
+    here, has its VM's placement watched (the agent keeps it while that placement names
+    the node among those given up on); no other status does."""
+    kvs = [failed_status("n1", "bad", 50),
+           failed_status("n1", "crashy", 51, crashes=2),
+           status_kv("n1", "moved", "stopped", 52),                # no failure: not kept
+           failed_status("n1", "here", 53), assignment_kv("n1", "here", boot("n1")),
+           failed_status("n1", "defined", 54),                     # a domain here
+           raw(KS.status("n1", "junk"), "{", 55),                  # does not parse
+           failed_status("n2", "other", 56)]                       # not n1's
+    assert sorted(failure_records(KS, "n1", kvs, ["defined"])) == ["bad", "crashy"]
+    assert record_ranges(KS, "n1", kvs, ["defined"]) == {KeyRange.key(KS.place("bad")),
+                                                         KeyRange.key(KS.place("crashy"))}
+    # Each key followed (single keys) is one the node's role may read, not write.
+    followed = {("n1", r) for r in record_ranges(KS, "n1", kvs, ["defined"])}
+    followed |= {("n2", r) for r in peer_ranges(KS, "n2", [
+        assignment_kv("n2", "bad", boot("n2", "p2", failed_nodes=["n1"]))])}
+    assert len(followed) == 3 and all(r.end == b"" for _, r in followed)
+    assert all(role(KS, node_ref(n)).can_read(r.start)
+               and not role(KS, node_ref(n)).can_write(r.start) for n, r in followed)
+    place = raw(KS.place("bad"), placement_value("bad", {"kind": "failed", "node": None,
+                                                         "id": "p2", "failed_nodes": ["n1"]}))
+    mine = held("n1", [*kvs, place], {})
+    assert place in mine
+    snap = node_snapshot(KS, NodeView("n1", 60, tuple(mine)))
+    assert snap.invalid_vms == {"junk"} and "bad" not in snap.specs
+    assert snap.placements["bad"].value.failed_nodes == ["n1"]
+
+
 def test_orphans_are_managed_domains_without_any_assignment_key() -> None:
     kvs = [assignment_kv("n1", "web1", boot("n1")), raw(KS.assignment("n1", "web2"), "{", 9),
            assignment_kv("n2", "web3", boot("n2"))]
@@ -66,9 +130,9 @@ def held(me: str, kvs: list[RawKV], domains: dict[str, Domain]) -> list[RawKV]:
     """What the agent holds by view_v2's choice: the watched ranges, then the targeted
     reads of its orphan domains."""
     watched = [kv for kv in kvs if within(own_ranges(KS, me), kv.key)]
-    peers = peer_ranges(KS, me, watched)
-    watched += [kv for kv in kvs if within(peers, kv.key)]
     managed = [d for d, dom in domains.items() if dom.managed]
+    followed = peer_ranges(KS, me, watched) | record_ranges(KS, me, watched, managed)
+    watched += [kv for kv in kvs if within(followed, kv.key)]
     targeted = {k for vm in orphans(KS, me, watched, managed)
                 for k in (KS.place(vm), KS.spec(vm))}
     return watched + [kv for kv in kvs if kv.key in targeted]

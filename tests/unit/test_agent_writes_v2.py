@@ -14,10 +14,17 @@ import pytest
 
 from hypervisor.base import Domain
 from nodeagent.plan import Crashed, Report, plan
-from nodeagent.writes_v2 import StatusGuard, cleanups, own_status_mods, stale_claims, status_guard
+from nodeagent.writes_v2 import (
+    StatusGuard,
+    cleanups,
+    keeps_record,
+    own_status_mods,
+    stale_claims,
+    status_guard,
+)
 from schemas import writes_v2 as w
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import VmStatus
+from schemas.models import Placement, VmStatus
 from schemas.snapshot import RawKV
 from schemas.snapshot_v2 import NodeView, node_snapshot
 from schemas.txn import Txn
@@ -118,6 +125,25 @@ def test_cleanups_keep_assigned_and_defined() -> None:
     own = {"web1": 5, "web2": 6, "web3": 7, "web4": 8}
     assert cleanups(own, assigned=["web1"], domains=["web2"]) == [("web3", 7), ("web4", 8)]
     assert cleanups({}, [], []) == []
+
+
+def test_a_failure_record_stays_while_the_placement_names_the_node_given_up_on() -> None:
+    gave_up = VmStatus(vm="bad", node="n1", state="stopped", placement_id="p1", since=1.0,
+                       error="refused", boot_failures=3)
+
+    def placed(kind: str, node: str | None, failed_nodes: list[str]) -> Placement:
+        return Placement(id="p2", vm="bad", node=node, kind=kind, epoch=1,  # type: ignore[arg-type]
+                         reason="test", decided_at=1.0, failed_nodes=failed_nodes)
+
+    assert keeps_record("n1", gave_up, placed("failed", None, ["n1"]))
+    assert keeps_record("n1", gave_up, placed("boot", "n2", ["n1"]))        # relocated
+    assert keeps_record("n1", gave_up.model_copy(update={"boot_failures": 0, "crashes": 2}),
+                        placed("failed", None, ["n2", "n1"]))
+    assert not keeps_record("n1", gave_up, placed("boot", "n2", []))        # re-armed
+    assert not keeps_record("n1", gave_up, placed("failed", None, ["n2"]))  # not n1
+    assert not keeps_record("n1", gave_up, None)                            # removed
+    assert not keeps_record("n1", gave_up.model_copy(update={"boot_failures": 0}),
+                            placed("failed", None, ["n1"]))                 # no failure
 
 
 def test_own_status_mods_reads_only_our_status_keys() -> None:
