@@ -118,7 +118,10 @@ class Role:
     def can_read_range(self, start: str | bytes, end: str | bytes | None) -> bool:
         """A range read (or watch) of [start, end), `end` None for no end: permitted
         only if the granted ranges together cover all of it, as etcd's
-        `IntervalTree.Contains` decides."""
+        `IntervalTree.Contains` decides.  An empty `end` is etcd's single-key range:
+        the one key `start`."""
+        if end is not None and not as_bytes(end):
+            return self.can_read(start)
         grants = sorted((r.interval for r in (*self.readwrite, *self.read)),
                         key=lambda iv: iv[0])
         want_end = None if end is None else as_bytes(end)

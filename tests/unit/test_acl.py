@@ -245,6 +245,13 @@ def test_range_reads_need_full_cover() -> None:
     assert Role("t", (KeyRange(b"a", FROM_KEY),)).can_read_range("b", None)
 
 
+def test_an_empty_range_end_is_the_one_key_as_etcd_reads_it() -> None:
+    n1 = role(KS, node_ref("n1"))
+    assert n1.can_read_range(KS.reg("n1"), "") and n1.can_read_range(KS.reg("n1"), b"")
+    assert not n1.can_read_range(KS.fence("n2"), "")
+    assert not Role("t", (KeyRange(b"a", b"c"),)).can_read_range("x", "")
+
+
 def test_txn_denials_as_etcd_checks() -> None:
     n1 = role(KS, node_ref("n1"))
     ok = Txn((Cmp(KS.reg("n1"), "create", "==", 5), Cmp(KS.status("n2", "w"), "mod", "==", 3)),
