@@ -431,6 +431,11 @@ def domain_uuid(domain_xml: str) -> str | None:
         raise ValueError(f"domain_xml <uuid> {text[:60]!r} is not a UUID") from None
 
 
+# Nodes a placement may list as given up on: one per relocation (`max_relocate` ≤ 100)
+# and the first node.
+MAX_FAILED_NODES = 101
+
+
 class Placement(Model):
     """Written only by the leader, in a transaction fenced by its epoch.
 
@@ -454,8 +459,14 @@ class Placement(Model):
     decided_at: float
     # Nodes given up on for this VM (relocations so far), and for kind "failed" the
     # spec's mod_revision when it was marked: a changed spec is tried afresh.
-    failed_nodes: list[str] = []
+    failed_nodes: list[str] = Field(default=[], max_length=MAX_FAILED_NODES)
     spec_revision: int | None = None
+
+    @field_validator("failed_nodes")
+    @classmethod
+    def _failed_nodes(cls, v: list[str]) -> list[str]:
+        # Each entry names a key an agent then watches (keyspace 2's failure records).
+        return _check_names(v, "failed node")  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _shape(self) -> Placement:

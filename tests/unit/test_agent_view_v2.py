@@ -72,11 +72,14 @@ def failed_status(node: str, vm: str, mod: int, **counts: Any) -> RawKV:
 
 def test_the_nodes_given_up_on_are_read_for_their_status_alone() -> None:
     """The relocation's node reads the status of each node its placement gave up on,
-    not their registrations (no migration peer); a bad name is read for nothing."""
-    kvs = [assignment_kv("n2", "bad", boot("n2", "p2", failed_nodes=["n1", "n2", "../x"])),
+    not their registrations (no migration peer); an assignment whose placement names a
+    node that cannot be one does not parse, and is read for nothing."""
+    kvs = [assignment_kv("n2", "bad", boot("n2", "p2", failed_nodes=["n1", "n2"])),
            assignment_kv("n2", "web", migrate("n3", "n2", failed_nodes=["n3"]))]
     assert peer_ranges(KS, "n2", kvs) == {KeyRange.key(k) for k in (
         KS.status("n1", "bad"), KS.reg("n3"), KS.status("n3", "web"))}
+    hostile = assignment_kv("n2", "odd", boot("n2", "p3", failed_nodes=["n1", "../x"]))
+    assert peer_ranges(KS, "n2", [hostile]) == frozenset()
     # What it holds: the newest of its own and their statuses is the VM's current one,
     # the error keyspace 1's single key showed it; another node's is not held.
     n1 = failed_status("n1", "bad", 50)
