@@ -36,8 +36,9 @@ test-integration: setup
 	$(PYTEST) -q -m integration
 
 # Real QEMU guests under namespaced libvirt daemons (root; installs the lab packages).
-# `vmha lab up` and the demo run with etcd auth (keyspace 2), one lab on --no-auth; the
-# tests on a LabCluster run keyspace 1 (docs/keyspace-v2.md, part 6, "Left").
+# `vmha lab up`, the demo and the migration-TLS lab run with etcd auth (keyspace 2), one
+# lab on --no-auth; the other tests on a LabCluster run keyspace 1 (docs/keyspace-v2.md,
+# part 6, "Left").
 test-lab: setup-lab
 	$(PYTEST) -q -m lab tests/lab
 
