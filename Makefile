@@ -36,6 +36,9 @@ test-integration: setup
 	$(PYTEST) -q -m integration
 
 # Real QEMU guests under namespaced libvirt daemons (root; installs the lab packages).
+# `vmha lab up`, the demo and the migration-TLS lab run with etcd auth (keyspace 2), one
+# lab on --no-auth; the other tests on a LabCluster run keyspace 1 (docs/keyspace-v2.md,
+# part 6, "Left").
 test-lab: setup-lab
 	$(PYTEST) -q -m lab tests/lab
 
@@ -98,12 +101,14 @@ bench-liveness: setup
 
 # External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
 # ROUNDS agent restarts with real QEMU guests must make no fence-agent call; a lost node must.
+# Keyspace 1 on etcd without auth (it revokes keyspace 1's registration leases).
 bench-lab-drains: setup-lab
 	mkdir -p results
 	$(PY) -m bench.lab_drains --rounds $(or $(ROUNDS),20) --out results/lab-drains-external.json
 
 # The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
 # packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.
+# Keyspace 1 on etcd without auth (bench.outage_trials reads keyspace 1's keys).
 evidence: setup-lab
 	$(PY) -m vmha bench outage --trials $(or $(TRIALS),8) --raw-trials $(or $(TRIALS),8) \
 		--out results/outage
@@ -128,6 +133,7 @@ campaign: setup
 		--out results/campaign$(if $(filter 2,$(KEYSPACE)),-v2).json
 
 # The same on the lab (root; real QEMU, tiny guests; ~5 min): SEED, FAULTS to taste.
+# Keyspace 1 only, on etcd without auth (its history checker reads keyspace 1's keys).
 campaign-lab: setup-lab
 	mkdir -p results
 	$(PY) -m bench.lab_campaign --seed $(or $(SEED),1) --faults $(or $(FAULTS),30) \

@@ -122,7 +122,8 @@ class LabCluster:
     #: of the lab's etcd CA (lab.etcdpki), the cluster on keyspace 2 (the marker written
     #: before any daemon starts) and `vmha auth setup` run as root; each agent and guard
     #: logs in as its node's user, each orchestrator as `orchestrator`.  Off: keyspace 1
-    #: on plain etcd, as the lab tests and benchmarks written for it expect.
+    #: on plain etcd, as the lab tests and benchmarks written for it expect (they read
+    #: keyspace 1's keys); `vmha lab up` and the demo turn it on (`up --no-auth`: off).
     auth: bool = False
     _conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

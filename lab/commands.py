@@ -1,10 +1,12 @@
 """`vmha lab up|down|status|demo`: a whole vmha cluster on real QEMU, on this machine.
 
 `up` starts, as background processes that outlive the command: a real etcd (1 or 3
-members), N lab libvirt nodes (one namespaced libvirtd each, see lab), one
-node agent per node on its libvirtd and two orchestrators.  Everything lives under one
-lab directory (default /var/lib/vmha-lab, or ``--dir``) whose ``lab.json`` records every
-pid with its exact command line, so `status` and `down` work from any shell.
+members; with authentication on and the cluster on keyspace 2 unless ``--no-auth``,
+which keeps keyspace 1 on plain etcd), N lab libvirt nodes (one namespaced libvirtd
+each, see lab), one node agent per node on its libvirtd and two orchestrators.
+Everything lives under one lab directory (default /var/lib/vmha-lab, or ``--dir``)
+whose ``lab.json`` records every pid with its exact command line, so `status` and
+`down` work from any shell.
 
 `down` kills exactly those processes by pid (a pid whose command line no longer
 matches is left alone), stops the lab nodes (libvirtd, QEMU, by the pid files they
@@ -70,18 +72,29 @@ def register(groups: dict[str, Any]) -> None:
                                       "agents and orchestrators (root)")
     sub = lab.add_subparsers(dest="labcmd", required=True)
     dir_help = f"lab directory (default {DEFAULT_DIR}, env VMHA_LAB_DIR)"
-    up = sub.add_parser("up", help="start the lab in the background (idempotent)")
+    up = sub.add_parser("up", help="start the lab in the background (idempotent); etcd "
+                                   "auth on, keyspace 2, unless --no-auth",
+                        description="Start the lab in the background, or restart what died "
+                                    "of it.  etcd runs with authentication on and the "
+                                    "cluster on keyspace 2; --no-auth: plain etcd and "
+                                    "keyspace 1.")
     up.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)
     up.add_argument("--nodes", type=int, help="libvirt nodes (default 3)")
     up.add_argument("--etcd-members", type=int, choices=[1, 3], help="default 1")
     up.add_argument("--tls", action="store_true",
                     help="encrypted migration: a lab CA, node certificates, libvirtd TLS "
                          "listeners and migration_tls in the cluster config")
-    up.add_argument("--auth", action="store_true",
-                    help="etcd with authentication on (keyspace 2): TLS with a client "
-                         "certificate per etcd user, `vmha auth setup` run as root; "
-                         "the CLI logs in as operator through env.sh")
-    up.set_defaults(fn=cmd_lab_up)
+    auth = up.add_mutually_exclusive_group()
+    auth.add_argument("--no-auth", dest="auth", action="store_const", const=False,
+                      help="etcd without authentication and the cluster on keyspace 1 "
+                           "(the lab before auth became its default)")
+    auth.add_argument("--auth", dest="auth", action="store_const", const=True,
+                      help="kept for scripts; changes nothing, auth is the default: etcd "
+                           "TLS with a client certificate per etcd user, keyspace 2, `vmha "
+                           "auth setup` run as root, env.sh logs the CLI in as operator (on "
+                           "a running lab without auth: refused, as before)")
+    # auth None (neither flag): a new lab gets auth, an existing one is taken as it is.
+    up.set_defaults(fn=cmd_lab_up, auth=None)
     down = sub.add_parser("down", help="stop every lab process and remove the lab directory")
     down.add_argument("--dir", default=str(DEFAULT_DIR), help=dir_help)
     down.set_defaults(fn=cmd_lab_down)

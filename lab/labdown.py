@@ -150,9 +150,13 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     up = bool(rows) and all(r["alive"] for r in rows)
     if args.output == "json":
         print(json.dumps({"dir": str(lab_dir), "up": up, "processes": rows,
-                          "etcd": state.get("etcd", {}).get("endpoints")}, indent=2))
+                          "etcd": state.get("etcd", {}).get("endpoints"),
+                          "auth": bool(state.get("auth"))}, indent=2))
         return 0 if up else EXIT_FAIL
-    say(f"lab in {lab_dir}: {'up' if up else 'DEGRADED (run `vmha lab up` to restart)'}")
+    mode = ("etcd auth on, keyspace 2" if state.get("auth")
+            else "etcd without auth, keyspace 1")
+    say(f"lab in {lab_dir} ({mode}): "
+        f"{'up' if up else 'DEGRADED (run `vmha lab up` to restart)'}")
     width = max(len(r["kind"]) for r in rows) if rows else 4
     for r in rows:
         say(f"  {r['kind']:<{width}}  {r['name']:<4} pid {str(r['pid']):<8} "

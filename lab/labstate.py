@@ -142,7 +142,9 @@ def missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root (it starts libvirtd in mount namespaces)"
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount", "etcd", "etcdctl"):
+    # openssl: the lab's CAs (etcd's with auth on, the default; the nodes' with --tls)
+    for tool in ("unshare", "libvirtd", "qemu-system-x86_64", "mount", "etcd", "etcdctl",
+                 "openssl"):
         if shutil.which(tool, path=path) is None:
             return (f"the lab needs {tool}: run `VMHA_LAB=1 bash scripts/setup.sh` "
                     "(packages in lab/APT_PACKAGES.txt)")

@@ -1,6 +1,7 @@
 """`vmha lab up`: start a whole lab in the background, or restart what died of one.
 
-Starts a real etcd (1 or 3 members), N lab libvirt nodes (one namespaced libvirtd
+Starts a real etcd (1 or 3 members; with auth on and the cluster on keyspace 2 unless
+``--no-auth``), N lab libvirt nodes (one namespaced libvirtd
 each), one node agent per node and two orchestrators, recording each in ``lab.json``
 (:mod:`lab.labstate`) as soon as it runs.  Ctrl-C (or SIGTERM) during `up` tears down
 everything it started (:func:`lab.labdown.teardown`).
@@ -96,7 +97,7 @@ def _print_info(lab_dir: Path, state: dict[str, Any]) -> None:
         f"({len(etcd_recs(state))} member(s)), one agent per node, 2 orchestrators"
         + ("; migrations over TLS (lab CA in nodes/pki-ca-lab)" if state.get("tls") else "")
         + ("; etcd auth on, keyspace 2 (etcd CA and certificates in nodes/pki-ca-etcd)"
-           if state.get("auth") else ""))
+           if state.get("auth") else "; etcd without auth, keyspace 1 (--no-auth)"))
     say(f"  state: {lab_dir / STATE_FILE}    logs: {lab_dir / 'logs'}")
     if state.get("auth"):
         _print_auth_info(lab_dir, state)
@@ -176,9 +177,13 @@ def _resume(args: argparse.Namespace, lab_dir: Path, state: dict[str, Any]) -> i
     if dead_etcd or not names:
         raise CliError(f"the lab in {lab_dir} is broken (etcd {', '.join(dead_etcd)} not "
                        f"running); `vmha lab down --dir {lab_dir}`, then up again")
-    if getattr(args, "auth", False) and not state.get("auth"):
-        raise CliError(f"the lab in {lab_dir} runs without etcd auth; `vmha lab down --dir "
-                       f"{lab_dir}` first", EXIT_INPUT)
+    # Neither --auth nor --no-auth: the lab as it is (either mode); a flag must match it.
+    wanted = getattr(args, "auth", None)
+    if wanted is not None and wanted != bool(state.get("auth")):
+        raise CliError(f"the lab in {lab_dir} runs "
+                       + ("with etcd auth (keyspace 2)" if state.get("auth")
+                          else "without etcd auth (keyspace 1, --no-auth)")
+                       + f"; `vmha lab down --dir {lab_dir}` first", EXIT_INPUT)
     if getattr(args, "tls", False) and not state.get("tls"):
         raise CliError(f"the lab in {lab_dir} runs without TLS; `vmha lab down --dir "
                        f"{lab_dir}` first", EXIT_INPUT)
@@ -256,7 +261,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     base = {"version": 1, "dir": str(lab_dir), "created_dir": created,
             "node_names": list(names), "started_at": time.time(), "prefix": args.prefix,
             "tls": bool(getattr(args, "tls", False)),
-            "auth": bool(getattr(args, "auth", False))}
+            # auth is the default; only --no-auth (auth False) turns it off
+            "auth": getattr(args, "auth", None) is not False}
     started = time.monotonic()
     with interrupts():
         try:

@@ -87,10 +87,14 @@ PAGES: list[tuple[str, str, list[list[str]]]] = [
      [["auth", "check"]]),
     ("web", "Read-only live page of the cluster and the migration graph (loopback).", []),
     ("lab", "Local lab of namespaced libvirt nodes with real QEMU guests (root).", []),
+    ("lab-up", "Start the lab in the background: etcd auth on, keyspace 2; --no-auth: "
+     "keyspace 1 on plain etcd (the default until auth; operator-guide.md, \"On the "
+     "lab\", has the migration).", []),
     ("bench", "Outage measurements on the lab (`vmha bench outage`).", []),
     ("completion", "Shell completion script.", [["completion", "bash"]]),
 ]
-COMMAND_WORDS = {"web": ["web"], "lab": ["lab"], "bench": ["bench", "outage"]}
+COMMAND_WORDS = {"web": ["web"], "lab": ["lab"], "lab-up": ["lab", "up"],
+                 "bench": ["bench", "outage"]}
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 VMHA = [sys.executable, "-m", "vmha"]
 #: How long a Ctrl-C'ed command gets to tear its lab down.
@@ -35,6 +36,17 @@ def interrupt_group(proc: subprocess.Popen[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def lab_env(lab: Path) -> dict[str, str]:
+    """The environment `source <lab>/env.sh` gives a shell (its `export` lines)."""
+    env = dict(os.environ)
+    for line in (lab / "env.sh").read_text().splitlines():
+        if line.startswith("export "):
+            for pair in line[len("export "):].split():
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
 
 
 def run_vmha(*args: str, timeout: float = 120,

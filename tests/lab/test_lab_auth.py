@@ -1,6 +1,8 @@
 """`vmha lab up --auth`: the lab with etcd authentication on, on keyspace 2, used the way
 its printed examples say (vmha and etcdctl through env.sh as `operator`), then `vmha lab
-down`.
+down`.  Auth is `up`'s default; `--auth`, which scripts written before still pass, is
+kept here so that a fresh lab started with it stays covered (tests/lab/test_labcli.py
+starts one without either flag, and one with `--no-auth`).
 
 Root only; skipped without libvirtd / QEMU / unshare / etcd (same check as `vmha lab up`).
 """
@@ -8,7 +10,6 @@ Root only; skipped without libvirtd / QEMU / unshare / etcd (same check as `vmha
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -23,7 +24,7 @@ from schemas.keys_v2 import KeyspaceV2
 from schemas.models_v2 import KeyspaceVersion
 from store.errors import PermissionDenied
 from store.etcd import EtcdStore, StoreError
-from tests.lab.procs import lab_down_on_failure, run_vmha
+from tests.lab.procs import lab_down_on_failure, lab_env, run_vmha
 
 _REASON = missing_prerequisite()
 pytestmark = [
@@ -32,17 +33,6 @@ pytestmark = [
 ]
 
 KS = KeyspaceV2()
-
-
-def env_of(lab: Path) -> dict[str, str]:
-    """The environment `source env.sh` gives a shell."""
-    env = dict(os.environ)
-    for line in (lab / "env.sh").read_text().splitlines():
-        if line.startswith("export "):
-            for pair in line[len("export "):].split():
-                name, _, value = pair.partition("=")
-                env[name] = value
-    return env
 
 
 def running_on(store: EtcdStore, vm: str, nodes: list[str]) -> str | None:
@@ -86,7 +76,7 @@ def test_lab_up_with_auth(lab_dir: Path) -> None:
             # the printed `vm add`: vmha as operator, from env.sh, on keyspace 2
             m = re.search(r"^  vmha (vm add web1 .*)$", r.stdout, re.MULTILINE)
             assert m is not None, r.stdout
-            env = env_of(lab)
+            env = lab_env(lab)
             add = run_vmha(*m.group(1).split(), env=env)
             assert add.returncode == 0 and KS.spec("web1") in add.stdout, add.stdout + add.stderr
             node = wait_until(lambda: running_on(operator, "web1", nodes), 60, 0.2,
@@ -107,7 +97,7 @@ def test_lab_up_with_auth(lab_dir: Path) -> None:
             assert operator.revision() == before
             # etcdctl as n1, as the printed example has it: refused too
             cred = pki.client(node_user("n1"))
-            env = dict(env_of(lab), ETCDCTL_CERT=str(cred.cert), ETCDCTL_KEY=str(cred.key))
+            env = dict(lab_env(lab), ETCDCTL_CERT=str(cred.cert), ETCDCTL_KEY=str(cred.key))
             refused = subprocess.run(["etcdctl", "put", KS.reg("n2"), "x"], env=env, text=True,
                                      capture_output=True, timeout=30, check=False)
             assert refused.returncode != 0 and "permission denied" in refused.stderr

@@ -18,7 +18,10 @@ import pytest
 
 from lab.commands import missing_prerequisite
 from lab.localcluster import wait_until
-from tests.lab.procs import Lines, lab_down_on_failure, run_vmha
+from schemas import Keyspace
+from schemas.keys_v2 import KeyspaceV2
+from store.etcd import EtcdStore
+from tests.lab.procs import Lines, lab_down_on_failure, lab_env, run_vmha
 
 _REASON = missing_prerequisite()
 pytestmark = [
@@ -26,8 +29,9 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
 ]
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run_vmha(*args, timeout=timeout)
+def run(*args: str, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_vmha(*args, timeout=timeout, env=env)
 
 
 def state(lab: Path) -> dict[str, Any]:
@@ -60,37 +64,47 @@ def all_gone(lab: Path) -> bool:
     return not procs_mentioning(lab)
 
 
+def web1_running(env: dict[str, str]) -> bool:
+    """`vmha vm list`, run as env.sh says, shows web1 running."""
+    out = run("-o", "json", "vm", "list", env=env).stdout
+    return any(v["name"] == "web1" and v["state"] == "running" for v in json.loads(out))
+
+
 def test_up_status_idempotent_restart_down(lab_dir: Path) -> None:
+    """The default lab (etcd auth on, keyspace 2) through its life: up, status, a VM, `up`
+    again (idempotent, with the flags scripts pass), a dead agent restarted, down."""
     lab = lab_dir
     try:
         r = run("lab", "up", "--dir", str(lab), "--nodes", "2")
         assert r.returncode == 0, r.stdout + r.stderr
+        printed = r.stdout
+        assert "etcd auth on, keyspace 2" in r.stdout, r.stdout
         st = state(lab)
-        endpoints = st["etcd"]["endpoints"]
-        assert endpoints in r.stdout and "etcdctl --endpoints" in r.stdout
+        assert st["auth"] is True
+        assert f"source {lab / 'env.sh'}" in r.stdout, r.stdout
         assert sorted(st["daemons"]) == ["agent:n1", "agent:n2", "orchestrator:o1",
                                          "orchestrator:o2"]
         r = run("-o", "json", "lab", "status", "--dir", str(lab))
         assert r.returncode == 0, r.stdout + r.stderr
-        assert json.loads(r.stdout)["up"] is True
-        # the printed example works: a VM boots on a lab node
-        r = run("--etcd", endpoints, "vm", "add", "web1", "--memory-mib", "32", "--xml",
-                str(lab / "guests" / "web1.xml"))
-        assert r.returncode == 0, r.stderr
-
-        def web1_running() -> bool:
-            out = run("--etcd", endpoints, "-o", "json", "vm", "list").stdout
-            return any(v["name"] == "web1" and v["state"] == "running"
-                       for v in json.loads(out))
-
-        wait_until(web1_running, 30, 0.2, "web1 running")
-        # a second `up` changes nothing (without --nodes it takes the lab as it is)
-        r = run("lab", "up", "--dir", str(lab))
-        assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+        assert json.loads(r.stdout)["up"] is True and json.loads(r.stdout)["auth"] is True
+        # the printed example works, as operator through env.sh: a VM boots on a lab node
+        env = lab_env(lab)
+        m = re.search(r"^  vmha (vm add web1 .*)$", printed, re.MULTILINE)
+        assert m is not None, printed
+        r = run(*m.group(1).split(), env=env)
+        assert r.returncode == 0 and KeyspaceV2().spec("web1") in r.stdout, r.stdout + r.stderr
+        wait_until(lambda: web1_running(env), 30, 0.2, "web1 running")
+        # a second `up` changes nothing (without --nodes it takes the lab as it is), nor
+        # does the --auth that scripts written before auth was the default still pass
+        for flags in ((), ("--auth",)):
+            r = run("lab", "up", "--dir", str(lab), *flags)
+            assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
         assert state(lab)["daemons"] == st["daemons"]
-        # a different shape is refused
+        # a different shape or mode is refused
         r = run("lab", "up", "--dir", str(lab), "--nodes", "3")
         assert r.returncode == 2 and "lab down" in r.stderr, r.stderr
+        r = run("lab", "up", "--dir", str(lab), "--no-auth")
+        assert r.returncode == 2 and "with etcd auth" in r.stderr, r.stderr
         # a dead agent makes status fail and is restarted by `up`
         agent = st["daemons"]["agent:n2"]["pid"]
         subprocess.run(["kill", "-9", str(agent)], check=True)
@@ -101,7 +115,7 @@ def test_up_status_idempotent_restart_down(lab_dir: Path) -> None:
         assert state(lab)["daemons"]["agent:n2"]["pid"] != agent
         r = run("lab", "status", "--dir", str(lab))
         assert r.returncode == 0, r.stdout
-        assert "web1" in r.stdout
+        assert "keyspace 2" in r.stdout and "web1" in r.stdout, r.stdout
         assert procs_mentioning(lab)
     finally:
         r = run("lab", "down", "--dir", str(lab))
@@ -113,6 +127,51 @@ def test_up_status_idempotent_restart_down(lab_dir: Path) -> None:
     assert r.returncode == 0 and "no lab" in r.stdout
     r = run("lab", "status", "--dir", str(lab))
     assert r.returncode == 1 and "no lab" in r.stdout
+
+
+def test_no_auth_lab_runs_keyspace_1(lab_dir: Path) -> None:
+    """`up --no-auth`: today's lab before auth became the default, plain etcd and keyspace
+    1; its printed examples, env.sh, status and down work as they did."""
+    lab = lab_dir
+    with lab_down_on_failure(str(lab)):
+        r = run("lab", "up", "--no-auth", "--dir", str(lab), "--nodes", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "etcd without auth, keyspace 1" in r.stdout, r.stdout
+        st = state(lab)
+        assert st["auth"] is False
+        endpoints = st["etcd"]["endpoints"]
+        assert f"etcdctl --endpoints {endpoints}" in r.stdout, r.stdout
+        store = EtcdStore(endpoints)  # no certificate: etcd without TLS or auth
+        try:
+            assert store.get(KeyspaceV2().version) is None  # keyspace 1: no marker
+            assert store.get(Keyspace().node("n1")) is not None
+        finally:
+            store.close()
+        # the printed example, as printed; then vmha and etcdctl through env.sh
+        m = re.search(r"^  vmha (--etcd \S+ vm add web1 .*)$", r.stdout, re.MULTILINE)
+        assert m is not None, r.stdout
+        add = run(*m.group(1).split())
+        assert add.returncode == 0, add.stdout + add.stderr
+        env = lab_env(lab)
+        assert "CERT" not in (lab / "env.sh").read_text()
+        wait_until(lambda: web1_running(env), 30, 0.2, "web1 running")
+        keys = subprocess.run(["etcdctl", "get", "--prefix", "/vmha/", "--keys-only"],
+                              env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert Keyspace().vm_spec("web1") in keys.stdout.split(), keys.stdout + keys.stderr
+        r = run("-o", "json", "lab", "status", "--dir", str(lab))
+        assert r.returncode == 0 and json.loads(r.stdout)["auth"] is False, r.stdout
+        r = run("lab", "status", "--dir", str(lab))
+        assert r.returncode == 0 and "keyspace 1" in r.stdout, r.stdout
+        assert re.search(r"^web1 +running", r.stdout, re.MULTILINE), r.stdout
+        # `up` again keeps the mode without a flag and refuses to switch it with one
+        r = run("lab", "up", "--dir", str(lab))
+        assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+        r = run("lab", "up", "--dir", str(lab), "--auth")
+        assert r.returncode == 2 and "without etcd auth" in r.stderr, r.stderr
+    r = run("lab", "down", "--dir", str(lab))
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_until(lambda: all_gone(lab), 10, 0.1, "every lab process gone")
+    assert not lab.exists()
 
 
 #: Where `up` is interrupted: in the middle of starting (every libvirt node up, no agent
