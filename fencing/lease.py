@@ -13,9 +13,11 @@ between two acknowledged renewals, and validate_timing checks it fits before the
 guard fires.
 
 A keeper may renew a second lease in the same round (`partner`: keyspace 2's liveness
-lease, docs/keyspace-v2.md section 4): the round counts as acknowledged only when etcd
-acknowledged both, so the deadline is the minimum over both leases of (last
-acknowledged send + TTL - safety).  The partner found gone is reported once
+lease, docs/keyspace-v2.md section 4): both keepalives are sent together on the store's
+long-lived keepalive stream (`store.keepalive`) and must both be answered within the
+round's deadline; the round counts as acknowledged only when etcd acknowledged both,
+so the deadline is the minimum over both leases of (last acknowledged send + TTL -
+safety).  The partner found gone is reported once
 (`on_partner_gone`) and the deadline stays where it was until a new partner is set.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -49,7 +51,8 @@ RETRY_FIRST_WAIT_S = 0.02
 
 
 class LeaseStore(Protocol):
-    def keepalive(self, lease_id: int, timeout: float | None = None) -> int: ...
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]: ...
 
 
 class LeaseKeeper:
@@ -134,16 +137,18 @@ class LeaseKeeper:
 
     def _attempt(self) -> tuple[float, int, bool]:
         """One round: (send time, the lease's TTL, whether the partner, if any, was
-        acknowledged too)."""
-        sent = self._clock()
-        ttl = self.store.keepalive(self.lease_id, self.cfg.keepalive_timeout_s)
+        acknowledged too).  Both keepalives go out together, answered within one
+        `keepalive_timeout_s`; a partner found gone is not asked again."""
         with self._lock:
             partner, gone = self.partner, self._partner_gone
+        ids = [self.lease_id] + ([partner] if partner and not gone else [])
+        # Noted before the send: the deadline counts from it, never from the answer.
+        sent = self._clock()
+        ttls = self.store.keepalive_round(ids, self.cfg.keepalive_timeout_s)
+        ttl = ttls[self.lease_id]
         if ttl <= 0 or not partner:
             return sent, ttl, True
-        if gone or self.store.keepalive(partner, self.cfg.keepalive_timeout_s) <= 0:
-            return sent, ttl, False
-        return sent, ttl, True
+        return sent, ttl, not gone and ttls[partner] > 0
 
     def _renew_loop(self) -> None:
         retrying = self._retrying()
