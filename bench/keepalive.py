@@ -13,6 +13,18 @@ liveness lease: keyspace 2's agent).  After a warm-up of two intervals, for SECO
 
 Usage: python -m bench.keepalive --keepers 50 100 --seconds 30 [--interval 0.5]
        [--out results/bench-keepalive.json]
+
+Measured on a shared 2-core box (nice 15), before (a new LeaseKeepAlive stream per
+keepalive, the round's two one after the other) and after (one long-lived stream per
+store, both sent together):
+
+    interval  keepers  CPU ms per keeper-second  etcd CPU s/s   round p50 / p99 ms
+    0.5 s     50       4.68 -> 2.40              0.088 -> 0.042  3.3 / 12.3 -> 1.1 / 8.1
+    0.5 s     100      4.00 -> 2.20              0.098 -> 0.050  6.9 / 907 -> 1.8 / 8.0
+    2 s       50       1.90 -> 1.54              0.036 -> 0.020  3.5 / 17.3 -> 1.0 / 5.9
+    2 s       100      1.68 -> 1.40              0.051 -> 0.028  3.0 / 13.8 -> 1.1 / 7.6
+
+(0.5 s with 100 keepers: 97 failed attempts before, 0 after; no deadline missed.)
 """
 
 from __future__ import annotations
