@@ -135,10 +135,11 @@ class LeaseKeeper:
         with self._lock:
             self.partner, self._partner_gone = lease_id, False
 
-    def _attempt(self) -> tuple[float, int, bool]:
+    def _attempt(self) -> tuple[float, int, bool, int]:
         """One round: (send time, the lease's TTL, whether the partner, if any, was
-        acknowledged too).  Both keepalives go out together, answered within one
-        `keepalive_timeout_s`; a partner found gone is not asked again."""
+        acknowledged too, the partner the round was for).  Both keepalives go out
+        together, answered within one `keepalive_timeout_s`; a partner found gone is not
+        asked again."""
         with self._lock:
             partner, gone = self.partner, self._partner_gone
         ids = [self.lease_id] + ([partner] if partner and not gone else [])
@@ -147,15 +148,15 @@ class LeaseKeeper:
         ttls = self.store.keepalive_round(ids, self.cfg.keepalive_timeout_s)
         ttl = ttls[self.lease_id]
         if ttl <= 0 or not partner:
-            return sent, ttl, True
-        return sent, ttl, not gone and ttls[partner] > 0
+            return sent, ttl, True, partner
+        return sent, ttl, not gone and ttls[partner] > 0, partner
 
     def _renew_loop(self) -> None:
         retrying = self._retrying()
         wait = self.cfg.keepalive_interval_s
         while not self._stop.wait(wait):
             try:
-                sent, ttl, both = retrying(self._attempt)
+                sent, ttl, both, partner = retrying(self._attempt)
             except self._unavailable as exc:
                 # A whole interval of attempts failed: go on at once (the deadline
                 # thread fences if this lasts).
@@ -180,7 +181,7 @@ class LeaseKeeper:
             if both:
                 self._renewed(sent)
             else:
-                self._partner_lost()
+                self._partner_lost(partner)
 
     def _gone(self) -> None:
         with self._lock:
@@ -192,11 +193,14 @@ class LeaseKeeper:
         # itself by the old deadline.
         self._on_gone(before)
 
-    def _partner_lost(self) -> None:
-        """The partner lease is gone: the deadline no longer moves (it is the minimum
-        over both leases); reported once per partner."""
+    def _partner_lost(self, partner: int) -> None:
+        """The partner lease `partner` is gone: the deadline no longer moves (it is the
+        minimum over both leases); reported once per partner.  A partner replaced while
+        the round was in flight is not the one found gone: the next round asks it."""
         with self._lock:
-            partner, first = self.partner, not self._partner_gone
+            if partner != self.partner:
+                return
+            first = not self._partner_gone
             self._partner_gone = True
         if first:
             log.info("partner_lease_gone", lease=f"{self.lease_id:x}",

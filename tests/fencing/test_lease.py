@@ -202,3 +202,49 @@ def test_lease_terms_say_paired_after_the_alive_line(etcd: EtcdCluster,
     apart = LeaseHold(store, LeaseTerms.of(0x10, cfg, 0x11), 10.0,
                       lambda _d: None, lambda: None, clock=lambda: 0.0)
     assert apart.alive is not None and apart.keeper.partner == 0
+
+
+class ReplacingStore(RecordingStore):
+    """A real store on which the partner is replaced while a round is in flight (as the
+    agent's cycle thread replaces a liveness lease found gone, `set_partner`), once."""
+
+    def __init__(self, endpoints: str) -> None:
+        super().__init__(endpoints)
+        self.keeper: LeaseKeeper | None = None
+        self.replacement = 0
+
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]:
+        if self.keeper is not None and self.replacement and len(lease_ids) == 1:
+            self.keeper.set_partner(self.replacement)
+            self.replacement = 0
+        return super().keepalive_round(lease_ids, timeout)
+
+
+def test_a_partner_replaced_during_a_round_is_not_taken_for_gone(etcd: EtcdCluster) -> None:
+    """The round that asked only the registration lease (its partner was gone) ends after
+    the replacement was set: the replacement is renewed from the next round on, never
+    reported gone (which would freeze the deadline until the node fenced itself)."""
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.05, keepalive_timeout_s=0.1,
+                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    store, other = ReplacingStore(etcd.endpoints), EtcdStore(etcd.endpoints)
+    reg, alive = store.grant_lease(cfg.lease_ttl_s), store.grant_lease(cfg.lease_ttl_s)
+    gone: list[int] = []
+    keeper = LeaseKeeper(store, cfg, reg, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=None, partner=alive, on_partner_gone=gone.append)
+    store.keeper = keeper
+    keeper.start()
+    try:
+        other.revoke_lease(alive)
+        wait_until(lambda: gone, 5, what="the partner found gone")
+        frozen = keeper.deadline
+        new = store.replacement = store.grant_lease(cfg.lease_ttl_s)
+        wait_until(lambda: keeper.deadline > frozen, 5, what="the deadline moving")
+        time.sleep(0.3)
+        assert gone == [alive], "the replacement was reported gone"
+        assert store.rounds[-1] == (reg, new)
+    finally:
+        keeper.stop()
+        store.close()
+        other.close()
