@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
 .PHONY: docs setup setup-lab demo demo-fake test test-unit test-integration test-lab lint check \
-        bench bench-etcd-faults bench-lab-drains bench-liveness bench-paging bench-placement bench-scale campaign evidence clean bless clean-caches fuzz
+        bench bench-etcd-faults bench-keepalive bench-lab-drains bench-liveness bench-paging bench-placement bench-scale campaign evidence clean bless clean-caches fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -91,6 +91,17 @@ bench-scale: setup
 		--agents-per-process $(or $(PER_PROCESS),50) --agent-poll $(or $(AGENT_POLL),1) \
 		$(if $(CONFIG),--config '$(CONFIG)') $(if $(LABEL),--label $(LABEL)) \
 		--out results/bench-scale.json
+
+# The CPU cost of lease renewal (docs/keyspace-v2.md, part 4's keepalive stream): one etcd
+# member, KEEPERS (default 50 100) real lease keepers in one process, two leases each,
+# renewed every INTERVAL s (default: the default config's) for DURATION s (30); CPU ms per
+# keeper-second and round latency p50/p99 (~1.5 min).
+bench-keepalive: setup
+	mkdir -p results
+	nice -n 15 $(PY) -m bench.keepalive --keepers $(or $(KEEPERS),50 100) \
+		--seconds $(or $(DURATION),30) $(if $(INTERVAL),--interval $(INTERVAL)) \
+		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(TTL),--ttl $(TTL)) \
+		--out results/bench-keepalive.json
 
 # Liveness fencing on keyspace 2 (docs/keyspace-v2.md, section 4): CRASHES crashes (SIGKILL
 # of agent and guard service, guests killed) at TTL 3 on the fake hypervisor under

@@ -13,9 +13,11 @@ between two acknowledged renewals, and validate_timing checks it fits before the
 guard fires.
 
 A keeper may renew a second lease in the same round (`partner`: keyspace 2's liveness
-lease, docs/keyspace-v2.md section 4): the round counts as acknowledged only when etcd
-acknowledged both, so the deadline is the minimum over both leases of (last
-acknowledged send + TTL - safety).  The partner found gone is reported once
+lease, docs/keyspace-v2.md section 4): both keepalives are sent together on the store's
+long-lived keepalive stream (`store.keepalive`) and must both be answered within the
+round's deadline; the round counts as acknowledged only when etcd acknowledged both,
+so the deadline is the minimum over both leases of (last acknowledged send + TTL -
+safety).  The partner found gone is reported once
 (`on_partner_gone`) and the deadline stays where it was until a new partner is set.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -49,7 +51,8 @@ RETRY_FIRST_WAIT_S = 0.02
 
 
 class LeaseStore(Protocol):
-    def keepalive(self, lease_id: int, timeout: float | None = None) -> int: ...
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]: ...
 
 
 class LeaseKeeper:
@@ -132,25 +135,28 @@ class LeaseKeeper:
         with self._lock:
             self.partner, self._partner_gone = lease_id, False
 
-    def _attempt(self) -> tuple[float, int, bool]:
+    def _attempt(self) -> tuple[float, int, bool, int]:
         """One round: (send time, the lease's TTL, whether the partner, if any, was
-        acknowledged too)."""
-        sent = self._clock()
-        ttl = self.store.keepalive(self.lease_id, self.cfg.keepalive_timeout_s)
+        acknowledged too, the partner the round was for).  Both keepalives go out
+        together, answered within one `keepalive_timeout_s`; a partner found gone is not
+        asked again."""
         with self._lock:
             partner, gone = self.partner, self._partner_gone
+        ids = [self.lease_id] + ([partner] if partner and not gone else [])
+        # Noted before the send: the deadline counts from it, never from the answer.
+        sent = self._clock()
+        ttls = self.store.keepalive_round(ids, self.cfg.keepalive_timeout_s)
+        ttl = ttls[self.lease_id]
         if ttl <= 0 or not partner:
-            return sent, ttl, True
-        if gone or self.store.keepalive(partner, self.cfg.keepalive_timeout_s) <= 0:
-            return sent, ttl, False
-        return sent, ttl, True
+            return sent, ttl, True, partner
+        return sent, ttl, not gone and ttls[partner] > 0, partner
 
     def _renew_loop(self) -> None:
         retrying = self._retrying()
         wait = self.cfg.keepalive_interval_s
         while not self._stop.wait(wait):
             try:
-                sent, ttl, both = retrying(self._attempt)
+                sent, ttl, both, partner = retrying(self._attempt)
             except self._unavailable as exc:
                 # A whole interval of attempts failed: go on at once (the deadline
                 # thread fences if this lasts).
@@ -175,7 +181,7 @@ class LeaseKeeper:
             if both:
                 self._renewed(sent)
             else:
-                self._partner_lost()
+                self._partner_lost(partner)
 
     def _gone(self) -> None:
         with self._lock:
@@ -187,11 +193,14 @@ class LeaseKeeper:
         # itself by the old deadline.
         self._on_gone(before)
 
-    def _partner_lost(self) -> None:
-        """The partner lease is gone: the deadline no longer moves (it is the minimum
-        over both leases); reported once per partner."""
+    def _partner_lost(self, partner: int) -> None:
+        """The partner lease `partner` is gone: the deadline no longer moves (it is the
+        minimum over both leases); reported once per partner.  A partner replaced while
+        the round was in flight is not the one found gone: the next round asks it."""
         with self._lock:
-            partner, first = self.partner, not self._partner_gone
+            if partner != self.partner:
+                return
+            first = not self._partner_gone
             self._partner_gone = True
         if first:
             log.info("partner_lease_gone", lease=f"{self.lease_id:x}",

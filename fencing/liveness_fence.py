@@ -15,9 +15,10 @@ observation of *both* keys absent, and chosen by the config's `liveness_fence`:
   etcd with the stale-leader revocation bug (#12528: fixed in 3.4.28, 3.5.11, 3.6.0).
 * `bounded`: safe on every etcd.  While its registration is gone the agent never pets
   its guard, so the guard fires at most `guard_timeout` after the last pet, which
-  follows the last acknowledged round's first send (the deletion can only come after
-  it) by at most two keepalive RPC deadlines (the round's two keepalives), and no
-  later than that pet's deadline (that send + TTL - safety).  The window is that bound
+  follows the last acknowledged round's send (the deletion can only come after it) by
+  at most one keepalive deadline (both keepalives go out together on the keepalive
+  stream; the window keeps two deadlines, as when they were sent one after the other),
+  and no later than that pet's deadline (that send + TTL - safety).  The window is that bound
   plus `fence_margin_s`; with the guard disabled, the agent's own deadline (TTL -
   safety) plus the margin.
 * `off`: keyspace 1's window (`fencing.policy.fence_window`).

@@ -181,8 +181,8 @@ class ClusterConfig(Model):
     # Timing (docs/fencing.md, "Timing rules"; fencing.policy.validate_timing).
     lease_ttl_s: int = Field(default=6, ge=1, le=60)
     keepalive_interval_s: float = Field(default=0.5, gt=0)
-    # The deadline of one keepalive RPC: a member that does not answer within it is
-    # left for the next endpoint at once.
+    # The deadline of one keepalive round (every lease's answer): a member that does not
+    # answer within it is left for the next endpoint at once.
     keepalive_timeout_s: float = Field(default=0.5, gt=0)
     # etcd's --election-timeout (its default, 1000 ms): a stalled leader is replaced
     # within twice that, and renewals wait for the new one.

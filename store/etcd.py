@@ -14,11 +14,12 @@ Contract for callers:
   failed compare returns `succeeded=False`; it is not an error.
 * `put()`/`delete()` without compares are used only for operator intent (specs,
   cordon markers) from the CLI and for the agent's own cordon marker.
-* Keepalive is a single round-trip (`keepalive()`) with its own short deadline, on
-  its own channels (`store.keepalive.KeepaliveRing`); looping is the caller's job
-  because the caller owns the self-fencing deadline.  A keepalive that fails for a
-  reason of the way to etcd moves the ring to the next endpoint, so the caller's next
-  attempt (at once) goes to another member.
+* Keepalive is one round (`keepalive_round()`: a request per lease, sent together)
+  with its own short deadline, on a long-lived stream on the store's own channels
+  (`store.keepalive`); looping is the caller's job because the caller owns the
+  self-fencing deadline.  A round that fails for a reason of the way to etcd ends the
+  stream and moves the ring to the next endpoint, so the caller's next attempt (at
+  once) opens a stream to another member.
 
 Known behaviour of the etcd client designed around here: its single-endpoint
 client blacklists an endpoint for 300 s after one UNAVAILABLE error, so we build a
@@ -62,7 +63,7 @@ from store.errors import (
     is_transient,
     store_error,
 )
-from store.keepalive import KeepaliveRing
+from store.keepalive import KeepaliveRing, KeepaliveStreams
 from store.paging import KeyRange, Page, RangeCount, count_range, list_range, raw_kv
 from store.ring import EndpointRing
 from store.versions import member_versions
@@ -138,6 +139,7 @@ class EtcdStore:
         self._client = self._make_client()
         self._keepalive_ring = KeepaliveRing(
             self._endpoints, self._tls.credentials() if self._tls else None)
+        self._keepalives = KeepaliveStreams(self._keepalive_ring, lambda: self.call_auth)
 
     def _make_client(self) -> MultiEndpointEtcd3Client:
         creds = self._tls.credentials() if self._tls else None
@@ -159,6 +161,7 @@ class EtcdStore:
         return self._client
 
     def close(self) -> None:
+        self._keepalives.close()
         self._client.close()
         self._keepalive_ring.close()
 
@@ -296,8 +299,6 @@ class EtcdStore:
         return self._call("txn", guarded, budget)
 
     def _txn_request(self, cmps: list[Any], success: list[Any]) -> Any:
-        from pyetcd import etcdrpc
-
         return etcdrpc.TxnRequest(compare=[c.build_message() for c in cmps],
                                   success=self._client._ops_to_requests(success), failure=[])
 
@@ -307,32 +308,25 @@ class EtcdStore:
         return int(self._call("lease grant", lambda: self._client.lease(ttl)).id)
 
     def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
-        """One keepalive round-trip to the keepalive ring's current endpoint, within
-        `timeout` seconds (default: the store's timeout); returns the TTL etcd granted,
-        0 if the lease is gone.
+        """One keepalive of one lease (`keepalive_round`); the TTL etcd granted, 0 if
+        the lease is gone.  `timeout`: the store's timeout by default."""
+        return self.keepalive_round([lease_id], timeout)[lease_id]
+
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]:
+        """A keepalive for each of `lease_ids`, sent together on the store's long-lived
+        keepalive stream, all answered within `timeout` seconds (default: the store's
+        timeout): the TTL etcd granted each, 0 for a lease that is gone.
 
         Raises StoreUnavailable at once (no retry), after making the next endpoint
         current: the caller owns the deadline and tries again at once.
         """
-        index, target, stub = self._keepalive_ring.current()
-        request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
-        call = stub.LeaseKeepAlive(iter([request]), self._timeout if timeout is None
-                                   else timeout, credentials=self._client.call_credentials,
-                                   metadata=self._client.metadata)
-        try:
-            for resp in call:
-                return int(resp.TTL)
-        except grpc.RpcError as exc:
-            err = store_error(f"keepalive via {target}", exc)
-            if isinstance(err, StoreUnavailable):
-                self._keepalive_ring.failed(index)
-            if err is None:  # pragma: no cover - every RpcError maps to a StoreError
-                raise
-            raise err from exc
-        finally:
-            call.cancel()
-        self._keepalive_ring.failed(index)
-        raise StoreUnavailable(f"etcd keepalive via {target} returned no response")
+        return self._keepalives.renew(lease_ids, self._timeout if timeout is None
+                                      else timeout)
+
+    def keepalive_endpoint(self) -> str:
+        """The member the next keepalive round goes to (HOST:PORT)."""
+        return self._keepalives.endpoint()
 
     def revoke_lease(self, lease_id: int) -> None:
         def revoke() -> None:

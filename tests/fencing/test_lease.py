@@ -1,101 +1,109 @@
-"""LeaseKeeper: a failed keepalive is tried again at once (the store has moved to the
-next endpoint), each attempt with the keepalive's own deadline, and the self-fence
-deadline counts from the send time of the attempt etcd acknowledged."""
+"""LeaseKeeper against real etcd: a failed round is tried again at once (the store has
+moved to the next member), each attempt with the keepalive's own deadline, and the
+self-fence deadline counts from the send time of the round etcd acknowledged; both
+leases of keyspace 2 go in one round and bound the deadline."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from collections.abc import Sequence
+
+import pytest
 
 from fencing.lease import LeaseKeeper
-from fencing.policy import self_fence_deadline
-from schemas.errors import TemporaryError
 from schemas.models import ClusterConfig
+from store.etcd import EtcdStore, StoreUnavailable
+from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers import store_on_follower
+
+pytestmark = pytest.mark.integration
+
+# The test config's timing (lab.configs.FAST_CONFIG), which passes validate_timing.
+FAST = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.2, keepalive_timeout_s=0.1,
+                     etcd_election_timeout_s=0.2, self_fence_safety_s=0.5, fence_margin_s=1.0)
 
 
-class Down(TemporaryError):
-    pass
+class RecordingStore(EtcdStore):
+    """A real store that notes the lease ids of each round it sends (a spy: etcd
+    answers every round)."""
+
+    def __init__(self, endpoints: str) -> None:
+        super().__init__(endpoints)
+        self.rounds: list[tuple[int, ...]] = []
+
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]:
+        self.rounds.append(tuple(lease_ids))
+        return super().keepalive_round(lease_ids, timeout)
 
 
-class FlakyStore:
-    """Fails the first `failures` keepalives, then grants the TTL."""
-
-    def __init__(self, failures: int, clock: list[float]) -> None:
-        self.failures = failures
-        self.calls: list[tuple[float, float | None]] = []
-        self.clock = clock
-        self.lock = threading.Lock()
-
-    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
-        with self.lock:
-            self.calls.append((self.clock[0], timeout))
-            self.clock[0] += 1.0  # each attempt is sent one (virtual) second later
-            if len(self.calls) <= self.failures:
-                raise Down("member does not answer")
-            return 6
+def sent_at(keeper: LeaseKeeper, cfg: ClusterConfig) -> float:
+    """The send time the keeper's deadline counts from."""
+    return keeper.deadline - (cfg.lease_ttl_s - cfg.self_fence_safety_s)
 
 
-def test_failed_keepalive_is_retried_at_once_with_its_own_deadline() -> None:
-    # The first keepalive goes out after one interval (2 s); retries that each waited
-    # for the next interval would need 8 s, more than the test waits.
+def test_failed_keepalive_is_retried_at_once_with_its_own_deadline(etcd3: EtcdCluster) -> None:
+    # The first round goes out after one interval (2 s) to a stopped member and gets no
+    # answer within its deadline (0.25 s); a retry that waited for the next interval
+    # would come 2 s later.
     cfg = ClusterConfig(keepalive_interval_s=2.0, keepalive_timeout_s=0.25)
-    now = [100.0]
-    store = FlakyStore(failures=3, clock=now)
-    renewed = threading.Event()
-    keeper = LeaseKeeper(store, cfg, 1, 100.0, on_gone=lambda _: None,
-                         on_deadline=lambda: None, on_renewed=renewed.set,
-                         unavailable=Down, clock=lambda: now[0])
-    keeper.start()
+    store, member = store_on_follower(etcd3)
+    renewed_at: list[float] = []
+    assert member.proc is not None
     try:
-        assert renewed.wait(6.0)
+        lease = store.grant_lease(cfg.lease_ttl_s)
+        granted = time.monotonic()
+        os.kill(member.proc.pid, signal.SIGSTOP)
+        keeper = LeaseKeeper(store, cfg, lease, granted, on_gone=lambda _: None,
+                             on_deadline=lambda: None,
+                             on_renewed=lambda: renewed_at.append(time.monotonic()),
+                             unavailable=StoreUnavailable)
+        started = time.monotonic()
+        keeper.start()
+        try:
+            wait_until(lambda: renewed_at, 6.0, what="a renewal")
+        finally:
+            keeper.stop()
     finally:
-        keeper.stop()
-    sends = [t for t, _ in store.calls]
-    assert len(sends) >= 4 and sends[:4] == [100.0, 101.0, 102.0, 103.0]
-    assert all(t == cfg.keepalive_timeout_s for _, t in store.calls)
-    # Counted from the send of the acknowledged (4th) attempt, not of the first.
-    assert keeper.deadline == self_fence_deadline(103.0, cfg)
+        os.kill(member.proc.pid, signal.SIGCONT)
+        store.close()
+    first = started + cfg.keepalive_interval_s
+    # Acknowledged on the retry, at once after the first attempt's deadline ...
+    assert renewed_at[0] - first < cfg.keepalive_timeout_s + 0.5, renewed_at[0] - first
+    # ... and the deadline counts from the retry's send, not from the first attempt's.
+    assert sent_at(keeper, cfg) >= first + cfg.keepalive_timeout_s
+    assert sent_at(keeper, cfg) <= renewed_at[0]
+    assert keeper.last_renew_latency_s is not None
+    assert keeper.last_renew_latency_s < cfg.keepalive_timeout_s
 
 
-class OddStore:
-    """Raises an error no one foresaw (not "unavailable") on the first keepalives."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise RuntimeError("Channel closed")
-        return 6
-
-
-def test_unforeseen_keepalive_error_does_not_end_renewal() -> None:
-    # A keepalive thread that died on such an error would leave a healthy node to
-    # self-fence at its deadline: renewal must go on, and only the deadline may fence.
-    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.2, keepalive_timeout_s=0.1,
-                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
-                        fence_margin_s=1.0)
-    store = OddStore(failures=2)
+def test_unforeseen_keepalive_error_does_not_end_renewal(etcd: EtcdCluster,
+                                                        store: EtcdStore) -> None:
+    # A keepalive thread that died on an error no one foresaw would leave a healthy node
+    # to self-fence at its deadline: renewal must go on, and only the deadline may fence.
+    # The error here is a caller's bug the store refuses (a round that names its lease
+    # twice: ValueError, not "unavailable"), until the partner is corrected.
+    lease = store.grant_lease(FAST.lease_ttl_s)
     renewed = threading.Event()
     fenced = threading.Event()
-    keeper = LeaseKeeper(store, cfg, 1, time.monotonic(), on_gone=lambda _: None,
-                         on_deadline=fenced.set, on_renewed=renewed.set, unavailable=Down)
+    keeper = LeaseKeeper(store, FAST, lease, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=fenced.set, on_renewed=renewed.set,
+                         unavailable=StoreUnavailable, partner=lease)
     keeper.start()
     try:
+        assert not renewed.wait(3 * FAST.keepalive_interval_s)
+        keeper.set_partner(store.grant_lease(FAST.lease_ttl_s))
         assert renewed.wait(5.0), "renewal stopped after an unforeseen error"
     finally:
         keeper.stop()
-    assert store.calls >= 3
     assert not fenced.is_set()
 
 
-def test_failing_renewed_callback_does_not_end_renewal() -> None:
-    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.2, keepalive_timeout_s=0.1,
-                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
-                        fence_margin_s=1.0)
-    store = OddStore(failures=0)
+def test_failing_renewed_callback_does_not_end_renewal(etcd: EtcdCluster,
+                                                      store: EtcdStore) -> None:
     calls: list[int] = []
     enough = threading.Event()
 
@@ -105,8 +113,9 @@ def test_failing_renewed_callback_does_not_end_renewal() -> None:
             enough.set()
         raise RuntimeError("guard socket gone")
 
-    keeper = LeaseKeeper(store, cfg, 1, time.monotonic(), on_gone=lambda _: None,
-                         on_deadline=lambda: None, on_renewed=on_renewed, unavailable=Down)
+    keeper = LeaseKeeper(store, FAST, store.grant_lease(FAST.lease_ttl_s), time.monotonic(),
+                         on_gone=lambda _: None, on_deadline=lambda: None,
+                         on_renewed=on_renewed, unavailable=StoreUnavailable)
     keeper.start()
     try:
         assert enough.wait(5.0), "renewal stopped after its callback failed"
@@ -114,76 +123,68 @@ def test_failing_renewed_callback_does_not_end_renewal() -> None:
         keeper.stop()
 
 
-class TwoLeases:
-    """Lease 1 always renewed; lease 2 (the partner) until `partner_gone` is set."""
-
-    def __init__(self, clock: list[float]) -> None:
-        self.clock = clock
-        self.partner_gone = False
-        self.calls: list[tuple[int, float]] = []
-
-    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
-        self.calls.append((lease_id, self.clock[0]))
-        self.clock[0] += 0.1  # each keepalive takes 0.1 (virtual) s
-        return 0 if lease_id == 2 and self.partner_gone else 6
-
-
-def test_a_partner_lease_is_renewed_in_the_same_round_and_bounds_the_deadline() -> None:
-    """Keyspace 2: both leases in one round; the deadline counts from the round's first
-    send only when both were acknowledged, and stays put while the partner is gone."""
+def test_a_partner_lease_is_renewed_in_the_same_round_and_bounds_the_deadline(
+        etcd: EtcdCluster) -> None:
+    """Keyspace 2: both leases in one round; the deadline counts from the round's send
+    only when both were acknowledged, and stays put while the partner is gone."""
     cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.05, keepalive_timeout_s=0.1,
                         etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
                         fence_margin_s=1.0)
-    now = [100.0]
-    store = TwoLeases(now)
+    store, other = RecordingStore(etcd.endpoints), EtcdStore(etcd.endpoints)
+    reg, alive = store.grant_lease(cfg.lease_ttl_s), store.grant_lease(cfg.lease_ttl_s)
     gone: list[int] = []
     renewals = threading.Semaphore(0)
-    keeper = LeaseKeeper(store, cfg, 1, 100.0, on_gone=lambda _: None, on_deadline=None,
-                         on_renewed=renewals.release, clock=lambda: now[0],
-                         partner=2, on_partner_gone=gone.append)
+    before = time.monotonic()
+    keeper = LeaseKeeper(store, cfg, reg, before, on_gone=lambda _: None, on_deadline=None,
+                         on_renewed=renewals.release, partner=alive,
+                         on_partner_gone=gone.append)
     keeper.start()
     try:
         assert renewals.acquire(timeout=5)
-        pairs = [(a[0], b[0]) for a, b in zip(store.calls[::2], store.calls[1::2],
-                                              strict=False)]
-        assert pairs and all(p == (1, 2) for p in pairs), store.calls
-        first_send = store.calls[-2][1]
-        assert keeper.deadline == self_fence_deadline(first_send, cfg)
-        store.partner_gone = True
-        deadline = time.monotonic() + 5
-        while not gone and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert gone == [2]
+        assert store.rounds and all(r == (reg, alive) for r in store.rounds), store.rounds
+        assert before < sent_at(keeper, cfg) <= time.monotonic()
+        time.sleep(1.0)  # a third of the TTL: both leases renewed all along
+        assert store.lease_ttl(reg) >= 2 and store.lease_ttl(alive) >= 2
+        # Another client revokes the partner (etcd then answers TTL 0 for it).
+        other.revoke_lease(alive)
+        wait_until(lambda: gone, 5, what="the partner found gone")
+        assert gone == [alive]
         frozen = keeper.deadline
+        asked = len(store.rounds)
         time.sleep(0.3)  # rounds go on: the registration lease renewed, not the deadline
-        assert keeper.deadline == frozen and gone == [2]
-        assert [c for c in store.calls[-4:] if c[0] == 2] == [], "a gone partner is not asked"
+        assert keeper.deadline == frozen and gone == [alive]
+        assert len(store.rounds) > asked and all(r == (reg,) for r in store.rounds[asked:]), \
+            "a gone partner is not asked"
+        assert store.lease_ttl(reg) >= 2
         # A replacement partner: the deadline moves again.
-        store.partner_gone = False
-        keeper.set_partner(3)
-        while keeper.deadline == frozen and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert keeper.deadline > frozen and any(c[0] == 3 for c in store.calls)
+        new = store.grant_lease(cfg.lease_ttl_s)
+        keeper.set_partner(new)
+        wait_until(lambda: keeper.deadline > frozen, 5, what="the deadline moving")
+        assert store.rounds[-1] == (reg, new)
     finally:
         keeper.stop()
+        store.close()
+        other.close()
 
 
-def test_without_a_partner_one_keepalive_a_round() -> None:
+def test_without_a_partner_one_keepalive_a_round(etcd: EtcdCluster) -> None:
     cfg = ClusterConfig(keepalive_interval_s=0.05)
-    now = [0.0]
-    store = TwoLeases(now)
+    store = RecordingStore(etcd.endpoints)
+    lease = store.grant_lease(cfg.lease_ttl_s)
     renewals = threading.Semaphore(0)
-    keeper = LeaseKeeper(store, cfg, 1, 0.0, on_gone=lambda _: None, on_deadline=None,
-                         on_renewed=renewals.release, clock=lambda: now[0])
+    keeper = LeaseKeeper(store, cfg, lease, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=None, on_renewed=renewals.release)
     keeper.start()
     try:
         assert renewals.acquire(timeout=5) and renewals.acquire(timeout=5)
     finally:
         keeper.stop()
-    assert {lease for lease, _ in store.calls} == {1}
+        store.close()
+    assert set(store.rounds) == {(lease,)}
 
 
-def test_lease_terms_say_paired_after_the_alive_line() -> None:
+def test_lease_terms_say_paired_after_the_alive_line(etcd: EtcdCluster,
+                                                    store: EtcdStore) -> None:
     from fencing.lease_hold import LeaseHold, LeaseTerms
 
     cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.3, keepalive_timeout_s=0.25,
@@ -196,9 +197,54 @@ def test_lease_terms_say_paired_after_the_alive_line() -> None:
     assert not LeaseTerms.of(0x10, cfg, 0, paired=True).paired  # nothing to pair with
     assert LeaseTerms.of(0x10, cfg, 0x11).line().splitlines()[-1] == "alive 11"
     # The hold renews both in one round (one keeper, the liveness lease its partner).
-    hold = LeaseHold(TwoLeases([0.0]), terms, 10.0, lambda _d: None, lambda: None,
-                     clock=lambda: 0.0)
+    hold = LeaseHold(store, terms, 10.0, lambda _d: None, lambda: None, clock=lambda: 0.0)
     assert hold.alive is None and hold.keeper.partner == 0x11
-    apart = LeaseHold(TwoLeases([0.0]), LeaseTerms.of(0x10, cfg, 0x11), 10.0,
+    apart = LeaseHold(store, LeaseTerms.of(0x10, cfg, 0x11), 10.0,
                       lambda _d: None, lambda: None, clock=lambda: 0.0)
     assert apart.alive is not None and apart.keeper.partner == 0
+
+
+class ReplacingStore(RecordingStore):
+    """A real store on which the partner is replaced while a round is in flight (as the
+    agent's cycle thread replaces a liveness lease found gone, `set_partner`), once."""
+
+    def __init__(self, endpoints: str) -> None:
+        super().__init__(endpoints)
+        self.keeper: LeaseKeeper | None = None
+        self.replacement = 0
+
+    def keepalive_round(self, lease_ids: Sequence[int], timeout: float | None = None
+                        ) -> dict[int, int]:
+        if self.keeper is not None and self.replacement and len(lease_ids) == 1:
+            self.keeper.set_partner(self.replacement)
+            self.replacement = 0
+        return super().keepalive_round(lease_ids, timeout)
+
+
+def test_a_partner_replaced_during_a_round_is_not_taken_for_gone(etcd: EtcdCluster) -> None:
+    """The round that asked only the registration lease (its partner was gone) ends after
+    the replacement was set: the replacement is renewed from the next round on, never
+    reported gone (which would freeze the deadline until the node fenced itself)."""
+    cfg = ClusterConfig(lease_ttl_s=3, keepalive_interval_s=0.05, keepalive_timeout_s=0.1,
+                        etcd_election_timeout_s=0.2, self_fence_safety_s=0.5,
+                        fence_margin_s=1.0)
+    store, other = ReplacingStore(etcd.endpoints), EtcdStore(etcd.endpoints)
+    reg, alive = store.grant_lease(cfg.lease_ttl_s), store.grant_lease(cfg.lease_ttl_s)
+    gone: list[int] = []
+    keeper = LeaseKeeper(store, cfg, reg, time.monotonic(), on_gone=lambda _: None,
+                         on_deadline=None, partner=alive, on_partner_gone=gone.append)
+    store.keeper = keeper
+    keeper.start()
+    try:
+        other.revoke_lease(alive)
+        wait_until(lambda: gone, 5, what="the partner found gone")
+        frozen = keeper.deadline
+        new = store.replacement = store.grant_lease(cfg.lease_ttl_s)
+        wait_until(lambda: keeper.deadline > frozen, 5, what="the deadline moving")
+        time.sleep(0.3)
+        assert gone == [alive], "the replacement was reported gone"
+        assert store.rounds[-1] == (reg, new)
+    finally:
+        keeper.stop()
+        store.close()
+        other.close()

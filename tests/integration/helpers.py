@@ -1,17 +1,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bench.etcd_faults import leader_index
 from cli.common import default_domain_xml
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
 from schemas import ClusterConfig, Keyspace, Placement, VmSpec
 from store.etcd import EtcdStore
-from tests.harness import Daemon
+from tests.harness import Daemon, EtcdCluster, EtcdMember
 
 KS = Keyspace()
 
@@ -60,3 +67,27 @@ def start_agent(store: EtcdStore, hv: FakeHypervisor, name: str
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     return agent, t
+
+
+@contextmanager
+def stopped(member: EtcdMember) -> Iterator[None]:
+    assert member.proc is not None
+    os.kill(member.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if member.proc.poll() is None:
+            os.kill(member.proc.pid, signal.SIGCONT)
+
+
+def store_on_follower(etcd3: EtcdCluster) -> tuple[EtcdStore, EtcdMember]:
+    """A store whose keepalives go to a follower (each store starts at a random member;
+    a follower so that the others keep their leader when it stops)."""
+    leader = etcd3.members[leader_index(etcd3)]
+    for _ in range(30):
+        store = EtcdStore(etcd3.endpoints)
+        member = next(m for m in etcd3.members if m.endpoint == store.keepalive_endpoint())
+        if member is not leader:
+            return store, member
+        store.close()
+    pytest.fail("no store started its keepalives at a follower")
