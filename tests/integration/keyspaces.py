@@ -11,6 +11,7 @@ The keyspace-2 variants carry the `keyspace2` marker (`-m keyspace2` runs only t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from schemas.keys_v2 import KeyspaceV2
 from schemas.models import FenceRecord, LeaderRecord, NodeRegistration, Placement, VmStatus
 from schemas.snapshot import ClusterSnapshot, Entry
 from store.etcd import EtcdStore
-from tests.integration.helpers_v2 import mark_keyspace_2
+from tests.integration.helpers_v2 import Leader, mark_keyspace_2
 
 #: `pytest.mark.parametrize("keyspace", KEYSPACES)`: a test on keyspace 1 and 2.
 KEYSPACES = [pytest.param(1, id="ks1"), pytest.param(2, id="ks2", marks=pytest.mark.keyspace2)]
@@ -44,6 +45,20 @@ def mark_keyspace(endpoints: str, keyspace: int) -> None:
         mark_keyspace_2(store)
     finally:
         store.close()
+
+
+def place_boot(store: EtcdStore, keyspace: int, vm: str, node: str, pid: str) -> None:
+    """`vm`'s spec (64 MiB, 1 vCPU) and a boot placement `pid` of it on `node`, written
+    as the leader of `keyspace` writes them: for the in-process agent tests, where the
+    test plays the leader (no orchestrator runs)."""
+    if keyspace == 2:
+        Leader(store).place(vm, node, pid=pid)
+        return
+    from tests.integration.helpers import KS, spec
+
+    store.put(KS.vm_spec(vm), spec(vm).to_json())
+    store.put(KS.vm_placement(vm), Placement(id=pid, vm=vm, node=node, kind="boot", epoch=1,
+                                             reason="test", decided_at=time.time()).to_json())
 
 
 class ClusterView:
