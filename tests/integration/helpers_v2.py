@@ -47,13 +47,15 @@ class Leader:
         self.n = 0
 
     def place(self, vm: str, node: str, from_node: str | None = None,
-              pid: str | None = None) -> int:
-        """Place `vm` (its spec added first if absent), reading what it replaces; `pid`
-        names the placement (default `pN`, N counting this leader's placements)."""
+              pid: str | None = None, vm_spec: VmSpec | None = None) -> int:
+        """Place `vm` (its spec added first if absent: `vm_spec`, default `spec(vm)`),
+        reading what it replaces; `pid` names the placement (default `pN`, N counting
+        this leader's placements)."""
         self.n += 1
+        vm_spec = vm_spec or spec(vm)
         spec_kv = self.store.get(KS.spec(vm))
         spec_rev = (spec_kv.mod_revision if spec_kv is not None
-                    else self.operator.put(KS.spec(vm), spec(vm).to_json()))
+                    else self.operator.put(KS.spec(vm), vm_spec.to_json()))
         p = Placement(id=pid or f"p{self.n}", vm=vm, node=node, from_node=from_node,
                       kind="migrate" if from_node else "boot", epoch=self.epoch,
                       reason="test", decided_at=time.time())
@@ -63,7 +65,7 @@ class Leader:
                 if kv.key.endswith(f"/{vm}")}
         return send(self.store, w.placement(
             KS, p, epoch=self.epoch, place_mod=place.mod_revision if place else 0,
-            spec=spec(vm), spec_revision=spec_rev, assignments_seen=seen))
+            spec=vm_spec, spec_revision=spec_rev, assignments_seen=seen))
 
     def remove(self, vm: str) -> int:
         """`vm remove` as the leader follows it: the spec deleted (the operator's write),

@@ -18,7 +18,14 @@ import pytest
 
 from cli.cluster import Cluster, keyspace_of
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import FenceRecord, LeaderRecord, NodeRegistration, Placement, VmStatus
+from schemas.models import (
+    FenceRecord,
+    LeaderRecord,
+    NodeRegistration,
+    Placement,
+    VmSpec,
+    VmStatus,
+)
 from schemas.snapshot import ClusterSnapshot, Entry
 from store.etcd import EtcdStore
 from tests.integration.helpers_v2 import Leader, mark_keyspace_2
@@ -47,16 +54,17 @@ def mark_keyspace(endpoints: str, keyspace: int) -> None:
         store.close()
 
 
-def place_boot(store: EtcdStore, keyspace: int, vm: str, node: str, pid: str) -> None:
-    """`vm`'s spec (64 MiB, 1 vCPU) and a boot placement `pid` of it on `node`, written
-    as the leader of `keyspace` writes them: for the in-process agent tests, where the
-    test plays the leader (no orchestrator runs)."""
+def place_boot(store: EtcdStore, keyspace: int, vm: str, node: str, pid: str,
+               vm_spec: VmSpec | None = None) -> None:
+    """`vm`'s spec (`vm_spec`; default 64 MiB, 1 vCPU) and a boot placement `pid` of it
+    on `node`, written as the leader of `keyspace` writes them: for the in-process agent
+    tests, where the test plays the leader (no orchestrator runs)."""
     if keyspace == 2:
-        Leader(store).place(vm, node, pid=pid)
+        Leader(store).place(vm, node, pid=pid, vm_spec=vm_spec)
         return
     from tests.integration.helpers import KS, spec
 
-    store.put(KS.vm_spec(vm), spec(vm).to_json())
+    store.put(KS.vm_spec(vm), (vm_spec or spec(vm)).to_json())
     store.put(KS.vm_placement(vm), Placement(id=pid, vm=vm, node=node, kind="boot", epoch=1,
                                              reason="test", decided_at=time.time()).to_json())
 
