@@ -12,6 +12,7 @@ The keyspace-2 variants carry the `keyspace2` marker (`-m keyspace2` runs only t
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -54,13 +55,21 @@ def mark_keyspace(endpoints: str, keyspace: int) -> None:
         store.close()
 
 
+_LEADERS: weakref.WeakKeyDictionary[EtcdStore, Leader] = weakref.WeakKeyDictionary()
+
+
 def place_boot(store: EtcdStore, keyspace: int, vm: str, node: str, pid: str,
                vm_spec: VmSpec | None = None) -> None:
     """`vm`'s spec (`vm_spec`; default 64 MiB, 1 vCPU) and a boot placement `pid` of it
     on `node`, written as the leader of `keyspace` writes them: for the in-process agent
     tests, where the test plays the leader (no orchestrator runs)."""
     if keyspace == 2:
-        Leader(store).place(vm, node, pid=pid, vm_spec=vm_spec)
+        # One term per store: a second Leader's put of the leader key would end the
+        # first one's (the epoch is the key's create revision).
+        leader = _LEADERS.get(store)
+        if leader is None:
+            leader = _LEADERS[store] = Leader(store)
+        leader.place(vm, node, pid=pid, vm_spec=vm_spec)
         return
     from tests.integration.helpers import KS, spec
 
