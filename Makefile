@@ -68,7 +68,7 @@ bench: setup
 bench-etcd-faults: setup
 	mkdir -p results
 	$(PY) -m bench.etcd_faults --rounds $(or $(ROUNDS),3) --stall $(or $(STALL),30) \
-		--out results/bench-etcd-faults.json
+		--keyspace $(or $(KEYSPACE),1) --out results/bench-etcd-faults.json
 
 # Paged reads at full size (docs/keyspace-v2.md, section 3): KEYS keys of VALUE_BYTES (default
 # 33,000 of 4 kB, i.e. 10,000 VMs) on one etcd, read under gRPC's default 4 MiB receive limit:

@@ -25,8 +25,11 @@ fires, 0 self-fences, 0 VMs moved and every daemon still running.  The integrati
 test (tests/integration/test_etcd_faults.py) runs each fault once; this module's
 ``main`` runs ROUNDS of them and writes the counts (``make bench-etcd-faults``).
 
+With ``--keyspace 2`` the cluster runs on keyspace 2 (its marker written before any
+daemon starts, as ``vmha keyspace migrate`` leaves it).
+
 Usage: python -m bench.etcd_faults --rounds 3 --stall 30 --out results/bench-etcd-faults.json
-       [--faults cutoff,stall,...] [--loopback]
+       [--faults cutoff,stall,...] [--loopback] [--keyspace 2]
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.dropproxy import DropProxy
+from cli.cluster import Cluster
+from cli.cluster_v2 import ClusterV2
 from cli.common import default_domain_xml
 from hypervisor.fake import fake_ground_truth
 from lab.etcdnet import EtcdNet, netns_usable, probe_cut
@@ -59,6 +64,8 @@ from lab.localcluster import (
     wait_until,
 )
 from schemas import ClusterConfig, Keyspace, VmSpec
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models_v2 import KeyspaceVersion
 from store.etcd import EtcdStore, StoreUnavailable
 
 KS = Keyspace()
@@ -82,6 +89,7 @@ class Rig:
     proxies: list[DropProxy]
     fc: ProxiedFakeCluster
     store: EtcdStore
+    cluster: Cluster  # the store's keyspace, as the `vmha` commands read it
     net: EtcdNet | None = None
     placement: dict[str, list[str]] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -93,10 +101,11 @@ class Rig:
 
 
 @contextlib.contextmanager
-def fault_rig(config: ClusterConfig, workdir: Path, net: EtcdNet | None = None
-              ) -> Iterator[Rig]:
-    """The cluster the faults run on, with every VM placed and running; with ``net``,
-    each etcd member in its namespace (this process runs in ``net.rig``)."""
+def fault_rig(config: ClusterConfig, workdir: Path, net: EtcdNet | None = None,
+              keyspace: int = 1) -> Iterator[Rig]:
+    """The cluster the faults run on, on ``keyspace`` (1 or 2), with every VM placed and
+    running; with ``net``, each etcd member in its namespace (this process runs in
+    ``net.rig``)."""
     etcd = start_etcd(3, places=None if net is None else
                       [(net.member_ip(i), net.member_ns(i)) for i in range(3)])
     proxies: list[DropProxy] = []
@@ -106,6 +115,12 @@ def fault_rig(config: ClusterConfig, workdir: Path, net: EtcdNet | None = None
         proxies = [DropProxy(m.client_port, m.host) for m in etcd.members]
         store = EtcdStore(etcd.endpoints)
         store.put(KS.config, config.to_json())
+        cluster = Cluster(store)
+        if keyspace == 2:  # before any daemon starts: they all run on keyspace 2
+            store.put(KeyspaceV2().version, KeyspaceVersion(
+                keyspace=2, state="done", started_at=time.time(), by="operator:bench",
+                tool_version="bench").to_json())
+            cluster = ClusterV2(store)
         fc = ProxiedFakeCluster(etcd, workdir,
                                 client_endpoints=",".join(p.endpoint for p in proxies))
         for n in NODES:
@@ -114,12 +129,13 @@ def fault_rig(config: ClusterConfig, workdir: Path, net: EtcdNet | None = None
             fc.start_orchestrator(o)
         for i in range(VMS):
             name = f"vm{i}"
-            store.put(KS.vm_spec(name), VmSpec(name=name, memory_mib=256, vcpus=1,
-                                               domain_xml=default_domain_xml(name, 256, 1))
-                      .to_json())
+            added = cluster.add_spec(VmSpec(name=name, memory_mib=256, vcpus=1,
+                                            domain_xml=default_domain_xml(name, 256, 1)))
+            if not added.succeeded:
+                raise RuntimeError(f"{name} exists already: the rig needs a fresh etcd")
         wait_until(lambda: len(fake_ground_truth(fc.fake_root)) == VMS, 60,
                    what="every VM running")
-        rig = Rig(etcd, proxies, fc, store, net)
+        rig = Rig(etcd, proxies, fc, store, cluster, net)
         rig.placement = fake_ground_truth(fc.fake_root)
         yield rig
     finally:
@@ -339,7 +355,7 @@ def outcome(rig: Rig) -> dict[str, Any]:
     logs = {n: d.log_text() for n, d in fc.agents.items()}
     truth = fake_ground_truth(fc.fake_root)
     moved = sorted(vm for vm, nodes in rig.placement.items() if truth.get(vm) != nodes)
-    fences = [n for n in NODES if rig.store.get(KS.fence(n)) is not None]
+    fences = sorted(rig.cluster.snapshot().fences)
     failed = [e for t in logs.values() for e in events(t, "keepalive_failed")]
     return {
         "guard_fires": sum(len(events(t, "guard_fired")) for t in logs.values()),
@@ -357,13 +373,15 @@ def outcome(rig: Rig) -> dict[str, Any]:
 
 
 def run(config: ClusterConfig, rounds: int, stall_s: float, workdir: Path,
-        kinds: list[str] | None = None, net: EtcdNet | None = None) -> dict[str, Any]:
-    with fault_rig(config, workdir, net) as rig:
+        kinds: list[str] | None = None, net: EtcdNet | None = None, keyspace: int = 1
+        ) -> dict[str, Any]:
+    with fault_rig(config, workdir, net, keyspace) as rig:
         for _ in range(rounds):
             for _name, fault in chosen_faults(stall_s, kinds, cut=net is not None):
                 fault(rig)
         time.sleep(config.lease_ttl_s)  # a late consequence would show by now
-        return {"config": config.model_dump(by_alias=True), "rounds": rounds,
+        return {"config": config.model_dump(by_alias=True), "keyspace": keyspace,
+                "rounds": rounds,
                 "stall_s": stall_s, "members_in_netns": net is not None, "faults": rig.log,
                 **outcome(rig)}
 
@@ -375,7 +393,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def _in_namespaces(args: argparse.Namespace) -> int:
     net = EtcdNet(f"vmha-ef-{os.getpid()}")
     argv = ["--rounds", str(args.rounds), "--stall", str(args.stall), "--out",
-            str(Path(args.out).resolve()), "--net-prefix", net.prefix]
+            str(Path(args.out).resolve()), "--net-prefix", net.prefix,
+            "--keyspace", str(args.keyspace)]
     if args.faults:
         argv += ["--faults", args.faults]
     return net.run_inside([sys.executable, "-m", "bench.etcd_faults", *argv])
@@ -390,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{','.join(FAULT_KINDS)} (default: each kind but cutoff-leader)")
     ap.add_argument("--loopback", action="store_true",
                     help="etcd members on loopback, no namespaces (no root; no cutoff)")
+    ap.add_argument("--keyspace", type=int, choices=(1, 2), default=1,
+                    help="the keyspace the cluster runs on (default 1)")
     ap.add_argument("--net-prefix", help=argparse.SUPPRESS)  # run inside the rig namespace
     args = ap.parse_args(argv)
     kinds = args.faults.split(",") if args.faults else None
@@ -414,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     elif wants_cut:
         ap.error("the cutoff fault needs network namespaces, not --loopback")
     wd = Path(tempfile.mkdtemp(prefix="vmha-bench-"))
-    res = run(ClusterConfig(), args.rounds, args.stall, wd, kinds, net)
+    res = run(ClusterConfig(), args.rounds, args.stall, wd, kinds, net, args.keyspace)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "faults"}, indent=2))

@@ -1,7 +1,9 @@
 """A restarted agent pets the guard service as soon as etcd has renewed its lease, before
 the slower parts of adopting the registration (libvirt's host facts, two reads, a
 write): on a loaded host those can take longer than what is left of the guard's
-timeout, and the guard then destroys every VM of a node whose lease never lapsed."""
+timeout, and the guard then destroys every VM of a node whose lease never lapsed.  On
+keyspace 1 and 2 (keyspace 2: the previous process left its liveness lease too, and
+the new one pets once both are renewed)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from fencing.guard_client import SocketGuardClient
 from fencing.policy import guard_timeout, self_fence_deadline
 from hypervisor.fake import FakeHypervisor, fake_ground_truth
 from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import Keyspace, NodeRegistration, Placement, VmSpec
-from schemas.models import AgentInfo, Capacity
+from schemas import Keyspace, NodeRegistration, VmSpec
+from schemas.keys_v2 import KeyspaceV2
+from schemas.models import AgentInfo, AliveRecord, Capacity
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.fencing.procs import popen
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace, place_boot
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -46,9 +50,13 @@ def dead_pid() -> int:
     return p.pid
 
 
-def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_path: Path,
+                                                        keyspace: int) -> None:
     cfg = TEST_CONFIG
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)
     store.put(KS.config, cfg.to_json())
     sock = str(tmp_path / "guard.sock")
     guard = popen([sys.executable, "-m", "fencing.guard", "--socket", sock,
@@ -58,11 +66,8 @@ def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_p
                and host_pid.read_text() == str(guard.pid), 10, what="guard up")
     hv = SlowFactsHypervisor(tmp_path, "n1", host_pid=guard.pid)
     hv.boot("vm1", XML.format("vm1"))
-    store.put(KS.vm_spec("vm1"), VmSpec(name="vm1", domain_xml=XML.format("vm1"),
-                                        memory_mib=64, vcpus=1).to_json())
-    store.put(KS.vm_placement("vm1"), Placement(id="p1", vm="vm1", node="n1", kind="boot",
-                                                epoch=1, reason="test",
-                                                decided_at=time.time()).to_json())
+    place_boot(store, keyspace, "vm1", "n1", "p1", VmSpec(
+        name="vm1", domain_xml=XML.format("vm1"), memory_mib=64, vcpus=1))
 
     # The previous agent process: its leased registration, and its last pet.
     sent = time.monotonic()
@@ -73,7 +78,11 @@ def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_p
                             agent=AgentInfo(hostname=socket.gethostname(), pid=dead_pid(),
                                             version="test"),
                             registered_at=time.time())
-    store.put(KS.node("n1"), prev.to_json(), lease=lease)
+    store.put(view.cluster.reg_key("n1"), prev.to_json(), lease=lease)
+    if keyspace == 2:  # and its liveness lease (keyspace 1's agent grants a new one)
+        alive = store.grant_lease(cfg.lease_ttl_s)
+        store.put(KeyspaceV2().alive("n1"), AliveRecord(
+            node="n1", lease_id=f"{alive:x}", at=time.time()).to_json(), lease=alive)
     old = SocketGuardClient(sock, "n1")
     old.pet(self_fence_deadline(sent, cfg), guard_timeout(cfg))
     old.close()  # SIGKILLed: the guard stays armed
@@ -88,7 +97,7 @@ def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_p
     child.start()
     try:
         def adopted() -> bool:
-            kv = store.get(KS.node("n1"))
+            kv = store.get(view.cluster.reg_key("n1"))
             return kv is not None and NodeRegistration.from_json(kv.value).agent.pid == child.pid
 
         wait_until(lambda: adopted() or not child.is_alive(), 15, what="registration adopted")
@@ -103,6 +112,7 @@ def test_adopting_agent_pets_before_the_slow_host_facts(etcd: EtcdCluster, tmp_p
             guard.kill()
             guard.wait(5)
         store.close()
+        view.close()
 
 
 def run_agent(endpoints: str, root: Path, host_pid: int, sock: str, slow_s: float) -> None:

@@ -13,11 +13,11 @@ import pytest
 
 from bench.campaign import Campaign
 from fencing.policy import fence_window
-from schemas import FenceRecord, Keyspace
+from schemas import FenceRecord
 from tests.harness import wait_until
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 
 pytestmark = pytest.mark.integration
-KS = Keyspace()
 
 
 def vmha(c: Campaign, *args: str) -> subprocess.CompletedProcess[str]:
@@ -27,13 +27,16 @@ def vmha(c: Campaign, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def fence(c: Campaign, node: str) -> FenceRecord | None:
-    assert c.store is not None
-    kv = c.store.get(KS.fence(node))
-    return FenceRecord.from_json(kv.value) if kv else None
+    """The node's fence record, on the keyspace the campaign runs."""
+    assert c.etcd is not None
+    with ClusterView(c.etcd.endpoints) as view:
+        return view.fence(node)
 
 
-def test_failed_external_fence_blocks_recovery_until_manual_confirm(tmp_path: Path) -> None:
-    c = Campaign(9, tmp_path, fence_policy="external", verbose=False)
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_failed_external_fence_blocks_recovery_until_manual_confirm(tmp_path: Path,
+                                                                   keyspace: int) -> None:
+    c = Campaign(9, tmp_path, fence_policy="external", verbose=False, keyspace=keyspace)
     try:
         c.start()
         node = max(c.nodes, key=lambda n: len(c.vms_on(n)))

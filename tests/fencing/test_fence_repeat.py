@@ -27,7 +27,8 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.fencing.procs import popen as _popen
 from tests.harness import EtcdCluster, wait_until
-from tests.integration.helpers import active, place_one, spec, start_agent
+from tests.integration.helpers import active, spec, start_agent
+from tests.integration.keyspaces import KEYSPACES, mark_keyspace, place_boot
 
 KS = Keyspace()
 XML = "<domain><name>{0}</name></domain>"
@@ -128,12 +129,15 @@ def test_guard_destroys_a_domain_started_after_it_fired(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_self_fence_retries_a_failed_list_and_destroy_until_registered_again(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
     hv = FlakyFake(tmp_path, "n1")
     marker = tmp_path / "n1" / "fenced"
-    place_one(store, TEST_CONFIG, "app", "n1", "p1")
+    store.put(KS.config, TEST_CONFIG.to_json())
+    place_boot(store, keyspace, "app", "n1", "p1")
     agent, t = start_agent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv, "n1")
     try:
         wait_until(lambda: active(hv) == ["app"], 30, what="app booted")

@@ -11,16 +11,25 @@ The keyspace-2 variants carry the `keyspace2` marker (`-m keyspace2` runs only t
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any
 
 import pytest
 
 from cli.cluster import Cluster, keyspace_of
 from schemas.keys_v2 import KeyspaceV2
-from schemas.models import FenceRecord, LeaderRecord, NodeRegistration, Placement, VmStatus
+from schemas.models import (
+    FenceRecord,
+    LeaderRecord,
+    NodeRegistration,
+    Placement,
+    VmSpec,
+    VmStatus,
+)
 from schemas.snapshot import ClusterSnapshot, Entry
 from store.etcd import EtcdStore
-from tests.integration.helpers_v2 import mark_keyspace_2
+from tests.integration.helpers_v2 import Leader, mark_keyspace_2
 
 #: `pytest.mark.parametrize("keyspace", KEYSPACES)`: a test on keyspace 1 and 2.
 KEYSPACES = [pytest.param(1, id="ks1"), pytest.param(2, id="ks2", marks=pytest.mark.keyspace2)]
@@ -44,6 +53,29 @@ def mark_keyspace(endpoints: str, keyspace: int) -> None:
         mark_keyspace_2(store)
     finally:
         store.close()
+
+
+_LEADERS: weakref.WeakKeyDictionary[EtcdStore, Leader] = weakref.WeakKeyDictionary()
+
+
+def place_boot(store: EtcdStore, keyspace: int, vm: str, node: str, pid: str,
+               vm_spec: VmSpec | None = None) -> None:
+    """`vm`'s spec (`vm_spec`; default 64 MiB, 1 vCPU) and a boot placement `pid` of it
+    on `node`, written as the leader of `keyspace` writes them: for the in-process agent
+    tests, where the test plays the leader (no orchestrator runs)."""
+    if keyspace == 2:
+        # One term per store: a second Leader's put of the leader key would end the
+        # first one's (the epoch is the key's create revision).
+        leader = _LEADERS.get(store)
+        if leader is None:
+            leader = _LEADERS[store] = Leader(store)
+        leader.place(vm, node, pid=pid, vm_spec=vm_spec)
+        return
+    from tests.integration.helpers import KS, spec
+
+    store.put(KS.vm_spec(vm), (vm_spec or spec(vm)).to_json())
+    store.put(KS.vm_placement(vm), Placement(id=pid, vm=vm, node=node, kind="boot", epoch=1,
+                                             reason="test", decided_at=time.time()).to_json())
 
 
 class ClusterView:

@@ -1,4 +1,7 @@
-"""Agent behaviours driven in-process against real etcd and the fake hypervisor."""
+"""Agent behaviours driven in-process against real etcd and the fake hypervisor.  The
+adoption, the clean-up and the self-fence on keyspace 1 and 2; the registration races
+on keyspace 1 (keyspace 2's registration is test_agent_v2.py's and
+test_liveness_fence_v2.py's)."""
 
 from __future__ import annotations
 
@@ -11,33 +14,34 @@ from structlog.testing import capture_logs
 
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
-from schemas import ClusterConfig, Keyspace, NodeRegistration, Placement, VmStatus
+from schemas import ClusterConfig, Keyspace, NodeRegistration
 from schemas.models import AgentInfo, Capacity
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
 from tests.integration.helpers import place_one, spec, start_agent
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace, place_boot
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
 
 
-def test_agent_start_adopts_running_vm_without_reboot(etcd: EtcdCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_agent_start_adopts_running_vm_without_reboot(etcd: EtcdCluster, tmp_path: Path,
+                                                      keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)
     store.put(KS.config, TEST_CONFIG.to_json())
     hv = FakeHypervisor(tmp_path, "n1")
     hv.boot("web", spec("web").domain_xml)  # already running when the agent starts
     booted_at = (tmp_path / "n1" / "domains" / "web.json").read_text()
-    store.put(KS.vm_spec("web"), spec("web").to_json())
-    store.put(KS.vm_placement("web"), Placement(id="p1", vm="web", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
+    place_boot(store, keyspace, "web", "n1", "p1")
     agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2))
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
-        wait_until(lambda: store.get(KS.vm_status("web")), 10, what="status report")
-        st = VmStatus.from_json(store.get(KS.vm_status("web")).value)  # type: ignore[union-attr]
+        st = wait_until(lambda: view.status("web"), 10, what="status report")
         assert (st.node, st.state, st.placement_id) == ("n1", "running", "p1")
         time.sleep(0.5)
         # Same domain record: not rebooted.
@@ -47,40 +51,46 @@ def test_agent_start_adopts_running_vm_without_reboot(etcd: EtcdCluster, tmp_pat
         agent.wake.set()
         t.join(5)
         store.close()
+        view.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_rejoining_node_cleans_up_crashed_domain_never_boots_it(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)
     store.put(KS.config, TEST_CONFIG.to_json())
     # A domain left defined-but-crashed from before the node died; the VM now lives on n2.
     dead = FakeHypervisor(tmp_path, "n1", host_pid=2 ** 22 + 12345)  # a pid that is not alive
     dead.boot("db", spec("db").domain_xml)
     assert dead.list_domains()["db"].state == "crashed"
-    store.put(KS.vm_spec("db"), spec("db").to_json())
-    store.put(KS.vm_placement("db"), Placement(id="p2", vm="db", node="n2", kind="boot",
-                                                epoch=1, reason="re-placed after fence",
-                                                decided_at=time.time()).to_json())
+    place_boot(store, keyspace, "db", "n2", "p2")  # re-placed after n1's fence
     hv = FakeHypervisor(tmp_path, "n1")
     agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2))
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
         wait_until(lambda: "db" not in hv.list_domains(), 10, what="left-over undefined")
-        assert store.get(KS.vm_status("db")) is None  # never reported as running here
+        assert view.status("db") is None  # never reported as running here
     finally:
         agent.stopped.set()
         agent.wake.set()
         t.join(5)
         store.close()
+        view.close()
 
 
-def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: Path,
+                                                  keyspace: int) -> None:
     """etcd unreachable: the agent destroys its domains before its lease could expire,
     and does not cordon itself (that would be a drain)."""
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
     hv = FakeHypervisor(tmp_path, "n1")
-    place_one(store, TEST_CONFIG, "app", "n1", "p3")
+    store.put(KS.config, TEST_CONFIG.to_json())
+    place_boot(store, keyspace, "app", "n1", "p3")
     agent, t = start_agent(EtcdStore(etcd.endpoints, retry_budget=0.3, timeout=0.3), hv, "n1")
     try:
         wait_until(lambda: hv.list_domains().get("app") and hv.list_domains()["app"].active, 10,
@@ -103,7 +113,8 @@ def test_etcd_loss_self_fences_and_is_not_a_drain(etcd: EtcdCluster, tmp_path: P
         t.join(5)
     etcd.start_member(etcd.members[0])
     etcd.wait_ready()
-    assert store.get(KS.cordon("n1")) is None, "etcd loss must not cordon the node"
+    with ClusterView(etcd.endpoints) as view:
+        assert not view.cordoned("n1"), "etcd loss must not cordon the node"
     store.close()
 
 

@@ -101,12 +101,13 @@ def test_agent_sigkilled_and_restarted_within_the_ttl_keeps_its_vms(
         store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     """A loaded host: the new agent process comes up after the guard's timeout (4.5 s)
     has run out since the old one's last pet.  The guard service holds the lease
     meanwhile (fencing.lease_hold), so it does not fire and nothing moves."""
-    fc = cluster(etcd, tmp_path)
+    fc = cluster(etcd, tmp_path, keyspace=keyspace)
     store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n2")
@@ -126,10 +127,11 @@ def test_a_restart_slower_than_the_guard_timeout_keeps_its_vms(
         store.close()
 
 
-def test_sigusr2_restarts_in_place(etcd: EtcdCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_sigusr2_restarts_in_place(etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     """Also: the liveness lease gone while the agent restarts (revoked here): the new
     process adopts the registration with a new liveness lease, no drain."""
-    fc = cluster(etcd, tmp_path)
+    fc = cluster(etcd, tmp_path, keyspace=keyspace)
     store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n1")
@@ -162,10 +164,12 @@ def fake_systemctl(tmp_path: Path, job: str) -> tuple[str, ...]:
     return ("--systemd-unit", "vmha-agent.service")
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_systemctl_restart_restarts_in_place(etcd: EtcdCluster, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             keyspace: int) -> None:
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
-    fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "restart"))
+    fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "restart"), keyspace=keyspace)
     store = ClusterView(etcd.endpoints)
     try:
         before = on(fc, "n3")
@@ -181,10 +185,12 @@ def test_systemctl_restart_restarts_in_place(etcd: EtcdCluster, tmp_path: Path,
         store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_systemctl_stop_still_drains_and_disarms(etcd: EtcdCluster, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                             keyspace: int) -> None:
     monkeypatch.setenv("PATH", os.environ["PATH"])
-    fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "stop"))
+    fc = cluster(etcd, tmp_path, extra=fake_systemctl(tmp_path, "stop"), keyspace=keyspace)
     store = ClusterView(etcd.endpoints)
     try:
         victims = on(fc, "n3")
@@ -240,10 +246,12 @@ def test_not_restarted_the_guard_destroys_the_vms_before_the_fence_window_ends(
         store.close()
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_a_drain_that_cannot_finish_destroys_revokes_and_exits(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     """One node: its VMs have nowhere to go, so the drain on stop cannot finish."""
-    fc = cluster(etcd, tmp_path, nodes=1, vms=6, extra=("--drain-timeout-s", "3"))
+    fc = cluster(etcd, tmp_path, nodes=1, vms=6, extra=("--drain-timeout-s", "3"),
+                 keyspace=keyspace)
     store = ClusterView(etcd.endpoints)
     try:
         agent = fc.agents["n1"]

@@ -1,6 +1,6 @@
 """A programming error in a daemon's cycle is logged with the revision and traceback and
 the cycle is retried with backoff; the daemon never exits for it, and its lease keeps
-being renewed meanwhile (issue 11)."""
+being renewed meanwhile (issue 11).  On keyspace 1 and 2."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from cli.common import default_domain_xml
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
 from orchestrator.leader import Orchestrator
+from orchestrator.leader_v2 import OrchestratorV2
 from schemas import Keyspace, Placement, VmSpec
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.helpers_v2 import Leader
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -48,15 +51,22 @@ def _close(store: EtcdStore) -> None:
     store.close()
 
 
-def test_agent_survives_a_bug_in_its_cycle(etcd: EtcdCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_agent_survives_a_bug_in_its_cycle(etcd: EtcdCluster, tmp_path: Path,
+                                           keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
+    view = ClusterView(etcd.endpoints)
     store.put(KS.config, TEST_CONFIG.to_json())
-    xml = default_domain_xml("web", 64, 1)
-    store.put(KS.vm_spec("web"), VmSpec(name="web", domain_xml=xml, memory_mib=64,
-                                        vcpus=1).to_json())
-    store.put(KS.vm_placement("web"), Placement(id="p1", vm="web", node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
+    if keyspace == 2:  # the leader's placement of web on n1 (its spec added first)
+        Leader(store).place("web", "n1", pid="p1")
+    else:
+        xml = default_domain_xml("web", 64, 1)
+        store.put(KS.vm_spec("web"), VmSpec(name="web", domain_xml=xml, memory_mib=64,
+                                            vcpus=1).to_json())
+        store.put(KS.vm_placement("web"), Placement(id="p1", vm="web", node="n1", kind="boot",
+                                                     epoch=1, reason="test",
+                                                     decided_at=time.time()).to_json())
     hv = FakeHypervisor(tmp_path, "n1")
     with capture_logs() as logs:
         agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2))
@@ -70,11 +80,12 @@ def test_agent_survives_a_bug_in_its_cycle(etcd: EtcdCluster, tmp_path: Path) ->
             assert t.is_alive()
             reg = agent.reg
             assert reg is not None and reg.keeper.valid()
-            assert store.get(KS.node("n1")) is not None
+            assert view.registered("n1")
         finally:
             agent.stopped.set()
             agent.wake.set()
             t.join(10)
+            view.close()
             _close(store)
     failed = [e for e in logs if e["event"] == "cycle_failed"]
     assert len(failed) == FAILURES
@@ -83,11 +94,14 @@ def test_agent_survives_a_bug_in_its_cycle(etcd: EtcdCluster, tmp_path: Path) ->
     assert all(0 < e["retry_in_s"] <= 10 for e in failed)
 
 
-def test_orchestrator_survives_a_bug_in_its_cycle(etcd: EtcdCluster) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_orchestrator_survives_a_bug_in_its_cycle(etcd: EtcdCluster, keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
     store.put(KS.config, TEST_CONFIG.to_json())
     with capture_logs() as logs:
-        orch = Orchestrator(store, ident="a", poll_interval_s=0.2)
+        orch = (OrchestratorV2 if keyspace == 2 else Orchestrator)(store, ident="a",
+                                                                   poll_interval_s=0.2)
         flaky = Flaky(orch.cycle, RuntimeError("a bug"))
         orch.cycle = flaky  # type: ignore[method-assign]
         t = threading.Thread(target=orch.run, daemon=True)

@@ -7,14 +7,16 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hypervisor.fake import fake_ground_truth
 from lab.localcluster import free_ports
-from tests.conftest import vmha
+from tests.conftest import make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,8 +145,18 @@ def test_config_files_validate_and_apply(etcd: EtcdCluster, tmp_path: Path) -> N
     assert r.returncode == 2 and "libvirt_url" in r.stderr
 
 
-def test_metrics_endpoints(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
-    fc = fake_cluster
+@pytest.fixture
+def fc(etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> Iterator[FakeCluster]:
+    """The fake cluster on `keyspace` (tests/integration/keyspaces.py)."""
+    cluster = make_fake_cluster(etcd, tmp_path, keyspace=keyspace)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_metrics_endpoints(etcd: EtcdCluster, fc: FakeCluster) -> None:
     p_orch, p_agent = free_ports(2)
     fc.start_agent("n1", extra=("--metrics-listen", f"127.0.0.1:{p_agent}"))
     fc.start_orchestrator("o1", extra=("--metrics-listen", f"127.0.0.1:{p_orch}"))

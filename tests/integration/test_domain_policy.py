@@ -16,7 +16,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster
 from tests.integration.helpers import domain_record, log_events
-from tests.integration.keyspaces import ClusterView
+from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace, place_boot
 from tests.integration.test_vm_failures import events, spec, status, status_when
 from tests.unit.test_domain_policy import PCI_HOSTDEV, REFUSED, with_devices
 
@@ -84,16 +84,19 @@ def test_cli_refuses_each_element_naming_it_and_allows_it_when_configured(
     assert refused.returncode == 2 and "<hostdev>" in refused.stderr
 
 
-def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: Path) -> None:
-    fc = make_fake_cluster(etcd, tmp_path, CONFIG)
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_agent_refuses_specs_written_past_the_cli(etcd: EtcdCluster, tmp_path: Path,
+                                                  keyspace: int) -> None:
+    fc = make_fake_cluster(etcd, tmp_path, CONFIG, keyspace)
     store = EtcdStore(etcd.endpoints)
     view = ClusterView(etcd.endpoints)  # reads, on the keyspace the marker names
     try:
         fc.start_agent("n1")
         fc.start_orchestrator("o1")
+        # Straight into etcd, past the CLI's checks (on the keyspace the marker names).
         for case in CASES:
-            store.put(KS.vm_spec(_vm(case)), spec(_vm(case), _xml(case)).to_json())
-        store.put(KS.vm_spec("gpu"), spec("gpu", with_devices("gpu", PCI_HOSTDEV)).to_json())
+            assert view.cluster.add_spec(spec(_vm(case), _xml(case))).succeeded
+        assert view.cluster.add_spec(spec("gpu", with_devices("gpu", PCI_HOSTDEV))).succeeded
         status_when(view, "gpu", lambda s: s.state == "running", 30, "allowed gpu running")
         for case in CASES:
             vm, named = _vm(case), REFUSED[case][2]
@@ -133,31 +136,28 @@ NODE_XML = """<node>
 </node>"""
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_agent_on_libvirt_test_driver_defines_nothing_the_policy_refuses(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
     """libvirt's test driver defines and starts a PCI <hostdev> or a disk on /etc/shadow
     without complaint: only the agent's gate keeps them out."""
     import threading
-    import time
 
     from hypervisor.libvirt_adapter import LibvirtHypervisor
     from nodeagent.agent import AgentOptions, NodeAgent
-    from schemas import Placement
     from tests.unit.test_domain_policy import disk
 
     node = tmp_path / "node.xml"
     node.write_text(NODE_XML)
     hv = LibvirtHypervisor(f"test://{node}")
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
     view = ClusterView(etcd.endpoints)
     store.put(KS.config, CONFIG.to_json())
     xmls = {"gpu": with_devices("gpu", PCI_HOSTDEV), "gpu2": with_devices("gpu2", PCI_HOSTDEV),
             "shadow": with_devices("shadow", disk("/etc/shadow"))}
     for i, (vm, xml) in enumerate(sorted(xmls.items())):
-        store.put(KS.vm_spec(vm), spec(vm, xml).to_json())
-        store.put(KS.vm_placement(vm), Placement(id=f"p{i}", vm=vm, node="n1", kind="boot",
-                                                 epoch=1, reason="test",
-                                                 decided_at=time.time()).to_json())
+        place_boot(store, keyspace, vm, "n1", f"p{i}", spec(vm, xml))
     agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2))
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()

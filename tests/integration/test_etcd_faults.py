@@ -4,7 +4,14 @@ quorum never fences a healthy node; one that loses it for longer than the TTL do
 3-member etcd, 3 agents on the fake hypervisor, 2 orchestrators, 6 VMs; the faults
 and the counts come from bench.etcd_faults (its ``main`` is the long form).  The cutoff
 (every packet of one member dropped) needs each member in a network namespace: that
-test runs the bench's ``main`` as root, which makes the namespaces and deletes them."""
+test runs the bench's ``main`` as root, which makes the namespaces and deletes them.
+
+On both keyspaces (tests/integration/keyspaces.py), but for the keepalive test, which
+runs no daemon and writes no key.  The keyspace-2 variant of the faults with quorum runs
+one fault of each kind (on a different member each) rather than each kind on each
+member: the keepalives those faults test are the same code on both keyspaces, what
+keyspace 2 adds is its registration, liveness and status keys under them, and one of
+each keeps the suite's time (the keyspace-1 variant takes about 70 s)."""
 
 from __future__ import annotations
 
@@ -14,16 +21,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench.etcd_faults import events, every_fault, fault_rig, leader_index, outcome
+from bench.etcd_faults import Rig, events, every_fault, fault_rig, leader_index, outcome
 from hypervisor.fake import fake_ground_truth
 from lab.etcdnet import netns_usable
 from schemas import ClusterConfig
 from store.etcd import EtcdStore, StoreUnavailable
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +42,13 @@ pytestmark = pytest.mark.integration
 # `make bench-etcd-faults` (results/bench-etcd-faults.json); 8 s keeps the suite short.
 STALL_S = 8.0
 BLACKHOLE_S = 7.0
+# Keyspace 2's faults: each kind once, the per-member kinds each on another member.
+ONE_OF_EACH_KIND = ("stall m0", "kill m1", "rolling restart", "blackhole m2", "move-leader")
+
+
+def faults_for(keyspace: int) -> list[tuple[str, Callable[[Rig], None]]]:
+    faults = every_fault(STALL_S, BLACKHOLE_S)
+    return faults if keyspace == 1 else [f for f in faults if f[0] in ONE_OF_EACH_KIND]
 
 
 def test_keepalive_leaves_a_stalled_member_at_once(etcd3: EtcdCluster) -> None:
@@ -64,10 +80,14 @@ def test_keepalive_leaves_a_stalled_member_at_once(etcd3: EtcdCluster) -> None:
         granter.close()
 
 
-def test_member_faults_with_quorum_fence_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_member_faults_with_quorum_fence_nothing(tmp_path: Path, keyspace: int) -> None:
     cfg = ClusterConfig()
-    with fault_rig(cfg, tmp_path) as rig:
-        for name, fault in every_fault(STALL_S, BLACKHOLE_S):
+    faults = faults_for(keyspace)
+    assert len(faults) == (len(every_fault(STALL_S)) if keyspace == 1 else 5)
+    with fault_rig(cfg, tmp_path, keyspace=keyspace) as rig:
+        assert rig.cluster.version == keyspace
+        for name, fault in faults:
             fault(rig)
             got = outcome(rig)
             assert got["guard_fires"] == 0, (name, got)
@@ -79,12 +99,14 @@ def test_member_faults_with_quorum_fence_nothing(tmp_path: Path) -> None:
         got = outcome(rig)
         assert (got["guard_fires"], got["self_fences"], got["vms_moved"], got["fence_records"],
                 got["daemons_exited"]) == (0, 0, [], [], []), got
-        assert len(rig.log) == len(every_fault(STALL_S))
+        assert len(rig.log) == len(faults)
 
 
-def test_quorum_lost_longer_than_the_ttl_still_self_fences(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_quorum_lost_longer_than_the_ttl_still_self_fences(tmp_path: Path,
+                                                          keyspace: int) -> None:
     cfg = ClusterConfig()
-    with fault_rig(cfg, tmp_path) as rig:
+    with fault_rig(cfg, tmp_path, keyspace=keyspace) as rig:
         stopped = rig.etcd.members[1:]
         for m in stopped:
             assert m.proc is not None
@@ -103,7 +125,8 @@ def test_quorum_lost_longer_than_the_ttl_still_self_fences(tmp_path: Path) -> No
                 m.proc.send_signal(signal.SIGCONT)
 
 
-def test_member_cut_off_by_a_namespace_fences_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyspace", KEYSPACES)
+def test_member_cut_off_by_a_namespace_fences_nothing(tmp_path: Path, keyspace: int) -> None:
     """Issue 11: the raft leader's every packet (to its clients and to its peers) dropped
     for STALL_S (30 s in the bench) by nftables, no RST and no ICMP; the others elect a
     leader, the cut member answers nobody, and no node notices beyond a few failed
@@ -116,7 +139,8 @@ def test_member_cut_off_by_a_namespace_fences_nothing(tmp_path: Path) -> None:
     with open(log, "wb") as sink:
         bench = subprocess.Popen([sys.executable, "-m", "bench.etcd_faults", "--rounds", "1",
                                   "--stall", str(STALL_S), "--faults", "cutoff-leader",
-                                  "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT)
+                                  "--keyspace", str(keyspace), "--out", str(out)],
+                                 stdout=sink, stderr=subprocess.STDOUT)
         try:
             rc = bench.wait(600)
         except subprocess.TimeoutExpired:
@@ -128,7 +152,7 @@ def test_member_cut_off_by_a_namespace_fences_nothing(tmp_path: Path) -> None:
     assert f"vmha-ef-{bench.pid}-" not in leftover, leftover
     assert rc == 0, text[-4000:]
     got = json.loads(out.read_text())
-    assert got["members_in_netns"] is True
+    assert got["members_in_netns"] is True and got["keyspace"] == keyspace
     [cut] = got["faults"]
     # The cut really cuts: a client of the member gets no answer at all (no refused
     # connection, no EPERM), and the members left elected a leader among themselves.

@@ -1,7 +1,8 @@
 """A fence password given through a credential file (systemd's LoadCredential=) reaches
 the fence agent on stdin and appears nowhere else: not in etcd, not in `vmha config
 show` or `vmha snapshot` (table or JSON), not in the daemons' logs or the fence record.
-A URI with a control character is refused wherever it enters."""
+A URI with a control character is refused wherever it enters.  The first on keyspace 1
+and 2 (tests/integration/keyspaces.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 
 from hypervisor.fake import fake_ground_truth
 from lab.configs import FAST_CONFIG
-from schemas import FenceRecord, Keyspace
+from schemas import Keyspace
 from tests.conftest import make_fake_cluster, vmha
 from tests.harness import EtcdCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES, ClusterView
 
 pytestmark = pytest.mark.integration
 KS = Keyspace()
@@ -33,8 +35,10 @@ sys.exit(fence_vmha.main())
 """
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_fence_password_from_a_credential_file_reaches_the_agent_and_nowhere_else(
-        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        keyspace: int) -> None:
     script, stdin_log = tmp_path / "fence_logging.py", tmp_path / "fence-stdin.log"
     script.write_text(AGENT)
     creds = tmp_path / "credentials"
@@ -42,7 +46,7 @@ def test_fence_password_from_a_credential_file_reaches_the_agent_and_nowhere_els
     (creds / "ipmi-password").write_text(SECRET + "\n")
     # What systemd's LoadCredential= gives the orchestrator (the daemons inherit it).
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    fc = make_fake_cluster(etcd, tmp_path)
+    fc = make_fake_cluster(etcd, tmp_path, keyspace=keyspace)
     cfg = FAST_CONFIG.model_dump(by_alias=True, mode="json") | {
         "fence_policy": "external", "fence_retry_initial_s": 0.5, "fence_retry_max_s": 1.0,
         "fence_devices": {
@@ -68,22 +72,18 @@ def test_fence_password_from_a_credential_file_reaches_the_agent_and_nowhere_els
         fc.agents[victim].kill()
 
         def fenced() -> bool:
-            kv = fc_store.get(KS.fence(victim))
-            return kv is not None and FenceRecord.from_json(kv.value).outcome == "success"
+            record = view.fence(victim)
+            return record is not None and record.outcome == "success"
 
-        from store.etcd import EtcdStore
-
-        fc_store = EtcdStore(etcd.endpoints)
-        try:
+        with ClusterView(etcd.endpoints) as view:
             wait_until(fenced, 30, what=f"{victim} fenced by the external agent")
             wait_until(lambda: fake_ground_truth(fc.fake_root).get("m1") not in (None, [victim]),
                        30, what="m1 running on the other node")
-            raw_config = fc_store.get(KS.config)
+            raw_config = view.store.get(KS.config)
             assert raw_config is not None and SECRET not in raw_config.value.decode()
-            record = fc_store.get(KS.fence(victim))
+            entry = view.snapshot().fences[victim]  # the record's key, read as etcd holds it
+            record = view.store.get(entry.key)
             assert record is not None and SECRET not in record.value.decode()
-        finally:
-            fc_store.close()
         # The agent got the password on stdin, after the operator's other parameters.
         first = stdin_log.read_text().split("--\n")[0].splitlines()
         assert f"password={SECRET}" in first and "username=admin" in first

@@ -1,18 +1,32 @@
-"""Operator commands against a real etcd and a running fake cluster (-o json parsed)."""
+"""Operator commands against a real etcd and a running fake cluster (-o json parsed), on
+keyspace 1 and 2 (tests/integration/keyspaces.py)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hypervisor.fake import fake_ground_truth
-from tests.conftest import TEST_CONFIG, vmha
+from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES, ClusterView, keyspaces_failing_on_2
 from tests.integration.test_cluster import boot_cluster, vms_on
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def fake_cluster(etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> Iterator[FakeCluster]:
+    """The fake cluster on `keyspace` (each test below runs on keyspace 1 and 2)."""
+    fc = make_fake_cluster(etcd, tmp_path, keyspace=keyspace)
+    try:
+        yield fc
+    finally:
+        fc.stop()
 
 
 def j(etcd: EtcdCluster, *args: str) -> Any:
@@ -21,6 +35,10 @@ def j(etcd: EtcdCluster, *args: str) -> Any:
     return json.loads(r.stdout)
 
 
+@pytest.mark.parametrize("keyspace", keyspaces_failing_on_2(
+    "keyspace 2: `vmha node drain` leaves no drain event in the history (it cordons; the "
+    "node's agent records a drain only for its own cordon, and the operator writes no "
+    "history on keyspace 2)"))
 def test_drain_wait_history_availability_and_vm_commands(
         etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
     fc = fake_cluster
@@ -38,7 +56,6 @@ def test_drain_wait_history_availability_and_vm_commands(
     migrations = j(etcd, "history", "--kind", "migration")
     assert sorted(e["vm"] for e in migrations) == victims
     assert all(e["from_node"] == "n1" and e["downtime_ms"] is not None for e in migrations)
-    assert j(etcd, "history", "--kind", "drain", "--node", "n1")
     assert j(etcd, "history", "--kind", "leader_elected")
     # A crash: lost node, fence, cold boots, and the outages show in availability.
     crashed = vms_on(fc, "n2")
@@ -72,8 +89,11 @@ def test_drain_wait_history_availability_and_vm_commands(
                  ("history", "--since", "yesterday-ish")):
         r = vmha(etcd, *args)
         assert r.returncode == 2 and r.stderr.startswith("error:"), (args, r.stderr)
+    # Last (the defect of keyspace 2 above): the history has the drain of n1.
+    assert j(etcd, "history", "--kind", "drain", "--node", "n1")
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
     fc = fake_cluster
     boot_cluster(fc, etcd, vms=2)
@@ -90,12 +110,9 @@ def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeClus
     # (its source released); the operator's reason stays.
     assert placement["kind"] in ("migrate", "boot") and placement["node"] == dst
     assert "operator request" in placement["reason"]
-    from schemas import Keyspace
-    from store.etcd import EtcdStore
-
-    store = EtcdStore(etcd.endpoints)
-    wait_until(lambda: store.get(Keyspace().vm_move(vm)) is None, 10, what="request cleared")
-    store.close()
+    with ClusterView(etcd.endpoints) as view:
+        wait_until(lambda: view.store.get(view.cluster.move_key(vm)) is None, 10,
+                   what="request cleared")
     # Bad requests: clear errors, nothing written.
     for args in (("vm", "migrate", vm, "--to", "ghost"), ("vm", "migrate", "ghost", "--to",
                                                           dst)):
@@ -103,6 +120,7 @@ def test_vm_migrate_to_node_by_request(etcd: EtcdCluster, fake_cluster: FakeClus
         assert r.returncode == 2 and r.stderr.startswith("error:"), r.stderr
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_every_listing_parses_as_json(etcd: EtcdCluster, fake_cluster: FakeCluster) -> None:
     boot_cluster(fake_cluster, etcd, vms=2)
     nodes = j(etcd, "node", "list")

@@ -3,7 +3,7 @@
 An agent pair and an orchestrator on the fake hypervisor serve --metrics-listen on
 loopback; a VM boots and live-migrates once (so the migration histograms hold a sample),
 then both outputs go through promtool (Debian package `prometheus`, installed by
-scripts/setup.sh).
+scripts/setup.sh).  On keyspace 1 and 2 (tests/integration/keyspaces.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import re
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hypervisor.fake import fake_ground_truth
 from lab.localcluster import free_ports
-from tests.conftest import vmha
+from tests.conftest import make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
+from tests.integration.keyspaces import KEYSPACES
 
 PROMTOOL = shutil.which("promtool")
 pytestmark = [
@@ -27,6 +30,15 @@ pytestmark = [
     pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run `bash scripts/setup.sh` "
                                                 "(Debian package prometheus)"),
 ]
+
+
+@pytest.fixture
+def fake_cluster(etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> Iterator[FakeCluster]:
+    fc = make_fake_cluster(etcd, tmp_path, keyspace=keyspace)
+    try:
+        yield fc
+    finally:
+        fc.stop()
 
 
 def scrape(port: int) -> str:
@@ -42,6 +54,7 @@ def promtool_problems(text: str) -> str:
     return (r.stdout + r.stderr).strip() if r.returncode != 0 or r.stdout.strip() else ""
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_promtool_accepts_agent_and_orchestrator_metrics(etcd: EtcdCluster,
                                                          fake_cluster: FakeCluster) -> None:
     fc = fake_cluster

@@ -26,6 +26,7 @@ from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG, make_fake_cluster, vmha
 from tests.harness import EtcdCluster, FakeCluster, wait_until
 from tests.integration.helpers import log_events
+from tests.integration.helpers_v2 import Leader
 from tests.integration.keyspaces import KEYSPACES, ClusterView, mark_keyspace
 
 pytestmark = pytest.mark.integration
@@ -241,18 +242,23 @@ class _LockedFake(FakeHypervisor):
         super().destroy(name)
 
 
+@pytest.mark.parametrize("keyspace", KEYSPACES)
 def test_refused_destroy_backs_off_is_reported_once_and_blocks_no_other_vm(
-        etcd: EtcdCluster, tmp_path: Path) -> None:
+        etcd: EtcdCluster, tmp_path: Path, keyspace: int) -> None:
+    mark_keyspace(etcd.endpoints, keyspace)
     store = EtcdStore(etcd.endpoints)
     view = ClusterView(etcd.endpoints)
     store.put(KS.config, CONFIG.to_json())
     hv = _LockedFake(tmp_path, "n1", locked="old")
     xml = default_domain_xml("old", 64, 1)
     hv.boot("old", xml)  # runs here; its spec is then removed: the agent must destroy it
-    store.put(KS.vm_spec("new"), spec("new", default_domain_xml("new", 64, 1)).to_json())
-    store.put(KS.vm_placement("new"), Placement(id="p1", vm="new", node="n1", kind="boot",
-                                                epoch=1, reason="test",
-                                                decided_at=time.time()).to_json())
+    if keyspace == 2:  # the leader's placement of "new" on n1 (its spec added first)
+        Leader(store).place("new", "n1")
+    else:
+        store.put(KS.vm_spec("new"), spec("new", default_domain_xml("new", 64, 1)).to_json())
+        store.put(KS.vm_placement("new"), Placement(id="p1", vm="new", node="n1", kind="boot",
+                                                    epoch=1, reason="test",
+                                                    decided_at=time.time()).to_json())
     agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.1))
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
