@@ -248,3 +248,36 @@ def test_a_partner_replaced_during_a_round_is_not_taken_for_gone(etcd: EtcdClust
         keeper.stop()
         store.close()
         other.close()
+
+
+def test_the_deadline_thread_sleeps_until_the_deadline(etcd: EtcdCluster) -> None:
+    """The deadline monitor reads the clock about once a second, not every 50 ms, and
+    still fires at the deadline: an unrenewed lease fences within the cap of it."""
+    cfg = ClusterConfig(lease_ttl_s=12, keepalive_interval_s=5.0, keepalive_timeout_s=1.0)
+    store = EtcdStore(etcd.endpoints)
+    reads: list[float] = []
+
+    def clock() -> float:
+        reads.append(time.monotonic())
+        return reads[-1]
+
+    fired: list[float] = []
+    try:
+        lease = store.grant_lease(cfg.lease_ttl_s)
+        keeper = LeaseKeeper(store, cfg, lease, time.monotonic(), on_gone=lambda _: None,
+                             on_deadline=lambda: fired.append(time.monotonic()), clock=clock)
+        keeper.start()
+        time.sleep(2.0)  # no round yet (the first comes after 5 s): only the monitor reads
+        assert 1 <= len(reads) <= 4, f"{len(reads)} clock reads in 2 s"
+        keeper.stop()
+        # A deadline 0.3 s away fires when due, not at the next whole second.
+        late = LeaseKeeper(store, cfg, lease, time.monotonic() - (cfg.lease_ttl_s
+                           - cfg.self_fence_safety_s) + 0.3, on_gone=lambda _: None,
+                           on_deadline=lambda: fired.append(time.monotonic()))
+        due = late.deadline
+        late.start()
+        wait_until(lambda: fired, 5, what="the deadline fired")
+        late.stop()
+        assert fired[0] >= due
+    finally:
+        store.close()
