@@ -22,6 +22,7 @@ from cli.common import (
     node_state,
 )
 from schemas import CordonMarker
+from schemas.models import DRAIN_REASON
 
 
 def _vms_on(snap: Any, node: str) -> list[str]:
@@ -130,7 +131,8 @@ def cmd_node_drain(args: argparse.Namespace) -> int:
         store.revoke_lease(int(lease, 16))
         how = f"lease {lease} revoked"
     else:
-        cluster.cordon(CordonMarker(node=args.name, reason="drain", by="cli", at=time.time()))
+        cluster.cordon(CordonMarker(node=args.name, reason=DRAIN_REASON, by="cli",
+                                     at=time.time()))
         how = f"cordoned ({cluster.cordon_key(args.name)})"
     if args.output != "json":
         print(f"node/{args.name}: {how}; draining {len(before)} VM(s)")

@@ -312,6 +312,11 @@ class NodeRegistration(Model):
         return refuse_control(v, "registered URI or address")
 
 
+# The reason of the cordon `vmha node drain` writes on keyspace 2 (its node's agent
+# records the drain in the history when it sees it).
+DRAIN_REASON = "drain"
+
+
 class CordonMarker(Model):
     """Not leased: a cordoned node stays cordoned until an operator says otherwise."""
 
