@@ -1,10 +1,12 @@
 """Drains never call a fence device, on the lab with real QEMU guests (issue 12, item 3).
 
 A lab of three nodes (libvirtd + QEMU/TCG guests each, one etcd, two orchestrators)
-runs with ``fence_policy = external`` and a fence agent that logs every call before it
-runs the built-in fencer.  Then, round after round over the nodes:
+runs as ``vmha lab up`` starts it (etcd auth on, keyspace 2), with ``fence_policy =
+external`` and a fence agent that logs every call before it runs the built-in fencer.
+Then, round after round over the nodes:
 
-* a drain by lease revoke (``etcdctl lease revoke`` of the node's registration): the agent
+* a drain by lease revoke (root's ``etcdctl lease revoke`` of the node's registration;
+  the operator's role may not revoke leases): the agent
   registers again, cordoned, and live-migrates its guests away; the node is uncordoned;
 * an agent restart: SIGTERM (drain by live migration, leaving marker, revoke, exit 0),
   started again, uncordoned.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +39,15 @@ from fencing.policy import fence_window
 from lab import tiny_guest_xml
 from lab.cluster import LabCluster
 from lab.invariants import DoubleRunChecker, LabTruth
+from lab.labview import reader, reg_key, revoke_registration
+from lab.labview import vmha as lab_vmha
 from lab.localcluster import wait_until
-from schemas import ClusterConfig, Keyspace, NodeRegistration
+from schemas import ClusterConfig, NodeRegistration
+from schemas.keys_v2 import KeyspaceV2
 from schemas.models import FenceDevice
 from store.etcd import EtcdStore
 
-KS = Keyspace()
+KS = KeyspaceV2()
 VMS = tuple(f"vm{i}" for i in range(4))
 
 
@@ -80,14 +84,15 @@ def external_config(workdir: Path) -> tuple[ClusterConfig, Path]:
 
 
 def vmha(lc: LabCluster, *args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "vmha", *lc.common(), *args],
-                       capture_output=True, text=True, timeout=60)
+    """`vmha ARGS` as the operator."""
+    r = lab_vmha(lc, *args)
     if r.returncode != 0:
         raise RuntimeError(f"vmha {' '.join(args)}: {r.stderr}")
 
 
-def registration(store: EtcdStore, node: str) -> tuple[int, NodeRegistration] | None:
-    kv = store.get(KS.node(node))
+def registration(lc: LabCluster, store: EtcdStore,
+                 node: str) -> tuple[int, NodeRegistration] | None:
+    kv = store.get(reg_key(lc, node))
     return (kv.create_revision, NodeRegistration.from_json(kv.value)) if kv else None
 
 
@@ -100,20 +105,20 @@ def drained(lc: LabCluster, node: str) -> bool:
     return not lc.node_domains(node) and all_running(lc)
 
 
-def uncordon(store: EtcdStore, node: str) -> None:
-    store.delete(KS.cordon(node))
-    wait_until(lambda: (r := registration(store, node)) is not None and not r[1].cordoned,
+def uncordon(lc: LabCluster, store: EtcdStore, node: str) -> None:
+    store.delete(KS.cordon(node))  # the operator's `vmha node uncordon`
+    wait_until(lambda: (r := registration(lc, store, node)) is not None and not r[1].cordoned,
                30, 0.05, f"{node} uncordoned")
 
 
 def revoke_drain(lc: LabCluster, store: EtcdStore, node: str) -> None:
-    before = registration(store, node)
+    before = registration(lc, store, node)
     assert before is not None, f"{node} not registered"
-    store.revoke_lease(int(before[1].lease_id, 16))
-    wait_until(lambda: (r := registration(store, node)) is not None and r[0] != before[0]
+    revoke_registration(lc, node)
+    wait_until(lambda: (r := registration(lc, store, node)) is not None and r[0] != before[0]
                and r[1].cordoned, 30, 0.05, f"{node} registered again, cordoned")
     wait_until(lambda: drained(lc, node), 60, 0.05, f"{node} drained")
-    uncordon(store, node)
+    uncordon(lc, store, node)
 
 
 def restart(lc: LabCluster, store: EtcdStore, node: str) -> None:
@@ -127,19 +132,20 @@ def restart(lc: LabCluster, store: EtcdStore, node: str) -> None:
     if not drained(lc, node):
         raise AssertionError(f"{node} exited with guests left: {lc.ground_truth()}")
     lc.start_agent(node)
-    wait_until(lambda: registration(store, node) is not None, 30, 0.05, f"{node} registered")
+    wait_until(lambda: registration(lc, store, node) is not None, 30, 0.05,
+               f"{node} registered")
     if store.get(KS.leaving(node)) is not None:
         raise AssertionError(f"{node}'s leaving marker outlived its new registration")
-    uncordon(store, node)
+    uncordon(lc, store, node)
 
 
 @contextmanager
 def lab_with_guests(workdir: Path, cfg: ClusterConfig) -> Iterator[tuple[LabCluster,
                                                                        EtcdStore]]:
-    lc = LabCluster(workdir / "lab", workdir / "logs")
+    lc = LabCluster(workdir / "lab", workdir / "logs", auth=True)
     try:
         lc.start(cfg.to_json())
-        store = EtcdStore(lc.endpoints)
+        store = reader(lc)
         try:
             for vm in VMS:
                 xml = workdir / f"{vm}.xml"

@@ -1,7 +1,10 @@
 """End to end on the lab: vmha's real agents (LibvirtHypervisor) on lab libvirt nodes.
 
 Three lab nodes with their own libvirtd, a real etcd, one agent per node, two
-orchestrators, and six tiny disk-less QEMU guests (32 MiB).  What the guests really
+orchestrators, and six tiny disk-less QEMU guests (32 MiB).  The lab runs as `vmha lab
+up` starts it: etcd with authentication on, the cluster on keyspace 2, each daemon with
+its own etcd certificate; the tests read etcd as the operator (:mod:`lab.labview`) and
+drain a node as root's `etcdctl lease revoke` of its registration's lease.  What the guests really
 do is read from every libvirtd directly (:meth:`LabCluster.ground_truth`), polled in
 a thread every ~20 ms to catch a VM running on two nodes at once.
 
@@ -15,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,10 +44,13 @@ from lab import (  # noqa: E402
 )
 from lab.cluster import LabCluster, child_pids  # noqa: E402
 from lab.invariants import DoubleRunChecker, LabTruth  # noqa: E402
+from lab.labview import placement as lab_placement  # noqa: E402
+from lab.labview import reader, revoke_registration, vm_status, vm_statuses, vmha  # noqa: E402
 from lab.localcluster import Daemon, wait_until  # noqa: E402
-from schemas import ClusterConfig, Keyspace  # noqa: E402
+from schemas import ClusterConfig  # noqa: E402
+from schemas.keys_v2 import KeyspaceV2  # noqa: E402
 from store.etcd import EtcdStore  # noqa: E402
-from tests.conftest import TEST_CONFIG, vmha  # noqa: E402
+from tests.conftest import TEST_CONFIG  # noqa: E402
 
 
 def _skip_reason() -> str | None:
@@ -63,7 +68,8 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
 ]
 
-KS = Keyspace()
+#: fence and cordon keys are the same on both keyspaces (a keyspace-1 lab reads them too)
+KS = KeyspaceV2()
 VMS = tuple(f"vm{i}" for i in range(6))
 #: Timings measured by the tests, printed at the end (run with -s to see them).
 TIMINGS: dict[str, Any] = {}
@@ -107,9 +113,9 @@ def vms_on(lc: LabCluster, node: str) -> list[str]:
     return sorted(vm for vm, ns in lc.ground_truth().items() if node in ns)
 
 
-def status(store: EtcdStore, vm: str) -> dict[str, Any] | None:
-    kv = store.get(KS.vm_status(vm))
-    return dict(json.loads(kv.value)) if kv else None
+def status(store: EtcdStore, lc: LabCluster, vm: str) -> dict[str, Any] | None:
+    """``vm``'s current status on the lab's keyspace."""
+    return vm_status(store, lc, vm)
 
 
 def all_reported(store: EtcdStore, lc: LabCluster) -> bool:
@@ -117,8 +123,9 @@ def all_reported(store: EtcdStore, lc: LabCluster) -> bool:
         if not d.alive():
             raise AssertionError(f"daemon {d.name} died:\n{d.log_text()[-2000:]}")
     truth = lc.ground_truth()
+    statuses = vm_statuses(store, lc)
     for vm in VMS:
-        st = status(store, vm)
+        st = statuses.get(vm)
         if not (vm in truth and len(truth[vm]) == 1 and st and st["state"] == "running"
                 and st["node"] == truth[vm][0]):
             return False
@@ -127,16 +134,16 @@ def all_reported(store: EtcdStore, lc: LabCluster) -> bool:
 
 @contextmanager
 def running_lab(tmp_path: Path, config: ClusterConfig) -> Iterator[tuple[LabCluster, EtcdStore]]:
-    lc = LabCluster(tmp_path / "lab", tmp_path / "logs")
+    """The lab with auth on (keyspace 2), six guests running; the store is the operator's."""
+    lc = LabCluster(tmp_path / "lab", tmp_path / "logs", auth=True)
     started = time.monotonic()
     lc.start(config.to_json())
-    assert lc.etcd is not None
-    store = EtcdStore(lc.endpoints)
+    store = reader(lc)
     try:
         for vm in VMS:
             xml = tmp_path / f"{vm}.xml"
             xml.write_text(tiny_guest_xml(vm))
-            r = vmha(lc.etcd, "vm", "add", vm, "--memory-mib", "32", "--xml", str(xml))
+            r = vmha(lc, "vm", "add", vm, "--memory-mib", "32", "--xml", str(xml))
             assert r.returncode == 0, r.stderr
         wait_until(lambda: all_reported(store, lc), 40, 0.1, "all VMs running and reported")
         TIMINGS.setdefault("cluster_up_s", []).append(round(time.monotonic() - started, 2))
@@ -172,14 +179,10 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
     lc, store = lab
     victims = vms_on(lc, "n1")
     assert victims, f"the planner spreads {len(VMS)} VMs over 3 nodes: {lc.ground_truth()}"
-    reg = store.get(KS.node("n1"))
-    assert reg is not None
-    lease = json.loads(reg.value)["lease_id"]
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
     with truth_poller(lc).running() as poller:
         t0 = time.monotonic()
-        subprocess.run(["etcdctl", "--endpoints", lc.endpoints, "lease", "revoke", lease],
-                       check=True, capture_output=True)
+        revoke_registration(lc, "n1")  # root's `etcdctl lease revoke`
         wait_until(lambda: not lc.node_domains("n1")
                    and all(v in lc.ground_truth() for v in victims), 30, 0.02, "n1 drained")
         drain_s = time.monotonic() - t0
@@ -202,11 +205,11 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
         for n, d in lc.agents.items():
             assert events(d, "boot", marks[n], vm) == [], f"{vm} cold-booted on {n}"
         def reported(vm: str = vm, node: str = node) -> bool:
-            s = status(store, vm)
+            s = status(store, lc, vm)
             return s is not None and s["node"] == node and s["state"] == "running"
 
         wait_until(reported, 10, 0.05, f"status of {vm} on {node}")
-        st = status(store, vm)
+        st = status(store, lc, vm)
         assert st is not None
         migration = st.get("migration") or {}
         assert migration.get("source") == "n1" and migration.get("target") == node, st
@@ -216,6 +219,12 @@ def test_lease_revoke_drains_by_live_migration(lab: tuple[LabCluster, EtcdStore]
         assert 0 <= migration["downtime_ms"] <= migration["total_ms"], st
         downtimes.append(migration["downtime_ms"])
         TIMINGS.setdefault("status_total_ms", []).append(migration["total_ms"])
+    # What the operator sees: each victim running where libvirt runs it.
+    listed = vmha(lc, "-o", "json", "vm", "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {v["name"]: (v["node"], v["state"]) for v in json.loads(listed.stdout)}
+    assert {vm: rows.get(vm) for vm in victims} == {
+        vm: (truth[vm][0], "running") for vm in victims}, listed.stdout
     # Source empty: no definition left at all (UNDEFINE_SOURCE), per libvirt itself.
     assert lc.node_domains("n1") == {}
     assert qemu_pids(lc.nodes["n1"]) == {}
@@ -303,7 +312,7 @@ def test_agent_restart_adopts_running_vms(lab_noguard: tuple[LabCluster, EtcdSto
         assert poller.seen(vm) == {"n3"}, (vm, poller.seen(vm))
         for n, d in lc.agents.items():
             assert events(d, "boot", marks[n], vm) == [], f"{vm} rebooted on {n}"
-        st = status(store, vm)
+        st = status(store, lc, vm)
         assert st is not None and st["node"] == "n3" and st["state"] == "running"
     assert store.get(KS.fence("n3")) is None
 
@@ -315,27 +324,23 @@ KERNEL_VM = "k0"
 UNLIMITED_MIB_S = 8796093022207
 
 
-def placement(store: EtcdStore, vm: str) -> dict[str, Any] | None:
-    kv = store.get(KS.vm_placement(vm))
-    return dict(json.loads(kv.value)) if kv else None
+def placement(store: EtcdStore, lc: LabCluster, vm: str) -> dict[str, Any] | None:
+    return lab_placement(store, lc, vm)
 
 
-def revoke_lease(lc: LabCluster, store: EtcdStore, node: str) -> None:
-    reg = store.get(KS.node(node))
-    assert reg is not None
-    subprocess.run(["etcdctl", "--endpoints", lc.endpoints, "lease", "revoke",
-                    json.loads(reg.value)["lease_id"]], check=True, capture_output=True)
+def revoke_lease(lc: LabCluster, node: str) -> None:
+    """Drain ``node``: root's `etcdctl lease revoke` of its registration's lease."""
+    revoke_registration(lc, node)
 
 
-def add_kernel_guest(lc: LabCluster, store: EtcdStore, tmp_path: Path,
+def add_kernel_guest(lc: LabCluster, tmp_path: Path,
                      min_uptime: float = 3.0) -> tuple[str, Path]:
     """Declare the Linux guest, wait until it runs and has printed ``min_uptime``;
     return (its node, its console log)."""
-    assert lc.etcd is not None
     console = tmp_path / f"{KERNEL_VM}.console.log"
     xml = tmp_path / f"{KERNEL_VM}.xml"
     xml.write_text(kernel_guest_xml(KERNEL_VM, DEFAULT_CACHE, console))
-    r = vmha(lc.etcd, "vm", "add", KERNEL_VM, "--memory-mib", "96", "--xml", str(xml))
+    r = vmha(lc, "vm", "add", KERNEL_VM, "--memory-mib", "96", "--xml", str(xml))
     assert r.returncode == 0, r.stderr
     wait_guest_uptime(console, min_uptime, 90)
     wait_until(lambda: len(lc.ground_truth().get(KERNEL_VM, [])) == 1, 10, 0.1, "k0 running")
@@ -352,7 +357,7 @@ def console_values(console: Path, since: int) -> tuple[list[float], bool]:
 def arrived(store: EtcdStore, lc: LabCluster, vm: str, avoid: set[str]) -> str | None:
     """The node ``vm`` runs on and is reported running on, if it is not in ``avoid``."""
     nodes = lc.ground_truth().get(vm, [])
-    st = status(store, vm)
+    st = status(store, lc, vm)
     if len(nodes) == 1 and nodes[0] not in avoid and st and st["state"] == "running" \
             and st["node"] == nodes[0]:
         return nodes[0]
@@ -369,6 +374,7 @@ def test_sigterm_drains_by_live_migration_then_agent_exits_0(
     assert victims
     agent = lc.agents["n1"]
     guards = child_pids(agent.pid)
+    assert store.get(KS.reg("n1")) is not None
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
     with truth_poller(lc).running() as poller:
         t0 = time.monotonic()
@@ -381,7 +387,7 @@ def test_sigterm_drains_by_live_migration_then_agent_exits_0(
     assert rc == 0, agent.log_text()[-3000:]
     assert poller.violations == [], poller.violations
     assert lc.node_domains("n1") == {}
-    assert store.get(KS.node("n1")) is None  # its lease was revoked on the way out
+    assert store.get(KS.reg("n1")) is None  # its lease was revoked on the way out
     assert store.get(KS.cordon("n1")) is not None  # and it comes back cordoned
     assert store.get(KS.fence("n1")) is None  # a drain is not a crash
     assert events(agent, "drained_exiting", marks["n1"])
@@ -390,7 +396,7 @@ def test_sigterm_drains_by_live_migration_then_agent_exits_0(
         assert len(done) == 1, done
         for n, d in lc.agents.items():
             assert events(d, "boot", marks[n], vm) == [], f"{vm} cold-booted on {n}"
-        st = status(store, vm)
+        st = status(store, lc, vm)
         assert st is not None and st["node"] == done[0]["target"]
         assert (st.get("migration") or {}).get("downtime_ms") is not None, st
     # the agent's guard was disarmed and left with it
@@ -404,17 +410,17 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
     source throttled to 4 MiB/s so that the copy takes long enough): the VM keeps
     running on the source, and the leader moves it to a third node."""
     lc, store = lab
-    src, console = add_kernel_guest(lc, store, tmp_path, min_uptime=1.0)
+    src, console = add_kernel_guest(lc, tmp_path, min_uptime=1.0)
     conn = libvirt.open(lc.nodes[src].uri)
     try:
         dom = conn.lookupByName(KERNEL_VM)
         dom.migrateSetMaxSpeed(4, 0)
         marks = {n: log_mark(d) for n, d in lc.agents.items()}
         with truth_poller(lc).running() as poller:
-            revoke_lease(lc, store, src)
+            revoke_lease(lc, src)
 
             def incoming() -> str | None:
-                p = placement(store, KERNEL_VM)
+                p = placement(store, lc, KERNEL_VM)
                 if p is None or p["kind"] != "migrate" or p["from_node"] != src:
                     return None
                 return p["node"] if lc.node_domains(p["node"]).get(KERNEL_VM) == "migrating" \
@@ -444,7 +450,7 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
     assert lc.node_domains(dst).get(KERNEL_VM) in (None, "inactive")
     # the VM was never seen running anywhere but on the source, then the final node
     assert poller.seen(KERNEL_VM) <= {src, final}, poller.seen(KERNEL_VM)
-    p = placement(store, KERNEL_VM)
+    p = placement(store, lc, KERNEL_VM)
     assert p is not None and p["node"] == final and p["node"] != dst, p
     failed = events(lc.agents[src], "migrate_failed", marks[src], KERNEL_VM)
     assert [e["target"] for e in failed] == [dst], failed
@@ -456,7 +462,7 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
     ups, _ = console_values(console, 0)
     assert console.read_bytes().count(b"VMHA-BOOT") == 1
     assert ups == sorted(ups), ups
-    st = status(store, KERNEL_VM)
+    st = status(store, lc, KERNEL_VM)
     assert st is not None and (st.get("migration") or {}).get("target") == final, st
     TIMINGS["failed_migration_retarget_s"] = round(retarget_s, 2)
 
@@ -464,14 +470,14 @@ def test_failed_migration_keeps_vm_on_source_then_leader_picks_another_target(
 def test_kernel_guest_uptime_continues_across_drain(
         lab: tuple[LabCluster, EtcdStore], tmp_path: Path) -> None:
     lc, store = lab
-    src, console = add_kernel_guest(lc, store, tmp_path, min_uptime=4.0)
+    src, console = add_kernel_guest(lc, tmp_path, min_uptime=4.0)
     marks = {n: log_mark(d) for n, d in lc.agents.items()}
     offset = console.stat().st_size
     with truth_poller(lc).running() as poller:
         before = guest_uptime(console)
         assert before is not None
         t0 = time.monotonic()
-        revoke_lease(lc, store, src)
+        revoke_lease(lc, src)
         dst = str(wait_until(lambda: arrived(store, lc, KERNEL_VM, {src}), 30, 0.05,
                              "k0 live-migrated"))
         moved_s = time.monotonic() - t0
@@ -484,7 +490,7 @@ def test_kernel_guest_uptime_continues_across_drain(
     assert after >= before + 2.0
     for n, d in lc.agents.items():
         assert events(d, "boot", marks[n], KERNEL_VM) == [], f"k0 cold-booted on {n}"
-    st = status(store, KERNEL_VM)
+    st = status(store, lc, KERNEL_VM)
     assert st is not None and st["node"] == dst
     mig = st.get("migration") or {}
     assert mig.get("source") == src and mig.get("target") == dst, st

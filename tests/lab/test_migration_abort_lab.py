@@ -7,7 +7,10 @@ nothing on that node destroys the incoming domain: only the source's abort stops
 copy from landing there.  (Its other VMs then run twice, the documented gap of a
 disabled guard; the test checks the migrating guest only.)  Before issue 12 the leader
 re-placed the VM once the destination was fenced while the copy still ran, and the copy
-then landed."""
+then landed.
+
+The lab runs with etcd authentication on, the cluster on keyspace 2 (`running_lab`), and
+the source is drained by root's revoke of its registration's lease."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import TypeVar
 
 import pytest
 
+from lab import qemu_pids
 from lab.cluster import LabCluster
 from lab.localcluster import wait_until
 from store.etcd import EtcdStore
@@ -31,7 +35,6 @@ from tests.lab.test_e2e import (
     lab_noguard,
     log_mark,
     placement,
-    qemu_pids,
     revoke_lease,
     truth_poller,
 )
@@ -49,17 +52,17 @@ def lc_wait(pred: Callable[[], T], timeout: float, what: str) -> T:
 def test_destination_lost_mid_copy_source_aborts_one_copy_runs(
         lab_noguard: tuple[LabCluster, EtcdStore], tmp_path: Path) -> None:
     lc, store = lab_noguard
-    src, _console = add_kernel_guest(lc, store, tmp_path, min_uptime=1.0)
+    src, _console = add_kernel_guest(lc, tmp_path, min_uptime=1.0)
     conn = libvirt.open(lc.nodes[src].uri)
     try:
         dom = conn.lookupByName(KERNEL_VM)
         dom.migrateSetMaxSpeed(2, 0)  # 96 MiB at 2 MiB/s: the copy outlives the lease
         marks = {n: log_mark(d) for n, d in lc.agents.items()}
         with truth_poller(lc).running() as poller:
-            revoke_lease(lc, store, src)  # drain the source
+            revoke_lease(lc, src)  # drain the source
 
             def incoming() -> str | None:
-                p = placement(store, KERNEL_VM)
+                p = placement(store, lc, KERNEL_VM)
                 if p is None or p["kind"] != "migrate" or p["from_node"] != src:
                     return None
                 return p["node"] if lc.node_domains(p["node"]).get(KERNEL_VM) == "migrating" \

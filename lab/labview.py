@@ -1,0 +1,110 @@
+"""A :class:`~lab.cluster.LabCluster`'s state in etcd as lab tests read it, on either keyspace.
+
+A lab with etcd auth on (``LabCluster(auth=True)``, what ``vmha lab up`` starts) runs
+keyspace 2, one without runs keyspace 1 (docs/keyspace.md).  What keyspace 1 keeps in one
+key each (a VM's status, its placement, a node's registration) is read here from the
+keyspace the lab runs, so that a check keeps its meaning on both.  A VM's status on
+keyspace 2 is the current one of its nodes' status keys (the one written last,
+:func:`schemas.snapshot_v2.current_status`), read in one range of ``/vmha/n/``.
+
+A drain by lease revoke is what an operator does with etcdctl: ``etcdctl lease revoke``
+of the registration's lease, with the root certificate on keyspace 2 (the operator's
+role may not revoke leases).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+from lab.etcdpki import OPERATOR, ROOT
+from schemas import Keyspace
+from schemas.keys_v2 import KeyRefV2, KeyspaceV2
+
+if TYPE_CHECKING:
+    from lab.cluster import LabCluster
+    from schemas.snapshot import RawKV
+    from store.etcd import EtcdStore
+
+
+def reader(lc: LabCluster) -> EtcdStore:
+    """A store for a test's reads: as the operator with auth (the caller closes it)."""
+    return lc.store(OPERATOR) if lc.auth else lc.store()
+
+
+def reg_key(lc: LabCluster, node: str) -> str:
+    """Node ``node``'s registration key (its lease is the node's)."""
+    return KeyspaceV2(lc.prefix).reg(node) if lc.auth else Keyspace(lc.prefix).node(node)
+
+
+def place_key(lc: LabCluster, vm: str) -> str:
+    """The leader's placement of ``vm``."""
+    return KeyspaceV2(lc.prefix).place(vm) if lc.auth else Keyspace(lc.prefix).vm_placement(vm)
+
+
+def _json(kv: RawKV | None) -> dict[str, Any] | None:
+    return dict(json.loads(kv.value)) if kv is not None else None
+
+
+def vm_statuses(store: EtcdStore, lc: LabCluster) -> dict[str, dict[str, Any]]:
+    """VM name -> its current status, one range read (keyspace 2: of every node's keys
+    the one written last, as the leader and the CLI take it)."""
+    if not lc.auth:
+        ks1 = Keyspace(lc.prefix)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in store.get_prefix(f"{lc.prefix}/vms/"):
+            ref = ks1.parse(kv.key)
+            if ref is not None and ref.kind == "vm_status":
+                out[ref.name] = dict(json.loads(kv.value))
+        return out
+    ks = KeyspaceV2(lc.prefix)
+    newest: dict[str, RawKV] = {}
+    for kv in store.get_prefix(ks.node_dir):
+        ref2 = ks.parse(kv.key)
+        if not isinstance(ref2, KeyRefV2) or ref2.kind != "status":
+            continue
+        seen = newest.get(ref2.vm)
+        if seen is None or kv.mod_revision > seen.mod_revision:
+            newest[ref2.vm] = kv
+    return {vm: dict(json.loads(kv.value)) for vm, kv in sorted(newest.items())}
+
+
+def vm_status(store: EtcdStore, lc: LabCluster, vm: str) -> dict[str, Any] | None:
+    """``vm``'s current status (None: no node has reported it)."""
+    if not lc.auth:
+        return _json(store.get(Keyspace(lc.prefix).vm_status(vm)))
+    ks = KeyspaceV2(lc.prefix)
+    kvs = [kv for n in lc.node_names if (kv := store.get(ks.status(n, vm))) is not None]
+    return _json(max(kvs, key=lambda kv: kv.mod_revision)) if kvs else None
+
+
+def placement(store: EtcdStore, lc: LabCluster, vm: str) -> dict[str, Any] | None:
+    return _json(store.get(place_key(lc, vm)))
+
+
+def revoke_registration(lc: LabCluster, node: str) -> str:
+    """Drain ``node`` as `etcdctl lease revoke <its registration's lease_id>` does (as
+    root with auth); the lease id revoked."""
+    from lab.labauth import etcdctl
+
+    store = lc.store()  # root with auth
+    try:
+        reg = _json(store.get(reg_key(lc, node)))
+    finally:
+        store.close()
+    assert reg is not None, f"{node} is not registered"
+    lease = str(reg["lease_id"])
+    base = etcdctl(lc.endpoints, lc.pki, ROOT) if lc.pki else ["etcdctl", "--endpoints",
+                                                                lc.endpoints]
+    subprocess.run([*base, "lease", "revoke", lease], check=True, capture_output=True,
+                   timeout=30)
+    return lease
+
+
+def vmha(lc: LabCluster, *args: str, user: str = OPERATOR,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`vmha ARGS` on the lab's etcd, with auth as ``user`` (what env.sh logs in as)."""
+    return subprocess.run([sys.executable, "-m", "vmha", *lc.common(user), *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
