@@ -188,6 +188,12 @@ def stall(rig: Rig, i: int, seconds: float) -> None:
     rig.note("stall", t0, member=m.name)
 
 
+def stall_leader(rig: Rig, seconds: float) -> None:
+    """A stall of whichever member is the raft leader now: past the TTL, etcd 3.4.23's
+    resumed leader may revoke the leases it saw expire (#12528), the agents' both."""
+    stall(rig, leader_index(rig.etcd), seconds)
+
+
 def kill_restart(rig: Rig, i: int, down_s: float = 2.0) -> None:
     m, t0 = rig.etcd.members[i], time.monotonic()
     rig.etcd.kill_member(m, signal.SIGKILL)
@@ -295,8 +301,8 @@ def cutoff(rig: Rig, i: int | None, seconds: float) -> None:
              leader_during=leader_during)
 
 
-FAULT_KINDS = ("stall", "kill", "rolling", "blackhole", "cutoff", "cutoff-leader",
-               "move-leader")
+FAULT_KINDS = ("stall", "stall-leader", "kill", "rolling", "blackhole", "cutoff",
+               "cutoff-leader", "move-leader")
 
 
 def every_fault(stall_s: float, blackhole_s: float | None = None, cut: bool = False
@@ -321,7 +327,8 @@ def every_fault(stall_s: float, blackhole_s: float | None = None, cut: bool = Fa
 def chosen_faults(stall_s: float, kinds: list[str] | None, cut: bool
                   ) -> list[tuple[str, Callable[[Rig], None]]]:
     """:func:`every_fault` of the given kinds (None: all), in that order; the kind
-    ``cutoff-leader`` is one cutoff of whichever member leads at the time."""
+    ``cutoff-leader`` is one cutoff of whichever member leads at the time, and
+    ``stall-leader`` one stall of it."""
     faults = every_fault(stall_s, cut=cut)
     if kinds is None:
         return faults
@@ -329,6 +336,8 @@ def chosen_faults(stall_s: float, kinds: list[str] | None, cut: bool
     for kind in kinds:
         if kind == "cutoff-leader":
             out.append(("cutoff leader", partial(cutoff, i=None, seconds=stall_s)))
+        elif kind == "stall-leader":
+            out.append(("stall leader", partial(stall_leader, seconds=stall_s)))
         else:
             out += [f for f in faults if f[0].split()[0] == kind]
     return out
@@ -367,6 +376,10 @@ def outcome(rig: Rig) -> dict[str, Any]:
                                                   *fc.orchestrators.values()]
                                  if not d.alive()),
         "keepalive_failures": len(failed),
+        # Leases etcd itself revoked under a live agent (#12528: the resumed raft leader),
+        # as each keyspace's agent reports it; they must cost no fence and no move.
+        "revoked_by_etcd": sum(len(events(t, "leases_revoked_by_etcd", "lease_revoked"))
+                               for t in logs.values()),
         # The closest a failed keepalive came to the self-fence deadline (None: none failed).
         "min_remaining_s": min((float(e["remaining_s"]) for e in failed), default=None),
     }
