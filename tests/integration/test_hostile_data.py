@@ -326,7 +326,8 @@ def _hostile_values_on_keyspace_2(etcd: EtcdCluster, fc: FakeCluster) -> None:
     assert {_text(k) for k in history} <= {
         line.split(": ")[1] for line in r.stderr.splitlines() if line.startswith("invalid: ")}
 
-    # The leader key: the leader reports it and steps down; no election while it stays.
+    # The leader key: the leader reports it and steps down (no election can replace a key
+    # that exists: an operator deletes it).
     store.client.put(KS2.leader, b"[]")
     old = fc.orchestrators[leader]
     wait_until(lambda: KS2.leader in _reported(fc)[leader] and log_events(old, "deposed"), 10,
