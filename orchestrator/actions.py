@@ -87,3 +87,18 @@ def frozen_by_invalid_key(action: Action, snap: ClusterSnapshot) -> str:
             node in snap.invalid_nodes):
         return f"node {node} has an invalid key: left as it is until it is fixed"
     return ""
+
+
+def lost_history(told: set[str], lost: Mapping[str, float], snap: ClusterSnapshot
+                 ) -> tuple[list[str], list[str], set[str]]:
+    """The history of lost nodes for one plan: (nodes back, nodes lost, the nodes whose
+    loss is now on record).  `told`: on record before; `lost`: the plan's lost nodes.
+
+    A node whose registration (or fence record) does not parse is unreadable, not gone:
+    the planner counts it as lost (its VMs wait, its fence is frozen), but its history is
+    left as it is until the key is fixed, so a bad value never records an outage of VMs
+    that kept running (`vmha availability` reads `node_lost`)."""
+    frozen = snap.invalid_nodes
+    now = {n for n in lost if n not in frozen} | (told & frozen)
+    back = sorted(n for n in told - now if n in snap.nodes)
+    return back, sorted(now - told), now

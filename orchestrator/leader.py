@@ -27,7 +27,7 @@ from fencing.agents import ExternalFencer, FenceResult, missing_credentials
 from fencing.lease import LeaseKeeper
 from fencing.policy import device_for, require_safe_timing
 from orchestrator import planner, replan, txn_builder
-from orchestrator.actions import frozen_by_invalid_key
+from orchestrator.actions import frozen_by_invalid_key, lost_history
 from schemas.errors import ConfigError
 from schemas.models import ClusterConfig, FenceRecord, LeaderRecord
 from schemas.models_v2 import RELEASE
@@ -63,6 +63,7 @@ class Orchestrator:
         self.keeper: LeaseKeeper | None = None
         self.lease_id: int | None = None
         self.lost_since: dict[str, float] = {}
+        self.lost_told: set[str] = set()  # lost nodes whose loss the history records
         self.last_leases: dict[str, str] = {}
         self.last_uris: dict[str, str] = {}
         self.fencer = ExternalFencer(wake=self.wake)
@@ -156,7 +157,7 @@ class Orchestrator:
             return False
         self.lease_id = lease_id
         self.epoch = res.revision  # == the leader key's create_revision
-        self.lost_since = {}
+        self.lost_since, self.lost_told = {}, set()
         self.keeper = LeaseKeeper(self.store, self.cfg, lease_id, sent,
                                   on_gone=lambda before: self.step_down("leader lease gone"),
                                   on_deadline=lambda: self.step_down(
@@ -240,7 +241,7 @@ class Orchestrator:
         snap = self._read()
         self.last_revision = snap.revision
         self.invalid.report(snap)
-        if snap.keyspace_marked:
+        if self.keyspace_changed(snap):
             self._stop_for_migration()
             return None
         if snap.leader is None or snap.leader.create_revision != epoch:
@@ -268,11 +269,11 @@ class Orchestrator:
         self.quiet = replan.quiet(result, epoch=epoch, revision=snap.revision, now=started)
         metrics.PLACEMENT_CYCLE_SECONDS.observe(self.clock() - started)
         self._observe(snap)
-        for node in sorted(set(self.lost_since) - set(result.lost_since)):
-            if node in snap.nodes:
-                self.history.record("node_back", epoch=epoch, node=node,
-                                    reason="registered again before being fenced")
-        for node in sorted(set(result.lost_since) - set(self.lost_since)):
+        back, lost, self.lost_told = lost_history(self.lost_told, result.lost_since, snap)
+        for node in back:
+            self.history.record("node_back", epoch=epoch, node=node,
+                                reason="registered again before being fenced")
+        for node in lost:
             self.history.record("node_lost", epoch=epoch, node=node,
                                 reason="registration (lease) gone; fence window starts")
         self.lost_since = dict(result.lost_since)
@@ -302,6 +303,11 @@ class Orchestrator:
     def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:
         return planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
                             lost_since=self.lost_since)
+
+    def keyspace_changed(self, snap: ClusterSnapshot) -> bool:
+        """The marker says this loop's keyspace no longer runs: it must resign (keyspace
+        1: the marker exists, valid or not)."""
+        return snap.keyspace_marked
 
     def _stop_for_migration(self) -> None:
         """Keyspace 1 with the marker present: a migration started (docs/keyspace-v2.md,

@@ -149,8 +149,11 @@ class OrchestratorV2(Orchestrator):
         rev, kvs = self.state.items()
         self.model = leader_model(self.ks2, rev, kvs, self.parse_cache)
         if not self._keyspace_still_2():
-            # No leader in it: the cycle steps down and writes nothing.
-            return ClusterSnapshot(revision=rev)
+            # The cycle resigns (`keyspace_changed`) and writes nothing; a marker that
+            # does not parse is reported first, as every invalid key is.
+            bad = tuple(i for i in self.model.snapshot.invalid if i.key == self.ks2.version)
+            return ClusterSnapshot(revision=rev, errors=tuple(i.error for i in bad),
+                                   invalid=bad)
         return self.model.snapshot
 
     def _catch_up(self) -> None:
@@ -176,16 +179,25 @@ class OrchestratorV2(Orchestrator):
                 self._upkeep_due.add(ref.vm)
 
     def _keyspace_still_2(self) -> bool:
-        """This loop runs keyspace 2 only while the marker says `done`; else it stops."""
+        """This loop runs keyspace 2 only while the marker says `done`."""
         v = self.model.version
-        if v is not None and v.value.state == "done":
-            return True
-        self.log.error("keyspace_changed", state=v.value.state if v else "absent",
+        return v is not None and v.value.state == "done"
+
+    def keyspace_changed(self, snap: ClusterSnapshot) -> bool:
+        return not self._keyspace_still_2()
+
+    def _stop_for_migration(self) -> None:
+        """The marker no longer says keyspace 2 done: resign (the loop ends, the lease is
+        revoked) without a decision; `vmha orchestrator` chooses again, and waits while the
+        marker names no keyspace."""
+        v = self.model.version
+        invalid = any(i.key == self.ks2.version for i in self.model.snapshot.invalid)
+        self.log.error("keyspace_changed", epoch=self.epoch,
+                       state=v.value.state if v else "invalid" if invalid else "absent",
                        reason="the keyspace marker no longer says keyspace 2 done: resigning "
                               "to choose again the keyspace it names")
         self.exit_code = EXIT_KEYSPACE_CHANGED
         self.stopped.set()
-        return False
 
     def _stop_watches(self) -> None:
         self.all_watch.stop()

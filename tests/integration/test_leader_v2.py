@@ -316,9 +316,13 @@ def test_marker_chooses_the_keyspace_and_a_change_stops_the_loop(
         world2: World, leader2: Orchestrator) -> None:
     w = world2
     store = w.store
+    lease = store.get(KS2.leader).lease  # type: ignore[union-attr]
     store.put(KS2.version, MARKER.model_copy(update={"state": "migrating"}).to_json())
     wait_until(lambda: leader2.stopped.is_set(), 10, what="the loop stops")
     assert leader2.exit_code == EXIT_KEYSPACE_CHANGED
+    # It resigns: its lease revoked, so the leader key goes at once, not a TTL later.
+    wait_until(lambda: store.get(KS2.leader) is None, 1.0, what="the leader key gone")
+    assert store.lease_ttl(lease) <= 0
     with pytest.raises(ConfigError, match=r"migration to keyspace 2 is\s+under way"):
         orchestrator_for(store, "o2", threading.Event(), wait=False)
     # Waiting (the daemon), it returns once the migration is done, or None if stopped.

@@ -84,3 +84,26 @@ def test_leader_does_not_fence_a_node_whose_registration_is_garbage() -> None:
 def _placement(vm: str) -> Placement:
     return Placement(id="x", vm=vm, node="b", kind="boot", epoch=1, reason="r",
                      decided_at=NOW)
+
+
+def test_a_registration_that_does_not_parse_is_no_loss_in_the_history() -> None:
+    """The planner counts a node whose registration does not parse as lost (its VMs
+    wait, its fence is frozen), but the history must not say so: `node_lost` would put a
+    false outage of its running VMs in `vmha availability`."""
+    from orchestrator.actions import lost_history
+
+    hostile = cluster(nodes=["b"], specs=["vm1"], placements={"vm1": boot("a")},
+                      statuses={"vm1": running("a", "p1")},
+                      extra=[RawKV(KS.node("a"), b"\xff\xfe", 50, 50)], strict=False)
+    assert lost_history(set(), {"a": 1.0}, hostile) == ([], [], set())
+    # Fixed: registered again, nothing to say either.
+    fixed = cluster(nodes=["a", "b"], specs=["vm1"], placements={"vm1": boot("a")},
+                    statuses={"vm1": running("a", "p1")})
+    assert lost_history(set(), {}, fixed) == ([], [], set())
+    # Really gone: lost; back again: back.
+    gone = cluster(nodes=["b"], specs=["vm1"], placements={"vm1": boot("a")},
+                   statuses={"vm1": running("a", "p1")})
+    assert lost_history(set(), {"a": 1.0}, gone) == ([], ["a"], {"a"})
+    assert lost_history({"a"}, {}, fixed) == (["a"], [], set())
+    # Lost, then its registration back but unreadable: still lost as recorded, no event.
+    assert lost_history({"a"}, {"a": 1.0}, hostile) == ([], [], {"a"})
