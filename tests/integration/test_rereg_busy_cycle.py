@@ -10,6 +10,9 @@ short-deadline RPCs, while the cycle is still stuck: its guard is petted again b
 would fire, it never self-fences, the VM it was not asked to stop keeps running, and the
 revoke is still told for a drain (the cordon).  Before, re-registration ran on the cycle
 thread: the old deadline passed while the cycle waited, and the node self-fenced.
+
+And a drain while the member the agent's requests go to is stopped: each request of the
+new registration gives up on it after `keepalive_timeout_s`, not the store's 2 s.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from fencing.policy import guard_fire_at
+from bench.etcd_faults import leader_index
+from fencing.policy import guard_fire_at, guard_timeout
 from hypervisor.fake import FakeHypervisor, guest_alive
 from nodeagent.agent import AgentOptions, NodeAgent
 from schemas.models import NodeRegistration, VmStatus
 from store.etcd import EtcdStore
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, wait_until
-from tests.integration.helpers import domain_record
+from tests.integration.helpers import domain_record, stopped
 from tests.integration.helpers_v2 import KS, Leader, mark_keyspace_2
 from tests.integration.test_liveness_fence_v2 import RecordingGuard
 
@@ -67,8 +71,21 @@ def running(store: EtcdStore, vm: str) -> bool:
     return kv is not None and VmStatus.from_json(kv.value).state == "running"
 
 
+def pets_kept(guard: RecordingGuard, since: float, old_lease: int) -> None:
+    """The guard never went without a pet for its timeout (nor past a pet's deadline)
+    from `since` until now, and no pet came while unregistered."""
+    now = time.monotonic()
+    pets = [p for p in guard.pets if p[0] > since - 3.0]
+    for (when, _, deadline), (nxt, _, _) in zip(pets, [*pets[1:], (now, 0, 0.0)],
+                                                strict=True):
+        assert nxt < guard_fire_at(when, deadline, TEST_CONFIG), \
+            f"the guard would have fired {nxt - when:.2f} s after a pet"
+    assert not [p for p in pets if p[0] > since + 0.1 and p[1] in (old_lease, 0)], \
+        "petted while unregistered"
+
+
 def test_drain_while_the_cycle_waits_in_libvirt(v2store: EtcdStore, tmp_path: Path) -> None:
-    store, cfg = v2store, TEST_CONFIG
+    store = v2store
     leader = Leader(store)
     hv = FakeHypervisor(tmp_path, "n1")
     agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
@@ -104,16 +121,7 @@ def test_drain_while_the_cycle_waits_in_libvirt(v2store: EtcdStore, tmp_path: Pa
         assert waiting_in(t, "destroy"), "the cycle was stuck throughout"
         assert back is not None, f"not registered again within {HOLD_S} s of the revoke"
         assert back < 1.5, f"registered again {back:.2f} s after the revoke"
-        # The guard never went without a pet for its timeout (nor past a pet's deadline),
-        # and no pet came while unregistered.
-        now = time.monotonic()
-        pets = [p for p in guard.pets if p[0] > revoked - 3.0]
-        for (when, _, deadline), (nxt, _, _) in zip(pets, [*pets[1:], (now, 0, 0.0)],
-                                                    strict=True):
-            assert nxt < guard_fire_at(when, deadline, cfg), \
-                f"the guard would have fired {nxt - when:.2f} s after a pet"
-        assert not [p for p in pets if p[0] > revoked + 0.1 and p[1] in (old.lease_id, 0)], \
-            "petted while unregistered"
+        pets_kept(guard, revoked, old.lease_id)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
@@ -133,3 +141,58 @@ def test_drain_while_the_cycle_waits_in_libvirt(v2store: EtcdStore, tmp_path: Pa
         agent.stopped.set()
         agent.wake.set()
         t.join(10)
+
+
+def test_a_drain_registers_again_past_a_stalled_member(etcd3: EtcdCluster,
+                                                       tmp_path: Path) -> None:
+    """The member the agent's requests go to stalls (SIGSTOP) as its registration lease
+    is revoked: each request of the new registration gives up on it after
+    `keepalive_timeout_s` and goes to the next member, so the agent registers again
+    well within its guard timeout (the store's usual 2 s deadline alone would exceed
+    most of it)."""
+    leader = etcd3.members[leader_index(etcd3)]
+    for _ in range(30):  # the agent's requests start at a follower (random per store)
+        store = EtcdStore(etcd3.endpoints)
+        member = next(m for m in etcd3.members
+                      if m.endpoint == store.client.endpoint_in_use.netloc)
+        if member is not leader:
+            break
+        store.close()
+    else:
+        pytest.fail("no store started at a follower")
+    operator = EtcdStore(leader.endpoint)
+    mark_keyspace_2(operator)
+    operator.put(KS.config, TEST_CONFIG.to_json())
+    hv = FakeHypervisor(tmp_path, "n1")
+    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
+    guard = RecordingGuard(agent)
+    agent.membership.guard = guard  # type: ignore[assignment]
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        Leader(operator).place("web", "n1")
+        wait_until(lambda: (kv := operator.get(KS.status("n1", "web"))) is not None
+                   and VmStatus.from_json(kv.value).state == "running", 15, what="web running")
+        web = domain_record(tmp_path, "n1", "web")
+        old = agent.reg
+        assert web is not None and old is not None
+        with stopped(member):
+            operator.revoke_lease(old.lease_id)
+            revoked = time.monotonic()
+            wait_until(lambda: (r := agent.reg) is not None and r.lease_id != old.lease_id,
+                       10, 0.01, what="registered again")
+            back = time.monotonic() - revoked
+            time.sleep(TEST_CONFIG.lease_ttl_s)  # past the old deadline
+            assert not agent.membership.flags.fenced, "self-fenced"
+            pets_kept(guard, revoked, old.lease_id)
+        assert back < guard_timeout(TEST_CONFIG) - 1.0, \
+            f"registered again {back:.2f} s after the revoke"
+        kv = operator.get(KS.reg("n1"))
+        assert kv is not None and kv.lease == agent.reg.lease_id  # type: ignore[union-attr]
+        assert guest_alive(web["guest"]) and domain_record(tmp_path, "n1", "web") == web
+    finally:
+        agent.stopped.set()
+        agent.wake.set()
+        t.join(10)
+        store.close()
+        operator.close()
