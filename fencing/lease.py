@@ -71,7 +71,9 @@ class LeaseKeeper:
                  partner: int = 0,
                  on_partner_gone: Callable[[int], None] | None = None) -> None:
         """`on_gone(before_deadline)` fires once when etcd says the lease no longer exists:
-        before the deadline that can only be a revoke (a drain); after it, an expiry.
+        before the deadline that can only be a revoke (a drain); after it, an expiry.  It
+        runs on the renewal thread, whose work ends with the lease, so it may take a while
+        (keyspace 2's agent registers again there); the deadline thread goes on meanwhile.
         `on_deadline()` fires once when the deadline passes without a renewal; None: the
         deadline is not watched (a lease that fences nothing, such as the liveness lease).
         `unavailable`: the error a keepalive raises when etcd does not answer; it is

@@ -29,7 +29,7 @@ class AgentOptions:
     watchdog: str | None = None  # e.g. /dev/watchdog, armed by the guard
     # The guard service's socket (vmha guard, fencing.guard_server): attach to it instead
     # of starting a guard of our own; a restarted agent then takes over its predecessor's
-    # registration and lease (nodeagent.membership.Membership.adopt).
+    # registration and lease (nodeagent.adopt).
     guard_socket: str | None = None
     # The fenced marker (fencing.marker): written before a self-fence's first destroy,
     # removed once the agent holds a registration again; the libvirt hook refuses new

@@ -6,7 +6,7 @@ SIGTERM the agent asks systemd which job runs on its own unit (`systemctl list-j
 * a restart job (`systemctl restart`, `try-restart`, `reload-or-restart`, a package
   upgrade's restart): **restart in place**: stop renewing and exit, leaving the lease,
   the registration and the armed guard service to the next agent process, which
-  adopts them (`Membership.adopt`) before the guard's deadline; the VMs never move;
+  adopts them (`nodeagent.adopt`) before the guard's deadline; the VMs never move;
 * anything else (`systemctl stop`, a shutdown, no systemd at all, systemd not
   answering): **drain**: cordon, live-migrate every VM away, revoke, exit.  A drain
   that has not finished after `drain_timeout_s` (shorter than the unit's

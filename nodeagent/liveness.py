@@ -47,6 +47,30 @@ class Verdict:
     liveness: bool      # the liveness lease still exists
 
 
+def drain_or_etcd(log: Any, registration: int, liveness: int, *, alive: bool,
+                  renewed_within_ttl: bool) -> Literal["operator", "etcd"]:
+    """Who revoked the registration lease `registration`, found gone while etcd answers,
+    from the liveness lease `liveness`: still there (`alive`), an operator (a drain); gone
+    too and renewed within a TTL, etcd (its stale-leader revocations: no drain)."""
+    if alive:
+        return "operator"
+    if not renewed_within_ttl:
+        # Not renewed for a TTL (etcd unreachable meanwhile): it may just have expired,
+        # which says nothing about who revoked the registration lease.  The operator's
+        # drain is the reading that keeps the VMs running.
+        log.info("liveness_lease_expired", lease=f"{liveness:x}",
+                 reason="not renewed for a TTL: the registration lease's revoke is taken "
+                        "for a drain")
+        return "operator"
+    log.warning("leases_revoked_by_etcd", lease=f"{registration:x}",
+                liveness_lease=f"{liveness:x}",
+                reason="both leases gone while etcd answers: etcd revoked them (a raft "
+                       "leader paused longer than the TTL resumed, etcd #12528), not an "
+                       "operator: no drain, the node registers again uncordoned, the VMs "
+                       "stay")
+    return "etcd"
+
+
 class Liveness:
     def __init__(self, ctx: AgentContext, on_gone: Callable[[], None]) -> None:
         self.ctx = ctx
@@ -112,34 +136,22 @@ class Liveness:
         if lease_id == self.lease_id:
             self._on_gone()
 
-    def who_revoked(self, registration: int, create_revision: int, cfg: ClusterConfig
-                    ) -> Literal["operator", "etcd", "replaced", "none"]:
-        """One of the two leases was found gone while etcd answers.  "operator": the
-        registration lease alone (a drain); "etcd": both (etcd's stale-leader
-        revocations: register again, no drain); "replaced": the liveness lease alone,
-        now replaced; "none": neither, or the replacement must wait for the next cycle."""
+    def who_revoked(self, registration: int, create_revision: int, cfg: ClusterConfig,
+                    *, classify: bool = True
+                    ) -> Literal["operator", "etcd", "replaced", "none", "gone"]:
+        """One of the two leases was found gone while etcd answers.  "replaced": the
+        liveness lease alone, now replaced; "none": neither, or the replacement must wait
+        for the next cycle.  The registration lease gone: `drain_or_etcd`'s answer, or
+        "gone" unless `classify` (keyspace 2 registers again first, nodeagent.reregister)."""
         seen = self.confirm(registration)
         if seen.registration:
             if seen.liveness or not self.replace(self.ctx.keys.reg, create_revision, cfg):
                 return "none"
             return "replaced"
-        if seen.liveness:
-            return "operator"
-        if not self._renewed_within_ttl(cfg):
-            # Not renewed for a TTL (etcd unreachable meanwhile): it may just have
-            # expired, which says nothing about who revoked the registration lease.
-            # The operator's drain is the reading that keeps the VMs running.
-            self.log.info("liveness_lease_expired", lease=f"{self.lease_id:x}",
-                          reason="not renewed for a TTL: the registration lease's revoke "
-                                 "is taken for a drain")
-            return "operator"
-        self.log.warning("leases_revoked_by_etcd", lease=f"{registration:x}",
-                         liveness_lease=f"{self.lease_id:x}",
-                         reason="both leases gone while etcd answers: etcd revoked them (a "
-                                "raft leader paused longer than the TTL resumed, etcd "
-                                "#12528), not an operator: registering again, no drain, "
-                                "the VMs stay")
-        return "etcd"
+        if not classify:
+            return "gone"
+        return drain_or_etcd(self.log, registration, self.lease_id, alive=seen.liveness,
+                             renewed_within_ttl=self._renewed_within_ttl(cfg))
 
     def _renewed_within_ttl(self, cfg: ClusterConfig) -> bool:
         """The liveness lease was acknowledged less than a TTL ago (its keeper's

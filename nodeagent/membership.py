@@ -12,8 +12,7 @@ lease's fate means.
 
 from __future__ import annotations
 
-import os
-import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,22 +21,17 @@ from fencing.guard import GuardClient
 from fencing.guard_client import SocketGuardClient
 from fencing.lease import LeaseKeeper
 from fencing.lease_hold import LeaseTerms
-from fencing.policy import (
-    guard_timeout,
-    require_safe_timing,
-    revoked_deadline,
-    self_fence_deadline,
-)
-from hypervisor.fake import pid_alive
+from fencing.policy import guard_timeout, require_safe_timing, revoked_deadline
 from nodeagent import reregister
+from nodeagent.adopt import adopt
 from nodeagent.context import AgentContext
 from nodeagent.cordon import write_cordon
 from nodeagent.keyspace import read_config, stale_claims_rewritten
 from nodeagent.liveness import Liveness
 from nodeagent.reregister import VERSION as VERSION
 from nodeagent.selffence import LeaseFlags, SelfFence
-from schemas.errors import SchemaError, TemporaryError
-from schemas.models import ClusterConfig, LeaveMarker, NodeRegistration
+from schemas.errors import TemporaryError
+from schemas.models import ClusterConfig, LeaveMarker
 from schemas.snapshot import ClusterSnapshot
 from schemas.txn import Cmp, Delete, Put
 from store.etcd import LeaseNotFound, StoreUnavailable
@@ -69,6 +63,10 @@ class Membership:
         self.alive = Liveness(ctx, self._on_alive_gone)
         self.facts: reregister.HostFacts | None = None  # of the last registration
         self.revoked: reregister.Revoked | None = None  # keyspace 2: not classified yet
+        # Held by whoever replaces the registration: the cycle thread, or the thread that
+        # found the lease revoked (keyspace 2, nodeagent.reregister); one at a time.
+        self.owner = threading.RLock()
+        self.classifying = threading.Lock()  # one thread tells a revoke at a time
 
     @property
     def log(self) -> Any:
@@ -96,7 +94,7 @@ class Membership:
         write: a lost race, not an outage; the next cycle tries again."""
         store, keys = self.ctx.store, self.ctx.keys
         key = keys.reg
-        if self.ctx.opts.guard_socket and self.adopt(key):
+        if self.ctx.opts.guard_socket and adopt(self, key):
             return True
         self._wait_old_registration_gone(key)
         if self.ctx.keyspace == 2 and not stale_claims_rewritten(self.ctx):
@@ -129,62 +127,6 @@ class Membership:
         self.log.info("registered", lease=f"{lease_id:x}", liveness_lease=f"{alive_id:x}",
                       revision=res.revision, cordoned=cordoned, ttl=self.cfg.lease_ttl_s)
         return True
-
-    def adopt(self, key: str) -> bool:
-        """Take over the registration, and its lease, that an earlier agent process of
-        this host left behind: a crash followed by systemd's `Restart=`, or a restart in
-        place.  The node never leaves the cluster, so the leader neither fences it nor
-        moves its VMs, and the guard service, still armed with that lease's deadline, is
-        petted again.  Only a registration written from this host by an agent process
-        that is gone is taken over; otherwise the old lease must expire first."""
-        store = self.ctx.store
-        old = store.get(key)
-        if old is None or not old.lease:
-            return False
-        try:
-            prev = NodeRegistration.from_json(old.value, key)
-        except SchemaError as exc:
-            self.log.warning("registration_not_adoptable", error=str(exc))
-            return False
-        if (prev.agent.hostname != socket.gethostname() or prev.agent.pid == os.getpid()
-                or pid_alive(prev.agent.pid)):
-            return False
-        sent = self.ctx.clock()
-        if store.keepalive(old.lease) <= 0:
-            return False  # expired meanwhile: register anew once the key is gone
-        # Pet first: the guard fires at its timeout after the previous process's last
-        # pet, and everything below (libvirt, two reads, a write) can take seconds on
-        # a loaded host.  Keyspace 2: once both leases are renewed (D = the minimum).
-        if self.ctx.keyspace == 1 or self.alive.adoptable():
-            self._pet_renewed(sent)
-        facts = self.facts = reregister.host_facts(self.ctx)
-        sent = self.ctx.clock()  # the held lease counts from a renewal after the facts
-        if store.keepalive(old.lease) <= 0:
-            return False
-        cordoned = store.get(self.ctx.keys.cordon) is not None
-        reg = reregister.registration(self.ctx, old.lease, cordoned, facts)
-        # The liveness lease the old process left, or a new one if it is gone.
-        alive_id = self.alive.adoptable() or self.alive.grant(self.cfg)
-        res = store.txn([Cmp(key, "create", "==", old.create_revision)],
-                        [Put(key, reg.to_json(), old.lease), self.alive.put(alive_id),
-                         Delete(self.ctx.keys.leaving)])
-        if not res.succeeded:
-            return False
-        self.hold_new(old.lease, alive_id, old.create_revision, sent, cordoned)
-        self.log.warning("registration_adopted", lease=f"{old.lease:x}",
-                         liveness_lease=f"{alive_id:x}",
-                         revision=old.create_revision, previous_pid=prev.agent.pid,
-                         cordoned=cordoned,
-                         reason="agent restarted: the node keeps its lease and its VMs")
-        return True
-
-    def _pet_renewed(self, sent: float) -> None:
-        """Pet the guard for a renewal etcd acknowledged for `sent`, before the
-        registration is held again (adopt)."""
-        if self.guard is None or not self.cfg.guard_enabled:
-            return
-        if not self.guard.pet(self_fence_deadline(sent, self.cfg), guard_timeout(self.cfg)):
-            self.log.error("guard_lost", reason="cannot reach the guard process")
 
     def hold_new(self, lease_id: int, alive_id: int, create_revision: int, sent: float,
                  cordoned: bool) -> None:
@@ -231,42 +173,50 @@ class Membership:
 
     def renew(self, exiting: bool) -> Registration | None:
         """The start of a cycle: register if needed; on a revoke (or SIGTERM) cordon the
-        node; after a revoke or an expiry register again.  None: not registered yet."""
-        if self.reg is None:
-            self.load_config()
-            self.register()
+        node; after a revoke or an expiry register again.  None: not registered yet.
+        Keyspace 2 registers again after a revoke on the thread that found it
+        (nodeagent.reregister); this only classifies what that left."""
+        with self.owner:
             if self.reg is None:
-                return None
+                self.load_config()
+                self.register()
+            reg = self.reg
+        if reg is None:
+            return None
         # Read the keeper thread's flags once: a revoke flagged between two reads
         # would re-register the node without its cordon (a drain that drains nothing).
         revoked, expired = self.flags.revoked, self.flags.expired
-        if self.ctx.keyspace == 2 and revoked and not expired:
-            return reregister.register_first(self, self.reg, exiting)
         reregister.classify(self)  # keyspace 2: a revoke still to classify (etcd did not answer)
         again = revoked or expired
         if (revoked or self.flags.alive_gone) and not expired:
-            revoked, again = self._revoked_by_whom(self.reg, revoked)
-        if revoked or (exiting and not self.reg.cordoned):
+            revoked, again = self._revoked_by_whom(reg, revoked)
+        if revoked or (exiting and not reg.cordoned):
             self.cordon("lease revoked (drain)" if revoked else
                         "agent stopping (SIGTERM): drain")
         if again:
-            # The old keeper keeps watching the old deadline until we hold a new lease.
-            self.keep_old_deadline(self.reg.keeper)
-            self.reg = None
-            if not self.register():
-                return None
+            with self.owner:
+                if self.reg is not reg:
+                    return self.reg  # registered again meanwhile (keyspace 2's revoke)
+                # The old keeper keeps watching the old deadline until we hold a new lease.
+                self.keep_old_deadline(reg.keeper)
+                self.reg = None
+                if not self.register():
+                    return None
         return self.reg
 
     def _revoked_by_whom(self, reg: Registration, revoked: bool) -> tuple[bool, bool]:
         """A lease found gone while etcd answers: (drain, register again)."""
         if not revoked and not reg.keeper.valid():
             return False, False  # past the deadline: an expiry, handled as one
-        who = self.alive.who_revoked(reg.lease_id, reg.create_revision, self.cfg)
+        who = self.alive.who_revoked(reg.lease_id, reg.create_revision, self.cfg,
+                                     classify=self.ctx.keyspace == 1)
         self.flags.alive_gone = False  # after: if etcd did not answer, ask again next cycle
         if who == "replaced":
             self._announce()
-        elif who == "operator" and not revoked:
-            self.on_lease_gone(reg.lease_id, True)  # before the registration's keeper saw it
+        elif who == "gone" or (who == "operator" and not revoked):
+            # Before the registration's keeper saw it.  Keyspace 2: registers again now,
+            # then tells (nodeagent.reregister).
+            self.on_lease_gone(reg.lease_id, True)
         return who == "operator", who in ("operator", "etcd")
 
     def keep_old_deadline(self, keeper: LeaseKeeper) -> None:
@@ -296,28 +246,29 @@ class Membership:
         res = self.ctx.store.txn([Cmp(keys.reg, "create", "==", reg.create_revision)],
                                  [Put(keys.leaving, marker.to_json())])
         self.log.info("leaving", reason=reason, marker_written=res.succeeded)
-        self.ctx.store.revoke_lease(reg.lease_id)
+        # Stopped first: a keeper that found the lease revoked would register again.
         reg.keeper.stop()
+        self.ctx.store.revoke_lease(reg.lease_id)
         self.alive.give_back()
 
     def stop(self) -> None:
-        if self.reg is not None:
-            self.reg.keeper.stop()
+        with self.owner:  # after a registration under way (nodeagent.reregister)
+            if self.reg is not None:
+                self.reg.keeper.stop()
         self.alive.stop()
 
     # ---- lease callbacks (keeper threads) ----------------------------------------------
 
     def on_lease_gone(self, lease_id: int, before_deadline: bool) -> None:
+        if before_deadline and self.ctx.keyspace == 2:
+            # No pet, no later deadline while unregistered (the leader's bounded window
+            # relies on it): registered again at once, on this thread.
+            reregister.on_revoked(self, lease_id)
+            return
         reg = self.reg
         if reg is None or reg.lease_id != lease_id:
             return  # an old lease's keeper reporting late: already handled
-        if before_deadline and self.ctx.keyspace == 2:
-            # No pet, no later deadline while unregistered (the leader's bounded window
-            # relies on it); renew() registers again at once (nodeagent.reregister).
-            self.flags.revoked = True
-            self.log.warning("lease_revoked", reason="lease gone while etcd answers: "
-                             "registering again; no guard pet until registered")
-        elif before_deadline:
+        if before_deadline:
             # etcd answered, so we are alive: the leader's fence window, counted from
             # after the revoke, lets the VMs run a little longer than the old deadline
             # while we register again (a slow etcd member must not turn a drain into

@@ -25,7 +25,7 @@ from telemetry import metrics
 class LeaseFlags:
     """Set by the lease keeper's threads, read by the agent's cycle."""
 
-    revoked: bool = False          # lease revoked while we were alive: drain
+    revoked: bool = False          # lease revoked while we were alive: drain (keyspace 1)
     expired: bool = False          # lease expired: we self-fenced, register again
     fenced: bool = False           # self-fenced; cleared once a registration is held
     alive_gone: bool = False       # the liveness lease is gone (nodeagent.liveness)

@@ -200,8 +200,13 @@ class EtcdStore:
         kvs = [raw_kv(kv) for kv in resp.kvs]
         return ClusterSnapshot.from_kvs(self.keyspace, resp.header.revision, kvs)
 
-    def get(self, key: str) -> RawKV | None:
-        resp = self._call("get", lambda: self._client.get_response(key))
+    def get(self, key: str, timeout: float | None = None,
+            budget: float | None = None) -> RawKV | None:
+        """`timeout`: each attempt's deadline (the store's by default); `budget`: how
+        long attempts go on (the store's retry budget by default)."""
+        request = self._client._build_get_range_request(key)
+        resp = self._call("get", lambda: self._rpc(self._client.kvstub.Range, request, timeout),
+                          budget)
         if not resp.kvs:
             return None
         return raw_kv(resp.kvs[0])
@@ -216,16 +221,19 @@ class EtcdStore:
 
     def range_request(self, request: Any, what: str = "range") -> Any:
         """One `RangeRequest`, retried as every call (paged reads and counts build it)."""
-        def run() -> Any:
-            try:
-                return self._client.kvstub.Range(
-                    request, self._timeout, credentials=self._client.call_credentials,
-                    metadata=self._client.metadata)
-            except grpc.RpcError as exc:
-                self._client._manage_grpc_errors(exc)  # fails over, or re-raises
-                raise
+        return self._call(what, lambda: self._rpc(self._client.kvstub.Range, request))
 
-        return self._call(what, run)
+    def _rpc(self, method: Callable[..., R], request: Any, timeout: float | None = None) -> R:
+        """One request to the current member within `timeout` (the store's by default);
+        a failure of the way to it (unreachable, deadline exceeded) fails the client over,
+        so the next attempt goes to the next member."""
+        try:
+            return method(request, self._timeout if timeout is None else timeout,
+                          credentials=self._client.call_credentials,
+                          metadata=self._client.metadata)
+        except grpc.RpcError as exc:
+            self._client._manage_grpc_errors(exc)  # fails over, or re-raises
+            raise
 
     def list_pages(self, prefix: str, revision: int | None = None,
                    keys_only: bool = False) -> Iterator[Page]:
@@ -268,7 +276,9 @@ class EtcdStore:
         return bool(self._call("delete", lambda: self._client.delete(key)))
 
     def txn(self, compares: Sequence[Cmp], ops: Sequence[Put | Delete],
-            budget: float | None = None) -> TxnResult:
+            budget: float | None = None, timeout: float | None = None) -> TxnResult:
+        """`timeout`: each attempt's deadline (the store's by default).  An attempt whose
+        answer was lost may have applied: the next one then finds its compares false."""
         t = self._client.transactions
 
         def build() -> tuple[list[Any], list[Any]]:
@@ -284,19 +294,11 @@ class EtcdStore:
 
         def run() -> TxnResult:
             cmps, success = build()
-            resp = self._client.kvstub.Txn(
-                self._txn_request(cmps, success), self._timeout,
-                credentials=self._client.call_credentials, metadata=self._client.metadata)
+            resp = self._rpc(self._client.kvstub.Txn, self._txn_request(cmps, success),
+                             timeout)
             return TxnResult(bool(resp.succeeded), int(resp.header.revision))
 
-        def guarded() -> TxnResult:
-            try:
-                return run()
-            except grpc.RpcError as exc:
-                self._client._manage_grpc_errors(exc)
-                raise
-
-        return self._call("txn", guarded, budget)
+        return self._call("txn", run, budget)
 
     def _txn_request(self, cmps: list[Any], success: list[Any]) -> Any:
         return etcdrpc.TxnRequest(compare=[c.build_message() for c in cmps],
@@ -304,8 +306,13 @@ class EtcdStore:
 
     # ---- leases ------------------------------------------------------------------------
 
-    def grant_lease(self, ttl: int) -> int:
-        return int(self._call("lease grant", lambda: self._client.lease(ttl)).id)
+    def grant_lease(self, ttl: int, timeout: float | None = None,
+                    budget: float | None = None) -> int:
+        """A new lease of `ttl` seconds; `timeout` and `budget` as for `get`.  An attempt
+        whose answer was lost leaves a lease with no key, which expires after `ttl`."""
+        request = etcdrpc.LeaseGrantRequest(TTL=ttl)
+        return int(self._call("lease grant", lambda: self._rpc(
+            self._client.leasestub.LeaseGrant, request, timeout), budget).ID)
 
     def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
         """One keepalive of one lease (`keepalive_round`); the TTL etcd granted, 0 if
@@ -328,15 +335,19 @@ class EtcdStore:
         """The member the next keepalive round goes to (HOST:PORT)."""
         return self._keepalives.endpoint()
 
-    def revoke_lease(self, lease_id: int) -> None:
+    def revoke_lease(self, lease_id: int, timeout: float | None = None,
+                     budget: float | None = None) -> None:
+        """`timeout` and `budget` as for `get`."""
+        request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
+
         def revoke() -> None:
             try:
-                self._client.revoke_lease(lease_id)
+                self._rpc(self._client.leasestub.LeaseRevoke, request, timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return  # already revoked or expired: the outcome the caller wants
                 raise
-        self._call("lease revoke", revoke)
+        self._call("lease revoke", revoke, budget)
 
     def lease_ttl(self, lease_id: int) -> int:
         """Remaining TTL in seconds; -1 if the lease does not exist."""
