@@ -32,6 +32,9 @@ pytest_plugins = ["tests.leakcheck"]
 # files all share one worker: each lab node is a libvirtd with QEMU guests under TCG, and
 # two labs at once on 2 cores would stretch the guests' timing, not the tests' coverage.
 # (A scheduler of our own: xdist's `loadgroup` marks are lost on pytest 9's node ids.)
+LAB_UNIT = "tests/lab"
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getvalue("dist") != "loadfile":
         return None
@@ -40,7 +43,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class _FileOrLab(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "tests/lab" if path.startswith("tests/lab/") else path
+            return LAB_UNIT if path.startswith("tests/lab/") else path
+
+        def _assign_work_unit(self, node: Any) -> None:
+            # The lab's unit is the longest (several minutes of QEMU guests): handed out
+            # first, the other worker runs the rest beside it instead of waiting at the end.
+            if LAB_UNIT in self.workqueue:
+                self.workqueue.move_to_end(LAB_UNIT, last=False)
+            super()._assign_work_unit(node)
 
     return _FileOrLab(config, log)
 
