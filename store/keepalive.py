@@ -18,6 +18,13 @@ temporary error), the ring moves to the next endpoint (`EndpointRing.failed`) an
 next round opens a new stream there.  A stream the member ends (killed, restarting, an
 error from its lessor) fails its rounds the same way, with the error mapped by
 `store.errors.store_error`.
+
+Idle cost: gRPC's synchronous client wakes a thread blocked reading a stream every
+0.1 s (its wait loop bounds the delay of signal handlers; there is no knob for it).  So
+the stream's thread reads only while answers are owed (from a round's send to its last
+answer, a round trip); between rounds it sleeps on a condition without a timeout, and
+the call's done-callback (run by gRPC when the member ends the stream) wakes it to read
+the stream's end, which fails the stream at once as before.
 """
 
 from __future__ import annotations
@@ -72,8 +79,34 @@ class _Stream:
         self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.waiting: dict[int, deque[_Round]] = {}
         self.ended = False
+        # Requests sent and answers read (or to be read: the end of the call), guarded
+        # by `owed`'s own lock; taken after the owner's lock, never before it.
+        self.owed = threading.Condition(threading.Lock())
+        self.sent = 0
+        self.read = 0
+        self.done = False
         self.call = stub.LeaseKeepAlive(self._iter_requests(), credentials=auth[0],
                                         metadata=auth[1])
+
+    def asked(self, n: int) -> None:
+        """`n` requests are on their way: the reader reads `n` more answers."""
+        with self.owed:
+            self.sent += n
+            self.owed.notify()
+
+    def finished(self) -> None:
+        """The call ended (the member's doing, or `cancel`): read its end."""
+        with self.owed:
+            self.done = True
+            self.owed.notify()
+
+    def next_owed(self) -> None:
+        """Wait, without a timeout (no wake-up while idle), until an answer or the end
+        of the call is there to read."""
+        with self.owed:
+            self.owed.wait_for(lambda: self.sent > self.read or self.done)
+            if self.sent > self.read:
+                self.read += 1
 
     def _iter_requests(self) -> Iterator[Any]:
         while (req := self.requests.get()) is not None:
@@ -117,6 +150,7 @@ class KeepaliveStreams:
                 stream.waiting.setdefault(lease_id, deque()).append(rnd)
             for lease_id in lease_ids:
                 stream.requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+            stream.asked(len(lease_ids))
         if not rnd.done.wait(timeout):
             with self._lock:
                 if not rnd.done.is_set():
@@ -139,14 +173,23 @@ class KeepaliveStreams:
         stream = _Stream(index, target, stub, self._auth())
         threading.Thread(target=self._read, args=(stream,), daemon=True,
                          name=f"vmha-keepalive-{target}").start()
+        # grpc.RpcContext.add_callback: run by gRPC when the call ends (False: it has
+        # ended already).  `finished` takes only the stream's own lock.
+        if not stream.call.add_callback(stream.finished):
+            stream.finished()
         return stream
 
     def _read(self, stream: _Stream) -> None:
         err: StoreError | None
         try:
-            for resp in stream.call:
+            while True:
+                stream.next_owed()
+                # An answer, or the call's end: StopIteration (the member ended it) or
+                # RpcError (an error, or cancelled by `_end`).
+                resp = next(stream.call)
                 if not self._answered(stream, int(resp.ID), int(resp.TTL)):
                     return
+        except StopIteration:
             err = StoreUnavailable(f"etcd keepalive via {stream.target} failed: the member "
                                    "ended the stream")
         except grpc.RpcError as exc:
@@ -191,6 +234,7 @@ class KeepaliveStreams:
         stream.waiting.clear()
         stream.requests.put(None)
         stream.call.cancel()
+        stream.finished()  # the reader reads the cancelled call's end and stops
         if self._stream is stream:
             self._stream = None
         if isinstance(err, StoreUnavailable):

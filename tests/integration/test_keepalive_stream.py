@@ -108,3 +108,44 @@ def test_a_member_killed_mid_round_fails_it_at_once_and_the_next_goes_on(
         assert all(t > 0 for t in ttls.values()), ttls
     finally:
         store.close()
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """How often the kernel has switched `thread` out so far: each wake-up from a
+    sleep ends in one (Linux's /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        text = f.read()
+    return sum(int(n) for n in re.findall(r"voluntary_ctxt_switches:\s*(\d+)", text))
+
+
+def test_the_stream_reader_sleeps_between_rounds(store: EtcdStore) -> None:
+    """Between rounds the stream's reading thread waits without a timeout: gRPC's wait
+    for a message would wake it every 0.1 s (10 a second, per agent, while idle)."""
+    a = store.grant_lease(30)
+    store.keepalive_round([a], TIMEOUT_S)
+    reader = next(t for t in threading.enumerate() if t.name.startswith("vmha-keepalive-"))
+    before = wakeups(reader)
+    time.sleep(2.0)
+    assert wakeups(reader) - before <= 2, "the reader woke while no answer was owed"
+    # ... and still reads every answer of the rounds that follow.
+    for _ in range(5):
+        assert store.keepalive_round([a], TIMEOUT_S)[a] > 0
+
+
+def test_a_member_killed_between_rounds_ends_the_stream_at_once(
+        etcd3: EtcdCluster) -> None:
+    """No round in flight: the call's end (gRPC's callback) still fails the stream at
+    once, so the next round goes to another member instead of failing first."""
+    store, member = store_on_follower(etcd3)
+    try:
+        a = store.grant_lease(30)
+        assert store.keepalive_round([a], TIMEOUT_S)[a] > 0
+        assert store.keepalive_endpoint() == member.endpoint
+        etcd3.kill_member(member)
+        deadline = time.monotonic() + 2.0
+        while store.keepalive_endpoint() == member.endpoint and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.keepalive_endpoint() != member.endpoint, "the ended stream went unseen"
+        assert store.keepalive_round([a], TIMEOUT_S)[a] > 0
+    finally:
+        store.close()
