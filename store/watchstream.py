@@ -45,6 +45,13 @@ class Liveness:
         self.asked_at = None
         self.next_check = now + self.interval
 
+    def due_in(self, now: float) -> float:
+        """Seconds until `poll` may act (a question to send, or an answer overdue); an
+        answer only moves that later, so a caller sleeping this long is never late."""
+        if self.asked_at is not None:
+            return self.asked_at + self.timeout - now
+        return self.next_check - now
+
     def poll(self, now: float) -> str | None:
         if self.asked_at is not None:
             return self.DEAD if now - self.asked_at >= self.timeout else None

@@ -200,3 +200,51 @@ def test_compaction_while_the_stream_is_away_relists_without_loss(
         state.close()
         store.close()
         others.close()
+
+
+class CountingClock:
+    """The real clock, counting its reads: how often the state looked at the time."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return time.monotonic()
+
+
+def test_an_idle_state_sleeps_until_its_check_and_still_finds_a_stall(
+        etcd3: EtcdCluster) -> None:
+    """The supervisor sleeps until the next liveness check is due instead of ticking
+    (a quarter of the shorter interval): an idle state reads the clock about once per
+    check, and a stopped member is still given up on within the check interval plus
+    the progress timeout, on the real clock."""
+    clock = CountingClock()
+    store = EtcdStore(etcd3.endpoints, timeout=0.5)
+    store.put("/vmha/config", "c0")
+    state = WatchedState(store, [CONFIG], check_interval_s=10.0, progress_timeout_s=2.0,
+                         clock=clock)
+    try:
+        state.start()
+        time.sleep(0.2)
+        before = clock.reads
+        time.sleep(2.0)
+        assert clock.reads - before <= 1, f"{clock.reads - before} clock reads in 2 s"
+    finally:
+        state.close()
+    state = WatchedState(store, [CONFIG], check_interval_s=1.0, progress_timeout_s=1.0,
+                         clock=clock)
+    try:
+        state.start()
+        member = next(m for m in etcd3.members if m.endpoint == state.endpoint)
+        with stopped(member):
+            t0, before = time.monotonic(), clock.reads
+            wait_until(lambda: state.stats["stalls"] == 1, 5, what="the stall found")
+            took = time.monotonic() - t0
+            assert took < 1.0 + 1.0 + 0.5, took
+            assert clock.reads - before <= 4, f"{clock.reads - before} clock reads"
+            wait_until(lambda: state.endpoint not in (None, member.endpoint), 5,
+                       what="resumed on another member")
+    finally:
+        state.close()
+        store.close()
