@@ -132,9 +132,9 @@ class WatchedState:
             self._supervisor.start()
         return rev
 
-    def wait(self, timeout: float) -> list[Change]:
+    def wait(self, timeout: float | None) -> list[Change]:
         """The changes applied since the last call, in order, once there is one or
-        after `timeout` s (then maybe none)."""
+        after `timeout` s (then maybe none; None: no timeout, `close()` ends it)."""
         with self._cond:
             self._cond.wait_for(lambda: bool(self._changes) or self._failure is not None
                                 or self._closed.is_set(), timeout)
