@@ -1,7 +1,8 @@
 """A model of some key ranges kept by one etcd watch stream (keyspace 2, section 3).
 
 `WatchedState` lists its ranges at one revision R (paged), then watches each from R+1
-on one gRPC stream of its own and applies the events in order.  What can go wrong:
+on one gRPC stream of its own and applies the events in order.  The stream is read on
+the process's `grpc.aio` event loop (`store.aioloop`): an idle stream wakes no thread.  What can go wrong:
 
 * etcd cancels a watcher with a compact revision (a resume from a revision etcd has
   compacted): the owner's `wait()` raises `StoreCompacted`; the owner calls `start()`,
@@ -70,7 +71,7 @@ class WatchedState:
             raise ValueError("a watched state needs at least one key range")
         self._check_interval, self._progress_timeout = check_interval_s, progress_timeout_s
         self._retry_max, self._clock = retry_max_s, clock
-        self._ring = store.channel_ring(etcdrpc.WatchStub)
+        self._ring = store.aio_channel_ring(etcdrpc.WatchStub)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._list_lock = threading.Lock()   # start/add/remove: one at a time

@@ -14,7 +14,7 @@ import pytest
 
 from store.etcd import EtcdStore, StoreUnavailable
 from tests.harness import EtcdCluster, EtcdMember
-from tests.integration.helpers import stopped, store_on_follower
+from tests.integration.helpers import stopped, store_on_follower, wakeups
 
 pytestmark = pytest.mark.integration
 
@@ -108,14 +108,6 @@ def test_a_member_killed_mid_round_fails_it_at_once_and_the_next_goes_on(
         assert all(t > 0 for t in ttls.values()), ttls
     finally:
         store.close()
-
-
-def wakeups(thread: threading.Thread) -> int:
-    """How often the kernel has switched `thread` out so far: each wake-up from a
-    sleep ends in one (Linux's /proc)."""
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        text = f.read()
-    return sum(int(n) for n in re.findall(r"voluntary_ctxt_switches:\s*(\d+)", text))
 
 
 def test_the_stream_reader_sleeps_between_rounds(store: EtcdStore) -> None:
