@@ -2,7 +2,8 @@
 
 `WatchedState` lists its ranges at one revision R (paged), then watches each from R+1
 on one gRPC stream of its own and applies the events in order.  The stream is read on
-the process's `grpc.aio` event loop (`store.aioloop`): an idle stream wakes no thread.  What can go wrong:
+the process's `grpc.aio` event loop (`store.aioloop`): an idle stream wakes no thread.
+What can go wrong:
 
 * etcd cancels a watcher with a compact revision (a resume from a revision etcd has
   compacted): the owner's `wait()` raises `StoreCompacted`; the owner calls `start()`,
