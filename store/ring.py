@@ -88,7 +88,7 @@ class AioEndpointRing(EndpointRing):
 
     def close(self) -> None:
         if not aioloop.run(self._close(), timeout=5.0):
-            log.warning("watch_channels_closing", reason="the event loop has not closed "
+            log.warning("stream_channels_closing", reason="the event loop has not closed "
                         "them within 5 s; it goes on")
 
     async def _close(self) -> None:
