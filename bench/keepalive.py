@@ -25,6 +25,13 @@ store, both sent together):
     2 s       100      1.68 -> 1.40              0.051 -> 0.028  3.0 / 13.8 -> 1.1 / 7.6
 
 (0.5 s with 100 keepers: 97 failed attempts before, 0 after; no deadline missed.)
+
+Then the stream on grpc.aio, read on the process's event loop (`store.aioloop`) instead
+of a reading thread and gRPC's channel thread per store, 100 keepers, 20 s each:
+
+    interval  CPU ms per keeper-second  round p50 / p99 ms     failed attempts
+    0.5 s     1.98 -> 1.46              0.9 / 3.4 -> 0.8 / 2.5  1 -> 0
+    2 s       0.82 -> 0.64              1.2 / 3.2 -> 1.1 / 2.6  0 -> 0
 """
 
 from __future__ import annotations

@@ -155,13 +155,16 @@ class NodeWatch:
     def pump(self, wake: threading.Event, stopped: threading.Event) -> None:
         """The agent's watch thread: wake the agent on each change; on a failure (a
         compaction, a refusal) mark the view not ready, so the next cycle lists again
-        before it plans."""
+        before it plans.  It ends on close() (the agent closes its view when it
+        stops)."""
         while not stopped.is_set() and not self._closed.is_set():
             if not self.ready:
                 stopped.wait(0.1)
                 continue
             try:
-                if self.state.wait(1.0):
+                # No timeout: a change, a failure or close() ends the wait (a timeout
+                # would only wake the thread every so often for nothing).
+                if self.state.wait(None):
                     wake.set()
             except StoreError as exc:
                 self.ready = False
@@ -169,7 +172,7 @@ class NodeWatch:
                             reason="listing again before the next plan")
                 wake.set()
 
-    def wait(self, timeout: float) -> list[Change]:
+    def wait(self, timeout: float | None) -> list[Change]:
         return self.state.wait(timeout)
 
     def close(self) -> None:

@@ -65,7 +65,7 @@ from store.errors import (
 )
 from store.keepalive import KeepaliveRing, KeepaliveStreams
 from store.paging import KeyRange, Page, RangeCount, count_range, list_range, raw_kv
-from store.ring import EndpointRing
+from store.ring import AioEndpointRing, EndpointRing
 from store.versions import member_versions
 
 __all__ = ["Cmp", "Delete", "EtcdStore", "LeaseNotFound", "PermissionDenied", "Put",
@@ -249,6 +249,13 @@ class EtcdStore:
         (`store.watchmodel`), with the client's TLS and receive limit."""
         return EndpointRing(self._endpoints, self._tls.credentials() if self._tls else None,
                             stub, self._channel_options)
+
+    def aio_channel_ring(self, stub: Callable[[Any], Any]) -> AioEndpointRing:
+        """`channel_ring` on `grpc.aio` (`store.aioloop`): for the watch streams, read
+        on the process's one event loop."""
+        return AioEndpointRing(self._endpoints,
+                               self._tls.credentials() if self._tls else None,
+                               stub, self._channel_options)
 
     @property
     def call_auth(self) -> tuple[Any, Any]:

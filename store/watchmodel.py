@@ -1,7 +1,9 @@
 """A model of some key ranges kept by one etcd watch stream (keyspace 2, section 3).
 
 `WatchedState` lists its ranges at one revision R (paged), then watches each from R+1
-on one gRPC stream of its own and applies the events in order.  What can go wrong:
+on one gRPC stream of its own and applies the events in order.  The stream is read on
+the process's `grpc.aio` event loop (`store.aioloop`): an idle stream wakes no thread.
+What can go wrong:
 
 * etcd cancels a watcher with a compact revision (a resume from a revision etcd has
   compacted): the owner's `wait()` raises `StoreCompacted`; the owner calls `start()`,
@@ -12,7 +14,9 @@ on one gRPC stream of its own and applies the events in order.  What can go wron
   or applied twice; a re-list happens only if that revision is compacted.
 * the stream stalls (a member stopped or cut off answers nothing, the connection stays
   up): every `check_interval_s` without a response a progress request is sent on the
-  stream, and no response within `progress_timeout_s` re-creates it.
+  stream, and no response within `progress_timeout_s` re-creates it.  The supervising
+  thread sleeps until the next of these is due (or a break wakes it), not on a tick:
+  an idle state costs it two wake-ups per `check_interval_s`.
 
 Resumes use each watcher's last event revision, never a header revision: etcd 3.4
 (before 3.4.25) may answer a progress request ahead of events still queued for a
@@ -68,8 +72,7 @@ class WatchedState:
             raise ValueError("a watched state needs at least one key range")
         self._check_interval, self._progress_timeout = check_interval_s, progress_timeout_s
         self._retry_max, self._clock = retry_max_s, clock
-        self._tick = max(0.01, min(check_interval_s, progress_timeout_s) / 4)
-        self._ring = store.channel_ring(etcdrpc.WatchStub)
+        self._ring = store.aio_channel_ring(etcdrpc.WatchStub)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._list_lock = threading.Lock()   # start/add/remove: one at a time
@@ -131,9 +134,9 @@ class WatchedState:
             self._supervisor.start()
         return rev
 
-    def wait(self, timeout: float) -> list[Change]:
+    def wait(self, timeout: float | None) -> list[Change]:
         """The changes applied since the last call, in order, once there is one or
-        after `timeout` s (then maybe none)."""
+        after `timeout` s (then maybe none; None: no timeout, `close()` ends it)."""
         with self._cond:
             self._cond.wait_for(lambda: bool(self._changes) or self._failure is not None
                                 or self._closed.is_set(), timeout)
@@ -283,8 +286,10 @@ class WatchedState:
                                f"{self._progress_timeout} s")
 
     def _supervise(self) -> None:
+        wait = 0.0
         while not self._closed.is_set():
-            self._kick.wait(self._tick)
+            # Until the liveness check is due, or a break, a stall or close kicks.
+            self._kick.wait(max(0.01, wait))
             self._kick.clear()
             with self._lock:
                 gen = self._gen
@@ -296,28 +301,33 @@ class WatchedState:
                     except StoreUnavailable as exc:
                         # Retried until abandoned: closed, re-listed or failed meanwhile.
                         log.debug("watch_resume_abandoned", error=str(exc))
+                wait = 0.0
             else:
-                self._check_liveness()
+                wait = self._check_liveness()
 
-    def _check_liveness(self) -> None:
+    def _check_liveness(self) -> float:
+        """Ask an idle stream for progress, or give up on one that did not answer in
+        time; the seconds until the next check is due.  Without an open stream: at
+        most `check_interval_s` (a stream opened since has its first check due that
+        long after its opening, so that is never late either)."""
         with self._lock:
             stream = self._stream
             if stream is None or not stream.opened:
-                return
-            action = self._liveness.poll(self._clock())
+                return self._check_interval
+            now = self._clock()
+            action = self._liveness.poll(now)
             if action == Liveness.SEND:
                 stream.progress()
                 self.stats["progress_requests"] += 1
-                return
             if action != Liveness.DEAD:
-                return
+                return min(self._liveness.due_in(now), self._check_interval)
             self._stream = None
             self.stats["stalls"] += 1
         log.warning("watch_stream_stalled", endpoint=stream.target,
                     timeout_s=self._progress_timeout)
         stream.close()
         self._ring.failed(stream.index)
-        self._kick.set()
+        return 0.0
 
     def _on_end(self, stream: WatchStream, exc: BaseException | None) -> None:
         err = store_error(f"watch via {stream.target}", exc) if exc is not None else None

@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.aio
 from pyetcd import etcdrpc
 
 from schemas.snapshot import RawKV
+from store import aioloop
 from store.paging import KeyRange
 
 __all__ = ["Change", "Liveness", "WatchStream", "Watcher"]
@@ -45,6 +47,13 @@ class Liveness:
         self.asked_at = None
         self.next_check = now + self.interval
 
+    def due_in(self, now: float) -> float:
+        """Seconds until `poll` may act (a question to send, or an answer overdue); an
+        answer only moves that later, so a caller sleeping this long is never late."""
+        if self.asked_at is not None:
+            return self.asked_at + self.timeout - now
+        return self.next_check - now
+
     def poll(self, now: float) -> str | None:
         if self.asked_at is not None:
             return self.DEAD if now - self.asked_at >= self.timeout else None
@@ -62,48 +71,94 @@ class Watcher:
 
 
 class WatchStream:
-    """One gRPC watch stream: its request queue, the call, and the thread reading it.
-    `pending`/`ids` are guarded by the owning state's lock."""
+    """One gRPC watch stream on `grpc.aio` (`store.aioloop`): its requests, the call,
+    and the task reading it.  Every method but `run`'s callbacks is called from other
+    threads and only posts work to the loop, in order; the callbacks run on the loop
+    and must not block.  `pending`/`ids` are guarded by the owning state's lock.
 
-    def __init__(self, index: int, target: str, stub: Any, auth: tuple[Any, Any]) -> None:
+    `stub`: a function returning the endpoint's stub, called on the loop
+    (`store.ring.AioEndpointRing`)."""
+
+    def __init__(self, index: int, target: str, stub: Callable[[], Any],
+                 auth: tuple[Any, Any]) -> None:
         self.index, self.target = index, target
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pending: deque[Watcher] = deque()   # created, in request order, unanswered
         self.ids: dict[int, Watcher] = {}
         self.opened = False
         self.ready = threading.Event()            # every create answered, or the end
-        self._call = stub.Watch(self._iter_requests(), credentials=auth[0], metadata=auth[1])
+        self._requests: asyncio.Queue[Any] | None = None
+        self._call: Any = None
+        self._closed = False
+        aioloop.post(self._start, stub, auth)
 
-    def _iter_requests(self) -> Iterator[Any]:
-        while (req := self._requests.get()) is not None:
+    # ---- on the loop ---------------------------------------------------------------
+
+    def _start(self, stub: Callable[[], Any], auth: tuple[Any, Any]) -> None:
+        if self._closed:
+            return
+        self._requests = asyncio.Queue()
+        self._call = stub().Watch(self._iter_requests(), credentials=auth[0],
+                                  metadata=auth[1])
+
+    async def _iter_requests(self) -> AsyncIterator[Any]:
+        assert self._requests is not None
+        while (req := await self._requests.get()) is not None:
             yield req
+
+    def _put(self, req: Any) -> None:
+        if self._requests is not None:
+            self._requests.put_nowait(req)
+
+    def _read_task(self, on_response: Callable[[WatchStream, Any], None],
+                   on_end: Callable[[WatchStream, BaseException | None], None]) -> None:
+        if self._call is None:
+            on_end(self, None)   # closed before it started
+            return
+        _tasks.add(t := asyncio.ensure_future(self._read(on_response, on_end)))
+        t.add_done_callback(_tasks.discard)
+
+    async def _read(self, on_response: Callable[[WatchStream, Any], None],
+                    on_end: Callable[[WatchStream, BaseException | None], None]) -> None:
+        try:
+            while (resp := await self._call.read()) is not grpc.aio.EOF:
+                on_response(self, resp)
+        except grpc.RpcError as exc:
+            on_end(self, exc)
+            return
+        except asyncio.CancelledError:
+            on_end(self, None)   # cancelled here (close): its owner has moved on
+            return
+        on_end(self, None)
+
+    def _close(self) -> None:
+        self._put(None)
+        if self._call is not None:
+            self._call.cancel()
+
+    # ---- from any thread -------------------------------------------------------------
 
     def run(self, on_response: Callable[[WatchStream, Any], None],
             on_end: Callable[[WatchStream, BaseException | None], None]) -> None:
-        def read() -> None:
-            try:
-                for resp in self._call:
-                    on_response(self, resp)
-            except grpc.RpcError as exc:
-                on_end(self, exc)
-                return
-            on_end(self, None)
-
-        threading.Thread(target=read, daemon=True, name=f"vmha-watch-{self.target}").start()
+        aioloop.post(self._read_task, on_response, on_end)
 
     def create(self, w: Watcher) -> None:
         self.pending.append(w)
-        self._requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+        aioloop.post(self._put, etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=w.keys.start, range_end=w.keys.end, start_revision=w.next_rev)))
 
     def cancel(self, watch_id: int) -> None:
-        self._requests.put(etcdrpc.WatchRequest(
+        aioloop.post(self._put, etcdrpc.WatchRequest(
             cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
 
     def progress(self) -> None:
-        self._requests.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
+        aioloop.post(self._put, etcdrpc.WatchRequest(
+            progress_request=etcdrpc.WatchProgressRequest()))
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
+        self._closed = True
+        aioloop.post(self._close)
         self.ready.set()
+
+
+# Reading tasks, referenced until done (the loop keeps only weak references).
+_tasks: set[asyncio.Future[None]] = set()

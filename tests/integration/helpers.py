@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -91,3 +92,11 @@ def store_on_follower(etcd3: EtcdCluster) -> tuple[EtcdStore, EtcdMember]:
             return store, member
         store.close()
     pytest.fail("no store started its keepalives at a follower")
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """How often the kernel has switched `thread` out so far: each wake-up from a
+    sleep ends in one (Linux's /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        text = f.read()
+    return sum(int(n) for n in re.findall(r"voluntary_ctxt_switches:\s*(\d+)", text))

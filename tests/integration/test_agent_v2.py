@@ -19,11 +19,13 @@ import pytest
 
 from hypervisor.fake import FakeHypervisor
 from nodeagent.agent import AgentOptions, NodeAgent
+from nodeagent.view_v2 import NodeWatch
 from schemas.errors import ConfigError
 from schemas.keys import Keyspace
 from schemas.models import NodeRegistration, VmStatus
 from store.etcd import EtcdStore
 from store.paging import KeyRange
+from store.watchmodel import Change
 from tests.authetcd import TlsEtcd
 from tests.conftest import TEST_CONFIG
 from tests.harness import EtcdCluster, FakeCluster, wait_until
@@ -354,3 +356,31 @@ def test_agent_process_sigkilled_and_restarted_adopts_its_registration(
     finally:
         fc.stop()
 
+
+
+def test_the_view_thread_waits_for_a_change_without_a_timeout(v2store: EtcdStore) -> None:
+    """The thread waking the agent on its watch's changes sleeps until a change or
+    close(): a wait with a timeout would wake it every second for nothing."""
+    store = v2store
+    watch = NodeWatch(store, KS, "n1")
+    calls: list[float | None] = []
+    wait = watch.state.wait
+
+    def counted(timeout: float | None) -> list[Change]:
+        calls.append(timeout)
+        return wait(timeout)
+
+    watch.state.wait = counted  # type: ignore[method-assign]
+    wake, stopped = threading.Event(), threading.Event()
+    watch.start()
+    pump = threading.Thread(target=watch.pump, args=(wake, stopped), daemon=True)
+    pump.start()
+    try:
+        time.sleep(2.5)
+        assert len(calls) == 1, f"{len(calls)} waits in 2.5 s while nothing changed"
+        store.put(KS.cordon("n1"), "{}")
+        assert wake.wait(5), "a change of its keys woke the agent"
+    finally:
+        watch.close()
+    pump.join(5)
+    assert not pump.is_alive(), "close() ended the view thread's wait"

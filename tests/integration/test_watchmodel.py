@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from store.etcd import EtcdStore, Put, StoreCompacted
 from store.paging import KeyRange, list_range
 from store.watchmodel import Change, WatchedState
 from tests.harness import EtcdCluster, EtcdMember, wait_until
+from tests.integration.helpers import wakeups
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +202,75 @@ def test_compaction_while_the_stream_is_away_relists_without_loss(
         state.close()
         store.close()
         others.close()
+
+
+class CountingClock:
+    """The real clock, counting its reads: how often the state looked at the time."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return time.monotonic()
+
+
+def test_an_idle_state_sleeps_until_its_check_and_still_finds_a_stall(
+        etcd3: EtcdCluster) -> None:
+    """The supervisor sleeps until the next liveness check is due instead of ticking
+    (a quarter of the shorter interval): an idle state reads the clock about once per
+    check, and a stopped member is still given up on within the check interval plus
+    the progress timeout, on the real clock."""
+    clock = CountingClock()
+    store = EtcdStore(etcd3.endpoints, timeout=0.5)
+    store.put("/vmha/config", "c0")
+    state = WatchedState(store, [CONFIG], check_interval_s=10.0, progress_timeout_s=2.0,
+                         clock=clock)
+    try:
+        state.start()
+        time.sleep(0.2)
+        before = clock.reads
+        time.sleep(2.0)
+        assert clock.reads - before <= 1, f"{clock.reads - before} clock reads in 2 s"
+    finally:
+        state.close()
+    state = WatchedState(store, [CONFIG], check_interval_s=1.0, progress_timeout_s=1.0,
+                         clock=clock)
+    try:
+        state.start()
+        member = next(m for m in etcd3.members if m.endpoint == state.endpoint)
+        with stopped(member):
+            t0, before = time.monotonic(), clock.reads
+            wait_until(lambda: state.stats["stalls"] == 1, 5, what="the stall found")
+            took = time.monotonic() - t0
+            assert took < 1.0 + 1.0 + 0.5, took
+            assert clock.reads - before <= 4, f"{clock.reads - before} clock reads"
+            wait_until(lambda: state.endpoint not in (None, member.endpoint), 5,
+                       what="resumed on another member")
+    finally:
+        state.close()
+        store.close()
+
+
+def test_an_idle_stream_wakes_no_thread(etcd: EtcdCluster) -> None:
+    """The stream is read on the process's grpc.aio loop: while nothing arrives, no
+    thread of the state's (nor the loop) wakes.  gRPC's synchronous client would wake
+    a reading thread every 0.1 s and a channel thread every 0.2 s, per stream."""
+    store = EtcdStore(etcd.endpoints)
+    before = {t.ident for t in threading.enumerate()}
+    state = WatchedState(store, [CONFIG], check_interval_s=10.0, progress_timeout_s=2.0)
+    try:
+        state.start()
+        time.sleep(0.5)
+        mine = [t for t in threading.enumerate()
+                if t.ident not in before or t.name == "vmha-grpc-aio"]
+        counts = {t.name: wakeups(t) for t in mine}
+        time.sleep(2.0)
+        woke = {t.name: wakeups(t) - counts[t.name] for t in mine if t.is_alive()}
+        assert sum(woke.values()) <= 3, woke
+        # ... and an event still arrives at once.
+        rev = store.put("/vmha/config", "c1")
+        assert [(c.key, c.revision) for c in collect(state, 1, 5.0)] == [("/vmha/config", rev)]
+    finally:
+        state.close()
+        store.close()
