@@ -39,7 +39,7 @@ from fencing.policy import fence_window
 from lab import tiny_guest_xml
 from lab.cluster import LabCluster
 from lab.invariants import DoubleRunChecker, LabTruth
-from lab.labview import reader, reg_key, revoke_registration
+from lab.labview import reader, reg_key, revoke_registration, wait_registered
 from lab.labview import vmha as lab_vmha
 from lab.localcluster import wait_until
 from schemas import ClusterConfig, NodeRegistration
@@ -147,6 +147,7 @@ def lab_with_guests(workdir: Path, cfg: ClusterConfig) -> Iterator[tuple[LabClus
         lc.start(cfg.to_json())
         store = reader(lc)
         try:
+            wait_registered(lc, store)  # the guests spread over every node
             for vm in VMS:
                 xml = workdir / f"{vm}.xml"
                 xml.write_text(tiny_guest_xml(vm))

@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lab.etcdpki import OPERATOR, ROOT
+from lab.localcluster import wait_until
 from schemas import Keyspace
 from schemas.keys_v2 import KeyRefV2, KeyspaceV2
 
@@ -37,6 +38,14 @@ def reader(lc: LabCluster) -> EtcdStore:
 def reg_key(lc: LabCluster, node: str) -> str:
     """Node ``node``'s registration key (its lease is the node's)."""
     return KeyspaceV2(lc.prefix).reg(node) if lc.auth else Keyspace(lc.prefix).node(node)
+
+
+def wait_registered(lc: LabCluster, store: EtcdStore, timeout: float = 60.0) -> None:
+    """Until every lab node's agent has registered.  `LabCluster.start` only starts the
+    agents: VMs added before one registers all go to the others (a test that wants
+    guests on each node, or drains a node, waits for this first)."""
+    wait_until(lambda: all(store.get(reg_key(lc, n)) is not None for n in lc.nodes),
+               timeout, 0.1, "every lab node registered")
 
 
 def place_key(lc: LabCluster, vm: str) -> str:

@@ -45,7 +45,14 @@ from lab import (  # noqa: E402
 from lab.cluster import LabCluster, child_pids  # noqa: E402
 from lab.invariants import DoubleRunChecker, LabTruth  # noqa: E402
 from lab.labview import placement as lab_placement  # noqa: E402
-from lab.labview import reader, revoke_registration, vm_status, vm_statuses, vmha  # noqa: E402
+from lab.labview import (  # noqa: E402
+    reader,
+    revoke_registration,
+    vm_status,
+    vm_statuses,
+    vmha,
+    wait_registered,
+)
 from lab.localcluster import Daemon, wait_until  # noqa: E402
 from schemas import ClusterConfig  # noqa: E402
 from schemas.keys_v2 import KeyspaceV2  # noqa: E402
@@ -140,6 +147,7 @@ def running_lab(tmp_path: Path, config: ClusterConfig) -> Iterator[tuple[LabClus
     lc.start(config.to_json())
     store = reader(lc)
     try:
+        wait_registered(lc, store)  # the guests spread over every node (tests drain each)
         for vm in VMS:
             xml = tmp_path / f"{vm}.xml"
             xml.write_text(tiny_guest_xml(vm))

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 from fencing.policy import fence_window  # noqa: E402
 from lab import qemu_pids, tiny_guest_xml  # noqa: E402
 from lab.cluster import LabCluster  # noqa: E402
+from lab.labview import wait_registered  # noqa: E402
 from lab.localcluster import wait_until  # noqa: E402
 from schemas import ClusterConfig  # noqa: E402
 from store.etcd import EtcdStore  # noqa: E402
@@ -51,6 +52,7 @@ def glab(tmp_path: Path, request: pytest.FixtureRequest
         assert lc.etcd is not None
         store = EtcdStore(lc.endpoints)
         try:
+            wait_registered(lc, store)  # the guests spread over every node
             for vm in VMS:
                 xml = tmp_path / f"{vm}.xml"
                 xml.write_text(tiny_guest_xml(vm))
