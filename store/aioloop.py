@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-__all__ = ["in_loop", "loop", "post", "run"]
+__all__ = ["RequestQueue", "in_loop", "loop", "post", "run"]
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -59,3 +59,19 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float) -> bool:
     except concurrent.futures.TimeoutError:
         return False
     return True
+
+
+class RequestQueue:
+    """The requests of one bidirectional stream, fed from the loop: `put` a request,
+    `put(None)` to end the stream; `requests()` is the iterator the call reads.  Made,
+    fed and read on the loop only."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def requests(self) -> AsyncIterator[Any]:
+        while (req := await self._queue.get()) is not None:
+            yield req
+
+    def put(self, req: Any) -> None:
+        self._queue.put_nowait(req)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -81,23 +81,18 @@ class _Stream:
         self.index, self.target = index, target
         self.waiting: dict[int, deque[_Round]] = {}
         self.ended = False
-        self._requests: asyncio.Queue[Any] | None = None
+        self._requests: aioloop.RequestQueue | None = None
         self.call: Any = None
         aioloop.post(self._start, stub, auth)
 
     def _start(self, stub: Callable[[], Any], auth: tuple[Any, Any]) -> None:
-        self._requests = asyncio.Queue()
-        self.call = stub().LeaseKeepAlive(self._iter_requests(), credentials=auth[0],
+        self._requests = aioloop.RequestQueue()
+        self.call = stub().LeaseKeepAlive(self._requests.requests(), credentials=auth[0],
                                           metadata=auth[1])
-
-    async def _iter_requests(self) -> AsyncIterator[Any]:
-        assert self._requests is not None
-        while (req := await self._requests.get()) is not None:
-            yield req
 
     def _put(self, req: Any) -> None:
         if self._requests is not None:
-            self._requests.put_nowait(req)
+            self._requests.put(req)
 
     def _cancel(self) -> None:
         self._put(None)

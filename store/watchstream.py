@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +86,7 @@ class WatchStream:
         self.ids: dict[int, Watcher] = {}
         self.opened = False
         self.ready = threading.Event()            # every create answered, or the end
-        self._requests: asyncio.Queue[Any] | None = None
+        self._requests: aioloop.RequestQueue | None = None
         self._call: Any = None
         self._closed = False
         aioloop.post(self._start, stub, auth)
@@ -96,18 +96,13 @@ class WatchStream:
     def _start(self, stub: Callable[[], Any], auth: tuple[Any, Any]) -> None:
         if self._closed:
             return
-        self._requests = asyncio.Queue()
-        self._call = stub().Watch(self._iter_requests(), credentials=auth[0],
+        self._requests = aioloop.RequestQueue()
+        self._call = stub().Watch(self._requests.requests(), credentials=auth[0],
                                   metadata=auth[1])
-
-    async def _iter_requests(self) -> AsyncIterator[Any]:
-        assert self._requests is not None
-        while (req := await self._requests.get()) is not None:
-            yield req
 
     def _put(self, req: Any) -> None:
         if self._requests is not None:
-            self._requests.put_nowait(req)
+            self._requests.put(req)
 
     def _read_task(self, on_response: Callable[[WatchStream, Any], None],
                    on_end: Callable[[WatchStream, BaseException | None], None]) -> None:
