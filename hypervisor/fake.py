@@ -119,8 +119,26 @@ def _spawn(argv: list[str], executable: str) -> dict[str, int]:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, close_fds=True)
     _children[p.pid] = p
+    _wait_for_argv0(p.pid, argv[0].encode())
     st = _stat(p.pid)
     return {"pid": p.pid, "start": st[1] if st else -1}
+
+
+def _wait_for_argv0(pid: int, argv0: bytes) -> None:
+    """Return once the child carries its tag in /proc.  Popen returns when the exec is
+    past its point of no return, before the kernel has set up the new program's
+    arguments: a /proc scan in between (a power-off, a teardown) saw an empty cmdline
+    and missed the guest.  A few microseconds normally; bounded by 5 s."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0", 1)[0] == argv0:
+                    return
+        except OSError:
+            return  # gone already: nothing to find
+        time.sleep(0.0005)
+    raise HypervisorUnavailable(f"fake guest {pid} did not start {argv0!r} within 5 s")
 
 
 def spawn_guest(tag: str) -> dict[str, int]:

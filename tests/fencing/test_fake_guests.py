@@ -20,6 +20,7 @@ from hypervisor.fake import (
     guest_processes,
     kill_guests,
     power_off,
+    spawn_guest,
 )
 from lab.invariants import DoubleRunChecker, FakeTruth
 from tests.harness import wait_until
@@ -234,4 +235,33 @@ def test_a_migration_killed_as_it_starts_is_never_a_double_run(tmp_path: Path) -
     finally:
         mover.kill()
         mover.wait()
+        kill_guests(tmp_path)
+
+
+def test_a_guest_is_findable_by_its_tag_as_soon_as_spawn_returns(tmp_path: Path) -> None:
+    """A CI run's failure: the guest's pid was alive but /proc/<pid>/cmdline still
+    empty, so `guest_processes` (and with it `power_off` and the teardown) missed a
+    guest just booted.  The kernel closes the exec status pipe (Popen returns) before
+    it has set up the new program's argument area.  Busy processes widen that window,
+    as the suite's other worker does."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        missed = []
+        for i in range(200):
+            tag = f"{tmp_path.resolve()}/n1/vm{i}"
+            pid = int(spawn_guest(tag)["pid"])
+            # Read at once (a scan of /proc would give the child time to finish).
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(f"vmha-fake-guest {tag}".encode()):
+                    missed.append(i)
+            kill_guests(tmp_path)
+        assert missed == [], f"{len(missed)} of 200 guests without their tag yet"
+        tag = f"{tmp_path.resolve()}/n1/last"
+        pid = int(spawn_guest(tag)["pid"])
+        assert guest_processes(tmp_path) == {pid: tag}
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
         kill_guests(tmp_path)
