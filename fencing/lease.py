@@ -72,8 +72,9 @@ class LeaseKeeper:
                  on_partner_gone: Callable[[int], None] | None = None) -> None:
         """`on_gone(before_deadline)` fires once when etcd says the lease no longer exists:
         before the deadline that can only be a revoke (a drain); after it, an expiry.  It
-        runs on the renewal thread, whose work ends with the lease, so it may take a while
-        (keyspace 2's agent registers again there); the deadline thread goes on meanwhile.
+        runs on the renewal thread, whose work ends with the lease (or on the thread whose
+        `found_gone` came first), so it may take a while (keyspace 2's agent registers
+        again there); the deadline thread goes on meanwhile.
         `on_deadline()` fires once when the deadline passes without a renewal; None: the
         deadline is not watched (a lease that fences nothing, such as the liveness lease).
         `unavailable`: the error a keepalive raises when etcd does not answer; it is
@@ -192,8 +193,17 @@ class LeaseKeeper:
             else:
                 self._partner_lost(partner)
 
+    def found_gone(self) -> None:
+        """Another thread learned from etcd that the lease is gone: reported as this
+        keeper's renewal would, once.  A second report would be read against a
+        deadline the first one already ended (`valid()` is false once gone): a revoke
+        reported again as an expiry."""
+        self._gone()
+
     def _gone(self) -> None:
         with self._lock:
+            if self.gone:
+                return
             before = self._clock() < self.deadline and not self.deadline_passed
             self.gone = True
         log.info("lease_gone", lease=f"{self.lease_id:x}", revoked=before, who=self._name)

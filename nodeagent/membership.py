@@ -230,7 +230,7 @@ class Membership:
         # Our key vanished (the watch woke us): ask etcd about the lease now rather than
         # at the next keepalive, so a drain starts at once.
         if reg.keeper.valid() and self.ctx.store.keepalive(reg.lease_id) <= 0:
-            self.on_lease_gone(reg.lease_id, reg.keeper.valid())
+            reg.keeper.found_gone()  # unless the keeper told it meanwhile
             self.ctx.wake.set()
         self.log.info("registration_not_visible", revision=snap.revision)
         return False
