@@ -93,7 +93,16 @@ def drained(etcd: EtcdCluster, fake_cluster: FakeCluster) -> tuple[FakeCluster, 
             evs, _ = read_events(store, EventFilter(kind="migration"))
             return sorted(e.vm or "" for e in evs if e.from_node == "n1") == victims
 
-        wait_until(migrated, 30, what="n1's VMs live-migrated away")
+        try:
+            wait_until(migrated, 30, what="n1's VMs live-migrated away")
+        except TimeoutError as exc:
+            # Seen once in a fresh run, not since: say what the cluster did.
+            evs, _ = read_events(store, EventFilter())
+            log = (fc.workdir / "agent-n1.log").read_text(errors="replace").splitlines()
+            raise AssertionError(
+                f"{exc}\nvictims {victims}; where now {fake_ground_truth(fc.fake_root)}\n"
+                f"events: {[(e.kind, e.vm, e.from_node, e.node) for e in evs]}\n"
+                "n1's log, last 40 lines:\n" + "\n".join(log[-40:])) from exc
     finally:
         store.close()
     return fc, victims
