@@ -1,11 +1,13 @@
 """The guard outlives the agent, on the lab with real QEMU guests (issue 11, item 3).
 
 Each lab node's guard runs as its own process (`vmha guard`, as vmha-guard.service
-runs it) with the default cluster config.  An agent SIGKILLed and started again (as
-systemd's Restart= would), then restarted in place with SIGUSR2: the same QEMU
-processes keep running on the node, nothing is booted anywhere, no fence record.  An
-agent not started again: its guard destroys the domains before the fence window ends,
-and the leader boots them elsewhere with no double run.
+runs it) with the default cluster config, on the lab `vmha lab up` starts: etcd auth
+on, keyspace 2, each guard logged in with its node's certificate (keyspace 1's guard
+service is tests/integration/test_agent_restart.py's, on the fake hypervisor).  An
+agent SIGKILLed and started again (as systemd's Restart= would), then restarted in
+place with SIGUSR2: the same QEMU processes keep running on the node, nothing is booted
+anywhere, no fence record.  An agent not started again: its guard destroys the domains
+before the fence window ends, and the leader boots them elsewhere with no double run.
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_R
 from fencing.policy import fence_window  # noqa: E402
 from lab import qemu_pids, tiny_guest_xml  # noqa: E402
 from lab.cluster import LabCluster  # noqa: E402
-from lab.labview import wait_registered  # noqa: E402
+from lab.labview import reader, vmha, wait_registered  # noqa: E402
 from lab.localcluster import wait_until  # noqa: E402
 from schemas import ClusterConfig  # noqa: E402
 from store.etcd import EtcdStore  # noqa: E402
-from tests.conftest import vmha  # noqa: E402
 
 CFG = ClusterConfig()  # the defaults: what a restart meets in production
 
@@ -45,18 +46,17 @@ CFG = ClusterConfig()  # the defaults: what a restart meets in production
 @pytest.fixture
 def glab(tmp_path: Path, request: pytest.FixtureRequest
          ) -> Iterator[tuple[LabCluster, EtcdStore]]:
-    lc = LabCluster(tmp_path / "lab", tmp_path / "logs", guard_service=True,
+    lc = LabCluster(tmp_path / "lab", tmp_path / "logs", guard_service=True, auth=True,
                     guard_extra=getattr(request, "param", ()))
     try:
         lc.start(CFG.to_json())
-        assert lc.etcd is not None
-        store = EtcdStore(lc.endpoints)
+        store = reader(lc)
         try:
             wait_registered(lc, store)  # the guests spread over every node
             for vm in VMS:
                 xml = tmp_path / f"{vm}.xml"
                 xml.write_text(tiny_guest_xml(vm))
-                r = vmha(lc.etcd, "vm", "add", vm, "--memory-mib", "32", "--xml", str(xml))
+                r = vmha(lc, "vm", "add", vm, "--memory-mib", "32", "--xml", str(xml))
                 assert r.returncode == 0, r.stderr
             wait_until(lambda: all_reported(store, lc), 60, 0.1, "all VMs running and reported")
             yield lc, store
