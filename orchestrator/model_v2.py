@@ -17,7 +17,13 @@ from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, Model, VmStatus
 from schemas.models_v2 import Assignment, ConfirmOff, KeyspaceVersion
 from schemas.snapshot import ClusterSnapshot, Entry, InvalidKey, RawKV
-from schemas.snapshot_v2 import ParsedKV, RefusedKV, current_statuses, parse_kv
+from schemas.snapshot_v2 import (
+    ParsedKV,
+    RefusedKV,
+    current_statuses,
+    parse_kv,
+    parse_kv_fresh,
+)
 
 Parsed = ParsedKV | RefusedKV | None
 
@@ -62,7 +68,7 @@ class ParseCache:
             if hit is not None and hit[0] == version:
                 res = hit[1]
             else:
-                res = parse_kv(ks, kv)
+                res = parse_kv_fresh(ks, kv)
                 self.parsed += 1
             fresh[kv.key] = (version, res)
             out.append(res)

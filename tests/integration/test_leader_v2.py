@@ -205,6 +205,7 @@ def test_idle_cluster_costs_no_transaction(world: World, leader: Orchestrator,
                what="a quiet plan that saw the report")
     rev, counts, cycles = w.store.revision(), etcd_counts(w.etcd), leader._cycles
     plans = leader.plans
+    models = leader.models if isinstance(leader, OrchestratorV2) else 0
     time.sleep(3.0)
     after, rev2 = etcd_counts(w.etcd), w.store.revision()
     delta = {m: after.get(m, 0) - counts.get(m, 0) for m in ("Txn", "Range", "Put")}
@@ -220,6 +221,8 @@ def test_idle_cluster_costs_no_transaction(world: World, leader: Orchestrator,
     if w.ks == 2:
         assert delta["Range"] <= 1, "the model comes from the watch, not from reads"
         assert isinstance(leader, OrchestratorV2) and leader.stats["lists"] == 1
+        # Nor is the model built again from the same revision (a second at 10,000 VMs).
+        assert leader.models == models, "the model was built again with nothing changed"
 
 
 def test_a_quiet_leader_plans_again_on_a_change_and_after_max_quiet(

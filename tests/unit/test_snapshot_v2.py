@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from hypervisor.base import Domain
 from nodeagent.plan import Report, plan
+from schemas import snapshot_v2
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import VmStatus
 from schemas.models_v2 import Assignment
@@ -129,6 +130,43 @@ def test_parsed_key_keeps_its_revisions() -> None:
     assert (got.entry.key, got.entry.create_revision, got.entry.mod_revision,
             got.entry.lease) == ("/vmha/n/n1/reg", 3, 9, 77)
     assert parse_kv(KS, raw("/elsewhere/x", "{}")) is None
+
+
+def test_an_unchanged_key_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent parses its keys at every cycle; most are unchanged since the last one.
+    A key-value equal in every field gives the same result without parsing again; a
+    new value, revision or lease, or another prefix, is parsed."""
+    parsed: list[str] = []
+    fresh = snapshot_v2.parse_kv_fresh
+
+    def counting(ks: KeyspaceV2, kv: RawKV) -> ParsedKV | RefusedKV | None:
+        parsed.append(kv.key)
+        return fresh(ks, kv)
+
+    monkeypatch.setattr(snapshot_v2, "parse_kv_fresh", counting)
+    monkeypatch.setattr(snapshot_v2, "_memo", {})
+    kv = raw(KS.spec("memo1"), spec_value("memo1"), 40)
+    first = parse_kv(KS, kv)
+    assert isinstance(first, ParsedKV)
+    assert parse_kv(KS, replace(kv)) is first and len(parsed) == 1  # equal, not the same
+    for changed in (replace(kv, mod_revision=41), replace(kv, lease=5),
+                    replace(kv, value=json.dumps(spec_value("memo1", 2048)).encode())):
+        got = parse_kv(KS, changed)
+        assert isinstance(got, ParsedKV) and got.entry.mod_revision == changed.mod_revision
+    assert len(parsed) == 4
+    assert parse_kv(KeyspaceV2("/other"), raw("/other/spec/memo1", spec_value("memo1"), 40))
+    assert len(parsed) == 5
+    bad = raw(KS.spec("memo1"), "{", 42)
+    assert isinstance(parse_kv(KS, bad), RefusedKV) and isinstance(parse_kv(KS, bad), RefusedKV)
+    assert len(parsed) == 6, "a refused key is remembered too"
+
+
+def test_the_parse_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot_v2, "_memo", {})
+    monkeypatch.setattr(snapshot_v2, "_MEMO_MAX", 10)
+    for i in range(25):
+        parse_kv(KS, raw(KS.reg(f"n{i}"), node_value(f"n{i}"), 9))
+        assert len(snapshot_v2._memo) <= 10
 
 
 # ---- the node view ------------------------------------------------------------------------
