@@ -37,7 +37,13 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 
 from schemas.errors import InvariantError
 from schemas.snapshot import RawKV
-from store.errors import StoreError, StoreUnavailable, store_error, watch_cancel_error
+from store.errors import (
+    StoreCompacted,
+    StoreError,
+    StoreUnavailable,
+    store_error,
+    watch_cancel_error,
+)
 from store.etcd import EtcdStore
 from store.paging import KeyRange, list_range, raw_kv
 from store.watchstream import Change, Liveness, Watcher, WatchStream
@@ -177,6 +183,25 @@ class WatchedState:
                     if bound is w:
                         self._stream.cancel(watch_id)
             return True
+
+    def verify(self) -> bool:
+        """A check of the watch that sends no value: every watched range listed keys
+        only, at the model's revision, holds exactly the keys and mod revisions the model
+        does.  False: they differ, or that revision is compacted (the owner lists
+        again).  A model behind a watcher's progress differs too: only a listing costs."""
+        with self._lock:
+            rev = self._revision
+            held = {k: kv.mod_revision for k, kv in self._kvs.items()}
+            ranges = [w.keys for w in self._watchers]
+        seen: dict[bytes, int] = {}
+        try:
+            for keys in ranges:
+                for page in list_range(self._store.range_request, keys, rev, keys_only=True):
+                    seen.update((k, kv.mod_revision)
+                                for k, kv in zip(page.raw_keys, page.kvs, strict=True))
+        except StoreCompacted:
+            return False
+        return seen == held
 
     @property
     def revision(self) -> int:

@@ -275,7 +275,11 @@ def test_restarted_agent_keeps_its_vms(v2store: EtcdStore, tmp_path: Path) -> No
         stop(agent, t)
 
 
-def test_a_resync_lists_again_and_changes_nothing(v2store: EtcdStore, tmp_path: Path) -> None:
+def test_a_resync_checks_then_lists_again_only_if_the_view_differs(
+        v2store: EtcdStore, tmp_path: Path) -> None:
+    """Every RESYNC_S the agent checks its watch with a keys-only listing; a view that
+    holds what etcd does is not listed again (no domain XML sent again), one that
+    differs is, and neither changes anything."""
     store = v2store
     hv = FakeHypervisor(tmp_path, "n1")
     agent, t = start_agent(store, hv, "n1")
@@ -283,12 +287,21 @@ def test_a_resync_lists_again_and_changes_nothing(v2store: EtcdStore, tmp_path: 
         Leader(store).place("web", "n1")
         wait_until(lambda: running(store, "n1", "web", "p1"), 15, what="web running")
         assert agent.v2 is not None
-        stats = agent.v2.watch.state.stats
-        lists, status_mod = stats["lists"], store.get(KS.status("n1", "web")).mod_revision  # type: ignore[union-attr]
+        state = agent.v2.watch.state
+        lists, status_mod = state.stats["lists"], store.get(KS.status("n1", "web")).mod_revision  # type: ignore[union-attr]
         booted = (tmp_path / "n1" / "domains" / "web.json").read_text()
+        checks = agent.v2.checks
         agent.v2.next_resync = 0.0  # due now
         agent.wake.set()
-        wait_until(lambda: stats["lists"] == lists + 1, 10, what="listed again")
+        wait_until(lambda: agent.v2.checks == checks + 1, 10, what="checked")  # type: ignore[union-attr]
+        time.sleep(0.5)
+        assert state.stats["lists"] == lists, "the view held what etcd does: no listing"
+        # The view loses a key, as a watch that missed an event would.
+        with state._lock:
+            del state._kvs[KS.assignment("n1", "web").encode()]
+        agent.v2.next_resync = 0.0
+        agent.wake.set()
+        wait_until(lambda: state.stats["lists"] == lists + 1, 10, what="listed again")
         time.sleep(0.5)  # cycles on the new listing
         assert store.get(KS.status("n1", "web")).mod_revision == status_mod  # type: ignore[union-attr]
         assert (tmp_path / "n1" / "domains" / "web.json").read_text() == booted

@@ -272,3 +272,53 @@ def test_an_idle_stream_wakes_no_thread(etcd: EtcdCluster) -> None:
     finally:
         state.close()
         store.close()
+
+
+def test_the_keys_only_check_finds_a_model_that_differs(etcd: EtcdCluster,
+                                                        store: EtcdStore) -> None:
+    """The agent's periodic check of its watch (nodeagent.agent_v2): a keys-only listing
+    at the model's revision, so no value (domain XML) is sent again; it must still find
+    a key the model lacks, one too many, a stale revision, and a compacted revision."""
+    xml = "x" * 4000
+    store.put("/vmha/a/n1/v1", xml)
+    store.put("/vmha/a/n1/v2", xml)
+    store.put("/vmha/config", "c")
+    state = WatchedState(store, [VMS, CONFIG, REG])
+    sizes: list[int] = []
+    real = store.range_request
+
+    def measured(req: object) -> object:
+        resp = real(req)  # type: ignore[arg-type]
+        sizes.append(resp.ByteSize())
+        return resp
+
+    store.range_request = measured  # type: ignore[assignment,method-assign]
+    try:
+        state.start()
+        sizes.clear()
+        assert state.verify()
+        assert sizes and sum(sizes) < 1000, f"values were sent: {sizes}"
+        key = b"/vmha/a/n1/v1"
+        kv = state._kvs[key]
+        with state._lock:  # a lost delete event: one key too many
+            state._kvs[b"/vmha/a/n1/v0"] = kv
+        assert not state.verify()
+        with state._lock:  # a lost put: a key missing
+            del state._kvs[b"/vmha/a/n1/v0"], state._kvs[key]
+        assert not state.verify()
+        with state._lock:  # a lost change: the value of an older revision
+            state._kvs[key] = RawKV(kv.key, b"older", kv.create_revision,
+                                    kv.mod_revision - 1, kv.lease)
+        assert not state.verify()
+        state.start()
+        assert state.verify()
+        # Written and compacted past while nobody asked: the model's revision is gone.
+        store.put("/vmha/config", "c2")
+        wait_until(lambda: state.revision == store.revision(), 10, what="the change seen")
+        rev = state.revision
+        store.put("/vmha/other", "moves the revision")
+        store.client.compact(store.revision())
+        assert rev < store.revision()
+        assert not state.verify()
+    finally:
+        state.close()
