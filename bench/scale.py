@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ from lab.localcluster import EtcdCluster, free_ports, start_etcd, wait_until
 from schemas.keys_v2 import KeyspaceV2
 from schemas.models import ClusterConfig, FenceRecord, VmSpec, VmStatus
 from schemas.models_v2 import KeyspaceVersion
+from store.errors import StoreError
 from store.etcd import EtcdStore, Put, StoreUnavailable
+from store.paging import KeyRange
+from store.watchmodel import WatchedState
 
 KS = KeyspaceV2()
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +70,32 @@ def domain_xml(vm: str, size: int) -> str:
             "<devices><console type='pty'/></devices></domain>")
     return head + "x" * max(0, size - len(head) - len(tail)) + tail
 
+
+
+class KeyGone:
+    """When the bench saw `key` deleted (a watch of that key alone: no read per poll,
+    which the phase's request counts would include)."""
+
+    def __init__(self, store: EtcdStore, key: str) -> None:
+        self.at: float | None = None
+        self._closed = threading.Event()
+        self.state = WatchedState(store, [KeyRange.key(key)])
+        self.state.start()
+        self._t = threading.Thread(target=self._follow, daemon=True)
+        self._t.start()
+
+    def _follow(self) -> None:
+        while self.at is None and not self._closed.is_set():
+            try:
+                changes = self.state.wait(1.0)
+            except StoreError:
+                return  # closed, or the watch failed: no time to report
+            if any(c.kv is None for c in changes):
+                self.at = time.time()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.state.close()
 
 class Bench:
     def __init__(self, a: argparse.Namespace) -> None:
@@ -259,8 +289,18 @@ class Bench:
 
     def crash(self) -> None:
         host = self.hosts["agents-0"]
-        p = self._event("crash", self.nodes[0], lambda: os.kill(host.pid, signal.SIGKILL), 180)
         assert self.store is not None
+        gone = KeyGone(self.store, KS.reg(self.nodes[0]))
+        p = self._event("crash", self.nodes[0], lambda: os.kill(host.pid, signal.SIGKILL), 180)
+        # The lease expires up to one keepalive interval sooner than a TTL after the
+        # kill, as the last renewal fell: a spread that does not depend on the node
+        # count, so the time from the expiry is reported too.
+        if gone.at is not None:
+            exp = p["lease_expired_after_s"] = round(gone.at - p["started_at"], 3)
+            run = p["to_running"]
+            p["expiry_to_running"] = {k: round(run[k] - exp, 3) for k in ("p50_s", "max_s")
+                                      if run.get(k) is not None}
+        gone.close()
         kv = self.store.get(KS.fence(self.nodes[0]))
         if kv is not None:
             p["fence_recorded_after_s"] = round(FenceRecord.from_json(kv.value).fenced_at

@@ -48,6 +48,14 @@ def test_acceptance_holds_each_run_against_the_50_node_run_of_its_settings() -> 
     # The 1,000-node run is held against x-50 (same config), not against 50.
     x = [ln for ln in lines if ln.startswith("- run x-1000: crash → running")]
     assert x and "vs 35.00 s" in x[0]
+    # The time from the lease's expiry, held against the 50-node run's the same way.
+    runs["50"]["crash"]["expiry_to_running"] = {"max_s": 12.0}
+    runs["200"]["crash"].update(expiry_to_running={"max_s": 12.8}, lease_expired_after_s=7.7)
+    exp = [ln for ln in acceptance(runs) if ln.startswith("- run 200: lease expiry")]
+    assert exp and "**met**" in exp[0] and "12.80 s vs 12.00 s" in exp[0]
+    runs["200"]["crash"]["expiry_to_running"] = {"max_s": 13.2}
+    exp = [ln for ln in acceptance(runs) if ln.startswith("- run 200: lease expiry")]
+    assert exp and "**not met**" in exp[0]
     stopped = {"50": _run(50, 160, 11_000, 19.0),
                "1000": {"nodes": 1000, "failed": "TimeoutError", "log_lines": {}}}
     assert all("**not measured**" in ln for ln in acceptance(stopped)
