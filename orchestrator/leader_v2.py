@@ -24,6 +24,7 @@ orchestrator` chooses again in the same process: no etcd value stops the daemon.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +59,18 @@ log = structlog.get_logger("vmha.orchestrator")
 
 class MigrationUnderWay(ConfigError):
     """The marker says a keyspace migration runs: no orchestrator decides until done."""
+
+
+def settle_heap() -> None:
+    """After a full listing: collect, then move every object alive to the garbage
+    collector's permanent generation.  The parsed keys of a whole cluster (at 10,000
+    VMs, over 40,000 entries of models, dicts and lists) live until their keys change,
+    and each full collection traversed all of them again: it tripled the median model
+    build (0.12 s to 0.36 s) and lengthened the cycles that decide a fence.  Frozen
+    objects are still freed when their last reference goes; only garbage in a cycle
+    among them would stay, so the collection comes first."""
+    gc.collect()
+    gc.freeze()
 
 
 class OrchestratorV2(Orchestrator):
@@ -141,7 +154,8 @@ class OrchestratorV2(Orchestrator):
                 self._listed = False
                 self.log.warning("model_lost", error=str(exc), revision=self.state.revision,
                                  reason="listing the keyspace again")
-        if not self._listed:
+        listed = not self._listed
+        if listed:
             self.state.start()
             self._listed = True
             self._upkeep_due = None
@@ -153,11 +167,14 @@ class OrchestratorV2(Orchestrator):
             rev, kvs = self.state.items()
             self.model = leader_model(self.ks2, rev, kvs, self.parse_cache)
             self.models += 1
+        if listed:
+            settle_heap()
         if not self._keyspace_still_2():
             # The cycle resigns (`keyspace_changed`) and writes nothing; a marker that
             # does not parse is reported first, as every invalid key is.
             bad = tuple(i for i in self.model.snapshot.invalid if i.key == self.ks2.version)
-            return ClusterSnapshot(revision=rev, errors=tuple(i.error for i in bad),
+            return ClusterSnapshot(revision=self.model.snapshot.revision,
+                                   errors=tuple(i.error for i in bad),
                                    invalid=bad)
         return self.model.snapshot
 

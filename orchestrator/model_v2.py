@@ -56,21 +56,22 @@ class ParseCache:
     since the last one (a key's mod_revision changes with its value)."""
 
     def __init__(self) -> None:
-        self._by_key: dict[str | bytes, tuple[tuple[int, int, int], Parsed]] = {}
+        self._by_key: dict[str | bytes, tuple[RawKV, Parsed]] = {}
         self.parsed = 0  # keys parsed so far (the others came from the cache)
 
     def parse_all(self, ks: KeyspaceV2, kvs: Iterable[RawKV]) -> list[Parsed]:
-        fresh: dict[str | bytes, tuple[tuple[int, int, int], Parsed]] = {}
+        fresh: dict[str | bytes, tuple[RawKV, Parsed]] = {}
         out: list[Parsed] = []
         for kv in kvs:
-            version = (kv.mod_revision, kv.create_revision, kv.lease)
             hit = self._by_key.get(kv.key)
-            if hit is not None and hit[0] == version:
+            # The watch model hands the same RawKV for a key until it changes.
+            if hit is not None and (hit[0] is kv or hit[0] == kv):
+                fresh[kv.key] = hit
                 res = hit[1]
             else:
                 res = parse_kv_fresh(ks, kv)
                 self.parsed += 1
-            fresh[kv.key] = (version, res)
+                fresh[kv.key] = (kv, res)
             out.append(res)
         self._by_key = fresh  # keys deleted since are forgotten
         return out
