@@ -119,7 +119,7 @@ bench-lab-drains: setup-lab
 
 # The 2006 thesis's outage measurements on the lab (root; ~20 min; TRIALS per rate and kind):
 # packets lost per graceful failure, vmha vs raw libvirt; tables, plots, JSON in results/outage.
-# Keyspace 1 on etcd without auth (bench.outage_trials reads keyspace 1's keys).
+# The lab as `vmha lab up` starts it: etcd auth, keyspace 2 (`vmha bench outage --no-auth`: 1).
 evidence: setup-lab
 	$(PY) -m vmha bench outage --trials $(or $(TRIALS),8) --raw-trials $(or $(TRIALS),8) \
 		--out results/outage

@@ -20,6 +20,9 @@ One command (root) that
    * an uncontrolled failure: the guest's node crashes (agent, guard, libvirtd and
      QEMU SIGKILLed); the guest answers again once it has cold-booted elsewhere;
 
+   The lab is the one ``vmha lab up`` starts (etcd auth on, keyspace 2; the revoke is
+   root's, the uncordon the operator's); ``--no-auth`` runs keyspace 1 on plain etcd;
+
 3. writes ``outage.md`` (tables next to the thesis's numbers), ``outage.json``
    (every trial), ``raw/*.json`` (every probe stream) and PNG plots to ``--out``.
 
@@ -90,6 +93,8 @@ def cmd_bench_outage(args: argparse.Namespace) -> int:
                 "--max-minutes", str(args.max_minutes)]
         if args.short:
             argv.append("--short")
+        if args.no_auth:
+            argv.append("--no-auth")
         # A session of its own, so a Ctrl-C reaches it once, forwarded below, and it has
         # the time to tear its lab down (subprocess.run would SIGKILL it after 0.25 s).
         campaign = subprocess.Popen(["ip", "netns", "exec", name, *argv],
@@ -131,6 +136,9 @@ def register(groups: dict[str, Any]) -> None:
                    help="start no new trial after this long")
     p.add_argument("--short", action="store_true",
                    help="one failure per rate (kinds alternate), one raw migration")
+    p.add_argument("--no-auth", action="store_true",
+                   help="run the lab on keyspace 1 without etcd auth (default: etcd auth "
+                        "on, keyspace 2, as `vmha lab up` starts it)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite outage.md and the plots from outage.json")
     p.add_argument("--netns", help=argparse.SUPPRESS)

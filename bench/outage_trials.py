@@ -2,7 +2,13 @@
 namespace, see :mod:`bench.outage`): reference streams, raw libvirt migrations, vmha's
 graceful failures (lease revoke, SIGTERM) and crashes, each with a paced probe stream
 (:mod:`bench.outageprobe`) against a network-reachable kernel guest
-(:mod:`lab.netguest`)."""
+(:mod:`lab.netguest`).
+
+The lab is the one ``vmha lab up`` starts: etcd auth on, keyspace 2.  The benchmark
+reads it as the operator (:mod:`lab.labview`), runs ``vmha`` as the operator and drains
+by root's ``etcdctl lease revoke`` of the node's registration lease (the operator's role
+may not revoke leases).  ``--no-auth`` runs keyspace 1 on plain etcd instead (the lab
+the results in docs/outage.md were measured on); every trial means the same on both."""
 
 from __future__ import annotations
 
@@ -24,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.outage_streams import STREAM_BY_KEY, Stream, summarize
+from lab import labview
 from lab.configs import LAB_CONFIG
 from lab.localcluster import poll_until, wait_until
-from schemas import Keyspace
 
 VM = "bench0"
 NODES = ("n1", "n2")
@@ -94,8 +100,8 @@ class OutageTrials:
     # -- helpers --
 
     def _vmha(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vmha", *self.lc.common(), *argv],
-                              capture_output=True, text=True, check=False, timeout=60)
+        """`vmha ARGS` as the operator (root without auth)."""
+        return labview.vmha(self.lc, *argv)
 
     def _save(self) -> None:
         data = {"meta": self.meta, "trials": self.trials}
@@ -140,8 +146,8 @@ class OutageTrials:
         return time.monotonic()
 
     def _status(self) -> dict[str, Any] | None:
-        kv = self.store.get(Keyspace(self.lc.prefix).vm_status(VM))
-        return dict(json.loads(kv.value)) if kv else None
+        """The guest's current status (keyspace 2: the one of its nodes' written last)."""
+        return labview.vm_status(self.store, self.lc, VM)
 
     def _record(self, trial: dict[str, Any], run: ProbeRun, probe: dict[str, Any]) -> None:
         trial["probe"] = summarize(probe, trial.get("t_fail"))
@@ -156,9 +162,8 @@ class OutageTrials:
              f"repaired {trial.get('repaired_s')}, downtime {trial.get('downtime_ms')}")
 
     def _node_ready(self, name: str) -> bool:
-        ks = Keyspace(self.lc.prefix)
-        return self.store.get(ks.node(name)) is not None and self.store.get(
-            ks.cordon(name)) is None
+        """Registered and not cordoned: the leader may place the guest there again."""
+        return labview.schedulable(self.store, self.lc, name)
 
     def _back_in_service(self, node: str) -> None:
         _waited(lambda: self._node_ready(node), 60, f"{node} back in service", 0.05)
@@ -167,15 +172,18 @@ class OutageTrials:
 
     def start_lab(self) -> None:
         from lab.cluster import LabCluster
-        from store.etcd import EtcdStore
 
         self.root = Path(tempfile.mkdtemp(prefix="vmhab-", dir="/tmp"))
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.lc = LabCluster(self.root / "lab", logs, node_names=NODES)
+        self.lc = LabCluster(self.root / "lab", logs, node_names=NODES,
+                             auth=not self.args.no_auth)
         self.lc.start(LAB_CONFIG.to_json(), orchestrators=2)
-        self.store = EtcdStore(self.lc.endpoints)
+        self.store = labview.reader(self.lc)
         self.meta["config"] = json.loads(LAB_CONFIG.to_json())
+        self.meta.update(etcd_auth=self.lc.auth, keyspace=labview.keyspace(self.store, self.lc))
+        # the guest's first node is the leader's choice among registered nodes only
+        labview.wait_registered(self.lc, self.store)
 
     def stop_lab(self) -> None:
         with contextlib.suppress(Exception):
@@ -273,19 +281,15 @@ class OutageTrials:
         _log(f"vmha guest answers after {self.meta['vmha_boot_to_answer_s']} s")
 
     def graceful(self, stream: Stream, kind: str, index: int) -> None:
-        ks = Keyspace(self.lc.prefix)
         src = self._only_node()
         dst = _other(src)
-        reg = self.store.get(ks.node(src))
-        assert reg is not None
-        lease = json.loads(reg.value)["lease_id"]
+        lease = labview.registration_lease(self.store, self.lc, src)
         agent = self.lc.agents[src]
         run = self._probe(stream, f"vmha-{index:03d}-{kind}-{stream.key}")
         time.sleep(PRE_ROLL_S)
         t_fail = time.monotonic()
         if kind == "revoke":
-            subprocess.run(["etcdctl", "--endpoints", self.lc.endpoints, "lease", "revoke",
-                            str(lease)], check=True, capture_output=True, timeout=30)
+            labview.revoke_lease(self.lc, lease)  # as root with auth
         else:
             agent.signal(signal.SIGTERM)
         t_running = _waited(lambda: self._moved(src, dst), 120, "the guest on " + dst)
@@ -311,7 +315,7 @@ class OutageTrials:
         if kind == "sigterm":
             trial["agent_rc"] = agent.proc.returncode if agent.proc else None
             self.lc.start_agent(src)
-            _waited(lambda: self.store.get(ks.node(src)) is not None, 60,
+            _waited(lambda: self.store.get(labview.reg_key(self.lc, src)) is not None, 60,
                     f"agent {src} registered again", 0.05)
         r = self._vmha("node", "uncordon", src)
         if r.returncode != 0:
@@ -335,7 +339,7 @@ class OutageTrials:
         # first ICMP answer from the new node (answers in flight at the crash do not count)
         after = sorted(t for _s, t, _c in probe["answers"] if t > t_running)
         first = after[0] if after else None
-        fence = self.store.get(f"{self.lc.prefix}/fence/{src}")
+        fence = self.store.get(labview.fence_key(self.lc, src))
         trial = {"phase": "crash", "kind": "crash", "stream": stream.key, "src": src,
                  "dst": dst, "t_fail": t_fail, "running_s": round(t_running - t_fail, 3),
                  "udp_answer_s": round(t_answer - t_fail, 3),

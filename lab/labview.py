@@ -93,22 +93,61 @@ def placement(store: EtcdStore, lc: LabCluster, vm: str) -> dict[str, Any] | Non
     return _json(store.get(place_key(lc, vm)))
 
 
-def revoke_registration(lc: LabCluster, node: str) -> str:
-    """Drain ``node`` as `etcdctl lease revoke <its registration's lease_id>` does (as
-    root with auth); the lease id revoked."""
+def cordon_key(lc: LabCluster, node: str) -> str:
+    """Node ``node``'s cordon (the operator's `vmha node cordon`, or the agent's own after
+    a drain); present: the node takes no VM."""
+    return KeyspaceV2(lc.prefix).cordon(node) if lc.auth else Keyspace(lc.prefix).cordon(node)
+
+
+def fence_key(lc: LabCluster, node: str) -> str:
+    """The leader's fence record of ``node``."""
+    return KeyspaceV2(lc.prefix).fence(node) if lc.auth else Keyspace(lc.prefix).fence(node)
+
+
+def schedulable(store: EtcdStore, lc: LabCluster, node: str) -> bool:
+    """``node`` registered and not cordoned: the leader may place VMs on it
+    (`ClusterSnapshot.schedulable`, on either keyspace)."""
+    return store.get(reg_key(lc, node)) is not None and store.get(
+        cordon_key(lc, node)) is None
+
+
+def registration_lease(store: EtcdStore, lc: LabCluster, node: str) -> str:
+    """The lease id of ``node``'s registration (what an operator's drain revokes)."""
+    reg = _json(store.get(reg_key(lc, node)))
+    assert reg is not None, f"{node} is not registered"
+    return str(reg["lease_id"])
+
+
+def keyspace(store: EtcdStore, lc: LabCluster) -> int:
+    """The keyspace the lab's daemons run, by its marker: none, 1; `done`, 2 (a lab
+    does not stop half-way through `vmha keyspace migrate`: any other state raises)."""
+    marker = _json(store.get(KeyspaceV2(lc.prefix).version))
+    if marker is None:
+        return 1
+    if marker.get("state") != "done":
+        raise ValueError(f"keyspace migration under way: {marker}")
+    return int(marker["keyspace"])
+
+
+def revoke_lease(lc: LabCluster, lease: str) -> None:
+    """`etcdctl lease revoke LEASE`, as root with auth (the operator's role may not)."""
     from lab.labauth import etcdctl
 
-    store = lc.store()  # root with auth
-    try:
-        reg = _json(store.get(reg_key(lc, node)))
-    finally:
-        store.close()
-    assert reg is not None, f"{node} is not registered"
-    lease = str(reg["lease_id"])
     base = etcdctl(lc.endpoints, lc.pki, ROOT) if lc.pki else ["etcdctl", "--endpoints",
                                                                 lc.endpoints]
     subprocess.run([*base, "lease", "revoke", lease], check=True, capture_output=True,
                    timeout=30)
+
+
+def revoke_registration(lc: LabCluster, node: str) -> str:
+    """Drain ``node`` as `etcdctl lease revoke <its registration's lease_id>` does (as
+    root with auth); the lease id revoked."""
+    store = lc.store()  # root with auth
+    try:
+        lease = registration_lease(store, lc, node)
+    finally:
+        store.close()
+    revoke_lease(lc, lease)
     return lease
 
 

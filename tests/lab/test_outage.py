@@ -4,6 +4,8 @@ Runs the command as an operator would (its own network namespace, a network-reac
 kernel guest, vmha's real agents, raw-libvirt baseline) and checks that the measurement
 worked: probes were sent, every failure happened and moved the guest, the guest
 answered again from its new node, and the report was written.  Not a speed target.
+It runs on the lab ``vmha lab up`` starts (etcd auth on, keyspace 2), the benchmark's
+default; its ``--no-auth`` lab (keyspace 1, the measured results' lab) is not run here.
 
 Root only; skipped without libvirtd / QEMU / unshare / ip / gcc.  ~2-3 minutes.
 """
@@ -70,6 +72,8 @@ def test_short_outage_bench_measures_one_failure_per_rate(tmp_path: Path) -> Non
             assert p["lost_to_guest"] is not None and p["lost_to_guest"] >= 0, p
         if t["kind"] == "sigterm":
             assert t["agent_rc"] == 0, t
+    # the lab ran as `vmha lab up` starts it: its marker read from etcd says keyspace 2
+    assert data["meta"]["etcd_auth"] is True and data["meta"]["keyspace"] == 2, data["meta"]
     # probes went nowhere but into the benchmark's own namespace
     assert data["meta"]["netns"].startswith("vmha-bench-")
     assert (out / "outage.md").read_text().count("|") > 20
