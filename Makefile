@@ -112,7 +112,7 @@ bench-liveness: setup
 
 # External fencing and drains on the lab (root; issue 12): ROUNDS drains by lease revoke and
 # ROUNDS agent restarts with real QEMU guests must make no fence-agent call; a lost node must.
-# Keyspace 1 on etcd without auth (it revokes keyspace 1's registration leases).
+# On the lab `vmha lab up` starts: etcd auth on, keyspace 2 (root revokes the registration leases).
 bench-lab-drains: setup-lab
 	mkdir -p results
 	$(PY) -m bench.lab_drains --rounds $(or $(ROUNDS),20) --out results/lab-drains-external.json
