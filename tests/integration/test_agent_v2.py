@@ -12,7 +12,6 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,17 +33,6 @@ from tests.integration.helpers_v2 import KS, Leader, mark_keyspace_2, ranges_ser
 from tests.unit.builders import node_value
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def v2store(etcd: EtcdCluster) -> Iterator[EtcdStore]:
-    store = EtcdStore(etcd.endpoints)
-    mark_keyspace_2(store)
-    store.put(KS.config, TEST_CONFIG.to_json())
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def stop(agent: NodeAgent, t: threading.Thread) -> None:

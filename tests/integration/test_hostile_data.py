@@ -113,6 +113,21 @@ def _status_keys(etcd: EtcdCluster) -> set[str]:
     return {i["key"] for i in json.loads(r.stdout)["invalid"]}
 
 
+def _repaired(etcd: EtcdCluster, fc: FakeCluster,
+              before: dict[str, tuple[tuple[str, ...], float]]
+              ) -> dict[str, tuple[tuple[str, ...], float]]:
+    """The bad keys are gone: nothing is reported invalid, a VM added now runs, none
+    of the VMs of `before` was booted again, and every daemon lives.  The VMs now."""
+    wait_until(lambda: not _status_keys(etcd), 10, what="no invalid key left")
+    r = vmha(etcd, "vm", "add", "after", "--memory-mib", "256")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: "after" in fake_ground_truth(fc.fake_root), 20, what="a new VM runs")
+    after = _booted(fc)
+    assert {vm: after[vm] for vm in before} == before
+    assert all(_alive(fc).values()), _alive(fc)
+    return after
+
+
 def _text(key: bytes) -> str:
     """A key as the daemons and `vmha` name it (`schemas.keys.decode_key`)."""
     return key.decode("utf-8", "backslashreplace")
@@ -168,14 +183,8 @@ def test_hostile_values_end_no_daemon_and_move_no_vm(big_etcd: EtcdCluster,
             store.client.put(key, kv.value, lease=kv.lease or None)
     for key in FOREIGN:
         store.client.delete(key)
-    wait_until(lambda: not _status_keys(big_etcd), 10, what="no invalid key left")
-    r = vmha(big_etcd, "vm", "add", "after", "--memory-mib", "256")
-    assert r.returncode == 0, r.stderr
-    wait_until(lambda: "after" in fake_ground_truth(fc.fake_root), 20, what="a new VM runs")
-    after = _booted(fc)
-    assert {vm: after[vm] for vm in before} == before
+    after = _repaired(big_etcd, fc, before)
     assert {vm: after[vm][0][0] for vm in before} == vm_node
-    assert all(_alive(fc).values()), _alive(fc)
     store.close()
 
 
@@ -374,13 +383,7 @@ def _hostile_values_on_keyspace_2(etcd: EtcdCluster, fc: FakeCluster) -> None:
     for key in [*FOREIGN_V2, *OWN_V2, *history]:
         store.client.delete(key)
     wait_until(lambda: view.leader_id() is not None, 15, what="a leader again")
-    wait_until(lambda: not _status_keys(etcd), 10, what="no invalid key left")
-    r = vmha(etcd, "vm", "add", "after", "--memory-mib", "256")
-    assert r.returncode == 0, r.stderr
-    wait_until(lambda: "after" in fake_ground_truth(fc.fake_root), 20, what="a new VM runs")
-    after = _booted(fc)
-    assert {vm: after[vm] for vm in before} == before
-    assert all(_alive(fc).values()), _alive(fc)
+    _repaired(etcd, fc, before)
     for name, d in [*fc.agents.items(), *fc.orchestrators.items()]:
         assert not log_events(d, "cycle_failed"), name
         recs = [(e["key"], e["key_revision"]) for e in log_events(d, "invalid_key_ignored")]

@@ -21,7 +21,6 @@ import fcntl
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,15 @@ pytestmark = pytest.mark.integration
 HOLD_S = TEST_CONFIG.lease_ttl_s + 1.0
 
 
-@pytest.fixture
-def v2store(etcd: EtcdCluster) -> Iterator[EtcdStore]:
-    store = EtcdStore(etcd.endpoints)
-    mark_keyspace_2(store)
-    store.put(KS.config, TEST_CONFIG.to_json())
-    try:
-        yield store
-    finally:
-        store.close()
+def start_guarded(store: EtcdStore, hv: FakeHypervisor
+                  ) -> tuple[NodeAgent, RecordingGuard, threading.Thread]:
+    """Agent n1 running in a thread, its guard pets recorded."""
+    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
+    guard = RecordingGuard(agent)
+    agent.membership.guard = guard  # type: ignore[assignment]
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    return agent, guard, t
 
 
 def waiting_in(t: threading.Thread, call: str) -> bool:
@@ -88,11 +87,7 @@ def test_drain_while_the_cycle_waits_in_libvirt(v2store: EtcdStore, tmp_path: Pa
     store = v2store
     leader = Leader(store)
     hv = FakeHypervisor(tmp_path, "n1")
-    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
-    guard = RecordingGuard(agent)
-    agent.membership.guard = guard  # type: ignore[assignment]
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    agent, guard, t = start_guarded(store, hv)
     lock = open(tmp_path / "n1" / ".lock", "a")  # noqa: SIM115 - closed in finally
     try:
         leader.place("web", "n1")
@@ -164,11 +159,7 @@ def test_a_drain_registers_again_past_a_stalled_member(etcd3: EtcdCluster,
     mark_keyspace_2(operator)
     operator.put(KS.config, TEST_CONFIG.to_json())
     hv = FakeHypervisor(tmp_path, "n1")
-    agent = NodeAgent(store, hv, AgentOptions(name="n1", poll_interval_s=0.2, guard=False))
-    guard = RecordingGuard(agent)
-    agent.membership.guard = guard  # type: ignore[assignment]
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
+    agent, guard, t = start_guarded(store, hv)
     try:
         Leader(operator).place("web", "n1")
         wait_until(lambda: (kv := operator.get(KS.status("n1", "web"))) is not None
