@@ -172,6 +172,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     shutdown = threading.Event()
     current = threading.Event()  # the stop event of the orchestrator choosing or running
     orch: Orchestrator | None = None
+    prev: Orchestrator | None = None  # the loop that resigned at a keyspace change
 
     def stop(*_: object) -> None:
         shutdown.set()
@@ -188,6 +189,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
                                 wait=not args.validate_config)
         if orch is None:
             return 0
+        if prev is not None:
+            orch.succeed(prev)
         if args.validate_config:
             orch.ensure_config()
             print("config ok")
@@ -203,6 +206,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
             "keyspace_reselect", reason="the keyspace marker changed: choosing the keyspace "
                                         "again in this process")
         current = threading.Event()
+        prev = orch
 
 
 def register(groups: dict[str, Any]) -> None:

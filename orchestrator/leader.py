@@ -85,6 +85,7 @@ class Orchestrator:
         self.quiet: replan.Quiet | None = None  # the last plan, if it had nothing to do
         self.max_quiet_s = replan.MAX_QUIET_S
         self.plans = 0  # cycles that planned (the others found nothing changed)
+        self.resumed = False  # chosen again in a running process (see succeed)
 
     # ---- config ------------------------------------------------------------------------
 
@@ -93,8 +94,18 @@ class Orchestrator:
         key = self.ks.config
         self.store.txn([Cmp(key, "create", "==", 0)], [Put(key, ClusterConfig().to_json())])
         snap = self.store.snapshot()
-        self._check_config(snap, starting=True)
+        self._check_config(snap, starting=not self.resumed)
         return self.cfg
+
+    def succeed(self, prev: Orchestrator) -> None:
+        """This loop replaces `prev`, which resigned when the keyspace marker changed, in
+        the same process.  It is a running orchestrator, not a fresh start: a stored config
+        it refuses is logged (`config_rejected`) and `prev`'s last valid one kept, rather
+        than ending the process (a value in etcd must not stop a daemon), and a bad key
+        `prev` reported is not reported again at the same revision."""
+        self.cfg = prev.cfg
+        self.invalid = InvalidKeyReporter(self.log, seen=prev.invalid.seen)
+        self.resumed = True
 
     def _start_config(self) -> None:
         """ensure_config at start, for as long as etcd does not answer: a member down
@@ -217,6 +228,10 @@ class Orchestrator:
         finally:
             self.leader_watch.stop()
             self._stop_watches()
+            if self.keeper is not None:
+                # The process may go on with another loop (a keyspace change): the
+                # lease is revoked below, so nothing may renew it or fire its deadline.
+                self.keeper.stop()
             if self.epoch is not None and self.lease_id is not None:
                 try:
                     self.store.revoke_lease(self.lease_id)

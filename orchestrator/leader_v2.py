@@ -111,7 +111,7 @@ class OrchestratorV2(Orchestrator):
         creates it on keyspace 2: the orchestrator's role may not write it)."""
         kv = self.store.get(self.ks2.config)
         self._check_config(leader_model(self.ks2, 0, [kv] if kv else []).snapshot,
-                           starting=True)
+                           starting=not self.resumed)
         return self.cfg
 
     # ---- the model --------------------------------------------------------------------

@@ -18,9 +18,14 @@ from telemetry import metrics
 
 
 class InvalidKeyReporter:
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, seen: frozenset[tuple[str, int]] = frozenset()) -> None:
         self._log = log
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: set[tuple[str, int]] = set(seen)
+
+    @property
+    def seen(self) -> frozenset[tuple[str, int]]:
+        """The (key, revision) pairs reported and still invalid at the last report."""
+        return frozenset(self._seen)
 
     def report(self, snap: ClusterSnapshot) -> None:
         current = {(i.key, i.mod_revision): i for i in snap.invalid}

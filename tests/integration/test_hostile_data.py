@@ -107,6 +107,13 @@ def _alive(fc: FakeCluster) -> dict[str, bool]:
     return {d.name: d.alive() for d in [*fc.agents.values(), *fc.orchestrators.values()]}
 
 
+def _dead(fc: FakeCluster) -> dict[str, tuple[int | None, str]]:
+    """Each daemon that ended: its exit code and the end of its log (which has its
+    stderr), so a failure says why."""
+    return {d.name: (d.proc.returncode if d.proc else None, d.log_text()[-1500:])
+            for d in [*fc.agents.values(), *fc.orchestrators.values()] if not d.alive()}
+
+
 def _status_keys(etcd: EtcdCluster) -> set[str]:
     r = vmha(etcd, "-o", "json", "status")
     assert r.returncode == 0, r.stderr
@@ -124,7 +131,7 @@ def _repaired(etcd: EtcdCluster, fc: FakeCluster,
     wait_until(lambda: "after" in fake_ground_truth(fc.fake_root), 20, what="a new VM runs")
     after = _booted(fc)
     assert {vm: after[vm] for vm in before} == before
-    assert all(_alive(fc).values()), _alive(fc)
+    assert all(_alive(fc).values()), _dead(fc)
     return after
 
 
@@ -159,7 +166,7 @@ def test_hostile_values_end_no_daemon_and_move_no_vm(big_etcd: EtcdCluster,
     shown = {_text(k) for k in FOREIGN} | set(live)
     # The daemons run on with it for more than a fence window (lease TTL + margin).
     time.sleep(8)
-    assert all(_alive(fc).values()), _alive(fc)
+    assert all(_alive(fc).values()), _dead(fc)
     assert _booted(fc) == before, "no VM stopped, moved or restarted"
     assert shown <= _status_keys(big_etcd)
     # Every agent reads the keyspace, and the orchestrator that led (a follower reads
@@ -319,7 +326,7 @@ def _hostile_values_on_keyspace_2(etcd: EtcdCluster, fc: FakeCluster) -> None:
         store.client.put(key, value)
     written = _versions(store)
     time.sleep(FENCE_WINDOW_S + 1)
-    assert all(_alive(fc).values()), _alive(fc)
+    assert all(_alive(fc).values()), _dead(fc)
     assert _booted(fc) == before, "no VM stopped, moved or restarted"
     changed = _changed(written, _versions(store))
     assert not changed, [(k, store.client.get(k)[0]) for k in changed]  # nothing written
@@ -370,7 +377,7 @@ def _hostile_values_on_keyspace_2(etcd: EtcdCluster, fc: FakeCluster) -> None:
             assert key in (KS2.leader.encode(), KS2.version.encode()), key
     r = vmha(etcd, "status")
     assert r.returncode == 1 and KS2.version in r.stderr, (r.stdout, r.stderr)
-    assert all(_alive(fc).values()), _alive(fc)
+    assert all(_alive(fc).values()), _dead(fc)
     assert _booted(fc) == before
 
     # Fixed by hand: keyspace 2 runs again, and nothing moved.
