@@ -217,6 +217,9 @@ class FenceDecision:
     method: str | None  # "self" (write the record) | "external" (run the fence agent)
     reason: str
     device: str = ""
+    # A wait (method None): seconds after which time alone may change the decision;
+    # None when only a change in etcd can (a record, a registration, a confirm-off).
+    recheck_s: float | None = None
 
 
 def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: float,
@@ -243,16 +246,21 @@ def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: 
     if liveness is not None and (liveness.fenced or (not verdict.fenced and
                                                      liveness.remaining_s < verdict.remaining_s)):
         verdict = liveness
+    # Until the self-fencing verdict turns (None: it has, or it is not trusted).
+    self_s = None if verdict.fenced else verdict.remaining_s
     if left:
         return FenceDecision("self" if verdict.fenced else None,
-                             f"node left after a drain (leave marker); {verdict.reason}")
+                             f"node left after a drain (leave marker); {verdict.reason}",
+                             recheck_s=self_s)
     dev = device_for(cfg, node)
     waited = now - lost_observed_at
+    both = self_s if cfg.fence_policy == "both" else None
     if (cfg.fence_policy in ("external", "both") and dev is not None
             and waited < cfg.revoke_grace_s):
         return FenceDecision(None, f"lease gone for {waited:.2f} s; waiting revoke_grace_s="
                                    f"{cfg.revoke_grace_s:g} s for a drained or restarting agent "
-                                   "to register again before calling the fence device", dev)
+                                   "to register again before calling the fence device", dev,
+                             recheck_s=_earlier(cfg.revoke_grace_s - waited, both))
     if cfg.fence_policy in ("external", "both") and dev is not None:
         if cfg.fence_policy == "both" and verdict.fenced:
             return FenceDecision("self", verdict.reason + " (external fencing did not succeed "
@@ -262,11 +270,16 @@ def fence_decision(cfg: ClusterConfig, node: str, lost_observed_at: float, now: 
             if wall_time < due:
                 return FenceDecision(None, f"external fence failed {record.attempts} time(s) "
                                            f"({record.reason}); next attempt in "
-                                           f"{due - wall_time:.1f} s", dev)
+                                           f"{due - wall_time:.1f} s", dev,
+                                     recheck_s=_earlier(due - wall_time, both))
         return FenceDecision("external", f"lease gone; fencing with device {dev!r}", dev)
     if cfg.fence_policy == "external":
         return FenceDecision(None, f"fence_policy=external but no fence device for {node}; "
                                    f"confirm by hand: vmha node confirm-off {node}")
     if verdict.fenced:
         return FenceDecision("self", verdict.reason)
-    return FenceDecision(None, verdict.reason)
+    return FenceDecision(None, verdict.reason, recheck_s=self_s)
+
+
+def _earlier(a: float, b: float | None) -> float:
+    return a if b is None else min(a, b)

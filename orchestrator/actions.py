@@ -67,6 +67,10 @@ class Plan:
     # Lost nodes whose liveness key is gone too, first seen so (keyspace 2's liveness
     # fencing; empty when it is off): the caller hands it back next cycle.
     both_gone_since: Mapping[str, float] = field(default_factory=dict)
+    # When time alone may next change this plan (monotonic, the `now` it was made with):
+    # the end of a fence or liveness window, of revoke_grace_s, a failed fence device's
+    # next attempt.  None: only a change in etcd can (or no lost node waits on time).
+    recheck_at: float | None = None
 
     @property
     def writes(self) -> tuple[Action, ...]:

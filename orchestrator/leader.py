@@ -84,6 +84,7 @@ class Orchestrator:
         self.writes: txn_builder.LeaderWrites = txn_builder.Writes(self.ks)
         self.quiet: replan.Quiet | None = None  # the last plan, if it had nothing to do
         self.max_quiet_s = replan.MAX_QUIET_S
+        self.recheck_at: float | None = None  # the last plan's (orchestrator.replan)
         self.plans = 0  # cycles that planned (the others found nothing changed)
         self.resumed = False  # chosen again in a running process (see succeed)
 
@@ -194,6 +195,7 @@ class Orchestrator:
         if self.epoch is not None:
             self.log.warning("deposed", epoch=self.epoch, reason=reason)
         self.epoch = None
+        self.recheck_at = None
         if self.keeper is not None:
             self.keeper.stop()
             self.keeper = None
@@ -223,7 +225,7 @@ class Orchestrator:
                     continue
                 else:
                     self.backoff.succeeded()
-                self.wake.wait(self.poll)
+                self.wake.wait(replan.sleep_s(self.poll, self.recheck_at, self.clock()))
                 self.wake.clear()
         finally:
             self.leader_watch.stop()
@@ -282,6 +284,7 @@ class Orchestrator:
         result = self._plan(snap, epoch)
         self.plans += 1
         self.quiet = replan.quiet(result, epoch=epoch, revision=snap.revision, now=started)
+        self.recheck_at = result.recheck_at
         metrics.PLACEMENT_CYCLE_SECONDS.observe(self.clock() - started)
         self._observe(snap)
         back, lost, self.lost_told = lost_history(self.lost_told, result.lost_since, snap)

@@ -67,4 +67,4 @@ def plan(snap: ClusterSnapshot, *, epoch: int, now: float, wall_time: float,
     st = run_cycle(CycleInput.of(snap, epoch=epoch, now=now, wall_time=wall_time,
                                  lost_since=lost_since, liveness=liveness,
                                  both_gone_since=both_gone_since))
-    return Plan(tuple(st.actions), st.lost, st.summary(), st.both_gone)
+    return Plan(tuple(st.actions), st.lost, st.summary(), st.both_gone, st.recheck_at)

@@ -31,6 +31,9 @@ def fence_lost_nodes(st: CycleState) -> None:
         d = fence_decision(inp.cfg, node, since, inp.now, inp.wall_time,
                            fe.value if fe else None, left=node in snap.leaving, liveness=lv)
         st.fence_why[node] = d.reason
+        if d.method is None and d.recheck_s is not None:
+            at = inp.now + max(0.0, d.recheck_s)
+            st.recheck_at = at if st.recheck_at is None else min(st.recheck_at, at)
         if d.method is not None:
             st.actions.append(FenceNode(node, lease_id="", reason=d.reason, method=d.method,
                                         expect_mod_revision=fe.mod_revision if fe else 0,

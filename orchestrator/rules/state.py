@@ -85,6 +85,8 @@ class CycleState:
     batch: dict[str, str | None] | None = None
     # Lost nodes whose liveness key is gone too -> first seen so (liveness fencing only).
     both_gone: dict[str, float] = field(default_factory=dict)
+    # The earliest time (monotonic, as inp.now) at which time alone may change a wait.
+    recheck_at: float | None = None
 
     @staticmethod
     def start(inp: CycleInput) -> CycleState:

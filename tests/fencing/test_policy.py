@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fencing.liveness_fence import liveness_verdict
 from fencing.policy import (
+    FenceDecision,
     fence_decision,
     fence_retry_delay,
     fence_window,
@@ -104,3 +106,47 @@ def test_a_node_that_left_after_a_drain_never_gets_a_fence_device(policy: str) -
         assert d.method is None and d.reason.startswith("node left after a drain")
     d = fence_decision(cfg, "n1", 0.0, fence_window(cfg), 0.0, None, left=True)
     assert d.method == "self" and d.device == ""
+
+
+def _decide(cfg: ClusterConfig, now: float, record: FenceRecord | None, left: bool,
+            both_gone_at: float | None) -> FenceDecision:
+    """Lost at 0 (monotonic) = wall time 100; both keys gone at `both_gone_at`."""
+    lv = liveness_verdict(both_gone_at, now, cfg, "bounded")
+    return fence_decision(cfg, "n1", 0.0, now, 100.0 + now, record, left=left, liveness=lv)
+
+
+@pytest.mark.parametrize("policy", ["self", "external", "both"])
+@pytest.mark.parametrize("record", [None, "failed"])
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("both_gone_at", [None, 0.4])
+def test_a_wait_says_when_time_alone_may_change_it(policy: str, record: str | None,
+                                                   left: bool, both_gone_at: float | None
+                                                   ) -> None:
+    """The leader sleeps until `recheck_s` and skips planning before it
+    (orchestrator.replan): so no decision may turn before it, and following the
+    rechecks from any moment reaches the first moment the decision turns."""
+    cfg = CFG.model_copy(update={"fence_policy": policy, "fence_devices": DEV,
+                                 "fence_retry_initial_s": 1.0, "fence_retry_max_s": 4.0})
+    r = rec("failed", 2, 101.0) if record else None
+    step = 0.01
+    grid = [i * step for i in range(int((fence_window(cfg) + 5.0) / step))]
+    turns = next((t for t in grid if _decide(cfg, t, r, left, both_gone_at).method), None)
+    for t in grid[::7]:
+        d = _decide(cfg, t, r, left, both_gone_at)
+        if d.method is not None:
+            continue
+        if d.recheck_s is None:  # only etcd can change it: it never turns by time
+            assert turns is None or turns <= t, (t, d.reason)
+            continue
+        assert d.recheck_s > 0, (t, d)
+        assert _decide(cfg, t + d.recheck_s * 0.999, r, left, both_gone_at).method is None
+        u = t
+        for _ in range(10):
+            d = _decide(cfg, u, r, left, both_gone_at)
+            if d.method is not None or d.recheck_s is None:
+                break
+            u += d.recheck_s
+        if turns is None or turns < t:
+            assert d.method is None, (t, u, d)
+        else:
+            assert d.method is not None and turns - step <= u <= turns + 1e-9, (t, u, turns)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from fencing.policy import fence_window
 from orchestrator import txn_v2
 from orchestrator.leader import Orchestrator
 from orchestrator.leader_v2 import EXIT_KEYSPACE_CHANGED, OrchestratorV2, orchestrator_for
@@ -250,11 +251,37 @@ def test_a_quiet_leader_plans_again_on_a_change_and_after_max_quiet(
     plans = leader.plans
     leader.max_quiet_s = 0.5
     wait_until(lambda: leader.plans >= plans + 2, 10, what="plans with no change, 0.5 s apart")
-    # A node lost is never quiet: every cycle plans until it is fenced and the VM moved.
+
+
+def test_a_lost_node_is_planned_on_its_loss_then_at_its_window_end(
+        world: World, leader: Orchestrator) -> None:
+    """While a lost node's fence window runs and nothing else changes, each plan would
+    be the same waits: the leader plans on the loss, sleeps until the window ends
+    (`Plan.recheck_at`, no later than a poll), and plans then; it used to plan at every
+    poll, so it was often in the middle of a plan when the window ended."""
+    w = world
+    w.register("n1")
     w.register("n2")
-    w.lose("n1")
-    p2, _ = placed(w, "vm1", not_on="n1")
-    assert p2.node == "n2"
+    w.store.put(w.spec_key("vm1"), spec("vm1").to_json())
+    p, _ = placed(w, "vm1")
+    reported = w.report(p.node or "", "vm1", "running", p.id)
+    wait_until(lambda: leader.quiet is not None and leader.quiet.revision >= reported, 10,
+               what="a quiet plan that saw the report")
+    lost = p.node or ""
+    w.lose(lost)
+    wait_until(lambda: lost in leader.lost_since and leader.recheck_at is not None, 10,
+               what="the loss planned")
+    since, at, plans = leader.lost_since[lost], leader.recheck_at, leader.plans
+    assert at is not None and since < at <= since + fence_window(CONFIG) + 1e-6
+    # Until shortly before the window ends: no plan (the leader's clock is
+    # time.monotonic), except on keyspace 1 once: its snapshot's revision is etcd's,
+    # which the leader's own `node_lost` history record moves.
+    time.sleep(max(0.0, at - 0.3 - time.monotonic()))
+    assert leader.plans <= plans + (1 if w.ks == 1 else 0), "the same waits planned again"
+    p2, _ = placed(w, "vm1", not_on=lost)
+    assert p2.node != lost
+    fence = w.store.get(KS.fence(lost))
+    assert fence is not None and FenceRecord.from_json(fence.value).method == "self"
 
 
 def test_idle_leader_checks_no_assignment(world2: World, leader2: Orchestrator,

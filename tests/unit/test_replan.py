@@ -24,9 +24,32 @@ def test_a_new_revision_a_new_term_or_max_quiet_plans_again() -> None:
     assert not replan.still_quiet(q, epoch=5, revision=40, now=101.0, max_quiet_s=1.0)
 
 
-def test_time_can_change_a_plan_with_actions_or_lost_nodes() -> None:
+def test_a_plan_that_writes_is_never_quiet() -> None:
+    fence = Plan((planner.FenceNode("n2", "", "window over", "self"),), {"n2": 90.0}, "")
+    assert replan.quiet(fence, epoch=5, revision=40, now=100.0) is None
+
+
+def test_waits_and_lost_nodes_stand_until_their_recheck_time() -> None:
     waiting = Plan((planner.Wait("vm1", "no capacity"),), {}, "")
-    lost = Plan((), {"n2": 90.0}, "")
-    gone = Plan((), {}, "", both_gone_since={"n2": 91.0})
+    lost = Plan((planner.Wait("vm1", "n2 not yet fenced"),), {"n2": 90.0}, "",
+                recheck_at=104.0)
+    gone = Plan((), {"n2": 90.0}, "", both_gone_since={"n2": 91.0}, recheck_at=103.0)
     for plan in (waiting, lost, gone):
-        assert replan.quiet(plan, epoch=5, revision=40, now=100.0) is None
+        q = replan.quiet(plan, epoch=5, revision=40, now=100.0)
+        assert q is not None and q.plan is plan
+        assert replan.still_quiet(q, epoch=5, revision=40, now=102.9)
+        assert not replan.still_quiet(q, epoch=5, revision=41, now=100.1)
+    for plan, at in ((lost, 104.0), (gone, 103.0)):
+        q = replan.quiet(plan, epoch=5, revision=40, now=100.0)
+        assert q is not None
+        assert replan.still_quiet(q, epoch=5, revision=40, now=at - 0.001)
+        assert not replan.still_quiet(q, epoch=5, revision=40, now=at)
+
+
+def test_the_leader_sleeps_until_the_recheck_time_at_most_a_poll() -> None:
+    assert replan.sleep_s(0.5, None, 100.0) == 0.5
+    assert replan.sleep_s(0.5, 103.0, 100.0) == 0.5
+    assert abs(replan.sleep_s(0.5, 100.2, 100.0) - 0.201) < 1e-9
+    # Passed already: the cycle did not plan past it; a poll, never a spin.
+    assert replan.sleep_s(0.5, 99.0, 100.0) == 0.5
+    assert replan.sleep_s(0.5, 100.0, 100.0) == 0.5
