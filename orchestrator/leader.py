@@ -85,6 +85,7 @@ class Orchestrator:
         self.quiet: replan.Quiet | None = None  # the last plan, if it had nothing to do
         self.max_quiet_s = replan.MAX_QUIET_S
         self.recheck_at: float | None = None  # the last plan's (orchestrator.replan)
+        self._woke_for: float | None = None
         self.plans = 0  # cycles that planned (the others found nothing changed)
         self.resumed = False  # chosen again in a running process (see succeed)
 
@@ -225,7 +226,9 @@ class Orchestrator:
                     continue
                 else:
                     self.backoff.succeeded()
-                self.wake.wait(replan.sleep_s(self.poll, self.recheck_at, self.clock()))
+                wait, self._woke_for = replan.sleep_s(self.poll, self.recheck_at,
+                                                      self.clock(), self._woke_for)
+                self.wake.wait(wait)
                 self.wake.clear()
         finally:
             self.leader_watch.stop()

@@ -39,6 +39,7 @@ from tenacity import (
 )
 
 from orchestrator import planner, txn_v2
+from orchestrator.gone_v2 import GoneKeys
 from orchestrator.leader import EXIT_KEYSPACE_CHANGED, Orchestrator
 from orchestrator.liveness_v2 import LivenessProbe
 from orchestrator.model_v2 import ParseCache, leader_model
@@ -103,6 +104,7 @@ class OrchestratorV2(Orchestrator):
         # saw each lost node's liveness key gone too (kept like `lost_since`).
         self.liveness = LivenessProbe(store, self.log, clock)
         self.both_gone_since: dict[str, float] = {}
+        self.gone = GoneKeys(self.ks2)  # when the watch showed node keys gone
 
     # ---- config: read only (the orchestrator's role does not write it) --------------
 
@@ -131,15 +133,19 @@ class OrchestratorV2(Orchestrator):
             # A new term counts from its own observations (from its first list: later
             # than the real deletions, so the windows can only grow).
             self.both_gone_since = {}
+            self.gone.forget()
             self.liveness.elected()
         return elected
 
     def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:
         """The planner with the liveness mode of this cycle (section 4)."""
+        lost_since, both_gone_since = self.lost_since, self.both_gone_since
+        if not self.state.pending():  # the model holds no change newer than the times
+            lost_since, both_gone_since = self.gone.seed(lost_since, both_gone_since)
         result = planner.plan(snap, epoch=epoch, now=self.clock(), wall_time=time.time(),
-                              lost_since=self.lost_since,
+                              lost_since=lost_since,
                               liveness=self.liveness.current(self.cfg),
-                              both_gone_since=self.both_gone_since)
+                              both_gone_since=both_gone_since)
         for node in sorted(set(result.both_gone_since) - set(self.both_gone_since)):
             self.log.info("node_liveness_gone", node=node, epoch=epoch,
                           reason="registration and liveness keys both gone: the liveness "
@@ -161,6 +167,7 @@ class OrchestratorV2(Orchestrator):
             self.state.start()
             self._listed = True
             self._upkeep_due = None
+            self.gone.forget()
             self.stats["lists"] += 1
         self._catch_up()
         if self.state.revision != self.model.snapshot.revision:
@@ -194,7 +201,9 @@ class OrchestratorV2(Orchestrator):
             raise
 
     def _changed(self, changes: list[Change]) -> None:
-        """Note the VMs whose keys changed, for the next upkeep."""
+        """Note when node keys went, and the VMs whose keys changed, for the next
+        upkeep."""
+        self.gone.note(changes, self.clock())
         if self._upkeep_due is None:
             return
         for c in changes:

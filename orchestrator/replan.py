@@ -61,12 +61,17 @@ def still_quiet(q: Quiet, *, epoch: int, revision: int, now: float,
             and (q.until is None or now < q.until))
 
 
-def sleep_s(poll_s: float, recheck_at: float | None, now: float) -> float:
-    """How long the leader waits for a wake-up before its next cycle: the poll interval,
-    or less if a lost node's time falls sooner (a millisecond after it, so the plan
-    made then sees it passed).  A time already passed is the poll interval: the cycle
-    that ran did not plan (it was skipped for another reason), and waiting 0 s would
-    spin."""
-    if recheck_at is None or recheck_at <= now:
-        return poll_s
-    return max(0.0, min(poll_s, recheck_at - now + 0.001))
+def sleep_s(poll_s: float, recheck_at: float | None, now: float,
+            woke_for: float | None) -> tuple[float, float | None]:
+    """How long the leader waits for a wake-up before its next cycle, and the recheck
+    time it woke at once for: the poll interval, or less if a lost node's time falls
+    sooner (a millisecond after it, so the plan made then sees it passed).  A time that
+    passed during the cycle (a plan that began before it ended after it) wakes the
+    leader at once, a single time per recheck time (`woke_for`): a next cycle that did
+    not plan (skipped for another reason) then waits a poll rather than spin."""
+    if recheck_at is None or recheck_at == woke_for:
+        return poll_s, woke_for
+    wait = recheck_at - now + 0.001
+    if wait <= 0.0:
+        return 0.0, recheck_at
+    return min(poll_s, wait), woke_for

@@ -150,6 +150,11 @@ class WatchedState:
             changes, self._changes = self._changes, []
             return changes
 
+    def pending(self) -> bool:
+        """True if changes were applied that no `wait` has returned yet."""
+        with self._cond:
+            return bool(self._changes)
+
     def add(self, keys: KeyRange) -> int:
         """Watch one more range (listed now, at its own revision R', watched from
         R'+1); returns R'."""

@@ -47,9 +47,18 @@ def test_waits_and_lost_nodes_stand_until_their_recheck_time() -> None:
 
 
 def test_the_leader_sleeps_until_the_recheck_time_at_most_a_poll() -> None:
-    assert replan.sleep_s(0.5, None, 100.0) == 0.5
-    assert replan.sleep_s(0.5, 103.0, 100.0) == 0.5
-    assert abs(replan.sleep_s(0.5, 100.2, 100.0) - 0.201) < 1e-9
-    # Passed already: the cycle did not plan past it; a poll, never a spin.
-    assert replan.sleep_s(0.5, 99.0, 100.0) == 0.5
-    assert replan.sleep_s(0.5, 100.0, 100.0) == 0.5
+    assert replan.sleep_s(0.5, None, 100.0, None) == (0.5, None)
+    assert replan.sleep_s(0.5, 103.0, 100.0, None) == (0.5, None)
+    wait, woke = replan.sleep_s(0.5, 100.2, 100.0, None)
+    assert abs(wait - 0.201) < 1e-9 and woke is None
+
+
+def test_a_recheck_time_passed_during_the_cycle_wakes_at_once_a_single_time() -> None:
+    """The plan before it began earlier and ended later (a slow plan at 1,000 nodes):
+    the next cycle runs at once, not a poll later; if that one does not plan, the next
+    waits a poll rather than spin."""
+    assert replan.sleep_s(0.5, 99.0, 100.0, None) == (0.0, 99.0)
+    assert replan.sleep_s(0.5, 99.0, 100.0, 99.0) == (0.5, 99.0)
+    # A new plan's later recheck time counts again.
+    wait, woke = replan.sleep_s(0.5, 100.3, 100.0, 99.0)
+    assert abs(wait - 0.301) < 1e-9 and woke == 99.0
