@@ -56,6 +56,11 @@ def _base(runs: dict[str, Any], r: dict[str, Any], measure: str = "to_running") 
     return None
 
 
+def _gap(r: dict[str, Any]) -> float | None:
+    lease, alive = (_get(r, "crash", f"{w}_expired_after_s") for w in ("lease", "liveness"))
+    return None if lease is None or alive is None else round(alive - lease, 3)
+
+
 def _cfg(r: dict[str, Any]) -> str:
     c = r.get("config")
     cfg = "default" if c in (None, "defaults") else ", ".join(f"{k} {v}" for k, v in c.items())
@@ -72,6 +77,8 @@ def acceptance(runs: dict[str, Any]) -> list[str]:
         rec = _get(r, "crash", "to_running", "max_s")
         exp, exp_base = _get(r, "crash", "expiry_to_running", "max_s"), _base(
             runs, r, "expiry_to_running")
+        both, both_base = _get(r, "crash", "both_gone_to_running", "max_s"), _base(
+            runs, r, "both_gone_to_running")
         size_errors = _get(r, "log_lines", "message_size")
         checks = [
             ("idle egress ≤ 2 kB/s per node", idle is not None and idle <= IDLE_BUDGET_B_PER_S,
@@ -87,6 +94,14 @@ def acceptance(runs: dict[str, Any]) -> list[str]:
              exp is not None and exp_base is not None and exp <= exp_base + RECOVERY_SLACK_S,
              f"{_s(exp)} s vs {_s(exp_base)} s; the lease expired "
              f"{_s(_get(r, 'crash', 'lease_expired_after_s'))} s after the kill"),
+            # And less etcd's own lag between deleting the node's two keys (their leases
+            # are renewed together, but each revoke is its own proposal): the liveness
+            # fence window starts when both are gone.
+            ("both keys gone → running within 1 s of 50 nodes'",
+             both is not None and both_base is not None
+             and both <= both_base + RECOVERY_SLACK_S,
+             f"{_s(both)} s vs {_s(both_base)} s; the liveness key went "
+             f"{_s(_gap(r))} s after the registration"),
             ("no message-size error", size_errors == 0 and "leader_restart" in r,
              f"{size_errors} log lines, a new leader's full list "
              f"{'done' if 'leader_restart' in r else 'not reached'}"),

@@ -179,6 +179,8 @@ def test_lost_node_fenced_and_its_vm_booted_elsewhere(world: World,
     assert p2.node == other
     fence = w.store.get(KS.fence(lost))
     assert fence is not None and FenceRecord.from_json(fence.value).method == "self"
+    # Placed by the cycle that wrote the fence record, planning again with it at once.
+    assert leader.placed_after_fences == 1
     if w.ks == 2:
         # The assignment moved in the placement's own transaction.
         got = w.assignments("vm1")

@@ -56,6 +56,16 @@ def test_acceptance_holds_each_run_against_the_50_node_run_of_its_settings() -> 
     runs["200"]["crash"]["expiry_to_running"] = {"max_s": 13.2}
     exp = [ln for ln in acceptance(runs) if ln.startswith("- run 200: lease expiry")]
     assert exp and "**not met**" in exp[0]
+    # From both keys gone (the liveness fence window's start), the same way.
+    runs["50"]["crash"]["both_gone_to_running"] = {"max_s": 11.9}
+    runs["200"]["crash"].update(both_gone_to_running={"max_s": 12.8},
+                                liveness_expired_after_s=8.3)
+    both = [ln for ln in acceptance(runs) if ln.startswith("- run 200: both keys gone")]
+    assert both and "**met**" in both[0] and "12.80 s vs 11.90 s" in both[0]
+    assert "went 0.600 s after" in both[0]
+    runs["200"]["crash"]["both_gone_to_running"] = {"max_s": 13.0}
+    both = [ln for ln in acceptance(runs) if ln.startswith("- run 200: both keys gone")]
+    assert both and "**not met**" in both[0]
     stopped = {"50": _run(50, 160, 11_000, 19.0),
                "1000": {"nodes": 1000, "failed": "TimeoutError", "log_lines": {}}}
     assert all("**not measured**" in ln for ln in acceptance(stopped)
