@@ -83,13 +83,16 @@ bench-paging: setup
 # 10 VMs a node with 4 kB domain XML, the leader in its own process; etcd's /metrics over
 # registration, boot, IDLE_S (60) idle, one node crash, one drain, a leader restart; JSON
 # and Markdown in results/.  CONFIG: cluster config fields as JSON (default: the
-# defaults), AGENT_POLL: the agents' poll (1 s), LABEL: the runs' key prefix.  On a
-# 2-core box the default config fits 50 nodes, not 200 (results/bench-scale.md).
+# defaults), AGENT_POLL: the agents' poll (1 s), LABEL: the runs' key prefix,
+# AGENTS_NICE: the agent processes' niceness (10; 0 for none: they stand for other
+# machines).  On a 2-core box the default config fits 50 nodes, not 200
+# (results/bench-scale.md).
 bench-scale: setup
 	mkdir -p results
 	$(PY) -m bench.scale --nodes $(or $(NODES),50 200 1000) --idle-s $(or $(IDLE_S),60) \
 		--agents-per-process $(or $(PER_PROCESS),50) --agent-poll $(or $(AGENT_POLL),1) \
 		$(if $(CONFIG),--config '$(CONFIG)') $(if $(LABEL),--label $(LABEL)) \
+		$(if $(AGENTS_NICE),--agents-nice $(AGENTS_NICE)) \
 		--out results/bench-scale.json
 
 # The CPU cost of lease renewal (docs/keyspace-v2.md, part 4's keepalive stream): one etcd

@@ -51,7 +51,7 @@ def _base(runs: dict[str, Any], r: dict[str, Any], measure: str = "to_running") 
     running (or lease expiry → running) is the figure `r`'s is held against."""
     for other in runs.values():
         if other.get("nodes") == 50 and all(other.get(k) == r.get(k) for k in (
-                "config", "agent_poll_s", "agents_per_process")):
+                "config", "agent_poll_s", "agents_per_process", "agents_nice")):
             return _get(other, "crash", measure, "max_s")
     return None
 
@@ -65,7 +65,8 @@ def _cfg(r: dict[str, Any]) -> str:
     c = r.get("config")
     cfg = "default" if c in (None, "defaults") else ", ".join(f"{k} {v}" for k, v in c.items())
     return (f"{cfg}; agent poll {r.get('agent_poll_s', 1.0)} s, "
-            f"{r.get('agents_per_process')} agents a process")
+            f"{r.get('agents_per_process')} agents a process"
+            + (f" at nice {r['agents_nice']}" if r.get("agents_nice") else ""))
 
 
 def acceptance(runs: dict[str, Any]) -> list[str]:
