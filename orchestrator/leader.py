@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 from tenacity import (
@@ -303,23 +303,18 @@ class Orchestrator:
                                 reason="registration (lease) gone; fence window starts")
         self.lost_since = dict(result.lost_since)
         self.fenced_now = {}
-        written = 0
+        writable = []
         for action in result.actions:
             frozen = frozen_by_invalid_key(action, snap)
             if frozen:
                 self.log.debug("not_writing", reason=frozen, revision=snap.revision,
                                epoch=epoch)
-                continue
-            if isinstance(action, planner.Wait):
+            elif isinstance(action, planner.Wait):
                 self.log.debug("waiting", vm=action.vm, reason=action.reason,
                                revision=snap.revision, epoch=epoch)
-                continue
-            if not self.is_leader:
-                self.log.warning("not_writing", reason="leadership not certain",
-                                 revision=snap.revision)
-                break
-            if self.apply(action, snap, epoch):
-                written += 1
+            else:
+                writable.append(action)
+        written = self._write_all(writable, snap, epoch)
         written += self._upkeep(snap, epoch, result)
         fenced, self.fenced_now = self.fenced_now, {}
         if fenced and not any(isinstance(a, planner.WritePlacement) for a in result.actions):
@@ -347,18 +342,24 @@ class Orchestrator:
                                    revision=max(e.mod_revision for e in fenced.values()))
         result = self._plan(snap, epoch)
         self.plans += 1
+        moves = [a for a in result.actions if isinstance(a, planner.WritePlacement)
+                 and not frozen_by_invalid_key(a, snap)
+                 and {n for n, _ in a.fenced_holders} & set(fenced)]
+        written = self._write_all(moves, snap, epoch)
+        self.placed_after_fences += written
+        return written
+
+    def _write_all(self, actions: Sequence[planner.Action], snap: ClusterSnapshot,
+                   epoch: int) -> int:
+        """Write each decision in turn while leadership is certain; how many etcd took."""
         written = 0
-        for action in result.actions:
-            if not isinstance(action, planner.WritePlacement) or frozen_by_invalid_key(
-                    action, snap) or not {n for n, _ in action.fenced_holders} & set(fenced):
-                continue
+        for action in actions:
             if not self.is_leader:
                 self.log.warning("not_writing", reason="leadership not certain",
                                  revision=snap.revision)
                 break
             if self.apply(action, snap, epoch):
                 written += 1
-        self.placed_after_fences += written
         return written
 
     def _plan(self, snap: ClusterSnapshot, epoch: int) -> planner.Plan:

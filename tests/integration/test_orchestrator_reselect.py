@@ -46,13 +46,18 @@ def _leader(store: EtcdStore, key: str) -> dict[str, object] | None:
     return None if kv is None else dict(json.loads(kv.value))
 
 
+def _start_o1(etcd: EtcdCluster, log: Path) -> subprocess.Popen[bytes]:
+    """`vmha orchestrator` named o1, its JSON log (and stderr) into `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints,
+                                 "orchestrator", "--name", "o1", "--log-format", "json"],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_the_process_resigns_at_the_marker_and_leads_keyspace_2_when_done(
         etcd: EtcdCluster, store: EtcdStore, tmp_path: Path) -> None:
     log = tmp_path / "orch.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints,
-                                 "orchestrator", "--name", "o1", "--log-format", "json"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = _start_o1(etcd, log)
     try:
         first = wait_until(lambda: _leader(store, KS1.leader), 30, 0.1,
                            "o1 leads keyspace 1")
@@ -90,10 +95,7 @@ def test_a_reselect_under_a_bad_config_keeps_the_process_and_its_last_valid_conf
     good_marker = store.get(KS2.version)
     assert good_marker is not None
     log = tmp_path / "orch.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vmha", "--etcd", etcd.endpoints,
-                                 "orchestrator", "--name", "o1", "--log-format", "json"],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = _start_o1(etcd, log)
     try:
         first = wait_until(lambda: _leader(store, KS2.leader), 30, 0.1, "o1 leads")
         assert first is not None and first["id"] == "o1", first
