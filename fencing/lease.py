@@ -168,13 +168,23 @@ class LeaseKeeper:
             try:
                 sent, ttl, both, partner = retrying(self._attempt)
             except self._unavailable as exc:
+                if self._stop.is_set():
+                    # The owner stopped this keeper (and may have closed the store):
+                    # the last round's failure is no renewal failure.
+                    log.debug("keepalive_stopped", lease=f"{self.lease_id:x}",
+                              error=str(exc), who=self._name)
+                    return
                 # A whole interval of attempts failed: go on at once (the deadline
                 # thread fences if this lasts).
                 log.warning("keepalive_failed", lease=f"{self.lease_id:x}", error=str(exc),
                             remaining_s=round(self.remaining(), 3), who=self._name)
                 wait = 0.0
                 continue
-            except Exception:  # noqa: BLE001 - see below
+            except Exception as exc:  # noqa: BLE001 - see below
+                if self._stop.is_set():
+                    log.debug("keepalive_stopped", lease=f"{self.lease_id:x}",
+                              error=repr(exc), who=self._name)
+                    return
                 # An error nobody foresaw (a refused request, a closed channel, a bug):
                 # ending this thread would leave a healthy node to self-fence at its
                 # deadline.  Only the deadline may fence; renewal goes on, a little later.
