@@ -324,9 +324,6 @@ class Orchestrator:
                           decide_ms=round((self.clock() - started) * 1000, 2))
         return result
 
-    def fence_key(self, node: str) -> str:
-        return self.ks.fence(node)
-
     def _place_after_fences(self, snap: ClusterSnapshot, epoch: int,
                             fenced: dict[str, Entry[FenceRecord]]) -> int:
         """The self-fence records this cycle wrote (`fenced`) are in etcd: plan again at
@@ -552,7 +549,7 @@ class Orchestrator:
         self.log.warning("fenced", node=action.node, method="self", lease=lease,
                          reason=action.reason, written=True, epoch=epoch,
                          revision=snap.revision)
-        self.fenced_now[action.node] = Entry(rec, self.fence_key(action.node),
+        self.fenced_now[action.node] = Entry(rec, self.ks.fence(action.node),
                                              self.last_write_revision if prev is None
                                              else prev.create_revision,
                                              self.last_write_revision)

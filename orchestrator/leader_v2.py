@@ -239,16 +239,12 @@ class OrchestratorV2(Orchestrator):
 
     # ---- writes -----------------------------------------------------------------------
 
-    def fence_key(self, node: str) -> str:
-        return self.ks2.fence(node)
-
     def _send(self, txn: Txn) -> bool:
-        res = self.store.txn(txn.compares, txn.ops)
+        ok = super()._send(txn)
         self.stats["txns"] += 1
-        if res.succeeded:
-            self._wrote_at = max(self._wrote_at, res.revision)
-            self.last_write_revision = res.revision
-        return res.succeeded
+        if ok:
+            self._wrote_at = max(self._wrote_at, self.last_write_revision)
+        return ok
 
     def _upkeep(self, snap: ClusterSnapshot, epoch: int, result: planner.Plan) -> int:
         """Confirm-offs, then the assignment invariant of the VMs the planner left alone
